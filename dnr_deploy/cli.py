@@ -1,0 +1,128 @@
+"""Console scripts: parse, build the stage config, call one library function, map errors.
+
+Exit codes: 0 success; 1 a check ran and failed (diverged training, a failed gate);
+2 bad input (flags, files, data); 130 interrupted by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from dnr_deploy.checkpoint import CheckpointError, load_checkpoint
+from dnr_deploy.config import OneLineParser, RecipeError, add_dataclass_flags, fail, load_recipe
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+COMPRESS_HELP = {
+    "model": "architecture",
+    "dataset": "dataset (digits is embedded; the others load from --data-dir)",
+    "data_dir": "local folder holding the dataset (never downloaded)",
+    "granularity": "prune single weights or whole output channels",
+    "density": "fraction of weights kept, in (0, 1]; 0.05 is 20x compression",
+    "dense": "no pruning: plain PGD adversarial training (the baseline)",
+    "beta": "weight of the clean loss; 1 - beta weighs the PGD loss",
+    "epochs": "training epochs",
+    "batch_size": "batch size",
+    "lr": "initial SGD learning rate (cosine decay)",
+    "momentum": "SGD momentum",
+    "weight_decay": "L2 penalty (SGD weight decay)",
+    "eps": "Linf radius in [0, 1] pixel units (default: the dataset's)",
+    "pgd_steps": "PGD steps when crafting training attacks",
+    "pgd_step_size": "PGD step for training attacks (default: the dataset's)",
+    "eval_pgd7_step_size": "step of the final PGD-7 evaluation (the paper uses 0.01)",
+    "attack_bn": "BatchNorm mode while crafting training attacks",
+    "eval_samples": "test images scored after each epoch",
+    "seed": "random seed (masks, init, data order, attacks)",
+    "device": "where to train",
+    "out": "run dir to create (default: runs/<time>-<model>-...)",
+    "resume": "run dir or checkpoint to continue",
+    "stop_after": "stop after this many epochs, leaving a resumable checkpoint",
+}
+
+
+def build_compress_parser() -> argparse.ArgumentParser:
+    from dnr_deploy.compress import CompressConfig
+    from dnr_deploy.data import DatasetName
+    from dnr_deploy.models import list_models
+    from dnr_deploy.sparsity.masks import Granularity
+
+    parser = OneLineParser(
+        prog="dnr-compress",
+        description="Train one network that is both pruned to a target density and "
+        "adversarially trained (Dynamic Network Rewiring).",
+    )
+    parser.add_argument("--config", help="YAML recipe; flags given here win over it")
+    choices = {
+        "model": list_models(),
+        "dataset": [d.value for d in DatasetName],
+        "granularity": [g.value for g in Granularity],
+        "device": ["cpu", "cuda"],
+        "attack_bn": ["eval", "train"],
+    }
+    add_dataclass_flags(parser, CompressConfig, COMPRESS_HELP, choices)
+    return parser
+
+
+def compress_config_from(args: argparse.Namespace):
+    """Defaults <- recipe <- flags; on --resume, the checkpoint's settings replace the defaults."""
+    from dnr_deploy.compress import CompressConfig
+
+    settings = dict(vars(args))
+    recipe = settings.pop("config", None)
+    base: dict = {}
+    if settings.get("resume"):
+        known = {f.name for f in dataclasses.fields(CompressConfig)}
+        saved = load_checkpoint(settings["resume"])["config"]
+        base = {k: v for k, v in saved.items() if k in known and k not in ("out", "stop_after")}
+    if recipe:
+        base.update(load_recipe(recipe, CompressConfig))
+    base.update(settings)
+    return CompressConfig(**base)
+
+
+def compress_main(argv: list[str] | None = None) -> int:
+    from dnr_deploy.compress import ConfigError, TrainingDiverged, TrainingInterrupted, compress
+    from dnr_deploy.data import DataError
+
+    prog = "dnr-compress"
+    args = build_compress_parser().parse_args(argv)
+    try:
+        run = compress(compress_config_from(args))
+    except (ConfigError, DataError, CheckpointError, RecipeError) as err:
+        return fail(prog, err, EXIT_BAD_INPUT)
+    except TrainingDiverged as err:
+        return fail(prog, err, EXIT_CHECK_FAILED)
+    except TrainingInterrupted as err:
+        return fail(prog, err, EXIT_INTERRUPTED)
+    print_run(run)
+    return EXIT_OK
+
+
+def print_run(run) -> None:
+    summary = run.summary
+    if "accuracy" not in summary:
+        print(f"stopped after epoch {summary.get('stopped_after_epoch')}; "
+              f"continue with: dnr-compress --resume {run.dir}")
+        return
+    acc, dens, params = summary["accuracy"], summary["density"], summary["params"]
+    print(f"run dir: {run.dir}")
+    print(f"  {summary['granularity']}: density {dens['achieved']:.4f} (target {dens['target']:g}),"
+          f" params {params['deployed']:,} / {params['dense']:,} ({params['compression']:.1f}x),"
+          f" MACs {summary['macs']['reduction']:.1f}x fewer")
+    print(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: clean {acc['clean']:.4f}, "
+          f"FGSM {acc['fgsm']:.4f}, PGD-7 {acc['pgd7']:.4f}, PGD-20 {acc['pgd20']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dnr_deploy.cli STAGE ...`: one entry point for every stage (torchrun too)."""
+    argv = sys.argv[1:] if argv is None else argv
+    stages = {"compress": compress_main}
+    if not argv or argv[0] not in stages:
+        return fail("dnr-deploy", f"first argument must be a stage: {', '.join(stages)}")
+    return stages[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

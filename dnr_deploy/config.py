@@ -1,0 +1,103 @@
+"""Stage configs from defaults, then a YAML recipe, then command-line flags (flags win).
+
+The dataclass of each stage is the only place defaults are written: the parser is derived from
+its fields, and a flag the user did not type never overrides a recipe or checkpoint value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe file that is missing, not YAML, or names unknown settings."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def field_type(cls: type, name: str) -> type:
+    """The plain type of a dataclass field: `float | None` -> float."""
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def add_dataclass_flags(
+    parser: argparse.ArgumentParser, cls: type, help_text: dict[str, str],
+    choices: dict[str, list[str]], skip: tuple[str, ...] = (),
+) -> None:
+    """One `--flag` per field of `cls`, all defaulting to "not given" (argparse.SUPPRESS)."""
+    for field in dataclasses.fields(cls):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        kind = field_type(cls, field.name)
+        default = field.default
+        text = help_text.get(field.name, "") + f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, type=kind, choices=choices.get(field.name),
+                                default=argparse.SUPPRESS, help=text)
+
+
+def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
+    """Settings from a YAML recipe (safe loading: a recipe is data, never code).
+
+    Raises:
+        RecipeError: unreadable file, not a mapping, unknown key, or a value of the wrong type.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read recipe {str(path)!r}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        first_line = str(err).splitlines()[0]
+        raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {first_line}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {str(path)!r} must be a mapping of setting: value")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    settings = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise RecipeError(
+                f"recipe {str(path)!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}"
+            )
+        settings[name] = coerce(cls, name, value, f"recipe {str(path)!r}")
+    return settings
+
+
+def coerce(cls: type, name: str, value: Any, where: str) -> Any:
+    """`value` as the field's type (ints are accepted for floats), or RecipeError."""
+    kind = field_type(cls, name)
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise RecipeError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
+
+
+def fail(prog: str, message: object, code: int = 2) -> int:
+    """Print the one-line error every console script uses and return its exit code."""
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return code

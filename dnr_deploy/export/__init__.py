@@ -1,0 +1,1 @@
+"""Turning a run into deployable artifacts: shrunk or CSR weights, ONNX, and a manifest."""

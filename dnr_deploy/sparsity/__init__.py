@@ -1,0 +1,1 @@
+"""Masks, channel units and the DNR rewiring step."""

@@ -1,0 +1,169 @@
+"""Channel units: output channels that must be kept or removed together.
+
+A unit is one output channel of a group of convs: its filters, their biases, and the scale and
+shift of the batch norms behind them. Example: in ResNet-18 the stem conv and both conv2s of
+stage 1 feed the same residual sum, so channel 5 of all three (with bn channel 5 of each) is a
+single unit; switching it off zeroes that channel of the sum. The layers that read a group's
+channels (its "consumers") lose the matching input slices when export removes the unit.
+torch-pruning's dependency graph finds these couplings, so no architecture is special-cased.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from dnr_deploy.sparsity.masks import PRUNABLE_TYPES, Masks
+
+ChannelMasks = dict[str, torch.Tensor]  # group name -> bool vector over its channels
+
+
+@dataclass
+class ChannelGroup:
+    """Output channels shared by `convs` (and normalized by `norms`), read by `consumers`."""
+
+    name: str
+    size: int
+    convs: list[str] = field(default_factory=list)
+    norms: list[str] = field(default_factory=list)
+    consumers: list[str] = field(default_factory=list)
+
+
+class ParamTerm(NamedTuple):
+    """How one parameter shrinks: (out channels x in channels x entries per pair)."""
+
+    name: str
+    out_group: str | None  # group owning axis 0, or None if that axis is never pruned
+    in_group: str | None  # group owning axis 1 (weights only)
+    out_size: int
+    in_size: int
+    per_pair: int
+
+
+# Which side of a layer a dependency touches, by torch-pruning's handler.
+_OUT_HANDLERS = {tp.prune_conv_out_channels: "convs", tp.prune_batchnorm_out_channels: "norms"}
+_IN_HANDLERS = {tp.prune_conv_in_channels, tp.prune_linear_in_channels}
+
+
+def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
+    """Every conv's output channels, merged where a residual addition ties them.
+
+    Raises:
+        NotImplementedError: a coupling that is not one-to-one (concatenation, flatten of a
+            spatial map), which this project's architectures never have.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    groups: list[ChannelGroup] = []
+    seen: set[str] = set()
+    was_training = model.training
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d) or name in seen:
+            continue
+        root_idxs = list(range(module.out_channels))
+        group = ChannelGroup(name=name, size=module.out_channels)
+        for item in graph.get_pruning_group(module, tp.prune_conv_out_channels, idxs=root_idxs):
+            target, handler = item.dep.target.module, item.dep.handler
+            if target not in names or not (handler in _OUT_HANDLERS or handler in _IN_HANDLERS):
+                continue  # elementwise ops, pools: no parameters to gate
+            if sorted(int(i) for i in item.idxs) != root_idxs:
+                raise NotImplementedError(
+                    f"layer {names[target]!r} maps channels of {name!r} other than one-to-one"
+                )
+            side = _OUT_HANDLERS.get(handler, "consumers")
+            getattr(group, side).append(names[target])
+        seen.update(group.convs)
+        groups.append(group)
+    model.train(was_training)  # tracing may switch modes; leave the caller's model as found
+    return groups
+
+
+class ChannelLayout:
+    """Maps channel masks to parameter masks and to the size of the physically smaller net."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
+        self.groups = {g.name: g for g in groups}
+        modules = dict(model.named_modules())
+        self.out_group = {m: g.name for g in groups for m in g.convs + g.norms}
+        self.in_group = {m: g.name for g in groups for m in g.consumers}
+        self.param_terms: list[ParamTerm] = []  # enough to count the shrunk network exactly
+        for mod_name, module in modules.items():
+            for p_name, param in module.named_parameters(recurse=False):
+                out_g = self.out_group.get(mod_name)
+                in_g = self.in_group.get(mod_name) if param.dim() > 1 else None
+                per_pair = math.prod(param.shape[2:]) if param.dim() > 2 else 1
+                out_n = param.shape[0]
+                in_n = param.shape[1] if param.dim() > 1 else 1
+                full_name = f"{mod_name}.{p_name}" if mod_name else p_name
+                self.param_terms.append(ParamTerm(full_name, out_g, in_g, out_n, in_n, per_pair))
+        def params_of(module_names: list[str]) -> list[tuple[str, torch.Size]]:
+            return [
+                (f"{m}.{p_name}", param.shape)
+                for m in module_names
+                for p_name, param in modules[m].named_parameters(recurse=False)
+            ]
+
+        self.unit_params = {g.name: params_of(g.convs + g.norms) for g in groups}
+        self.filter_params = {g.name: params_of(g.convs) for g in groups}
+        self.prunable = {
+            f"{n}.weight" for n, m in modules.items() if isinstance(m, PRUNABLE_TYPES)
+        }
+
+    def active_counts(self, masks: ChannelMasks) -> dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in masks.items()}
+
+    def deployed_params(self, masks: ChannelMasks, prunable_only: bool = False) -> int:
+        """Parameters of the network with every off unit physically removed."""
+        active = self.active_counts(masks)
+        total = 0
+        for term in self.param_terms:
+            if prunable_only and term.name not in self.prunable:
+                continue
+            out_k = active[term.out_group] if term.out_group else term.out_size
+            in_k = active[term.in_group] if term.in_group else term.in_size
+            total += out_k * in_k * term.per_pair
+        return total
+
+    def dense_params(self, prunable_only: bool = False) -> int:
+        full = {name: torch.ones(g.size, dtype=torch.bool) for name, g in self.groups.items()}
+        return self.deployed_params(full, prunable_only)
+
+    def layer_densities(self, masks: ChannelMasks) -> dict[str, float]:
+        """Fraction of each prunable weight that survives removal (out and in channels)."""
+        result = {}
+        for term in self.param_terms:
+            if term.name in self.prunable:
+                out_g, in_g = term.out_group, term.in_group
+                out_frac = masks[out_g].float().mean().item() if out_g else 1.0
+                in_frac = masks[in_g].float().mean().item() if in_g else 1.0
+                result[term.name] = out_frac * in_frac
+        return result
+
+    def param_masks(self, masks: ChannelMasks) -> Masks:
+        """Masks over each unit's own parameters (filters, biases, norm scale and shift).
+
+        Consumer weights are left ungated: an off unit outputs exactly zero, so they multiply
+        zeros, and keeping them lets a regrown unit reconnect at once.
+        """
+        result: Masks = {}
+        for group_name, members in self.unit_params.items():
+            on = masks[group_name]
+            for name, shape in members:
+                view = on.view((-1,) + (1,) * (len(shape) - 1))
+                result[name] = view.expand(shape).clone()
+        return result
+
+    def unit_rows(
+        self, tensors: dict[str, torch.Tensor], group_name: str, filters_only: bool
+    ) -> torch.Tensor:
+        """One row per channel of the group: its entries of `tensors` (params or momenta),
+        concatenated over the group's convs (and norms, unless `filters_only`)."""
+        size = self.groups[group_name].size
+        members = self.filter_params if filters_only else self.unit_params
+        rows = [tensors[name].reshape(size, -1) for name, _ in members[group_name]]
+        return torch.cat(rows, dim=1)

@@ -1,0 +1,194 @@
+"""Sparsity policies: the hooks the one training loop calls to keep a network sparse.
+
+The loop owns the order (step, then `on_step_end`; epoch, then `on_epoch_end` unless it was the
+last); a policy owns the masks and how they change. `DensePolicy` is the no-op base, which is
+also the `--dense` baseline.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dnr_deploy.sparsity.groups import ChannelLayout, ChannelMasks, find_channel_groups
+from dnr_deploy.sparsity.masks import (
+    Granularity,
+    Masks,
+    apply_masks,
+    global_density,
+    layer_densities,
+    prunable_weights,
+    random_masks,
+)
+from dnr_deploy.sparsity.rewire import (
+    prune_rate,
+    random_channel_masks,
+    rewire_channels,
+    rewire_irregular,
+)
+
+
+class DensePolicy:
+    """No masks: every hook is a no-op."""
+
+    granularity: str = "dense"
+
+    def on_step_end(self, model: nn.Module) -> None:
+        """Runs after every optimizer step."""
+
+    def on_epoch_end(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, epochs: int
+    ) -> dict[str, float]:
+        """Runs after every epoch but the last; returns figures worth logging."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
+    def density(self) -> float:
+        return 1.0
+
+    def layer_densities(self) -> dict[str, float]:
+        return {}
+
+
+def momenta_of(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict:
+    """SGD momentum buffer of each named parameter (zeros before the first step)."""
+    result = {}
+    for name, param in params.items():
+        buffer = optimizer.state.get(param, {}).get("momentum_buffer")
+        result[name] = torch.zeros_like(param) if buffer is None else buffer.detach()
+    return result
+
+
+class IrregularDNR(DensePolicy):
+    """Single-weight masks on every Conv2d and Linear weight, rewired once per epoch."""
+
+    granularity = Granularity.IRREGULAR.value
+
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.weights = prunable_weights(model)
+        cpu_weights = {n: w.detach().cpu() for n, w in self.weights.items()}
+        self.masks = self._to_device(random_masks(cpu_weights, density, generator))
+        apply_masks(model, self.masks)
+
+    def _to_device(self, masks: Masks) -> Masks:
+        return {name: m.to(self.weights[name].device) for name, m in masks.items()}
+
+    def on_step_end(self, model: nn.Module) -> None:
+        apply_masks(model, self.masks)
+
+    def on_epoch_end(self, model, optimizer, epoch, epochs):
+        fraction = prune_rate(epoch, epochs)
+        cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
+        rewired, shares = rewire_irregular(
+            cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks), fraction
+        )
+        self.masks = self._to_device(rewired)
+        # Regrown weights start at zero (they were masked), so the function is unchanged.
+        apply_masks(model, self.masks)
+        return {"prune_fraction": fraction}
+
+    def state_dict(self) -> dict:
+        return {"masks": {n: m.cpu() for n, m in self.masks.items()},
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["masks"]) != set(self.masks):
+            raise ValueError("checkpoint masks do not match this model's prunable layers")
+        self.masks = self._to_device(state["masks"])
+        self.generator.set_state(state["generator"])
+
+    def density(self) -> float:
+        return global_density(self.masks, list(self.masks))
+
+    def layer_densities(self) -> dict[str, float]:
+        return layer_densities(self.masks)
+
+
+class ChannelDNR(DensePolicy):
+    """Whole output-channel units; the budget is the weight count of the shrunk network."""
+
+    granularity = Granularity.CHANNEL.value
+
+    def __init__(
+        self, model: nn.Module, density: float, generator: torch.Generator,
+        example_input: torch.Tensor,
+    ) -> None:
+        self.generator = generator
+        self.layout = ChannelLayout(model, find_channel_groups(model, example_input))
+        self.params = dict(model.named_parameters())
+        self.target = round(density * self.layout.dense_params(prunable_only=True))
+        sizes = {name: g.size for name, g in self.layout.groups.items()}
+        self.channel_masks = random_channel_masks(sizes, self._count, self.target, generator)
+        self._update_masks()
+        apply_masks(model, self.masks)
+
+    def _count(self, masks: ChannelMasks) -> int:
+        return self.layout.deployed_params(masks, prunable_only=True)
+
+    def _update_masks(self) -> None:
+        masks = self.layout.param_masks(self.channel_masks)
+        self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
+
+    def on_step_end(self, model: nn.Module) -> None:
+        apply_masks(model, self.masks)
+
+    def on_epoch_end(self, model, optimizer, epoch, epochs):
+        fraction = prune_rate(epoch, epochs)
+        params = {n: p.detach().cpu() for n, p in self.params.items()}
+        momenta = {n: m.cpu() for n, m in momenta_of(optimizer, self.params).items()}
+        rows = self.layout.unit_rows
+        weight_rows = {g: rows(params, g, filters_only=True) for g in self.layout.groups}
+        momentum_rows = {g: rows(momenta, g, filters_only=False) for g in self.layout.groups}
+        rewired, _ = rewire_channels(
+            weight_rows, momentum_rows, self.channel_masks, fraction, self._count, self.target,
+            self.generator,
+        )
+        grown = {g: rewired[g] & ~self.channel_masks[g] for g in rewired}
+        self.channel_masks = rewired
+        self._reinitialize(model, grown)
+        self._update_masks()
+        apply_masks(model, self.masks)
+        return {"prune_fraction": fraction}
+
+    @torch.no_grad()
+    def _reinitialize(self, model: nn.Module, grown: ChannelMasks) -> None:
+        """A regrown unit starts as a fresh channel: a zero filter behind a ReLU at zero would
+        never receive a gradient, so filters get Kaiming init and norms scale 1, shift 0."""
+        modules = dict(model.named_modules())
+        for group_name, on in grown.items():
+            if not on.any():
+                continue
+            group = self.layout.groups[group_name]
+            for conv_name in group.convs:
+                conv = modules[conv_name]
+                fresh = torch.empty_like(conv.weight)
+                nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu")
+                idx = on.nonzero().flatten().to(conv.weight.device)
+                conv.weight[idx] = fresh[idx]
+            for norm_name in group.norms:
+                norm = modules[norm_name]
+                idx = on.nonzero().flatten().to(norm.weight.device)
+                norm.weight[idx], norm.bias[idx] = 1.0, 0.0
+                norm.running_mean[idx], norm.running_var[idx] = 0.0, 1.0
+
+    def state_dict(self) -> dict:
+        return {"channel_masks": dict(self.channel_masks), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state["channel_masks"]) != set(self.channel_masks):
+            raise ValueError("checkpoint channel units do not match this model's")
+        self.channel_masks = state["channel_masks"]
+        self.generator.set_state(state["generator"])
+        self._update_masks()
+
+    def density(self) -> float:
+        return self._count(self.channel_masks) / self.layout.dense_params(prunable_only=True)
+
+    def layer_densities(self) -> dict[str, float]:
+        return self.layout.layer_densities(self.channel_masks)

@@ -1,0 +1,184 @@
+"""The DNR rewiring step for single weights: prune by magnitude, regrow by momentum.
+
+Worked example with two layers, prune fraction 0.5 and 4 active weights each: each layer drops its
+2 smallest-magnitude active weights (4 freed in all). Layer A's active weights carry mean
+|momentum| 0.3 and layer B's 0.1, so the normalized momentum is (0.75, 0.25) and A regrows 3
+weights, B 1, each at its inactive positions with the largest |momentum|. 8 active before, 8
+after: a rewire moves weights between and within layers, never changes their number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from dnr_deploy.sparsity.masks import Masks, split_budget
+
+
+def prune_rate(epoch: int, epochs: int, initial: float = 0.5, final: float = 0.005) -> float:
+    """Fraction of active weights each layer drops at the rewire after `epoch` (0-based).
+
+    Cosine decay from `initial` after the first epoch to `final` at the last rewire
+    (after epoch `epochs - 2`; compress never rewires after the last epoch).
+    """
+    last_rewire = max(epochs - 2, 1)
+    progress = min(max(epoch / last_rewire, 0.0), 1.0)
+    return final + 0.5 * (initial - final) * (1.0 + math.cos(math.pi * progress))
+
+
+def normalized_momentum(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[str, float]:
+    """Mean |momentum| over each layer's active weights, divided by the sum over layers.
+
+    A layer whose weights the loss keeps pushing on is a layer that wants more capacity. The
+    result sums to 1 (uniform if every layer's momentum is zero, e.g. before the first step).
+    """
+    means = {}
+    for name, mask in masks.items():
+        active = momenta[name].abs()[mask]
+        means[name] = active.mean().item() if active.numel() else 0.0
+    total = sum(means.values())
+    if total <= 0:
+        return {name: 1.0 / len(means) for name in means}
+    return {name: value / total for name, value in means.items()}
+
+
+def prune_smallest(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask` with its `count` smallest-|weight| active entries switched off."""
+    if count <= 0:
+        return mask.clone()
+    flat_mask = mask.flatten()
+    active = flat_mask.nonzero().squeeze(1)
+    magnitudes = weight.detach().flatten()[active].abs()
+    drop = active[torch.argsort(magnitudes, stable=True)[:count]]
+    new_mask = flat_mask.clone()
+    new_mask[drop] = False
+    return new_mask.view_as(mask)
+
+
+def regrow_largest(momentum: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """`mask` with its `count` inactive entries of largest |momentum| switched on."""
+    if count <= 0:
+        return mask.clone()
+    flat_mask = mask.flatten()
+    inactive = (~flat_mask).nonzero().squeeze(1)
+    scores = momentum.detach().flatten()[inactive].abs()
+    grow = inactive[torch.argsort(scores, descending=True, stable=True)[:count]]
+    new_mask = flat_mask.clone()
+    new_mask[grow] = True
+    return new_mask.view_as(mask)
+
+
+def rewire_irregular(
+    weights: dict[str, torch.Tensor],
+    momenta: dict[str, torch.Tensor],
+    masks: Masks,
+    fraction: float,
+) -> tuple[Masks, dict[str, float]]:
+    """One DNR rewire over all layers; returns the new masks and the normalized momentum.
+
+    Momentum shares are measured before pruning, on the weights that were active during the
+    epoch. Regrowth may pick a position pruned a moment ago if its momentum says so.
+    """
+    shares = normalized_momentum(momenta, masks)
+    pruned = {}
+    freed = 0
+    for name, mask in masks.items():
+        count = math.floor(fraction * int(mask.sum()))
+        pruned[name] = prune_smallest(weights[name], mask, count)
+        freed += count
+    free_slots = {name: int((~mask).sum()) for name, mask in pruned.items()}
+    regrow_counts = split_budget(freed, shares, free_slots)
+    rewired = {
+        name: regrow_largest(momenta[name], pruned[name], regrow_counts[name]) for name in masks
+    }
+    return rewired, shares
+
+
+def fill_channels(
+    masks: dict[str, torch.Tensor],
+    candidates: dict[str, list[int]],
+    shares: dict[str, float],
+    count_params: Callable[[dict[str, torch.Tensor]], int],
+    target: int,
+) -> dict[str, torch.Tensor]:
+    """Switch on channels, best candidate first, until none fits under `target` parameters.
+
+    A channel's cost depends on its neighbours (it adds a filter of `in_active` inputs and an
+    input slice to each consumer), so the freed parameter budget is split by `shares` as a
+    quota and filled one channel at a time: the group furthest below its quota goes next, and a
+    group whose next channel would overshoot `target` is done. The result never exceeds
+    `target` and stops within one channel's cost of it.
+    """
+    masks = {name: mask.clone() for name, mask in masks.items()}
+    queues = {name: list(order) for name, order in candidates.items()}
+    count = count_params(masks)
+    budget = max(target - count, 0)
+    spent = dict.fromkeys(masks, 0)
+    open_groups = {name for name, queue in queues.items() if queue}
+    while open_groups:
+        name = max(sorted(open_groups), key=lambda g: shares[g] * budget - spent[g])
+        channel = queues[name].pop(0)
+        masks[name][channel] = True
+        new_count = count_params(masks)
+        if new_count > target:
+            masks[name][channel] = False
+            open_groups.discard(name)
+            continue
+        spent[name] += new_count - count
+        count = new_count
+        if not queues[name]:
+            open_groups.discard(name)
+    return masks
+
+
+def rewire_channels(
+    weight_rows: dict[str, torch.Tensor],
+    momentum_rows: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    fraction: float,
+    count_params: Callable[[dict[str, torch.Tensor]], int],
+    target: int,
+    generator: torch.Generator,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One DNR rewire over channel units (rows: one per channel of a group).
+
+    Prune: each group drops the fraction `fraction` of its active units with the smallest
+    filter norm, always keeping one so the network stays connected. Regrow: the freed parameter
+    budget is split by normalized momentum and filled with the inactive units of largest
+    momentum norm. An off unit sits behind a ReLU at exactly zero, so its momentum only decays;
+    units tied at zero are ordered at random (seeded), a choice the paper leaves open.
+    """
+    row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
+    shares = normalized_momentum(momentum_rows, row_masks)
+    pruned = {}
+    for name, mask in masks.items():
+        active = int(mask.sum())
+        count = min(math.floor(fraction * active), active - 1)
+        pruned[name] = prune_smallest(weight_rows[name].norm(dim=1), mask, count)
+    candidates = {}
+    for name, mask in pruned.items():
+        scores = momentum_rows[name].norm(dim=1)
+        shuffle = torch.randperm(mask.numel(), generator=generator)
+        order = shuffle[torch.argsort(scores[shuffle], descending=True, stable=True)]
+        candidates[name] = [int(i) for i in order if not mask[i]]
+    return fill_channels(pruned, candidates, shares, count_params, target), shares
+
+
+def random_channel_masks(
+    sizes: dict[str, int],
+    count_params: Callable[[dict[str, torch.Tensor]], int],
+    target: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """Random units at about the same fraction in every group, as many as fit in `target`."""
+    masks, candidates = {}, {}
+    for name, size in sizes.items():
+        order = torch.randperm(size, generator=generator).tolist()
+        masks[name] = torch.zeros(size, dtype=torch.bool)
+        masks[name][order[0]] = True  # every group keeps at least one unit
+        candidates[name] = order[1:]
+    total = sum(sizes.values())
+    shares = {name: size / total for name, size in sizes.items()}
+    return fill_channels(masks, candidates, shares, count_params, target)
