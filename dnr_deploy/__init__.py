@@ -1,14 +1,10 @@
-"""dnr-deploy: robust pruning by Dynamic Network Rewiring, and verified deployment of the result."""
+"""dnr-deploy: robust pruning by Dynamic Network Rewiring, and verified deployment of the result.
+
+`dnr_deploy.compress(CompressConfig(...))` does exactly what `dnr-compress` does.
+"""
+
+from dnr_deploy.training import CompressConfig, Run, compress
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "compress"]
-
-
-def __getattr__(name: str):
-    # Lazy so `import dnr_deploy` stays cheap for the CLI's argument errors.
-    if name == "compress":
-        from dnr_deploy.compress import compress
-
-        return compress
-    raise AttributeError(name)
+__all__ = ["CompressConfig", "Run", "__version__", "compress"]

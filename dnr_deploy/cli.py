@@ -43,10 +43,10 @@ COMPRESS_HELP = {
 
 
 def build_compress_parser() -> argparse.ArgumentParser:
-    from dnr_deploy.compress import CompressConfig
     from dnr_deploy.data import DatasetName
     from dnr_deploy.models import list_models
     from dnr_deploy.sparsity.masks import Granularity
+    from dnr_deploy.training import CompressConfig
 
     parser = OneLineParser(
         prog="dnr-compress",
@@ -67,7 +67,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
 
 def compress_config_from(args: argparse.Namespace):
     """Defaults <- recipe <- flags; on --resume, the checkpoint's settings replace the defaults."""
-    from dnr_deploy.compress import CompressConfig
+    from dnr_deploy.training import CompressConfig
 
     settings = dict(vars(args))
     recipe = settings.pop("config", None)
@@ -83,8 +83,8 @@ def compress_config_from(args: argparse.Namespace):
 
 
 def compress_main(argv: list[str] | None = None) -> int:
-    from dnr_deploy.compress import ConfigError, TrainingDiverged, TrainingInterrupted, compress
     from dnr_deploy.data import DataError
+    from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted, compress
 
     prog = "dnr-compress"
     args = build_compress_parser().parse_args(argv)

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (set up, run the pipeline on the embedded
+# default) and `make test` (set up, lint, run the tests). Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(VENV)/.installed
+
+# torch and torchvision come in through pyproject.toml's ranges; on machines with a pip
+# constraint file they resolve to the releases that lie on local disk.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/dnr-compress
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/pytest -q
+
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

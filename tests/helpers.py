@@ -1,0 +1,28 @@
+"""Helpers the tests share: run the CLI as a user would, check a clean failure."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m dnr_deploy.cli ARGS` in `cwd` as a user would, capturing output."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "dnr_deploy.cli", *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, code: int = 2) -> None:
+    """One line on stderr, the expected exit code, no traceback."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith("dnr-"), lines[0]
