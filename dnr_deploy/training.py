@@ -11,6 +11,7 @@ import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -25,9 +26,23 @@ from dnr_deploy.evaluation import evaluate, final_attacks
 from dnr_deploy.models import create_model, list_models
 from dnr_deploy.report import deployment_figures, plot_layer_densities, plot_training
 from dnr_deploy.sparsity.masks import Granularity
-from dnr_deploy.sparsity.policy import ChannelDNR, DensePolicy, IrregularDNR
+from dnr_deploy.sparsity.policy import (
+    ChannelDNR,
+    DensePolicy,
+    IrregularDNR,
+    MagnitudePrune,
+    StaticSparse,
+)
 
 RUN_FORMAT = "dnr-deploy/run/1"
+
+
+class Method(str, Enum):
+    """How sparsity is reached; each is one policy plugged into the same training loop."""
+
+    DNR = "dnr"  # Dynamic Network Rewiring (this project's method)
+    STATIC = "static"  # random masks, never rewired
+    MAGNITUDE = "magnitude"  # dense half, global magnitude prune, fine-tune half
 
 
 class ConfigError(ValueError):
@@ -54,6 +69,7 @@ class CompressConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     granularity: str = Granularity.IRREGULAR.value
+    method: str = Method.DNR.value
     density: float = 0.05
     dense: bool = False  # no pruning: plain PGD adversarial training, the baseline
     beta: float = 0.5  # weight of the clean loss; 1 - beta goes to the adversarial loss
@@ -90,6 +106,12 @@ class CompressConfig:
         if self.granularity not in [g.value for g in Granularity]:
             allowed = ", ".join(g.value for g in Granularity)
             raise ConfigError(f"unknown granularity {self.granularity!r}; available: {allowed}")
+        if self.method not in [m.value for m in Method]:
+            allowed = ", ".join(m.value for m in Method)
+            raise ConfigError(f"unknown method {self.method!r}; available: {allowed}")
+        if self.method != Method.DNR.value and self.granularity != Granularity.IRREGULAR.value:
+            raise ConfigError(f"--method {self.method} prunes single weights: use "
+                              "--granularity irregular (channel pruning is DNR's)")
         if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
             raise ConfigError(
                 f"density must be in (0, 1] (the fraction of weights kept), got {self.density}"
@@ -117,9 +139,9 @@ class CompressConfig:
 
 
 # Fields that define what a checkpoint is; a resume must not change them.
-RESUME_FIXED = ("model", "dataset", "granularity", "density", "dense", "beta", "batch_size",
-                "lr", "momentum", "weight_decay", "eps", "pgd_steps", "pgd_step_size", "seed",
-                "attack_bn")
+RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
+                "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
+                "pgd_step_size", "seed", "attack_bn")
 
 
 @dataclass
@@ -202,7 +224,9 @@ def build_policy(
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.granularity == Granularity.CHANNEL.value:
         return ChannelDNR(model, config.density, generator, example_input)
-    return IrregularDNR(model, config.density, generator)
+    policies = {Method.DNR: IrregularDNR, Method.STATIC: StaticSparse,
+                Method.MAGNITUDE: MagnitudePrune}
+    return policies[Method(config.method)](model, config.density, generator)
 
 
 def compress(config: CompressConfig) -> Run:
@@ -385,6 +409,7 @@ class _Session:
             "mean": list(spec.mean),
             "std": list(spec.std),
             "granularity": self.policy.granularity,
+            "method": "dense" if cfg.dense else cfg.method,
             "density": {"target": 1.0 if cfg.dense else cfg.density,
                         "achieved": self.policy.density()},
             "layer_densities": self.policy.layer_densities(),

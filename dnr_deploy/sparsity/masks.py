@@ -55,6 +55,18 @@ def random_masks(
     return masks
 
 
+def global_magnitude_masks(weights: dict[str, torch.Tensor], density: float) -> Masks:
+    """Keep the round(density * total) largest |weights| across all layers (one threshold)."""
+    flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.topk(flat, round(density * flat.numel()), sorted=False).indices] = True
+    masks, start = {}, 0
+    for name, weight in weights.items():
+        masks[name] = keep[start:start + weight.numel()].view_as(weight)
+        start += weight.numel()
+    return masks
+
+
 def split_budget(total: int, shares: dict[str, float], capacity: dict[str, int]) -> dict[str, int]:
     """Split `total` integer units in proportion to `shares`, never above `capacity`.
 

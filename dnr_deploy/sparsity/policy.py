@@ -16,6 +16,7 @@ from dnr_deploy.sparsity.masks import (
     Masks,
     apply_masks,
     global_density,
+    global_magnitude_masks,
     layer_densities,
     prunable_weights,
     random_masks,
@@ -64,8 +65,9 @@ def momenta_of(optimizer: torch.optim.Optimizer, params: dict[str, nn.Parameter]
     return result
 
 
-class IrregularDNR(DensePolicy):
-    """Single-weight masks on every Conv2d and Linear weight, rewired once per epoch."""
+class StaticSparse(DensePolicy):
+    """Random single-weight masks at the target density, uniform per layer, never rewired:
+    the ablation that shows what rewiring buys."""
 
     granularity = Granularity.IRREGULAR.value
 
@@ -82,10 +84,30 @@ class IrregularDNR(DensePolicy):
     def on_step_end(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
 
+    def state_dict(self) -> dict:
+        return {"masks": {n: m.cpu() for n, m in self.masks.items()},
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["masks"] and set(state["masks"]) != set(self.weights):
+            raise ValueError("checkpoint masks do not match this model's prunable layers")
+        self.masks = self._to_device(state["masks"])
+        self.generator.set_state(state["generator"])
+
+    def density(self) -> float:
+        return global_density(self.masks, list(self.masks)) if self.masks else 1.0
+
+    def layer_densities(self) -> dict[str, float]:
+        return layer_densities(self.masks)
+
+
+class IrregularDNR(StaticSparse):
+    """Single-weight masks on every Conv2d and Linear weight, rewired once per epoch."""
+
     def on_epoch_end(self, model, optimizer, epoch, epochs):
         fraction = prune_rate(epoch, epochs)
         cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
-        rewired, shares = rewire_irregular(
+        rewired, _ = rewire_irregular(
             cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks), fraction
         )
         self.masks = self._to_device(rewired)
@@ -93,21 +115,25 @@ class IrregularDNR(DensePolicy):
         apply_masks(model, self.masks)
         return {"prune_fraction": fraction}
 
-    def state_dict(self) -> dict:
-        return {"masks": {n: m.cpu() for n, m in self.masks.items()},
-                "generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        if set(state["masks"]) != set(self.masks):
-            raise ValueError("checkpoint masks do not match this model's prunable layers")
-        self.masks = self._to_device(state["masks"])
-        self.generator.set_state(state["generator"])
+class MagnitudePrune(StaticSparse):
+    """Dense PGD training for the first half of the epochs, one global magnitude prune to the
+    target density, then fine-tuning with the masks fixed (Sehwag et al. 2019; the "magnitude"
+    column of HYDRA): the robust prune-then-finetune pipeline in the same epoch budget."""
 
-    def density(self) -> float:
-        return global_density(self.masks, list(self.masks))
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.weights = prunable_weights(model)
+        self.target = density
+        self.masks = {}
 
-    def layer_densities(self) -> dict[str, float]:
-        return layer_densities(self.masks)
+    def on_epoch_end(self, model, optimizer, epoch, epochs):
+        if epoch != max(epochs // 2 - 1, 0):
+            return {}
+        cpu_weights = {n: w.detach().cpu() for n, w in self.weights.items()}
+        self.masks = self._to_device(global_magnitude_masks(cpu_weights, self.target))
+        apply_masks(model, self.masks)
+        return {"pruned": 1.0}
 
 
 class ChannelDNR(DensePolicy):
