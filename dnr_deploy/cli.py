@@ -115,10 +115,74 @@ def print_run(run) -> None:
           f"FGSM {acc['fgsm']:.4f}, PGD-7 {acc['pgd7']:.4f}, PGD-20 {acc['pgd20']:.4f}")
 
 
+EXPORT_HELP = {
+    "out": "deploy dir to create (default: RUN_DIR/deploy)",
+    "format": "onnx: model.onnx plus loadable weights (and the CSR bundle for irregular runs); "
+    "csr: the CSR bundle alone (irregular runs)",
+    "baseline": "also write baseline.onnx, the unpruned architecture, for side-by-side benchmarks",
+    "force": "replace a non-empty --out",
+    "parity_samples": "test images for the parity checks",
+    "data_dir": "folder holding the run's dataset (default: the run's own --data-dir)",
+    "opset": "ONNX opset",
+    "parity_atol": "largest |logit difference| allowed between ONNX Runtime and PyTorch",
+    "shrink_atol": "largest |logit difference| allowed between shrunk and masked network",
+}
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    from dnr_deploy.export.deploy import ExportConfig, ExportFormat
+
+    parser = OneLineParser(
+        prog="dnr-export",
+        description="Turn a finished dnr-compress run into a checked deploy dir: a physically "
+        "smaller network (channel runs) or CSR weights and a sparse ONNX (irregular runs), "
+        "verified against the training network in ONNX Runtime, plus manifest.json.",
+    )
+    parser.add_argument("run_dir", nargs="?", default=argparse.SUPPRESS, metavar="RUN_DIR",
+                        help="run dir written by dnr-compress (default: the latest run)")
+    parser.add_argument("--config", help="deployment profile (YAML, e.g. export/default.yaml); "
+                        "flags given here win over it")
+    add_dataclass_flags(parser, ExportConfig, EXPORT_HELP,
+                        {"format": [f.value for f in ExportFormat]}, skip=("run_dir",))
+    return parser
+
+
+def export_config_from(args: argparse.Namespace):
+    """Defaults <- deployment profile <- flags."""
+    from dnr_deploy.export.deploy import ExportConfig
+
+    settings = dict(vars(args))
+    profile = settings.pop("config", None)
+    base = load_recipe(profile, ExportConfig) if profile else {}
+    base.update(settings)
+    return ExportConfig(**base)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    from dnr_deploy.data import DataError
+    from dnr_deploy.export.deploy import ExportCheckFailed, ExportError, export_run
+    from dnr_deploy.export.manifest import ManifestError, format_summary
+
+    prog = "dnr-export"
+    args = build_export_parser().parse_args(argv)
+    try:
+        result = export_run(export_config_from(args))
+    except (ExportError, CheckpointError, DataError, RecipeError, ManifestError) as err:
+        return fail(prog, err, EXIT_BAD_INPUT)
+    except ExportCheckFailed as err:
+        return fail(prog, err, EXIT_CHECK_FAILED)
+    except KeyboardInterrupt:
+        return fail(prog, "interrupted; nothing was written", EXIT_INTERRUPTED)
+    except OSError as err:  # e.g. --out on a read-only or full disk
+        return fail(prog, f"cannot write the deploy dir: {err}", EXIT_BAD_INPUT)
+    print(format_summary(result.dir, result.manifest))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dnr_deploy.cli STAGE ...`: one entry point for every stage (torchrun too)."""
     argv = sys.argv[1:] if argv is None else argv
-    stages = {"compress": compress_main}
+    stages = {"compress": compress_main, "export": export_main}
     if not argv or argv[0] not in stages:
         return fail("dnr-deploy", f"first argument must be a stage: {', '.join(stages)}")
     return stages[argv[0]](argv[1:])

@@ -1,0 +1,178 @@
+"""manifest.json of a deploy dir: what was deployed, from which run, and the hash of every file.
+
+Later stages (dnr-bench, dnr-verify, the loader) read a deploy dir through `load_manifest` and
+`verify_files`, so a deploy dir copied to another machine is checked before it is trusted.
+
+Fields (DESIGN.md section 6): "format", "source_run" {dir, checkpoint_sha256, run_json_sha256},
+"model" {name, num_classes, in_chans}, "input_shape", "input_range", "num_classes", "mean",
+"std", "granularity", "export_format", "threat_model", "accuracy" (the run's training-side
+figures), "density", "params" {dense, deployed}, "macs" {dense, deployed; irregular runs add
+nonzero_deployed, conv_linear_dense}, "sparse_initializers" (irregular ONNX), "files" {name:
+{bytes, sha256}}, "parity" {onnx_vs_torch_max_abs, argmax_agree, n_images; channel runs add
+shrunk_vs_masked_max_abs, irregular ones csr_round_trip_exact; --baseline adds
+baseline_vs_torch_max_abs}, "opset", "versions", "export_seconds".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dnr_deploy.checkpoint import CHECKPOINT_NAME, RUN_JSON, sha256_of, write_json
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "dnr-deploy/deploy/1"
+REQUIRED_KEYS = ("format", "model", "input_shape", "num_classes", "granularity", "files")
+
+
+class ManifestError(ValueError):
+    """A deploy dir whose manifest is missing, unreadable, or does not match its files."""
+
+
+def file_entries(deploy_dir: Path) -> dict[str, dict]:
+    """{name: {"bytes", "sha256"}} for every file in `deploy_dir` except the manifest."""
+    return {
+        file.name: {"bytes": file.stat().st_size, "sha256": sha256_of(file)}
+        for file in sorted(Path(deploy_dir).iterdir())
+        if file.is_file() and file.name != MANIFEST_NAME
+    }
+
+
+def build_manifest(
+    run_dir: Path, run: dict, figures: dict, export_format: str, opset: int
+) -> dict:
+    """The manifest of an export of `run_dir` (whose run.json is `run`), without "files".
+
+    Args:
+        run_dir: the source run dir (hashed here: its checkpoint and run.json).
+        run: its run.json.
+        figures: "params", "macs", "parity", "export_seconds" of this export, and for a sparse
+            ONNX "sparse_initializers" (how many weights became sparse tensors).
+        export_format: "onnx" or "csr".
+        opset: the ONNX opset of the graphs.
+    """
+    import onnx
+    import onnxruntime
+    import torch
+    import torch_pruning
+
+    copied = ("model", "input_shape", "input_range", "num_classes", "mean", "std", "granularity",
+              "threat_model", "accuracy", "density")
+    return {
+        "format": MANIFEST_FORMAT,
+        "source_run": {
+            "dir": str(Path(run_dir).resolve()),
+            "checkpoint_sha256": sha256_of(Path(run_dir) / CHECKPOINT_NAME),
+            "run_json_sha256": sha256_of(Path(run_dir) / RUN_JSON),
+        },
+        **{key: run.get(key) for key in copied},
+        "export_format": export_format,
+        "params": figures["params"],
+        "macs": figures["macs"],
+        "parity": figures["parity"],
+        **({"sparse_initializers": figures["sparse_initializers"]}
+           if "sparse_initializers" in figures else {}),
+        "opset": opset,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__,
+                     "torch_pruning": torch_pruning.__version__},
+        "export_seconds": figures["export_seconds"],
+    }
+
+
+def write_manifest(deploy_dir: Path, manifest: dict) -> None:
+    """Write `manifest` with a fresh "files" table of everything already in `deploy_dir`."""
+    write_json(Path(deploy_dir) / MANIFEST_NAME, {**manifest, "files": file_entries(deploy_dir)})
+
+
+def load_manifest(deploy_dir: str | Path) -> dict:
+    """The manifest of a deploy dir (the files are not checked: see `verify_files`).
+
+    Raises:
+        ManifestError: no such dir, no manifest.json, invalid JSON, or another format.
+    """
+    deploy_dir = Path(deploy_dir)
+    file = deploy_dir / MANIFEST_NAME
+    if not file.is_file():
+        what = "a folder" if deploy_dir.is_dir() else "there"
+        raise ManifestError(
+            f"{str(deploy_dir)!r} is not a deploy dir (no {MANIFEST_NAME} {what}); "
+            "make one with dnr-export"
+        )
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ManifestError(f"cannot read {str(file)!r}: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ManifestError(
+            f"{str(file)!r} has format {found!r}, expected {MANIFEST_FORMAT!r}; "
+            "re-export the run with this version of dnr-export"
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise ManifestError(f"{str(file)!r} lacks {', '.join(missing)}; re-export the run")
+    return manifest
+
+
+def verify_files(deploy_dir: str | Path, manifest: dict, names: list[str] | None = None) -> None:
+    """Check that every file the manifest lists (or just `names`) has its recorded sha256.
+
+    Raises:
+        ManifestError: a file missing, of another size, or with another sha256 (changed or
+            damaged after export), naming the file.
+    """
+    deploy_dir = Path(deploy_dir)
+    files = manifest.get("files", {})
+    for name in files if names is None else names:
+        if name not in files:
+            raise ManifestError(f"{name!r} is not listed in {str(deploy_dir / MANIFEST_NAME)!r}")
+        path, expected = deploy_dir / name, files[name]
+        if not path.is_file():
+            raise ManifestError(f"{str(path)!r} is listed in the manifest but missing")
+        if path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
+            raise ManifestError(
+                f"{str(path)!r} does not match its sha256 in the manifest: it was changed or "
+                "damaged after export; re-export the run"
+            )
+
+
+def format_summary(deploy_dir: Path, manifest: dict) -> str:
+    """One screen: what was deployed, how much smaller, file sizes, parity, the run's accuracy."""
+    params, macs, parity = manifest["params"], manifest["macs"], manifest["parity"]
+    lines = [
+        f"deploy dir: {deploy_dir}",
+        f"  {manifest['granularity']} run {manifest['source_run']['dir']}",
+        f"  params {params['dense']:,} -> {params['deployed']:,} "
+        f"({params['dense'] / max(params['deployed'], 1):.1f}x compression)",
+    ]
+    if "nonzero_deployed" in macs:
+        lines.append(
+            f"  MACs   {macs['dense']:,} in ONNX Runtime (dense kernels); a sparse kernel needs "
+            f"{macs['nonzero_deployed']:,} of {macs['conv_linear_dense']:,} conv/linear MACs "
+            f"({macs['conv_linear_dense'] / max(macs['nonzero_deployed'], 1):.1f}x fewer)"
+        )
+    else:
+        lines.append(f"  MACs   {macs['dense']:,} -> {macs['deployed']:,} "
+                     f"({macs['dense'] / max(macs['deployed'], 1):.1f}x fewer)")
+    for name, entry in manifest["files"].items():
+        lines.append(f"  {name:<22} {entry['bytes'] / 1024:>10.1f} KiB")
+    checks = []
+    if "onnx_vs_torch_max_abs" in parity:
+        checks.append(f"ONNX Runtime vs PyTorch max |diff| {parity['onnx_vs_torch_max_abs']:.2e}, "
+                      f"argmax {parity['argmax_agree']}/{parity['n_images']}")
+    if "shrunk_vs_masked_max_abs" in parity:
+        checks.append(f"shrunk vs masked {parity['shrunk_vs_masked_max_abs']:.2e}")
+    if "baseline_vs_torch_max_abs" in parity:
+        checks.append(f"baseline.onnx vs PyTorch {parity['baseline_vs_torch_max_abs']:.2e}")
+    if parity.get("csr_round_trip_exact"):
+        checks.append("CSR round trip exact")
+    where = f" on {parity['n_images']} test images" if "n_images" in parity else ""
+    lines.append(f"  checks{where}: " + "; ".join(checks))
+    acc, threat = manifest.get("accuracy") or {}, manifest.get("threat_model") or {}
+    if acc:
+        figures = ", ".join(f"{key} {value:.4f}" for key, value in acc.items())
+        lines.append(f"  run accuracy ({threat.get('norm')} eps {threat.get('eps', 0):.4g}): "
+                     f"{figures}")
+    lines.append(f"  exported in {manifest['export_seconds']:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""ONNX files: export with a dynamic batch, sparse initializers, ONNX Runtime sessions, parity.
+
+The graph's input is "input" (float32 NCHW in [0, 1]; normalization is inside the graph) and its
+output "logits". Measured facts behind the choices here are in DESIGN.md section 7.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+ONNX_NAME = "model.onnx"
+BASELINE_NAME = "baseline.onnx"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far one model's logits are from a reference's on the same images."""
+
+    max_abs: float
+    argmax_agree: int
+    n_images: int
+
+    def passes(self, atol: float) -> bool:
+        return self.max_abs <= atol and self.argmax_agree == self.n_images
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, opset: int) -> None:
+    """Write `model` (in eval mode) as one self-contained ONNX file with a dynamic batch axis.
+
+    The dynamo exporter fixes the batch at the example's size unless told otherwise, and
+    torch.export specializes a size-1 dimension, so the example is repeated to a batch of 2.
+    The exporter folds each BatchNorm into the conv before it and keeps the conv's weight name,
+    which is what lets `sparsify_initializers` find the pruned weights by parameter name.
+    """
+    example = example_input[:1].expand(2, *example_input.shape[1:]).contiguous()
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.onnx.export(
+            model, (example,), None, dynamo=True, external_data=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        )
+    finally:
+        model.train(was_training)
+    program.save(str(path), external_data=False)
+
+
+def sparsify_initializers(path: Path, names: set[str]) -> dict[str, int]:
+    """Rewrite the initializers named in `names` as ONNX sparse tensors, in place.
+
+    This is the last step of an irregular export (after the exporter's own optimizations,
+    which would not keep sparse tensors). Values stay float32 and the indices are linearized
+    positions stored in the INT64 `int64_data` field that the ONNX checker requires; protobuf
+    packs that field as varints, so an index costs 1-4 bytes instead of 8. A weight is kept
+    dense when its sparse form would be larger (a layer DNR left near fully dense).
+
+    Returns:
+        Counts: "sparse" initializers converted, "kept_dense" named ones left dense, "nonzeros".
+    """
+    model = onnx.load(str(path))
+    kept, sparse = [], []
+    counts = {"sparse": 0, "kept_dense": 0, "nonzeros": 0}
+    for init in model.graph.initializer:
+        candidate = _as_sparse(init) if init.name in names else None
+        if candidate is not None and candidate.ByteSize() < init.ByteSize():
+            sparse.append(candidate)
+            counts["sparse"] += 1
+            counts["nonzeros"] += int(candidate.values.dims[0])
+        else:
+            kept.append(init)
+            counts["kept_dense"] += int(init.name in names)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.sparse_initializer.extend(sparse)
+    tmp = path.with_name(f".{path.name}.sparse.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return counts
+
+
+def _as_sparse(init: onnx.TensorProto) -> onnx.SparseTensorProto:
+    array = numpy_helper.to_array(init)
+    flat = array.reshape(-1)
+    positions = np.flatnonzero(flat)  # ascending, as the ONNX spec requires
+    values = numpy_helper.from_array(flat[positions], init.name)
+    indices = TensorProto(name=f"{init.name}_indices", data_type=TensorProto.INT64,
+                          dims=[positions.size])
+    indices.int64_data.extend(positions.tolist())
+    return helper.make_sparse_tensor(values, indices, list(array.shape))
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker on the file; full shape inference too unless it holds sparse initializers.
+
+    `full_check=True` rejects a sparse tensor feeding a Conv weight although ONNX Runtime runs
+    it bit-exactly (DESIGN.md section 7), so sparse files get the structural check only.
+
+    Raises:
+        onnx.checker.ValidationError: the file is not valid ONNX.
+    """
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(model, full_check=not model.graph.sparse_initializer)
+
+
+def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session on `path`, with all graph optimizations.
+
+    One intra-op thread is the default: on this 2-core machine 2 threads were slower (DESIGN.md
+    section 7), and one thread makes timings repeatable.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(
+    session: ort.InferenceSession, x: torch.Tensor, batch_size: int = 256
+) -> np.ndarray:
+    """Logits of `x` (float32 NCHW in [0, 1]) from `session`, in batches."""
+    x_np = x.detach().cpu().numpy().astype(np.float32)
+    outputs = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: x_np[start:start + batch_size]})[0]
+        for start in range(0, len(x_np), batch_size)
+    ]
+    return np.concatenate(outputs)
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    """Max |difference| and how many images get the same top class."""
+    if reference.shape != candidate.shape:
+        raise ValueError(f"logit shapes differ: {reference.shape} vs {candidate.shape}")
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    agree = int((reference.argmax(axis=1) == candidate.argmax(axis=1)).sum())
+    return Parity(float(diff.max()) if diff.size else 0.0, agree, int(reference.shape[0]))
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Logits of `x` from a PyTorch model in eval mode (the caller's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = [model(x[start:start + batch_size]) for start in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs).numpy()
