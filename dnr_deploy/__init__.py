@@ -3,7 +3,8 @@
 `dnr_deploy.compress(CompressConfig(...))` does exactly what `dnr-compress` does.
 """
 
-from dnr_deploy.training import CompressConfig, Run, compress
+from dnr_deploy.trainer import compress
+from dnr_deploy.training import CompressConfig, Run
 
 __version__ = "0.1.0"
 

@@ -20,6 +20,8 @@ COMPRESS_HELP = {
     "dataset": "dataset (digits is embedded; the others load from --data-dir)",
     "data_dir": "local folder holding the dataset (never downloaded)",
     "granularity": "prune single weights or whole output channels",
+    "method": "dnr (rewiring); static (random masks, never rewired); magnitude (dense half, "
+    "global magnitude prune, fine-tune half): the baselines, in the same loop and epochs",
     "density": "fraction of weights kept, in (0, 1]; 0.05 is 20x compression",
     "dense": "no pruning: plain PGD adversarial training (the baseline)",
     "beta": "weight of the clean loss; 1 - beta weighs the PGD loss",
@@ -46,7 +48,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
     from dnr_deploy.data import DatasetName
     from dnr_deploy.models import list_models
     from dnr_deploy.sparsity.masks import Granularity
-    from dnr_deploy.training import CompressConfig
+    from dnr_deploy.training import CompressConfig, Method
 
     parser = OneLineParser(
         prog="dnr-compress",
@@ -60,6 +62,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
         "granularity": [g.value for g in Granularity],
         "device": ["cpu", "cuda"],
         "attack_bn": ["eval", "train"],
+        "method": [m.value for m in Method],
     }
     add_dataclass_flags(parser, CompressConfig, COMPRESS_HELP, choices)
     return parser
@@ -84,7 +87,8 @@ def compress_config_from(args: argparse.Namespace):
 
 def compress_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.data import DataError
-    from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted, compress
+    from dnr_deploy.trainer import compress
+    from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted
 
     prog = "dnr-compress"
     args = build_compress_parser().parse_args(argv)

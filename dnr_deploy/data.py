@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 
 class DatasetName(str, Enum):
@@ -91,13 +91,6 @@ def load_data(name: str, data_dir: str | None = None) -> DataBundle:
     else:
         train, test = _cifar(dataset, _require_dir(dataset, data_dir))
     return DataBundle(train, test, SPECS[dataset])
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, shuffle: bool, generator: torch.Generator | None = None
-) -> DataLoader:
-    """Single-process loader; the generator owns the shuffle order so resume can restore it."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 def test_subset(bundle: DataBundle, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,18 +10,18 @@ import torch
 import torch_pruning as tp
 
 import dnr_deploy
-from dnr_deploy import training as compress_module
+from dnr_deploy import trainer as compress_module
 from dnr_deploy.checkpoint import load_checkpoint, read_run_json
 from dnr_deploy.cli import compress_main
 from dnr_deploy.models import create_model
 from dnr_deploy.sparsity.groups import find_channel_groups
 from dnr_deploy.sparsity.policy import ChannelDNR, IrregularDNR
+from dnr_deploy.trainer import compress
 from dnr_deploy.training import (
     CompressConfig,
     HybridObjective,
     TrainingDiverged,
     TrainingInterrupted,
-    compress,
 )
 from tests.helpers import REPO, assert_clean_failure, run_cli
 

@@ -193,10 +193,12 @@ class ChannelDNR(DensePolicy):
             group = self.layout.groups[group_name]
             for conv_name in group.convs:
                 conv = modules[conv_name]
-                fresh = torch.empty_like(conv.weight)
-                nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu")
+                fresh = torch.empty(conv.weight.shape)
+                # the policy's own generator: every DDP rank draws the same fresh filters
+                nn.init.kaiming_normal_(fresh, mode="fan_out", nonlinearity="relu",
+                                        generator=self.generator)
                 idx = on.nonzero().flatten().to(conv.weight.device)
-                conv.weight[idx] = fresh[idx]
+                conv.weight[idx] = fresh.to(conv.weight.device)[idx]
             for norm_name in group.norms:
                 norm = modules[norm_name]
                 idx = on.nonzero().flatten().to(norm.weight.device)

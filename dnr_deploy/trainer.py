@@ -1,0 +1,303 @@
+"""The training loop: one run from scratch to a sparse, adversarially trained network (DNR).
+
+Order of events per epoch (the loop owns it; objective and sparsity policy own the math):
+train every batch on the hybrid loss, re-applying masks after each optimizer step; evaluate clean
+and PGD accuracy on the test split; rewire (every epoch but the last); checkpoint atomically.
+Under torchrun every rank trains; only rank 0 evaluates, writes files and shows progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from dnr_deploy import checkpoint as ckpt
+from dnr_deploy import distributed as ddp
+from dnr_deploy.attacks import pgd
+from dnr_deploy.data import DataBundle, load_data, test_subset
+from dnr_deploy.evaluation import evaluate, final_attacks
+from dnr_deploy.models import create_model
+from dnr_deploy.report import deployment_figures, plot_layer_densities, plot_training
+from dnr_deploy.sparsity.policy import DensePolicy
+from dnr_deploy.training import (
+    RESUME_FIXED,
+    RUN_FORMAT,
+    CompressConfig,
+    ConfigError,
+    HybridObjective,
+    Run,
+    TrainingDiverged,
+    TrainingInterrupted,
+    build_policy,
+    lr_at,
+    train_one_epoch,
+)
+
+
+def compress(config: CompressConfig) -> Run:
+    """Train one DNR run as `config` says and write its run dir. The CLI does exactly this.
+
+    Raises:
+        ConfigError, DataError, CheckpointError, RecipeError: bad input; nothing is written.
+        TrainingDiverged, TrainingInterrupted: the run stopped; its last checkpoint is kept.
+        RankDisagreement: under torchrun, ranks ended a rewire with different masks.
+    """
+    resume_state = ckpt.load_checkpoint(config.resume) if config.resume else None
+    config = config.resolved()
+    if resume_state is not None:
+        _check_resume(config, resume_state["config"])
+    bundle = load_data(config.dataset, config.data_dir)
+    context = ddp.init_distributed(config.device)
+    try:
+        run_dir = _agree_on_run_dir(context, config)
+        trainer = Trainer.create(config, bundle, context, resume_state)
+        if context.is_main:
+            ckpt.remember_latest(run_dir)
+        return trainer.run(run_dir)
+    finally:
+        ddp.shutdown(context)
+
+
+def _check_resume(config: CompressConfig, saved: dict) -> None:
+    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    saved_resolved = CompressConfig(**{k: v for k, v in saved.items() if k in known}).resolved()
+    for name in RESUME_FIXED:
+        saved_value, value = getattr(saved_resolved, name), getattr(config, name)
+        if saved_value != value:
+            raise ConfigError(
+                f"--resume: the checkpoint was trained with {name}={saved_value!r}, "
+                f"not {value!r}; drop that setting to continue it"
+            )
+
+
+def _agree_on_run_dir(context: ddp.DistContext, config: CompressConfig) -> Path:
+    """Rank 0 picks (and checks) the run dir; every rank gets its choice or its error."""
+    decision: Path | str
+    try:
+        decision = _run_dir(config) if context.is_main else Path()
+    except ConfigError as err:
+        decision = str(err)
+    decision = ddp.broadcast_object(context, decision)
+    if isinstance(decision, str):
+        raise ConfigError(decision)
+    return decision
+
+
+def _run_dir(config: CompressConfig) -> Path:
+    if config.resume:
+        return ckpt.resolve_checkpoint(config.resume).parent
+    if config.out:
+        out = Path(config.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(
+                f"--out {str(out)!r} exists and is not empty; use --resume to continue it"
+            )
+        return out
+    kind = "dense" if config.dense else config.granularity
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{config.model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
+    return Path("runs") / name
+
+
+@dataclass
+class Trainer:
+    """The live objects of one run (on one rank); `run` drives the epochs."""
+
+    config: CompressConfig
+    bundle: DataBundle
+    context: ddp.DistContext
+    device: torch.device
+    model: nn.Module  # the plain model: masks, evaluation and checkpoints use its names
+    train_model: nn.Module  # what the optimizer steps through: DDP-wrapped under torchrun
+    optimizer: torch.optim.SGD
+    policy: DensePolicy
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, config, bundle, context, resume_state) -> Trainer:
+        if config.batch_size % context.world_size:
+            raise ConfigError(f"batch size {config.batch_size} does not split evenly across "
+                              f"{context.world_size} ranks")
+        device = context.device(config.device)
+        # Same seed on every rank: identical initial weights and masks. Attack noise and other
+        # per-rank randomness then draw from seed + rank below.
+        torch.manual_seed(config.seed)
+        spec = bundle.spec
+        model = create_model(
+            config.model, spec.num_classes, spec.input_shape[0], spec.mean, spec.std
+        ).to(device)
+        policy = build_policy(config, model, torch.zeros(1, *spec.input_shape, device=device))
+        torch.manual_seed(config.seed + context.rank)
+        train_model = model
+        if context.enabled:
+            ids = [device.index] if device.type == "cuda" else None
+            train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum,
+            weight_decay=config.weight_decay,
+        )
+        trainer = cls(config, bundle, context, device, model, train_model, optimizer, policy)
+        if resume_state is not None:
+            trainer.load(resume_state)
+        return trainer
+
+    def loader(self) -> DataLoader:
+        """Each rank reads its shard of every global batch. The order depends only on (seed,
+        epoch), so a resumed run sees the same batches, and rank r's share of global batch i
+        is the same images whatever the world size."""
+        sampler = DistributedSampler(
+            self.bundle.train, num_replicas=self.context.world_size, rank=self.context.rank,
+            shuffle=True, seed=self.config.seed,
+        )
+        return DataLoader(self.bundle.train, self.config.batch_size // self.context.world_size,
+                          sampler=sampler)
+
+    def state(self, epoch: int) -> dict:
+        rng = {"torch_per_rank": ddp.gather_objects(self.context, torch.get_rng_state())}
+        if self.device.type == "cuda":
+            rng["cuda_per_rank"] = ddp.gather_objects(
+                self.context, torch.cuda.get_rng_state(self.device))
+        return {
+            "epoch": epoch, "config": asdict(self.config), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "policy": self.policy.state_dict(),
+            "rng": rng, "world_size": self.context.world_size, "history": self.history,
+        }
+
+    def load(self, state: dict) -> None:
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.policy.load_state_dict(state["policy"])
+            self.start_epoch = int(state["epoch"])
+            self.history = list(state["history"])
+            rng = state["rng"]
+            if int(state.get("world_size", 1)) == self.context.world_size:
+                torch.set_rng_state(rng["torch_per_rank"][self.context.rank])
+                if self.device.type == "cuda" and "cuda_per_rank" in rng:
+                    torch.cuda.set_rng_state(rng["cuda_per_rank"][self.context.rank], self.device)
+            else:  # a different world size cannot continue the same streams: a fresh, seeded one
+                torch.manual_seed(self.config.seed + 1000 * self.start_epoch + self.context.rank)
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as err:
+            raise ckpt.CheckpointError(f"checkpoint does not fit this run: {err}") from None
+
+    def save(self, run_dir: Path, epoch: int) -> None:
+        state = self.state(epoch)  # a collective under torchrun: every rank takes part
+        if self.context.is_main:
+            ckpt.save_checkpoint(run_dir, state)
+            ckpt.write_jsonl(run_dir / ckpt.METRICS_JSONL, self.history)
+
+    def run(self, run_dir: Path) -> Run:
+        cfg = self.config
+        if self.start_epoch == 0 and not self.history:
+            self.save(run_dir, 0)
+        end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+        bar = tqdm(range(self.start_epoch, end), initial=self.start_epoch, total=cfg.epochs,
+                   desc=f"dnr {self.policy.granularity}", unit="epoch", dynamic_ncols=True,
+                   disable=not self.context.is_main)
+        epoch = self.start_epoch
+        loader = self.loader()
+        try:
+            for epoch in bar:
+                loader.sampler.set_epoch(epoch)
+                row = self._one_epoch(epoch, loader)
+                self.history.append(row)
+                self.save(run_dir, epoch + 1)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['clean_acc']:.3f}",
+                                pgd=f"{row['pgd_acc']:.3f}", density=f"{row['density']:.4f}")
+        except (KeyboardInterrupt, ddp.JobTerminated) as err:
+            cause = "interrupted" if isinstance(err, KeyboardInterrupt) else (
+                f"rank {self.context.rank} stopped by {err} (under torchrun: another rank failed)")
+            raise TrainingInterrupted(
+                f"{cause} in epoch {epoch + 1}; the checkpoint of epoch {epoch} is kept in "
+                f"{run_dir} (continue with --resume {run_dir})"
+            ) from None
+        except TrainingDiverged as err:
+            raise TrainingDiverged(
+                f"{err} in epoch {epoch + 1}; the checkpoint of epoch {epoch} is kept in {run_dir}"
+                " (lower --lr or check the data)"
+            ) from None
+        finally:
+            bar.close()
+        if end < cfg.epochs:
+            return Run(run_dir, {"stopped_after_epoch": end})
+        return Run(run_dir, self._finish(run_dir) if self.context.is_main else {})
+
+    def _one_epoch(self, epoch: int, loader: DataLoader) -> dict:
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(epoch, cfg.epochs, cfg.lr)
+        started = time.perf_counter()
+        attack_model = self.model if self.context.enabled else None
+        losses = train_one_epoch(self.train_model, loader, self.optimizer, HybridObjective(cfg),
+                                 self.policy, self.device, attack_model)
+        losses = ddp.mean_across_ranks(self.context, losses, self.device)
+        train_seconds = time.perf_counter() - started
+        accuracy = {"clean": float("nan"), "pgd": float("nan")}
+        if self.context.is_main:
+            x_eval, y_eval = test_subset(self.bundle, cfg.eval_samples)
+            attack = {"pgd": lambda m, x, y: pgd(m, x, y, cfg.eps, cfg.pgd_step_size,
+                                                 cfg.pgd_steps)}
+            accuracy = evaluate(self.model, x_eval, y_eval, attack, self.device)
+        rewire: dict[str, float] = {}
+        started = time.perf_counter()
+        if epoch < cfg.epochs - 1:  # never rewire after the last epoch: nothing would train it
+            rewire = self.policy.on_epoch_end(self.model, self.optimizer, epoch, cfg.epochs)
+            after = f"after the rewire of epoch {epoch + 1}"
+            ddp.check_agreement(self.context, getattr(self.policy, "masks", {}), f"masks {after}")
+            # Parameters, not buffers: BN running statistics differ per shard until DDP
+            # broadcasts rank 0's at the next forward.
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+            ddp.check_agreement(self.context, params, f"weights {after}")
+        rewire_seconds = time.perf_counter() - started
+        return {"epoch": epoch + 1, **losses, "clean_acc": accuracy["clean"],
+                "pgd_acc": accuracy["pgd"], "density": self.policy.density(),
+                "lr": lr_at(epoch, cfg.epochs, cfg.lr), "train_seconds": train_seconds,
+                "rewire_seconds": rewire_seconds, **rewire,
+                "layer_densities": self.policy.layer_densities()}
+
+    def _finish(self, run_dir: Path) -> dict:
+        cfg, spec = self.config, self.bundle.spec
+        x_test, y_test = test_subset(self.bundle, None)
+        accuracy = evaluate(self.model, x_test, y_test,
+                            final_attacks(cfg.eps, cfg.eval_pgd7_step_size), self.device)
+        example = torch.zeros(1, *spec.input_shape, device=self.device)
+        train_seconds = [row["train_seconds"] for row in self.history]
+        summary = {
+            "format": RUN_FORMAT,
+            "config": asdict(cfg),
+            "model": {"name": cfg.model, "num_classes": spec.num_classes,
+                      "in_chans": spec.input_shape[0]},
+            "input_shape": list(spec.input_shape),
+            "input_range": [0.0, 1.0],
+            "num_classes": spec.num_classes,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "granularity": self.policy.granularity,
+            "method": "dense" if cfg.dense else cfg.method,
+            "density": {"target": 1.0 if cfg.dense else cfg.density,
+                        "achieved": self.policy.density()},
+            "layer_densities": self.policy.layer_densities(),
+            **deployment_figures(self.model, self.policy, example),
+            "threat_model": {"norm": "Linf", "eps": cfg.eps},
+            "accuracy": accuracy,
+            "timing": {"epochs": len(self.history), "world_size": self.context.world_size,
+                       "train_seconds_per_epoch": sum(train_seconds) / len(train_seconds),
+                       "rewire_seconds_total": sum(r["rewire_seconds"] for r in self.history)},
+            "checkpoint_sha256": ckpt.sha256_of(run_dir / ckpt.CHECKPOINT_NAME),
+            "versions": {"torch": torch.__version__},
+        }
+        ckpt.write_json(run_dir / ckpt.RUN_JSON, summary)
+        plots = run_dir / "plots"
+        plot_training(plots / "training.png", self.history)
+        if summary["layer_densities"]:
+            plot_layer_densities(plots / "layer_densities.png", summary["layer_densities"],
+                                 cfg.density)
+        return summary
