@@ -1,0 +1,119 @@
+"""What the benchmark scripts share: cached training runs, Square accuracy, output files.
+
+Runs are cached by their settings under --workdir (default benchmarks/results/runs, ignored by
+git), so the quality, sweep and tunability scripts reuse each other's runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dnr_deploy import CompressConfig, compress
+from dnr_deploy.checkpoint import load_checkpoint, read_run_json
+from dnr_deploy.data import load_data, test_subset
+from dnr_deploy.models import create_model
+from dnr_deploy.runtime.square import square_attack
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Each method at a density, as dnr-compress settings.
+METHODS: dict[str, dict] = {
+    "dense": {"dense": True},
+    "dnr-irregular": {"method": "dnr", "granularity": "irregular"},
+    "dnr-channel": {"method": "dnr", "granularity": "channel"},
+    "static": {"method": "static", "granularity": "irregular"},
+    "magnitude": {"method": "magnitude", "granularity": "irregular"},
+}
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--workdir", default=str(RESULTS / "runs"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--square-queries", type=int, default=1000)
+    return parser
+
+
+def announce(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    print("command:", " ".join([Path(sys.executable).name, *sys.argv]), flush=True)
+
+
+def trained_run(workdir: str, method: str, density: float, seed: int, epochs: int,
+                **extra) -> Path:
+    """The run dir of these settings, training it first unless a finished one is cached."""
+    settings = {**METHODS[method], "density": density, "seed": seed, "epochs": epochs, **extra}
+    name = "-".join([method, f"d{density:g}", f"s{seed}", f"e{epochs}",
+                     *(f"{k}{v:g}" for k, v in sorted(extra.items()))])
+    run_dir = Path(workdir) / name
+    if not (run_dir / "run.json").is_file():
+        if run_dir.exists():  # an unfinished run from an interrupted benchmark: start over
+            for file in sorted(run_dir.rglob("*"), reverse=True):
+                file.unlink() if file.is_file() else file.rmdir()
+            run_dir.rmdir()
+        started = time.perf_counter()
+        compress(CompressConfig(out=str(run_dir), eval_samples=360, **settings))
+        print(f"  trained {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    return run_dir
+
+
+def square_accuracy(run_dir: Path, queries: int) -> float:
+    """Accuracy of the run's final model under the Square Attack (black-box, score-based)
+    on the whole test split at the run's eps."""
+    summary = read_run_json(run_dir)
+    model = create_model(summary["model"]["name"], summary["num_classes"],
+                         summary["model"]["in_chans"], summary["mean"], summary["std"])
+    model.load_state_dict(load_checkpoint(run_dir)["model"])
+    model.eval()
+    x, y = test_subset(load_data(summary["config"]["dataset"], summary["config"]["data_dir"]),
+                       None)
+
+    def query(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(images)).numpy()
+
+    result = square_attack(query, x.numpy(), y.numpy(), summary["threat_model"]["eps"],
+                           n_queries=queries)
+    return float((result.margin > 0).mean())
+
+
+def row_of(run_dir: Path, square_queries: int | None) -> dict:
+    summary = read_run_json(run_dir)
+    row = {
+        "run": run_dir.name,
+        "clean": summary["accuracy"]["clean"],
+        "pgd20": summary["accuracy"]["pgd20"],
+        "density": summary["density"]["achieved"],
+        "compression": summary["params"]["compression"],
+        "mac_reduction": summary["macs"]["reduction"],
+        "train_s_per_epoch": summary["timing"]["train_seconds_per_epoch"],
+        "rewire_s_total": summary["timing"]["rewire_seconds_total"],
+        "epochs": summary["timing"]["epochs"],
+    }
+    if square_queries:
+        row["square"] = square_accuracy(run_dir, square_queries)
+    return row
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * statistics.mean(values):.1f} +/- {100 * statistics.stdev(values):.1f}"
+
+
+def write_results(name: str, data: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    data = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__, **data}
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"raw numbers: {path}")
+    return path

@@ -1,0 +1,41 @@
+"""Quality: every method at one density on the embedded default, several seeds.
+
+Clean, PGD-20 and Square accuracy (mean +/- std over seeds), achieved compression, MAC
+reduction and wall time per epoch, all from the same training loop and epoch budget.
+
+    .venv/bin/python benchmarks/quality.py --seeds 0 1 2 --epochs 20
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from common import METHODS, announce, base_parser, mean_std, row_of, trained_run, write_results
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--density", type=float, default=0.05)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = parser.parse_args()
+    announce(args)
+    table = {}
+    for method in args.methods:
+        rows = [row_of(trained_run(args.workdir, method, args.density, seed, args.epochs),
+                       args.square_queries) for seed in args.seeds]
+        table[method] = rows
+    print(f"\ndensity {args.density}, {args.epochs} epochs, seeds {args.seeds} (accuracy in %)")
+    print(f"{'method':<14} {'clean':>12} {'PGD-20':>12} {'Square':>12} {'params':>7} "
+          f"{'MACs':>6} {'s/epoch':>8}")
+    for method, rows in table.items():
+        pick = lambda key, rows=rows: [r[key] for r in rows]  # noqa: E731
+        print(f"{method:<14} {mean_std(pick('clean')):>12} {mean_std(pick('pgd20')):>12} "
+              f"{mean_std(pick('square')):>12} {statistics.mean(pick('compression')):>6.1f}x "
+              f"{statistics.mean(pick('mac_reduction')):>5.1f}x "
+              f"{statistics.mean(pick('train_s_per_epoch')):>8.2f}")
+    write_results("quality", {"args": vars(args), "rows": table})
+
+
+if __name__ == "__main__":
+    main()
