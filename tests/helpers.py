@@ -10,9 +10,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI subprocess: this checkout importable, one thread (two
+    processes each spinning two OpenMP threads on a 2-core machine slow both down many times)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `python -m dnr_deploy.cli ARGS` in `cwd` as a user would, capturing output."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = cli_env()
     return subprocess.run(
         [sys.executable, "-m", "dnr_deploy.cli", *args], cwd=cwd, env=env, capture_output=True,
         text=True, timeout=timeout,

@@ -17,13 +17,13 @@ import torch
 import torch.multiprocessing as mp
 
 from dnr_deploy import distributed as ddp
-from tests.helpers import REPO
+from tests.helpers import cli_env
 
 ARGS = ["--epochs", "3", "--eval-samples", "100", "--seed", "0"]
 
 
 def torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = cli_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                "--master_port", str(free_port()), "-m", "dnr_deploy.cli", "compress", *args]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
@@ -66,7 +66,7 @@ def test_two_processes_write_one_run_and_agree_with_one_process(tmp_path):
     assert job.returncode == 0, err[-2000:]
     single = subprocess.run(
         [sys.executable, "-m", "dnr_deploy.cli", "compress", *ARGS, "--out", "one"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        cwd=tmp_path, env=cli_env(), capture_output=True,
         text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "runs", "two"]
@@ -108,6 +108,6 @@ def test_a_dead_rank_ends_the_job_and_the_checkpoint_resumes(tmp_path):
     assert 1 <= state["epoch"] < 4
     resumed = subprocess.run(
         [sys.executable, "-m", "dnr_deploy.cli", "compress", "--resume", "run"], cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600)
+        env=cli_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["timing"]["epochs"] == 4
