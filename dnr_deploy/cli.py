@@ -183,10 +183,147 @@ def export_main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+BENCH_HELP = {
+    "baseline": "another deploy dir whose model.onnx is the baseline (default: this deploy "
+    "dir's baseline.onnx, written by dnr-export --baseline)",
+    "provider": "ONNX Runtime execution provider (cuda needs onnxruntime-gpu)",
+    "batch": "comma-separated batch sizes",
+    "threads": "ONNX Runtime intra-op threads",
+    "warmup": "untimed calls before timing each batch size",
+    "runs": "timed calls per batch size",
+    "seed": "seed of the random input images",
+    "out": "folder for bench.json and the plot (default: DEPLOY_DIR/reports)",
+}
+
+VERIFY_HELP = {
+    "dataset": "dataset of the test split (default: the source run's, from its run.json)",
+    "data_dir": "folder holding the dataset (default: the source run's --data-dir)",
+    "attack": "pgd: white-box on the re-imported ONNX graph; square: black-box, ONNX Runtime "
+    "queries only (the gradient-masking cross-check)",
+    "eps": "Linf radius in (0, 1] (default: the manifest's threat model)",
+    "steps": "PGD steps or Square queries (default: 20 for pgd, 5000 for square)",
+    "step_size": "PGD step (default: eps / 4, the run's PGD-20)",
+    "p_init": "Square: initial fraction of the image one square covers",
+    "n": "score the first N test images (default: the whole test split)",
+    "tolerance": "percentage points the robust accuracy may fall below the training side's "
+    "PGD-20 before the exit code is 1",
+    "batch_size": "images per batch",
+    "provider": "ONNX Runtime execution provider",
+    "threads": "ONNX Runtime intra-op threads",
+    "parity_atol": "largest |logit difference| allowed between the re-imported graph and "
+    "ONNX Runtime, on every batch",
+    "seed": "seed of the attack's randomness",
+    "examples": "images in the example grid",
+    "out": "folder for verify.json and the examples (default: DEPLOY_DIR/reports)",
+}
+
+
+def _deploy_dir_parser(prog: str, description: str) -> OneLineParser:
+    parser = OneLineParser(prog=prog, description=description)
+    parser.add_argument("deploy_dir", nargs="?", default=argparse.SUPPRESS, metavar="DEPLOY_DIR",
+                        help="deploy dir written by dnr-export (default: the latest run's)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the JSON result instead of the table")
+    return parser
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    from dnr_deploy.runtime.bench import BenchConfig
+    from dnr_deploy.runtime.session import Provider
+
+    parser = _deploy_dir_parser(
+        "dnr-bench", "Latency of a deploy dir's model.onnx in ONNX Runtime (p50/p90/p99, "
+        "throughput) against its baseline, with speedup, MAC ratio and efficiency.")
+    add_dataclass_flags(parser, BenchConfig, BENCH_HELP,
+                        {"provider": [p.value for p in Provider]}, skip=("deploy_dir",))
+    return parser
+
+
+def bench_main(argv: list[str] | None = None) -> int:
+    import json
+
+    from dnr_deploy.export.manifest import ManifestError
+    from dnr_deploy.runtime.bench import BenchConfig, BenchError, bench, format_table
+    from dnr_deploy.runtime.deploydir import DeployDirError
+    from dnr_deploy.runtime.session import SessionError
+
+    prog = "dnr-bench"
+    args = vars(build_bench_parser().parse_args(argv))
+    as_json = args.pop("json")
+    try:
+        result = bench(BenchConfig(**args))
+    except (BenchError, DeployDirError, ManifestError, SessionError) as err:
+        return fail(prog, err, EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        return fail(prog, "interrupted; nothing was written", EXIT_INTERRUPTED)
+    except OSError as err:
+        return fail(prog, f"cannot write the report: {err}", EXIT_BAD_INPUT)
+    print(json.dumps(result.report, indent=2) if as_json else
+          format_table(result.report) + f"\n  report: {result.out_dir}")
+    return EXIT_OK
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    from dnr_deploy.data import DatasetName
+    from dnr_deploy.runtime.session import Provider
+    from dnr_deploy.runtime.verify import AttackName, VerifyConfig
+
+    parser = _deploy_dir_parser(
+        "dnr-verify", "Clean and robust accuracy of the deployed artifact itself, scored by "
+        "ONNX Runtime, compared with the training-side figures in its manifest.")
+    choices = {"attack": [a.value for a in AttackName], "provider": [p.value for p in Provider],
+               "dataset": [d.value for d in DatasetName]}
+    add_dataclass_flags(parser, VerifyConfig, VERIFY_HELP, choices, skip=("deploy_dir",))
+    return parser
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    import json
+    import warnings
+
+    from dnr_deploy.data import DataError
+    from dnr_deploy.export.manifest import ManifestError
+    from dnr_deploy.runtime.deploydir import DeployDirError
+    from dnr_deploy.runtime.onnx_torch import UnsupportedGraphError
+    from dnr_deploy.runtime.session import SessionError
+    from dnr_deploy.runtime.verdict import format_table
+    from dnr_deploy.runtime.verify import VerifyCheckFailed, VerifyConfig, VerifyError, verify
+
+    prog = "dnr-verify"
+    args = vars(build_verify_parser().parse_args(argv))
+    as_json = args.pop("json")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = verify(VerifyConfig(**args))
+    except (VerifyError, DeployDirError, ManifestError, SessionError, UnsupportedGraphError,
+            DataError) as err:
+        return fail(prog, err, EXIT_BAD_INPUT)
+    except VerifyCheckFailed as err:
+        return fail(prog, err, EXIT_CHECK_FAILED)
+    except KeyboardInterrupt:
+        return fail(prog, "interrupted; nothing was written", EXIT_INTERRUPTED)
+    except OSError as err:
+        return fail(prog, f"cannot write the report: {err}", EXIT_BAD_INPUT)
+    reported = set(result.warnings)  # already in the table and verify.json
+    for warning in caught:
+        if str(warning.message) not in reported:
+            print(f"{prog}: warning: {warning.message}", file=sys.stderr)
+    print(json.dumps(result.report, indent=2) if as_json else
+          format_table(result.report) + f"\n  report: {result.out_dir}")
+    if not result.passed:
+        comp = result.report["comparison"]
+        return fail(prog, f"robust accuracy of the artifact is {comp['robust_drop_points']:.2f} "
+                    f"points below the training side's (tolerance {comp['tolerance_points']:g})",
+                    EXIT_CHECK_FAILED)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dnr_deploy.cli STAGE ...`: one entry point for every stage (torchrun too)."""
     argv = sys.argv[1:] if argv is None else argv
-    stages = {"compress": compress_main, "export": export_main}
+    stages = {"compress": compress_main, "export": export_main, "bench": bench_main,
+              "verify": verify_main}
     if not argv or argv[0] not in stages:
         return fail("dnr-deploy", f"first argument must be a stage: {', '.join(stages)}")
     return stages[argv[0]](argv[1:])

@@ -1,0 +1,1 @@
+"""Deployed artifacts in ONNX Runtime: sessions, latency (bench), robustness (verify)."""

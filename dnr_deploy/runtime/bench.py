@@ -1,0 +1,285 @@
+"""Latency of the deployed ONNX model against its baseline (what `dnr-bench` runs).
+
+Each model gets its own ONNX Runtime session (explicit provider and options, recorded), a
+warm-up, then `runs` timed calls per batch size on fixed random inputs in [0, 1], the models
+taking turns call by call: p50 / p90 / p99 latency and throughput. Against the baseline (the
+deploy dir's baseline.onnx, or the model.onnx of another deploy dir given as `baseline`):
+speedup = baseline p50 / model p50, MAC ratio = baseline MACs / deployed MACs, efficiency =
+speedup / MAC ratio. Efficiency 1 means time fell exactly as fast as arithmetic; it rarely
+exceeds 1, since a kernel cannot skip work it is handed. Irregular runs keep the dense shapes
+in ONNX Runtime (sparse initializers are densified at load, DESIGN.md section 7), so their MAC
+ratio is 1; the ratio a sparse kernel could reach is reported beside it.
+
+Timing is for benchmarks, not tests: nothing asserts a latency.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dnr_deploy.checkpoint import write_json
+from dnr_deploy.runtime import deploydir, plots
+from dnr_deploy.runtime.session import create_session, parse_provider
+
+BENCH_FORMAT = "dnr-deploy/bench/1"
+BENCH_JSON = "bench.json"
+LATENCY_PNG = "bench_latency.png"
+
+
+class BenchError(ValueError):
+    """Bad input to a benchmark: options out of range, a baseline that does not fit."""
+
+
+@dataclass
+class BenchConfig:
+    """Every setting of a benchmark; the only place their defaults are written."""
+
+    deploy_dir: str | None = None  # None: the latest run's deploy dir
+    baseline: str | None = None  # another deploy dir; None: this one's baseline.onnx, if any
+    provider: str = "cpu"
+    batch: str = "1,64"  # comma-separated batch sizes
+    threads: int = 1  # intra-op threads (2 were slower than 1 on the 2-core reference machine)
+    warmup: int = 10
+    runs: int = 100
+    seed: int = 0  # of the random inputs
+    out: str | None = None  # None: DEPLOY_DIR/reports
+
+    def batch_sizes(self) -> list[int]:
+        """Raises:
+            BenchError: not a comma-separated list of positive integers."""
+        try:
+            sizes = [int(part) for part in str(self.batch).split(",") if part.strip()]
+        except ValueError:
+            sizes = []
+        if not sizes or min(sizes) < 1:
+            raise BenchError(f"--batch must be positive integers separated by commas, e.g. 1,64; "
+                             f"got {self.batch!r}")
+        return list(dict.fromkeys(sizes))
+
+    def validated(self) -> BenchConfig:
+        """Raises:
+            BenchError: an unknown provider or a count out of range."""
+        try:
+            parse_provider(self.provider)
+        except ValueError as err:
+            raise BenchError(str(err)) from None
+        self.batch_sizes()
+        if self.threads < 1 or self.runs < 1 or self.warmup < 0:
+            raise BenchError(f"need threads >= 1, runs >= 1, warmup >= 0; got threads "
+                             f"{self.threads}, runs {self.runs}, warmup {self.warmup}")
+        return self
+
+
+@dataclass
+class BenchResult:
+    report: dict
+    out_dir: Path
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One ONNX file to time and the size figures that go with it."""
+
+    label: str
+    path: Path
+    bytes: int
+    params: int | None
+    macs: int | None
+
+
+def time_sessions(sessions: dict, x: np.ndarray, warmup: int, runs: int) -> dict[str, dict]:
+    """Latency statistics of each session on `x`, after `warmup` untimed calls each.
+
+    The sessions take turns call by call (the order flips every round), so a slow spell of the
+    machine (another process, frequency scaling) lands on every model alike instead of on
+    whichever happened to be timed then.
+    """
+    feed = {"input": x}
+    labels = list(sessions)
+    for label in labels:
+        for _ in range(warmup):
+            sessions[label].run(["logits"], feed)
+    times = {label: np.empty(runs) for label in labels}
+    for index in range(runs):
+        for label in labels if index % 2 == 0 else labels[::-1]:
+            begin = time.perf_counter_ns()
+            sessions[label].run(["logits"], feed)
+            times[label][index] = (time.perf_counter_ns() - begin) / 1e6
+    return {label: _stats(values, len(x)) for label, values in times.items()}
+
+
+def _stats(times_ms: np.ndarray, batch: int) -> dict:
+    p50, p90, p99 = np.percentile(times_ms, [50, 90, 99])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99),
+            "mean_ms": float(times_ms.mean()), "min_ms": float(times_ms.min()),
+            "throughput_ips": float(batch / (p50 / 1e3))}
+
+
+def bench(config: BenchConfig) -> BenchResult:
+    """Time the deploy dir `config` names (and its baseline); write bench.json and a plot.
+
+    Raises:
+        BenchError, DeployDirError, ManifestError, SessionError: bad input (every file is
+            checked against the manifest's sha256 before any is loaded); nothing is written.
+    """
+    config = config.validated()
+    deploy = deploydir.open_deploy_dir(config.deploy_dir)
+    targets = [_model_target(deploy)]
+    baseline = _baseline_target(deploy, config.baseline)
+    if baseline is not None:
+        targets.append(baseline)
+    shape = [int(n) for n in deploy.manifest["input_shape"]]
+    sessions = {t.label: create_session(t.path, config.provider, config.threads) for t in targets}
+    rng = np.random.default_rng(config.seed)
+    inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in config.batch_sizes()}
+    timed = {b: time_sessions({label: s for label, (s, _) in sessions.items()}, x,
+                              config.warmup, config.runs) for b, x in inputs.items()}
+    models = {t.label: {"file": t.path.name, "path": str(t.path.resolve()), "bytes": t.bytes,
+                        "params": t.params, "macs": t.macs,
+                        "latency": {str(b): timed[b][t.label] for b in inputs}}
+              for t in targets}
+    report = {
+        "format": BENCH_FORMAT,
+        "deploy_dir": str(deploy.path.resolve()),
+        "granularity": deploy.manifest.get("granularity"),
+        "input_shape": shape,
+        "models": models,
+        "comparison": _compare(models, deploy.manifest) if baseline is not None else None,
+        "session": sessions[targets[0].label][1].as_dict(),
+        "machine": machine_info(),
+        "config": asdict(config),
+    }
+    out_dir = deploydir.reports_dir(deploy, config.out)
+    plots.save_latency_plot(out_dir / LATENCY_PNG, models)
+    report["plot"] = LATENCY_PNG
+    write_json(out_dir / BENCH_JSON, report)
+    return BenchResult(report, out_dir)
+
+
+def _model_target(deploy: deploydir.DeployDir) -> _Target:
+    manifest = deploy.manifest
+    path = deploy.file(deploydir.MODEL_FILE)
+    return _Target("model", path, manifest["files"][path.name]["bytes"],
+                   (manifest.get("params") or {}).get("deployed"),
+                   (manifest.get("macs") or {}).get("deployed"))
+
+
+def _baseline_target(deploy: deploydir.DeployDir, other: str | None) -> _Target | None:
+    """The deploy dir's own baseline.onnx, or the model.onnx of the deploy dir `other`."""
+    if other is None:
+        if not deploy.has(deploydir.BASELINE_FILE):
+            return None
+        manifest = deploy.manifest
+        path = deploy.path / deploydir.BASELINE_FILE
+        return _Target("baseline", path, manifest["files"][path.name]["bytes"],
+                       (manifest.get("params") or {}).get("dense"),
+                       (manifest.get("macs") or {}).get("dense"))
+    if not Path(other).is_dir():
+        raise BenchError(f"--baseline {other!r} is not a folder; name another deploy dir "
+                         "(e.g. the export of a --dense run)")
+    base = deploydir.open_deploy_dir(other)
+    if list(base.manifest["input_shape"]) != list(deploy.manifest["input_shape"]):
+        raise BenchError(f"--baseline {other!r} takes {base.manifest['input_shape']} inputs, the "
+                         f"deployed model {deploy.manifest['input_shape']}")
+    target = _model_target(base)
+    return _Target("baseline", target.path, target.bytes, target.params, target.macs)
+
+
+def _compare(models: dict, manifest: dict) -> dict:
+    """Speedup, MAC ratio and efficiency per batch size (see the module docstring)."""
+    model, base = models["model"], models["baseline"]
+    mac_ratio = base["macs"] / model["macs"] if base["macs"] and model["macs"] else None
+    macs = manifest.get("macs") or {}
+    sparse_ratio = None
+    if "nonzero_deployed" in macs and base["macs"]:  # irregular: what a sparse kernel could do
+        other_ops = macs["dense"] - macs["conv_linear_dense"]
+        sparse_ratio = base["macs"] / max(other_ops + macs["nonzero_deployed"], 1)
+    per_batch = {}
+    for batch, stats in model["latency"].items():
+        speedup = base["latency"][batch]["p50_ms"] / stats["p50_ms"]
+        row = {"speedup": speedup, "mac_ratio": mac_ratio,
+               "efficiency": speedup / mac_ratio if mac_ratio else None}
+        if sparse_ratio:
+            row.update(sparse_kernel_mac_ratio=sparse_ratio,
+                       sparse_kernel_efficiency=speedup / sparse_ratio)
+        per_batch[batch] = row
+    size_ratio = base["bytes"] / model["bytes"] if model["bytes"] else None
+    return {"file_size_ratio": size_ratio, "mac_ratio": mac_ratio,
+            "sparse_kernel_mac_ratio": sparse_ratio, "per_batch": per_batch}
+
+
+def machine_info() -> dict:
+    """Where the figures were measured: CPU, core count, OS and library versions."""
+    import onnx
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {"cpu": cpu, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "usable_cpus": affinity, "os": platform.platform(),
+            "python": sys.version.split()[0],
+            "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                         "numpy": np.__version__}}
+
+
+def format_table(report: dict) -> str:
+    """The screen summary: one row per model and batch size, then the comparison."""
+    session = report["session"]
+    config = report["config"]
+    lines = [
+        f"deploy dir: {report['deploy_dir']} ({report['granularity']})",
+        f"  {session['providers'][0]}, {session['intra_op_num_threads']} intra-op thread(s), "
+        f"{config['runs']} timed runs after {config['warmup']} warm-up, "
+        f"onnxruntime {session['onnxruntime']}, {report['machine']['cpu']}",
+        f"  {'file':<15}{'KiB':>9}{'params':>12}{'MACs':>13}{'batch':>7}{'p50 ms':>10}"
+        f"{'p90 ms':>10}{'p99 ms':>10}{'img/s':>11}",
+    ]
+    for model in report["models"].values():
+        first = True
+        for batch, stats in model["latency"].items():
+            head = (f"{model['file']:<15}{model['bytes'] / 1024:>9.1f}"
+                    f"{_count(model['params']):>12}{_count(model['macs']):>13}") if first \
+                else " " * 49
+            lines.append(f"  {head}{batch:>7}{stats['p50_ms']:>10.3f}{stats['p90_ms']:>10.3f}"
+                         f"{stats['p99_ms']:>10.3f}{stats['throughput_ips']:>11.0f}")
+            first = False
+    comparison = report["comparison"]
+    if comparison:
+        for batch, row in comparison["per_batch"].items():
+            text = (f"  vs baseline, batch {batch}: speedup {row['speedup']:.2f}x, MAC ratio "
+                    f"{_ratio(row['mac_ratio'])}, efficiency {_number(row['efficiency'])} "
+                    "(limit 1)")
+            if row.get("sparse_kernel_mac_ratio"):
+                text += (f"; a sparse kernel's MAC ratio {row['sparse_kernel_mac_ratio']:.1f}x, "
+                         f"efficiency against it {row['sparse_kernel_efficiency']:.2f}")
+            lines.append(text)
+        lines.append(f"  file size: {_ratio(comparison['file_size_ratio'])} smaller")
+    else:
+        lines.append("  no baseline: export with --baseline or pass --baseline DEPLOY_DIR")
+    return "\n".join(lines)
+
+
+def _count(value: int | None) -> str:
+    return f"{value:,}" if value is not None else "-"
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def _number(value: float | None) -> str:
+    return f"{value:.2f}" if value is not None else "-"

@@ -1,0 +1,152 @@
+"""Opening a deploy dir for bench and verify: find it, check every file, find its test data.
+
+A deploy dir is trusted only after each file its manifest lists matches the recorded sha256
+(`dnr_deploy.export.manifest.verify_files`). Reports (bench.json, verify.json, plots) are
+outputs, not artifacts: they go to a `reports/` folder inside the deploy dir (or `--out`), which
+the manifest never lists, so the artifact files themselves are never touched after export.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from dnr_deploy import checkpoint as ckpt
+from dnr_deploy.data import SPECS, parse_dataset
+from dnr_deploy.export.manifest import ManifestError, load_manifest, verify_files
+
+MODEL_FILE = "model.onnx"
+BASELINE_FILE = "baseline.onnx"
+REPORTS_DIR = "reports"
+EXPORT_DEFAULT_OUT = "deploy"  # dnr-export writes RUN_DIR/deploy unless told otherwise
+
+
+class DeployDirError(ValueError):
+    """Not a usable deploy dir, or not enough information to score it."""
+
+
+class SourceRunWarning(RuntimeWarning):
+    """The source run's run.json changed after export (only its dataset name is read)."""
+
+
+@dataclass(frozen=True)
+class DeployDir:
+    """A deploy dir whose listed files all matched their sha256 when it was opened."""
+
+    path: Path
+    manifest: dict
+
+    def file(self, name: str) -> Path:
+        """Raises:
+            DeployDirError: the manifest does not list `name`."""
+        if name not in self.manifest["files"]:
+            listed = ", ".join(sorted(self.manifest["files"])) or "nothing"
+            raise DeployDirError(f"{str(self.path)!r} has no {name} (its manifest lists {listed}); "
+                                 "export the run with --format onnx")
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest["files"]
+
+
+def resolve_deploy_dir(path: str | Path | None) -> Path:
+    """`path`, or the deploy dir of the run `dnr-compress` wrote last from this folder.
+
+    Raises:
+        DeployDirError: no path given and no latest run with a deploy dir.
+    """
+    if path:
+        return Path(path)
+    try:
+        run_dir = ckpt.latest_run()
+    except ckpt.CheckpointError as err:
+        raise DeployDirError(f"no deploy dir given: {err}") from None
+    candidate = run_dir / EXPORT_DEFAULT_OUT
+    if not candidate.is_dir():
+        raise DeployDirError(f"no deploy dir given and the latest run {str(run_dir)!r} has no "
+                             f"{EXPORT_DEFAULT_OUT}/; run dnr-export first or name a deploy dir")
+    return candidate
+
+
+def open_deploy_dir(path: str | Path | None) -> DeployDir:
+    """Load the manifest and check every listed file against its sha256, before any loading.
+
+    Raises:
+        DeployDirError: no such folder.
+        ManifestError: no or unreadable manifest, or a file missing or changed after export.
+    """
+    folder = resolve_deploy_dir(path)
+    if not folder.exists():
+        raise DeployDirError(f"deploy dir {str(folder)!r} does not exist")
+    manifest = load_manifest(folder)
+    if not isinstance(manifest.get("files"), dict):
+        raise ManifestError(f"{str(folder)!r}: manifest 'files' is not a table; re-export the run")
+    verify_files(folder, manifest)
+    return DeployDir(folder, manifest)
+
+
+def reports_dir(deploy: DeployDir, out: str | None) -> Path:
+    """Where bench and verify write their reports: `out`, else DEPLOY_DIR/reports."""
+    return Path(out) if out else deploy.path / REPORTS_DIR
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Which test split scores a deploy dir, and where that choice came from."""
+
+    dataset: str
+    data_dir: str | None
+    origin: str  # "--dataset" or "source run.json"
+
+
+def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -> DataSource:
+    """The dataset the deployed model was trained on.
+
+    The manifest names the source run, not its dataset, so the name comes from `dataset`
+    (the user's flag) or else from the source run's run.json when that folder is reachable.
+    The dataset's input shape and class count must match the manifest's.
+
+    Raises:
+        DeployDirError: no flag and no readable source run, or a dataset that does not fit.
+    """
+    origin = "--dataset"
+    if not dataset:
+        run = _source_run_json(deploy)
+        settings = (run or {}).get("config") or {}
+        if not settings.get("dataset"):
+            raise DeployDirError(
+                f"cannot tell which dataset {str(deploy.path)!r} was trained on: its source "
+                "run's run.json is not reachable; pass --dataset (and --data-dir)"
+            )
+        dataset, origin = settings["dataset"], "source run.json"
+        data_dir = data_dir or settings.get("data_dir")
+    try:
+        spec = SPECS[parse_dataset(dataset)]
+    except ValueError as err:
+        raise DeployDirError(str(err)) from None
+    shape = [int(n) for n in deploy.manifest["input_shape"]]
+    if list(spec.input_shape) != shape or spec.num_classes != int(deploy.manifest["num_classes"]):
+        raise DeployDirError(
+            f"dataset {dataset!r} has {list(spec.input_shape)} images and {spec.num_classes} "
+            f"classes, the deployed model takes {shape} and has {deploy.manifest['num_classes']}"
+        )
+    return DataSource(dataset, data_dir, origin)
+
+
+def _source_run_json(deploy: DeployDir) -> dict | None:
+    source = deploy.manifest.get("source_run") or {}
+    run_dir = Path(source["dir"]) if source.get("dir") else None
+    if run_dir is None or not (run_dir / ckpt.RUN_JSON).is_file():
+        return None
+    try:
+        run = ckpt.read_run_json(run_dir)
+    except ckpt.CheckpointError:
+        return None
+    recorded = source.get("run_json_sha256")
+    if recorded and ckpt.sha256_of(run_dir / ckpt.RUN_JSON) != recorded:
+        warnings.warn(
+            f"{str(run_dir / ckpt.RUN_JSON)!r} changed since export; reading only its dataset "
+            "name from it (pass --dataset to say it yourself)", SourceRunWarning, stacklevel=3,
+        )
+    return run

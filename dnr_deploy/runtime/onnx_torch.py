@@ -1,0 +1,256 @@
+"""The exported ONNX graph re-imported into PyTorch, so white-box attacks get the artifact's
+gradients rather than the training model's.
+
+Why hand-written: onnx2torch (unmaintained since 2024) cannot read the dynamo exporter's
+opset-18 graphs (DESIGN.md section 7), and onnx.reference runs in numpy, without autograd. The
+graphs dnr-export writes for this project's models use a dozen standard ops, so this module
+interprets exactly those, node by node, with torch functions. Anything else is refused with
+the op's name: a silently wrong gradient would make verification worthless.
+
+Contract: `OnnxTorch(onnx.load(path))(x)` returns the logits ONNX Runtime would return for
+`x` (verify checks that on every batch, max |difference| <= 1e-4) and is differentiable in
+`x`. Sparse initializers are densified, as ONNX Runtime does at load. Every initializer is a
+buffer, not a parameter: attacks need input gradients only.
+
+Example: the `small` digits net exports to Sub, Div (the normalization), Conv x4 (BatchNorm
+folded in), Relu x4, MaxPool, ReduceMean (global pooling), Reshape, Gemm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import nn
+
+Op = Callable[[list, dict], list]
+
+
+class UnsupportedGraphError(ValueError):
+    """A graph the interpreter cannot run faithfully (an op or attribute it does not know)."""
+
+
+def sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of an ONNX sparse tensor (indices linearized [NNZ] or coordinates
+    [NNZ, rank], both allowed by the ONNX spec)."""
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    shape = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(shape, dtype=values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
+
+
+def _pads_2d(pads: list[int] | None) -> tuple[int, int, int, int]:
+    """ONNX pads [top, left, bottom, right] -> F.pad order (left, right, top, bottom)."""
+    top, left, bottom, right = pads or [0, 0, 0, 0]
+    return left, right, top, bottom
+
+
+def _check_auto_pad(attrs: dict, op: str) -> None:
+    auto_pad = attrs.get("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise UnsupportedGraphError(f"{op} with auto_pad={auto_pad} is not supported")
+
+
+def _conv(inputs: list, attrs: dict) -> list:
+    x, weight = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    pad = _pads_2d(attrs.get("pads"))
+    if pad[0] == pad[1] and pad[2] == pad[3]:
+        padding = (pad[2], pad[0])
+    else:  # asymmetric: pad explicitly, with zeros as Conv does
+        x, padding = F.pad(x, pad), (0, 0)
+    return [F.conv2d(x, weight, bias, stride=tuple(attrs.get("strides", [1, 1])),
+                     padding=padding, dilation=tuple(attrs.get("dilations", [1, 1])),
+                     groups=int(attrs.get("group", 1)))]
+
+
+def _max_pool(inputs: list, attrs: dict) -> list:
+    x, pad = inputs[0], _pads_2d(attrs.get("pads"))
+    if pad[0] == pad[1] and pad[2] == pad[3]:
+        padding = (pad[2], pad[0])
+    else:
+        x, padding = F.pad(x, pad, value=float("-inf")), (0, 0)
+    kernel = tuple(attrs["kernel_shape"])
+    return [F.max_pool2d(x, kernel, stride=tuple(attrs.get("strides", kernel)), padding=padding,
+                         dilation=tuple(attrs.get("dilations", [1, 1])),
+                         ceil_mode=bool(attrs.get("ceil_mode", 0)))]
+
+
+def _average_pool(inputs: list, attrs: dict) -> list:
+    pad = _pads_2d(attrs.get("pads"))
+    if not (pad[0] == pad[1] and pad[2] == pad[3]):
+        raise UnsupportedGraphError("AveragePool with asymmetric pads is not supported")
+    kernel = tuple(attrs["kernel_shape"])
+    return [F.avg_pool2d(inputs[0], kernel, stride=tuple(attrs.get("strides", kernel)),
+                         padding=(pad[2], pad[0]), ceil_mode=bool(attrs.get("ceil_mode", 0)),
+                         count_include_pad=bool(attrs.get("count_include_pad", 0)))]
+
+
+def _reduce_mean(inputs: list, attrs: dict) -> list:
+    x = inputs[0]
+    # opset >= 18 passes the axes as a second input; older opsets as an attribute
+    axes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("axes")
+    if axes is None or (isinstance(axes, torch.Tensor) and axes.numel() == 0):
+        if attrs.get("noop_with_empty_axes", 0):
+            return [x]
+        axes = list(range(x.dim()))
+    dims = [int(a) for a in (axes.tolist() if isinstance(axes, torch.Tensor) else axes)]
+    return [x.mean(dim=dims, keepdim=bool(attrs.get("keepdims", 1)))]
+
+
+def _reshape(inputs: list, attrs: dict) -> list:
+    x, shape = inputs[0], [int(s) for s in inputs[1].tolist()]
+    if not attrs.get("allowzero", 0):  # a 0 copies the input's dimension
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return [x.reshape(shape)]
+
+
+def _flatten(inputs: list, attrs: dict) -> list:
+    x = inputs[0]
+    axis = int(attrs.get("axis", 1)) % max(x.dim(), 1)
+    return [x.reshape(int(np.prod(x.shape[:axis], dtype=np.int64)), -1)]
+
+
+def _gemm(inputs: list, attrs: dict) -> list:
+    a, b = inputs[0], inputs[1]
+    a = a.t() if attrs.get("transA", 0) else a
+    b = b.t() if attrs.get("transB", 0) else b
+    out = float(attrs.get("alpha", 1.0)) * (a @ b)
+    if len(inputs) > 2 and inputs[2] is not None:
+        out = out + float(attrs.get("beta", 1.0)) * inputs[2]
+    return [out]
+
+
+def _batch_norm(inputs: list, attrs: dict) -> list:
+    x, scale, bias, mean, var = inputs[:5]
+    return [F.batch_norm(x, mean, var, scale, bias, training=False,
+                         eps=float(attrs.get("epsilon", 1e-5)))]
+
+
+def _constant(inputs: list, attrs: dict) -> list:
+    if "value" in attrs:
+        return [torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())]
+    if "sparse_value" in attrs:
+        return [torch.from_numpy(sparse_to_dense(attrs["sparse_value"]))]
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
+                       ("value_int", torch.int64), ("value_ints", torch.int64)):
+        if key in attrs:
+            return [torch.tensor(attrs[key], dtype=dtype)]
+    raise UnsupportedGraphError(f"Constant with attributes {sorted(attrs)} is not supported")
+
+
+# op_type -> handler(inputs, attributes) -> outputs. Add an op here, with a test against ORT.
+OPS: dict[str, Op] = {
+    "Add": lambda i, a: [i[0] + i[1]],
+    "Sub": lambda i, a: [i[0] - i[1]],
+    "Mul": lambda i, a: [i[0] * i[1]],
+    "Div": lambda i, a: [i[0] / i[1]],
+    "Relu": lambda i, a: [F.relu(i[0])],
+    # opset >= 13 semantics (one axis, default -1); the same as older opsets' on 2-D logits
+    "Softmax": lambda i, a: [F.softmax(i[0], dim=int(a.get("axis", -1)))],
+    "Identity": lambda i, a: [i[0]],
+    "Conv": _conv,
+    "MaxPool": _max_pool,
+    "AveragePool": _average_pool,
+    "GlobalAveragePool": lambda i, a: [i[0].mean(dim=(2, 3), keepdim=True)],
+    "ReduceMean": _reduce_mean,
+    "Reshape": _reshape,
+    "Flatten": _flatten,
+    "Gemm": _gemm,
+    "MatMul": lambda i, a: [i[0] @ i[1]],
+    "BatchNormalization": _batch_norm,
+    "Constant": _constant,
+}
+
+# Attribute checks that a handler cannot express by itself: conditions ORT honours that the
+# torch function has no argument for.
+_ATTRIBUTE_CHECKS = {"Conv": _check_auto_pad, "MaxPool": _check_auto_pad,
+                     "AveragePool": _check_auto_pad}
+
+
+class OnnxTorch(nn.Module):
+    """An ONNX graph as a differentiable torch module (see the module docstring).
+
+    Raises (at construction):
+        UnsupportedGraphError: an op outside `OPS`, a non-standard domain, a node with
+            several graph outputs this interpreter does not produce (MaxPool indices), a
+            Conv or pool that is not 2-D, or a graph with more than one input.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        graph = model.graph
+        self._check_ops(graph)
+        self._keys: dict[str, str] = {}
+        initializers = [(t.name, numpy_helper.to_array(t)) for t in graph.initializer]
+        initializers += [(s.values.name, sparse_to_dense(s)) for s in graph.sparse_initializer]
+        for index, (name, array) in enumerate(initializers):
+            key = f"init_{index}"  # ONNX names hold dots, which buffer names may not
+            self.register_buffer(key, torch.from_numpy(np.array(array, copy=True)))
+            self._keys[name] = key
+        inputs = [i.name for i in graph.input if i.name not in self._keys]
+        if len(inputs) != 1:
+            raise UnsupportedGraphError(f"expected one graph input, found {inputs}")
+        self.input_name = inputs[0]
+        self.output_names = [o.name for o in graph.output]
+        self._nodes = [
+            (n.op_type, list(n.input), list(n.output),
+             {a.name: helper.get_attribute_value(a) for a in n.attribute})
+            for n in graph.node
+        ]
+        for op_type, _, _, attrs in self._nodes:
+            if op_type in _ATTRIBUTE_CHECKS:
+                _ATTRIBUTE_CHECKS[op_type](attrs, op_type)
+            if op_type in ("Conv", "MaxPool", "AveragePool") and len(
+                    attrs.get("kernel_shape", [0, 0])) != 2:
+                raise UnsupportedGraphError(f"{op_type} is supported in 2-D only")
+
+    @staticmethod
+    def _check_ops(graph: onnx.GraphProto) -> None:
+        unknown = sorted({n.op_type for n in graph.node if n.op_type not in OPS}
+                         | {f"{n.domain}::{n.op_type}" for n in graph.node
+                            if n.domain not in ("", "ai.onnx")})
+        if unknown:
+            raise UnsupportedGraphError(
+                f"the ONNX graph uses {', '.join(unknown)}, which the ONNX->torch interpreter "
+                f"does not implement (it knows {', '.join(sorted(OPS))}); add the op to "
+                "dnr_deploy/runtime/onnx_torch.py with a test against ONNX Runtime"
+            )
+        for node in graph.node:
+            if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
+                raise UnsupportedGraphError("MaxPool with an Indices output is not supported")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {name: getattr(self, key) for name, key in
+                                        self._keys.items()}
+        env[self.input_name] = x
+        for op_type, names_in, names_out, attrs in self._nodes:
+            inputs = [env[name] if name else None for name in names_in]
+            outputs = OPS[op_type](inputs, attrs)
+            for name, value in zip(names_out, outputs, strict=False):
+                if name:
+                    env[name] = value
+        return env[self.output_names[0]]
+
+
+def load_onnx_torch(path: str) -> OnnxTorch:
+    """`OnnxTorch` of an ONNX file, in eval mode.
+
+    Raises:
+        UnsupportedGraphError: the file is not ONNX or holds an op the interpreter lacks.
+    """
+    try:
+        model = onnx.load(str(path))
+    except Exception as err:  # protobuf DecodeError and friends: all mean "not ONNX"
+        raise UnsupportedGraphError(f"cannot parse {str(path)!r} as ONNX: {err}") from None
+    return OnnxTorch(model).eval()

@@ -1,0 +1,294 @@
+"""dnr-bench and dnr-verify: reports on a deploy dir, the robustness gate, the sanity warnings,
+and bad input refused with one line and exit code 2 (tampered, truncated or random-bytes ONNX,
+a manifest that does not match, an unknown provider, eps outside (0, 1])."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from dnr_deploy.checkpoint import write_json
+from dnr_deploy.cli import bench_main, verify_main
+from dnr_deploy.export.manifest import MANIFEST_FORMAT, ManifestError, write_manifest
+from dnr_deploy.runtime import onnx_torch
+from dnr_deploy.runtime.deploydir import open_deploy_dir
+from dnr_deploy.runtime.verify import VerifyConfig, verify
+from tests.helpers import assert_clean_failure, run_cli
+
+
+def tiny_graph(seed: int, softmax: bool = False, zero: bool = False) -> onnx.ModelProto:
+    """A digits-shaped net written directly as ONNX (the export contract's names and dynamic
+    batch): Sub/Div normalization, Conv, Relu, MaxPool, ReduceMean, Reshape, Gemm."""
+    rng = np.random.default_rng(seed)
+    scale = 0.0 if zero else 1.0
+    inits = {
+        "mean": np.full((1, 1, 1, 1), 0.3, np.float32), "std": np.full((1, 1, 1, 1), 0.38,
+                                                                       np.float32),
+        "w": (scale * rng.standard_normal((16, 1, 3, 3))).astype(np.float32),
+        "b": (0.1 * rng.standard_normal(16)).astype(np.float32),
+        "axes": np.array([-1, -2], np.int64), "shape": np.array([-1, 16], np.int64),
+        "fc": (scale * rng.standard_normal((10, 16))).astype(np.float32),
+        "fc_b": (0.1 * rng.standard_normal(10)).astype(np.float32),
+    }
+    last = "probs" if softmax else "logits"
+    nodes = [
+        helper.make_node("Sub", ["input", "mean"], ["s"]),
+        helper.make_node("Div", ["s", "std"], ["d"]),
+        helper.make_node("Conv", ["d", "w", "b"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("ReduceMean", ["p", "axes"], ["m"], keepdims=1),
+        helper.make_node("Reshape", ["m", "shape"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc", "fc_b"], [last], transB=1),
+    ]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["probs"], ["logits"], axis=-1))
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    return model
+
+
+def make_deploy_dir(folder: Path, pgd20: float = 0.05, eps: float = 0.2, **graph) -> Path:
+    """A deploy dir as dnr-export writes it (model.onnx, baseline.onnx, manifest.json with the
+    sha256 of each), whose source run's run.json names the digits dataset."""
+    run_dir = folder.parent / f"{folder.name}_run"
+    write_json(run_dir / "run.json", {"config": {"dataset": "digits", "data_dir": None}})
+    folder.mkdir(parents=True)
+    onnx.save(tiny_graph(0, **graph), str(folder / "model.onnx"))
+    onnx.save(tiny_graph(1), str(folder / "baseline.onnx"))
+    write_manifest(folder, {
+        "format": MANIFEST_FORMAT, "source_run": {"dir": str(run_dir)},
+        "model": {"name": "tiny", "num_classes": 10, "in_chans": 1}, "input_shape": [1, 8, 8],
+        "input_range": [0.0, 1.0], "num_classes": 10, "granularity": "channel",
+        "threat_model": {"norm": "Linf", "eps": eps},
+        "accuracy": {"clean": 0.1, "fgsm": 0.1, "pgd7": 0.1, "pgd20": pgd20},
+        "params": {"dense": 330, "deployed": 330}, "macs": {"dense": 20000, "deployed": 10000},
+    })
+    return folder
+
+
+@pytest.fixture
+def deploy(tmp_path) -> Path:
+    return make_deploy_dir(tmp_path / "deploy")
+
+
+def call(main, args: list[str], capsys) -> subprocess.CompletedProcess:
+    """Run a console-script function in-process, captured like a subprocess."""
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+FAST_BENCH = ["--runs", "3", "--warmup", "1"]
+FAST_VERIFY = ["--n", "24", "--steps", "3"]
+
+
+def test_bench_writes_report_plot_and_leaves_the_artifacts_alone(deploy, capsys):
+    result = call(bench_main, [str(deploy), *FAST_BENCH, "--batch", "1,5", "--json"], capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == json.loads((deploy / "reports" / "bench.json").read_text())
+    assert (deploy / "reports" / "bench_latency.png").stat().st_size > 1000
+    assert set(report["models"]) == {"model", "baseline"}
+    assert set(report["models"]["model"]["latency"]) == {"1", "5"}
+    stats = report["models"]["model"]["latency"]["5"]
+    assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]  # ordering, not speed
+    row = report["comparison"]["per_batch"]["1"]
+    assert report["comparison"]["mac_ratio"] == 2.0
+    assert row["efficiency"] == pytest.approx(row["speedup"] / 2.0)
+    session = report["session"]
+    assert session["providers"] == ["CPUExecutionProvider"]
+    assert session["intra_op_num_threads"] == 1
+    assert report["machine"]["versions"]["onnxruntime"] == onnxruntime.__version__
+    open_deploy_dir(deploy)  # every listed file still matches its sha256
+
+    table = call(bench_main, [str(deploy), *FAST_BENCH, "--out", str(deploy.parent / "b")],
+                 capsys)
+    assert table.returncode == 0 and "p50 ms" in table.stdout and "efficiency" in table.stdout
+
+
+def test_bench_against_another_deploy_dir(deploy, tmp_path, capsys):
+    other = make_deploy_dir(tmp_path / "dense")
+    (deploy / "reports").mkdir()
+    result = call(bench_main, [str(deploy), "--baseline", str(other), *FAST_BENCH, "--json"],
+                  capsys)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["models"]["baseline"]["path"] == str(
+        (other / "model.onnx").resolve())
+
+
+def test_verify_pgd_report_examples_and_gate(tmp_path, capsys):
+    passing = make_deploy_dir(tmp_path / "pass", pgd20=0.0)
+    result = call(verify_main, [str(passing), *FAST_VERIFY, "--json"], capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == {"dataset": "digits", "dataset_from": "source run.json",
+                                "split": "test", "first": 24, "of": 360, "subset": True}
+    assert report["attack"]["name"] == "pgd" and report["attack"]["steps"] == 3
+    assert report["threat_model"] == {"norm": "Linf", "eps": 0.2, "from": "manifest"}
+    assert report["checks"]["max_perturbation"] <= 0.2 + 1e-6
+    assert report["checks"]["reimport_vs_ort_max_abs_clean"] <= 1e-4
+    assert report["comparison"]["gated"] and report["comparison"]["passed"]
+    assert any("sampling noise" in note for note in report["comparison"]["notes"])
+    assert (passing / "reports" / "verify_examples.png").stat().st_size > 1000
+    assert json.loads((passing / "reports" / "verify.json").read_text()) == report
+
+    failing = make_deploy_dir(tmp_path / "fail", pgd20=0.9)  # training side claims 90%
+    result = call(verify_main, [str(failing), *FAST_VERIFY], capsys)
+    assert_clean_failure(result, 1)
+    assert "points below" in result.stderr and "FAIL" in result.stdout
+    ungated = call(verify_main, [str(failing), *FAST_VERIFY, "--eps", "0.1"], capsys)
+    assert ungated.returncode == 0  # another eps: not comparable, so no gate
+
+
+def test_verify_square_queries_ort_only(deploy, capsys, monkeypatch):
+    def no_torch(*args, **kwargs):
+        raise AssertionError("square must not build the PyTorch re-import")
+
+    monkeypatch.setattr("dnr_deploy.runtime.verify.load_onnx_torch", no_torch)
+    result = call(verify_main, [str(deploy), "--attack", "square", "--n", "16", "--steps", "30",
+                                "--json"], capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["attack"]["name"] == "square" and report["attack"]["queries"] == 30
+    assert report["accuracy"]["robust"] <= report["accuracy"]["clean"]
+
+
+def test_verify_stops_when_the_reimport_drifts_from_ort(deploy, capsys, monkeypatch):
+    forward = onnx_torch.OnnxTorch.forward
+    monkeypatch.setattr(onnx_torch.OnnxTorch, "forward",
+                        lambda self, x: forward(self, x) + 1e-3)
+    result = call(verify_main, [str(deploy), *FAST_VERIFY], capsys)
+    assert_clean_failure(result, 1)
+    assert "differs from ONNX Runtime" in result.stderr
+
+
+def test_verify_warns_on_probabilities_and_zero_gradients(tmp_path):
+    soft = make_deploy_dir(tmp_path / "soft", softmax=True)
+    with pytest.warns(RuntimeWarning, match="probabilities"):
+        result = verify(VerifyConfig(deploy_dir=str(soft), n=8, steps=2))
+    assert any("probabilities" in w for w in result.report["warnings"])
+    flat = make_deploy_dir(tmp_path / "flat", zero=True)
+    with pytest.warns(RuntimeWarning, match="all-zero input gradient"):
+        verify(VerifyConfig(deploy_dir=str(flat), n=8, steps=2))
+
+
+def rewrite(deploy: Path, name: str, content: bytes, update_manifest: bool) -> None:
+    manifest = json.loads((deploy / "manifest.json").read_text())
+    (deploy / name).write_bytes(content)
+    if update_manifest:  # the manifest agrees: only the loader can notice
+        manifest.pop("files")
+        write_manifest(deploy, manifest)
+
+
+def test_tampered_file_is_refused_before_loading(deploy, capsys):
+    content = bytearray((deploy / "baseline.onnx").read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    rewrite(deploy, "baseline.onnx", bytes(content), update_manifest=False)
+    with pytest.raises(ManifestError, match="sha256"):
+        open_deploy_dir(deploy)
+    for main in (bench_main, verify_main):
+        result = call(main, [str(deploy)], capsys)
+        assert_clean_failure(result, 2)
+        assert "sha256" in result.stderr and "baseline.onnx" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_unloadable_onnx_with_a_matching_manifest(deploy, capsys, damage):
+    content = (deploy / "model.onnx").read_bytes()
+    bad = content[: len(content) // 3] if damage == "truncated" else \
+        np.random.default_rng(0).bytes(4096)
+    rewrite(deploy, "model.onnx", bad, update_manifest=True)
+    for main in (bench_main, verify_main):
+        result = call(main, [str(deploy), *FAST_BENCH] if main is bench_main else
+                      [str(deploy), *FAST_VERIFY], capsys)
+        assert_clean_failure(result, 2)
+        assert "model.onnx" in result.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--provider", "tpu"], ["--batch", "1,x"], ["--batch", "0"], ["--runs", "0"],
+    ["--threads", "0"]])
+def test_bench_bad_flags(deploy, capsys, args):
+    assert_clean_failure(call(bench_main, [str(deploy), *args], capsys), 2)
+
+
+@pytest.mark.parametrize("args", [
+    ["--eps", "0"], ["--eps", "1.5"], ["--eps", "-0.1"], ["--attack", "cw"], ["--n", "0"],
+    ["--dataset", "cifar10"], ["--provider", "tpu"]])
+def test_verify_bad_flags(deploy, capsys, args):
+    assert_clean_failure(call(verify_main, [str(deploy), *args], capsys), 2)
+
+
+def test_manifest_eps_outside_range_and_unknown_dataset(tmp_path, capsys):
+    wide = make_deploy_dir(tmp_path / "wide", eps=2.0)
+    result = call(verify_main, [str(wide), *FAST_VERIFY], capsys)
+    assert_clean_failure(result, 2)
+    assert "(0, 1]" in result.stderr
+    lost = make_deploy_dir(tmp_path / "lost")
+    shutil.rmtree(tmp_path / "lost_run")
+    result = call(verify_main, [str(lost), *FAST_VERIFY], capsys)
+    assert_clean_failure(result, 2)
+    assert "--dataset" in result.stderr
+    assert call(verify_main, [str(lost), *FAST_VERIFY, "--dataset", "digits"],
+                capsys).returncode == 0
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="a GPU build of onnxruntime is installed")
+def test_cuda_without_onnxruntime_gpu_says_so(deploy, capsys):
+    result = call(bench_main, [str(deploy), "--provider", "cuda"], capsys)
+    assert_clean_failure(result, 2)
+    assert "onnxruntime-gpu" in result.stderr
+
+
+def test_not_a_deploy_dir(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)  # no runs/LATEST here
+    for main in (bench_main, verify_main):
+        for args in ([str(tmp_path / "empty")], [str(tmp_path / "missing")], []):
+            result = call(main, args, capsys)
+            assert_clean_failure(result, 2)
+        assert "dnr-compress" in result.stderr
+
+
+def test_bad_input_as_a_user_runs_it(tmp_path):
+    """Through `python -m dnr_deploy.cli` in a fresh process: no traceback anywhere."""
+    (tmp_path / "empty").mkdir()
+    assert_clean_failure(run_cli(["bench", "empty"], cwd=tmp_path), 2)
+    assert_clean_failure(run_cli(["verify", "empty", "--eps", "2"], cwd=tmp_path), 2)
+
+
+@pytest.mark.slow
+def test_compress_export_bench_verify_end_to_end(tmp_path):
+    """The four console scripts in a row on the embedded default, as a user runs them."""
+    steps = [["compress", "--epochs", "1", "--eval-samples", "50", "--out", "run"],
+             ["export", "run", "--baseline", "--parity-samples", "64"],
+             ["bench", "run/deploy", *FAST_BENCH],
+             ["verify", "--tolerance", "5"]]  # no path: the latest run's deploy dir
+    for args in steps:
+        result = run_cli(args, cwd=tmp_path)
+        assert result.returncode == 0, (args, result.stderr)
+    report = json.loads((tmp_path / "run" / "deploy" / "reports" / "verify.json").read_text())
+    manifest = json.loads((tmp_path / "run" / "deploy" / "manifest.json").read_text())
+    assert report["images"]["subset"] is False
+    # same images, ONNX Runtime's argmax as the training network's (a tie may flip one)
+    assert report["accuracy"]["clean"] == pytest.approx(manifest["accuracy"]["clean"],
+                                                        abs=1.01 / 360)
+    assert report["model_sha256"] == manifest["files"]["model.onnx"]["sha256"]

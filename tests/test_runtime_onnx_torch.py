@@ -1,0 +1,207 @@
+"""The ONNX->torch interpreter: equal to ONNX Runtime on the exporter's graphs of every model
+(channel-shrunk and with sparse initializers), differentiable like the original network, and
+loud about ops it does not know."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch_pruning as tp
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from dnr_deploy.export.onnx import export_onnx, sparsify_initializers
+from dnr_deploy.models import create_model
+from dnr_deploy.runtime.onnx_torch import (
+    OnnxTorch,
+    UnsupportedGraphError,
+    load_onnx_torch,
+    sparse_to_dense,
+)
+from dnr_deploy.runtime.session import create_session, run_logits
+
+SHAPES = {"small": (1, 8, 8), "vgg16": (3, 32, 32), "resnet18": (3, 32, 32)}
+
+
+def shrunk_model(name: str) -> nn.Module:
+    """`name` with random BN statistics and a third of every other conv's output channels
+    removed by torch-pruning (residual ties included): the odd shapes a channel run deploys."""
+    torch.manual_seed(0)
+    chans = SHAPES[name][0]
+    model = create_model(name, 10, chans, [0.4] * chans, [0.3] * chans).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    graph = tp.DependencyGraph().build_dependency(model, torch.zeros(1, *SHAPES[name]))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs[:-1:2]:
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels,
+                                        idxs=list(range(0, conv.out_channels, 3)))
+        if graph.check_pruning_group(group):
+            group.prune()
+    return model
+
+
+def sparse_copy(path: Path, out: Path, density: float = 0.1) -> int:
+    """`path` with 90% of every conv/linear weight zeroed, stored as ONNX sparse initializers
+    by the exporter's own function (what an irregular export writes)."""
+    model = onnx.load(str(path))
+    rng = np.random.default_rng(0)
+    names = set()
+    for init in model.graph.initializer:
+        array = numpy_helper.to_array(init)
+        if array.ndim in (2, 4) and array.size > 64:
+            array = array * (rng.random(array.shape) < density)
+            init.CopyFrom(numpy_helper.from_array(array.astype(np.float32), init.name))
+            names.add(init.name)
+    onnx.save(model, str(out))
+    return sparsify_initializers(out, names)["sparse"]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict:
+    """Lazily exported graphs, one per model, shared by the tests of this module."""
+    cache: dict = {}
+
+    def get(name: str) -> tuple[nn.Module, Path, Path]:
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(name)
+            model = shrunk_model(name)
+            export_onnx(model, torch.zeros(1, *SHAPES[name]), folder / "model.onnx", 18)
+            assert sparse_copy(folder / "model.onnx", folder / "sparse.onnx") > 0
+            cache[name] = (model, folder / "model.onnx", folder / "sparse.onnx")
+        return cache[name]
+
+    return get
+
+
+def check_against_ort(path: Path, shape: tuple[int, ...]) -> OnnxTorch:
+    graph = load_onnx_torch(str(path))
+    session, _ = create_session(path)
+    x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = graph(x).numpy()
+    np.testing.assert_allclose(ours, run_logits(session, x.numpy()), atol=1e-4, rtol=0)
+    return graph
+
+
+@pytest.mark.parametrize("name", [
+    "small", pytest.param("vgg16", marks=pytest.mark.slow),
+    pytest.param("resnet18", marks=pytest.mark.slow)])
+def test_reimport_equals_ort_and_torch_with_the_same_input_gradient(name, exports):
+    model, dense_path, sparse_path = exports(name)
+    graph = check_against_ort(dense_path, SHAPES[name])
+    check_against_ort(sparse_path, SHAPES[name])
+    assert len(onnx.load(str(sparse_path)).graph.sparse_initializer) > 0
+
+    x = torch.rand(3, *SHAPES[name], generator=torch.Generator().manual_seed(2))
+    grads = []
+    for net in (model, graph):
+        xr = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(net(xr).logsumexp(1).sum(), xr)
+        grads.append(grad)
+    scale = grads[0].abs().max()
+    assert scale > 0
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-4 * float(scale), rtol=1e-3)
+    assert not list(graph.parameters())  # weights are buffers: attacks move inputs only
+
+
+def test_dynamic_batch_and_eval_mode(exports):
+    _, path, _ = exports("small")
+    graph = load_onnx_torch(str(path))
+    assert not graph.training
+    for batch in (1, 7):
+        assert graph(torch.rand(batch, 1, 8, 8)).shape == (batch, 10)
+
+
+def hand_graph(nodes, initializers, in_shape, out_shape=("batch", 4)) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "hand",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *in_shape])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(out_shape))],
+        initializer=[numpy_helper.from_array(v, k) for k, v in initializers.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8  # what ONNX Runtime 1.18 (the oldest allowed) reads
+    return model
+
+
+def test_every_supported_op_matches_ort(tmp_path):
+    """The ops the exporter may emit beyond today's graphs: asymmetric pads, BatchNorm, average
+    pools, Flatten, MatMul, Mul, Identity, Constant, Reshape with 0, Gemm with transA."""
+    rng = np.random.default_rng(0)
+    f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = {"w": f32(4, 2, 3, 3), "b": f32(4), "scale": f32(4), "shift": f32(4),
+             "mean": f32(4), "var": np.abs(f32(4)) + 0.5, "k": f32(64, 5),
+             "shape": np.array([0, -1], np.int64), "bias": f32(5), "axes": np.array([1], np.int64)}
+    nodes = [
+        helper.make_node("Conv", ["input", "w", "b"], ["c"], pads=[0, 1, 1, 0], strides=[1, 1]),
+        helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["bn"]),
+        helper.make_node("Relu", ["bn"], ["r"]),
+        helper.make_node("MaxPool", ["r"], ["mp"], kernel_shape=[2, 2], pads=[0, 0, 1, 1],
+                         strides=[1, 1]),
+        helper.make_node("AveragePool", ["mp"], ["ap"], kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         strides=[2, 2]),
+        helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(
+            np.array(2.0, np.float32))),
+        helper.make_node("Mul", ["ap", "two"], ["m"]),
+        helper.make_node("Identity", ["m"], ["i"]),
+        helper.make_node("Flatten", ["i"], ["f"], axis=1),
+        helper.make_node("Reshape", ["f", "shape"], ["rs"]),
+        helper.make_node("MatMul", ["rs", "k"], ["mm"]),
+        helper.make_node("Gemm", ["mm", "mm"], ["g"], transA=1),  # 5x5 from (N,5)^T (N,5)
+        helper.make_node("ReduceMean", ["g", "axes"], ["rm"], keepdims=0),
+        helper.make_node("Add", ["mm", "rm"], ["a"]),
+        helper.make_node("GlobalAveragePool", ["input"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["gf"]),
+        helper.make_node("ReduceMean", ["gf"], ["gm"], keepdims=1),
+        helper.make_node("Sub", ["a", "gm"], ["s"]),
+        helper.make_node("Div", ["s", "two"], ["d"]),
+        helper.make_node("Add", ["d", "bias"], ["logits"]),
+    ]
+    model = hand_graph(nodes, inits, [2, 8, 8], ("batch", 5))
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "hand.onnx"
+    onnx.save(model, str(path))
+    graph = OnnxTorch(model)
+    session, _ = create_session(path)
+    x = np.random.default_rng(1).random((3, 2, 8, 8), dtype=np.float32)
+    with torch.no_grad():
+        ours = graph(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(ours, run_logits(session, x), atol=1e-4, rtol=1e-5)
+
+
+def test_unsupported_op_is_named():
+    nodes = [helper.make_node("Sigmoid", ["input"], ["logits"])]
+    with pytest.raises(UnsupportedGraphError, match="Sigmoid"):
+        OnnxTorch(hand_graph(nodes, {}, [4]))
+    custom = [helper.make_node("Relu", ["input"], ["logits"], domain="com.example")]
+    with pytest.raises(UnsupportedGraphError, match="com.example::Relu"):
+        OnnxTorch(hand_graph(custom, {}, [4]))
+    same_upper = [helper.make_node("Conv", ["input", "w"], ["logits"], auto_pad="SAME_UPPER")]
+    with pytest.raises(UnsupportedGraphError, match="auto_pad"):
+        OnnxTorch(hand_graph(same_upper, {"w": np.ones((1, 1, 3, 3), np.float32)}, [1, 4, 4]))
+
+
+def test_not_onnx_is_a_clear_error(tmp_path):
+    path = tmp_path / "x.onnx"
+    path.write_bytes(b"\x08\x07 this is not a protobuf \xff\xff\xff")
+    with pytest.raises(UnsupportedGraphError, match="cannot parse"):
+        load_onnx_torch(str(path))
+
+
+def test_sparse_tensor_both_index_layouts():
+    dense = np.array([[0, 1.5, 0], [2.0, 0, 0]], np.float32)
+    values = numpy_helper.from_array(np.array([1.5, 2.0], np.float32), "v")
+    flat = numpy_helper.from_array(np.array([1, 3], np.int64), "i")
+    coords = numpy_helper.from_array(np.array([[0, 1], [1, 0]], np.int64), "i")
+    for indices in (flat, coords):
+        sparse = helper.make_sparse_tensor(values, indices, [2, 3])
+        np.testing.assert_array_equal(sparse_to_dense(sparse), dense)
