@@ -25,6 +25,20 @@ def fgsm(model: Classifier, x: torch.Tensor, y: torch.Tensor, eps: float) -> tor
     return pgd(model, x, y, eps=eps, step_size=eps, steps=1, random_start=False)
 
 
+def seeded_start(x: torch.Tensor, eps: float, seed: int, first_index: int) -> torch.Tensor:
+    """A random start in the eps ball for each image, drawn from (seed, image index) alone.
+
+    Evaluation uses it so that two evaluations of the same images (training-side, and verify
+    on the exported artifact, with any batch size) start PGD from the same points and differ
+    only where the two functions do.
+    """
+    starts = torch.empty_like(x, device="cpu")
+    for offset in range(len(x)):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + first_index + offset)
+        starts[offset].uniform_(-eps, eps, generator=generator)
+    return starts.to(x.device)
+
+
 def pgd(
     model: Classifier,
     x: torch.Tensor,
@@ -33,15 +47,19 @@ def pgd(
     step_size: float,
     steps: int,
     random_start: bool = True,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Projected gradient ascent on cross-entropy inside the eps ball (Madry et al. 2018).
 
-    The model's train/eval mode is the caller's choice and is left as found; parameters get no
-    gradients from the attack.
+    The random start draws from the global RNG unless `start` (a perturbation, e.g. from
+    `seeded_start`) is given. The model's train/eval mode is the caller's choice and is left
+    as found; parameters get no gradients from the attack.
     """
     x = x.detach()
     x_adv = x.clone()
-    if random_start:
+    if start is not None:
+        x_adv = (x_adv + start).clamp_(0.0, 1.0)
+    elif random_start:
         x_adv = (x_adv + torch.empty_like(x).uniform_(-eps, eps)).clamp_(0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_(True)

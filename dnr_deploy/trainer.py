@@ -243,8 +243,8 @@ class Trainer:
         accuracy = {"clean": float("nan"), "pgd": float("nan")}
         if self.context.is_main:
             x_eval, y_eval = test_subset(self.bundle, cfg.eval_samples)
-            attack = {"pgd": lambda m, x, y: pgd(m, x, y, cfg.eps, cfg.pgd_step_size,
-                                                 cfg.pgd_steps)}
+            attack = {"pgd": lambda m, x, y, _i: pgd(m, x, y, cfg.eps, cfg.pgd_step_size,
+                                                     cfg.pgd_steps)}
             accuracy = evaluate(self.model, x_eval, y_eval, attack, self.device)
         rewire: dict[str, float] = {}
         started = time.perf_counter()

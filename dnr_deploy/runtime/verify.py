@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dnr_deploy.attacks import pgd
+from dnr_deploy.attacks import pgd, seeded_start
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.runtime import deploydir, plots, verdict
@@ -213,7 +213,6 @@ class _Scores:
 
 def _score(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
            config: VerifyConfig) -> _Scores:
-    torch.manual_seed(config.seed)  # PGD's random start
     scores = _Scores()
     picked: list = []
     step = config.step_size or eps / 4
@@ -227,7 +226,8 @@ def _score(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
             scores.parity_clean = max(scores.parity_clean,
                                       _parity(graph, xb, clean_logits, config, index, "clean"))
             scores.zero_grad += _zero_gradients(graph, xb, yb)
-            x_adv = pgd(graph, xb, yb, eps, step, config.attack_steps(), random_start=True)
+            start = seeded_start(xb, eps, config.seed, begin)  # training side's EVAL_SEED = 0
+            x_adv = pgd(graph, xb, yb, eps, step, config.attack_steps(), start=start)
             x_adv_np = x_adv.numpy()
         else:
             result = square_attack(lambda a: run_logits(session, a, config.batch_size), x_np,
