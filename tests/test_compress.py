@@ -122,9 +122,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(in_tmp, mo
     real = HybridObjective.__call__
     calls = {"n": 0}
 
-    def poisoned(self, model, x, y):
+    def poisoned(self, model, x, y, attack_model=None):
         calls["n"] += 1
-        result = real(self, model, x, y)
+        result = real(self, model, x, y, attack_model)
         if calls["n"] > 30:  # partway into epoch 2 (23 batches an epoch)
             result["loss"] = result["loss"] * float("nan")
         return result
