@@ -7,7 +7,6 @@ Exit codes: 0 success; 1 a check ran and failed (diverged training, a failed gat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from dnr_deploy.checkpoint import CheckpointError, load_checkpoint
@@ -70,15 +69,15 @@ def build_compress_parser() -> argparse.ArgumentParser:
 
 def compress_config_from(args: argparse.Namespace):
     """Defaults <- recipe <- flags; on --resume, the checkpoint's settings replace the defaults."""
-    from dnr_deploy.training import CompressConfig
+    from dnr_deploy.training import CompressConfig, settings_from_checkpoint
 
     settings = dict(vars(args))
     recipe = settings.pop("config", None)
     base: dict = {}
     if settings.get("resume"):
-        known = {f.name for f in dataclasses.fields(CompressConfig)}
-        saved = load_checkpoint(settings["resume"])["config"]
-        base = {k: v for k, v in saved.items() if k in known and k not in ("out", "stop_after")}
+        saved = settings_from_checkpoint(load_checkpoint(settings["resume"])["config"],
+                                         f"checkpoint {settings['resume']!r}")
+        base = {k: v for k, v in saved.items() if k not in ("out", "stop_after")}
     if recipe:
         base.update(load_recipe(recipe, CompressConfig))
     base.update(settings)
@@ -87,6 +86,7 @@ def compress_config_from(args: argparse.Namespace):
 
 def compress_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.data import DataError
+    from dnr_deploy.distributed import RankDisagreement
     from dnr_deploy.trainer import compress
     from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted
 
@@ -96,10 +96,15 @@ def compress_main(argv: list[str] | None = None) -> int:
         run = compress(compress_config_from(args))
     except (ConfigError, DataError, CheckpointError, RecipeError) as err:
         return fail(prog, err, EXIT_BAD_INPUT)
-    except TrainingDiverged as err:
+    except (TrainingDiverged, RankDisagreement) as err:
         return fail(prog, err, EXIT_CHECK_FAILED)
     except TrainingInterrupted as err:
         return fail(prog, err, EXIT_INTERRUPTED)
+    except KeyboardInterrupt:  # outside the epochs: setup or the final evaluation
+        return fail(prog, "interrupted; a checkpoint already written is kept for --resume",
+                    EXIT_INTERRUPTED)
+    except OSError as err:  # e.g. --out on a read-only or full disk
+        return fail(prog, f"cannot write the run dir: {err}", EXIT_BAD_INPUT)
     print_run(run)
     return EXIT_OK
 

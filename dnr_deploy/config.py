@@ -65,10 +65,13 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError) as err:
-        raise RecipeError(f"cannot read recipe {str(path)!r}: {err.strerror or err}") from None
+        reason = getattr(err, "strerror", None) or err  # UnicodeDecodeError has no strerror
+        raise RecipeError(f"cannot read recipe {str(path)!r}: {reason}") from None
     except yaml.YAMLError as err:
-        first_line = str(err).splitlines()[0]
+        first_line = (str(err).splitlines() or [type(err).__name__])[0]
         raise RecipeError(f"recipe {str(path)!r} is not valid YAML: {first_line}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {str(path)!r} nests too deeply to be a recipe") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -85,11 +88,20 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     return settings
 
 
+def _optional(cls: type, name: str) -> bool:
+    """Whether the field's annotation admits None (`float | None`)."""
+    hint = typing.get_type_hints(cls)[name]
+    return type(None) in typing.get_args(hint)
+
+
 def coerce(cls: type, name: str, value: Any, where: str) -> Any:
-    """`value` as the field's type (ints are accepted for floats), or RecipeError."""
+    """`value` as the field's type (ints are accepted for floats; None only where the field
+    admits it), or RecipeError."""
     kind = field_type(cls, name)
-    if value is None:
+    if value is None and _optional(cls, name):
         return None
+    if isinstance(value, str) and "\x00" in value:
+        raise RecipeError(f"{where}: {name} holds a NUL character, which no path or name can")
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
@@ -98,6 +110,7 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
 
 
 def fail(prog: str, message: object, code: int = 2) -> int:
-    """Print the one-line error every console script uses and return its exit code."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    """Print the one-line error every console script uses and return its exit code (line
+    breaks inside `message`, e.g. from a library's error text, become spaces)."""
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
     return code

@@ -8,7 +8,7 @@ Under torchrun every rank trains; only rank 0 evaluates, writes files and shows 
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from dnr_deploy.training import (
     TrainingInterrupted,
     build_policy,
     lr_at,
+    settings_from_checkpoint,
     train_one_epoch,
 )
 
@@ -60,14 +61,16 @@ def compress(config: CompressConfig) -> Run:
         trainer = Trainer.create(config, bundle, context, resume_state)
         if context.is_main:
             ckpt.remember_latest(run_dir)
+            if config.resume:  # a run killed while writing a checkpoint left its temp file
+                ckpt.remove_stale_temps(run_dir)
         return trainer.run(run_dir)
     finally:
         ddp.shutdown(context)
 
 
-def _check_resume(config: CompressConfig, saved: dict) -> None:
-    known = {f.name for f in dataclasses.fields(CompressConfig)}
-    saved_resolved = CompressConfig(**{k: v for k, v in saved.items() if k in known}).resolved()
+def _check_resume(config: CompressConfig, saved: object) -> None:
+    settings = settings_from_checkpoint(saved, f"checkpoint {str(config.resume)!r}")
+    saved_resolved = CompressConfig(**settings).resolved()
     for name in RESUME_FIXED:
         saved_value, value = getattr(saved_resolved, name), getattr(config, name)
         if saved_value != value:
@@ -104,6 +107,11 @@ def _run_dir(config: CompressConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{config.model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
     return Path("runs") / name
+
+
+# Keys of a metrics row (metrics.jsonl) that the loop, the run summary and the plots read.
+HISTORY_KEYS = ("epoch", "loss", "clean_acc", "pgd_acc", "density", "train_seconds",
+                "rewire_seconds")
 
 
 @dataclass
@@ -185,8 +193,42 @@ class Trainer:
                     torch.cuda.set_rng_state(rng["cuda_per_rank"][self.context.rank], self.device)
             else:  # a different world size cannot continue the same streams: a fresh, seeded one
                 torch.manual_seed(self.config.seed + 1000 * self.start_epoch + self.context.rank)
-        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as err:
-            raise ckpt.CheckpointError(f"checkpoint does not fit this run: {err}") from None
+            self._check_resumed()
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError, AttributeError) as err:
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise ckpt.CheckpointError(f"checkpoint does not fit this run: {reason}") from None
+
+    def _check_resumed(self) -> None:
+        """What the load_state_dict calls leave unchecked, checked before any training: a
+        damaged checkpoint must fail now, not epochs later (mask and momentum shapes, the
+        optimizer's settings, one metrics row per finished epoch).
+
+        Raises:
+            ValueError: naming the first damaged entry.
+        """
+        params = dict(self.model.named_parameters())
+        for name, mask in getattr(self.policy, "masks", {}).items():
+            weight = params.get(name)
+            if (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                    or weight is None or mask.shape != weight.shape):
+                raise ValueError(f"mask {name!r} is not a bool tensor shaped like its weight")
+        for group in self.optimizer.param_groups:
+            for key in ("lr", "momentum", "weight_decay", "dampening"):
+                if not isinstance(group.get(key), int | float) or isinstance(group[key], bool):
+                    raise ValueError(f"optimizer setting {key!r} is {group.get(key)!r}")
+            for param in group["params"]:
+                buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
+                if buffer is not None and (not isinstance(buffer, torch.Tensor)
+                                           or buffer.shape != param.shape):
+                    raise ValueError("an optimizer momentum buffer does not fit its parameter")
+        if len(self.history) != self.start_epoch:
+            raise ValueError(f"it records epoch {self.start_epoch} but metrics for "
+                             f"{len(self.history)} epochs")
+        for row in self.history:
+            numbers = [row.get(key) for key in HISTORY_KEYS] if isinstance(row, dict) else [None]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+                raise ValueError(f"a metrics row is damaged: {str(row)[:80]}")
+            json.dumps(row)  # metrics.jsonl is rewritten from these rows after every epoch
 
     def save(self, run_dir: Path, epoch: int) -> None:
         state = self.state(epoch)  # a collective under torchrun: every rank takes part

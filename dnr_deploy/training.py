@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dnr_deploy.attacks import pgd
+from dnr_deploy.checkpoint import CheckpointError
+from dnr_deploy.config import RecipeError, coerce
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.models import list_models
 from dnr_deploy.sparsity.masks import Granularity
@@ -109,9 +111,22 @@ class CompressConfig:
             )
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
-        for name in ("epochs", "batch_size", "pgd_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "stop_after"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if not (0.0 < self.lr < math.inf):
+            raise ConfigError(f"lr must be positive and finite, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        for name in ("pgd_step_size", "eval_pgd7_step_size"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ConfigError(f"{name} must be in (0, 1] (pixel units), got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.attack_bn not in ("eval", "train"):
             raise ConfigError(f"attack_bn must be 'eval' or 'train', got {self.attack_bn!r}")
         if self.device not in ("cpu", "cuda"):
@@ -127,6 +142,24 @@ class CompressConfig:
             pgd_step_size=self.pgd_step_size or spec.pgd_step_size * eps / spec.eps,
             eval_pgd7_step_size=self.eval_pgd7_step_size or spec.eval_pgd7_step_size,
         )
+
+
+def settings_from_checkpoint(saved: object, where: str) -> dict:
+    """The CompressConfig fields a checkpoint's "config" records, each checked for its type.
+
+    Raises:
+        CheckpointError: not a mapping, or a value of the wrong type for its field (a damaged
+            or foreign checkpoint).
+    """
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{where}: its config is {type(saved).__name__}, not a mapping; "
+                              "not a dnr-compress checkpoint")
+    known = {f.name for f in dataclasses.fields(CompressConfig)}
+    try:
+        return {name: coerce(CompressConfig, name, value, where)
+                for name, value in saved.items() if name in known}
+    except RecipeError as err:
+        raise CheckpointError(str(err)) from None
 
 
 # Fields that define what a checkpoint is; a resume must not change them.

@@ -19,6 +19,7 @@ import torch_pruning as tp
 from torch import nn
 
 from dnr_deploy.checkpoint import write_atomic
+from dnr_deploy.export.csr import inflate_limit, read_npz
 from dnr_deploy.sparsity.groups import ChannelGroup, ChannelMasks
 
 WEIGHTS_NAME = "weights.npz"  # state dict of the shrunk (or dense) model
@@ -126,8 +127,12 @@ def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(file, **arrays)
 
 
-def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], list[HistoryEntry]]:
+def load_state(
+    directory: Path, max_bytes: int | None = None
+) -> tuple[dict[str, torch.Tensor], list[HistoryEntry]]:
     """The state dict and pruning history that `save_state` wrote, without unpickling.
+
+    `max_bytes` bounds what weights.npz may inflate to (see `csr.inflate_limit`).
 
     Raises:
         ShrinkError: a file missing, unreadable, or not what `save_state` writes.
@@ -136,10 +141,12 @@ def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], list[HistoryEn
     for file in (weights, history_file):
         if not file.is_file():
             raise ShrinkError(f"{str(directory)!r} has no {file.name}")
+    check = inflate_limit(max_bytes) if max_bytes is not None else None
     try:
-        with np.load(weights, allow_pickle=False) as npz:
-            state = {name: torch.from_numpy(npz[name].copy()) for name in npz.files}
+        state = {name: torch.from_numpy(array.copy())
+                 for name, array in read_npz(weights, check).items()}
         history = json.loads(history_file.read_text())
-    except (OSError, ValueError) as err:  # zip, npy and JSON errors are all ValueError/OSError
+    except (OSError, ValueError, TypeError, RecursionError) as err:  # TypeError: a non-number
+        # array that torch cannot hold; NpzError and JSON errors are ValueErrors
         raise ShrinkError(f"cannot read the model in {str(directory)!r}: {err}") from None
     return state, parse_history(history, str(history_file))

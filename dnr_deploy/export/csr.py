@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import scipy.sparse
@@ -111,33 +114,139 @@ def _savez_compressed(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez_compressed(file, **arrays)
 
 
-def read_csr_bundle(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_csr_bundle(
+    path: Path, expected: dict[str, tuple[int, ...]] | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """The header and the full dense state dict of a bundle, without unpickling anything.
 
+    Args:
+        path: the bundle.
+        expected: the state-dict shapes of the model the bundle is for. Given (the deploy-dir
+            loader gives them), every tensor must be there with exactly that shape, and the
+            archive may not inflate beyond what such weights need; both are checked before
+            anything is inflated or densified, so a hostile file cannot make the reader
+            allocate more than the model itself.
+
     Raises:
-        CsrError: missing or unreadable file, wrong format, or inconsistent CSR arrays.
+        CsrError: missing or unreadable file, wrong format, arrays or shapes that do not fit
+            each other or `expected`.
     """
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise CsrError(f"no CSR bundle at {str(path)!r}")
+    check = None if expected is None else inflate_limit(weights_bytes_limit(expected))
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
+        arrays = read_npz(path, check)
         header = json.loads(arrays.pop("header").tobytes().decode())
-    except (OSError, ValueError, KeyError, UnicodeDecodeError) as err:
+    except KeyError:
+        raise CsrError(f"CSR bundle {str(path)!r} has no header; re-export the run") from None
+    except (NpzError, ValueError, RecursionError) as err:
         raise CsrError(f"cannot read CSR bundle {str(path)!r}: {err}") from None
-    if not isinstance(header, dict) or header.get("format") != CSR_FORMAT:
+    shapes = header.get("sparse_shapes") if isinstance(header, dict) else None
+    if not isinstance(header, dict) or header.get("format") != CSR_FORMAT or not (
+            isinstance(shapes, dict) and all(map(_valid_shape, shapes.values()))):
         raise CsrError(f"{str(path)!r} is not a dnr-deploy CSR bundle ({CSR_FORMAT})")
-    state = {
-        name.removeprefix("dense/"): torch.from_numpy(array.copy())
-        for name, array in arrays.items() if name.startswith("dense/")
-    }
-    for name, shape in header["sparse_shapes"].items():
-        try:
-            parts = (arrays[f"csr/{name}/{key}"] for key in ("data", "indices", "indptr"))
-            matrix = scipy.sparse.csr_array(tuple(parts),
-                                            shape=(shape[0], math.prod(shape[1:])))
-            matrix.check_format(full_check=True)
-        except (KeyError, ValueError) as err:
-            raise CsrError(f"CSR bundle {str(path)!r}: weight {name!r} is damaged: {err}") from None
-        state[name] = csr_to_weight(matrix, tuple(shape))
+    dense = {name.removeprefix("dense/"): array for name, array in arrays.items()
+             if name.startswith("dense/")}
+    if expected is not None:
+        _check_expected(path, expected, shapes, dense)
+    state = {}
+    for name, array in dense.items():
+        if array.dtype.kind not in "biuf":
+            raise CsrError(f"CSR bundle {str(path)!r}: tensor {name!r} is {array.dtype}, "
+                           "not a number type")
+        state[name] = torch.from_numpy(array.copy())
+    for name, shape in shapes.items():
+        state[name] = csr_to_weight(_csr_matrix(path, arrays, name, shape), tuple(shape))
     return header, state
+
+
+_MAX_DIM = np.iinfo(INDEX_DTYPE).max
+
+
+class NpzError(ValueError):
+    """An .npz archive that cannot be read (damaged, truncated, pickled, not an archive)."""
+
+
+def read_npz(path: Path, check: Callable[[Any], None] | None = None) -> dict[str, np.ndarray]:
+    """Every array of an .npz archive, never unpickling anything (allow_pickle=False).
+
+    Args:
+        path: the archive.
+        check: called with the open archive before any array is inflated (may raise).
+
+    Raises:
+        NpzError: not an archive, or one that numpy cannot read; one line saying why.
+    """
+    with open(path, "rb") as file:
+        if file.read(4) != b"PK\x03\x04":  # np.load would take other bytes as .npy or pickle
+            raise NpzError(f"{str(path)!r} is not an .npz archive")
+    try:
+        # numpy's .npy header parser warns about the damaged headers it then rejects; the
+        # error says it, so warnings are passed on only when the archive reads.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with np.load(path, allow_pickle=False) as npz:
+                if check is not None:
+                    check(npz)
+                arrays = {name: npz[name] for name in npz.files}
+    except NpzError:  # from `check`
+        raise
+    except Exception as err:  # the .npy header parser alone raises ValueError, SyntaxError,
+        # tokenize.TokenError; zipfile, zlib and the OS add theirs: all mean "unusable"
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise NpzError(reason) from None
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                               warning.lineno)
+    return arrays
+
+
+def _valid_shape(shape: object) -> bool:
+    return isinstance(shape, list) and len(shape) >= 2 and all(
+        isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= _MAX_DIM for n in shape)
+
+
+def weights_bytes_limit(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The most an archive of these tensors can need inflated: 8 bytes per value (float64, or
+    CSR's float32 value + int32 index; twice that for margin) plus row pointers and headers."""
+    return 16 * sum(math.prod(shape) for shape in shapes.values()) + (1 << 20)
+
+
+def inflate_limit(max_bytes: int) -> Callable[[Any], None]:
+    """A `read_npz` check that refuses an archive whose members would inflate beyond
+    `max_bytes` (a zip bomb), before any of them is read."""
+    def check(npz) -> None:
+        inflated = sum(info.file_size for info in npz.zip.infolist())
+        if inflated > max_bytes:
+            raise NpzError(f"it would inflate to {inflated:,} bytes, more than its model's "
+                           f"weights can take ({max_bytes:,}); refusing to read it")
+    return check
+
+
+def _check_expected(path: Path, expected: dict, shapes: dict, dense: dict) -> None:
+    found = {**{name: tuple(shape) for name, shape in shapes.items()},
+             **{name: array.shape for name, array in dense.items()}}
+    if found != {name: tuple(shape) for name, shape in expected.items()}:
+        wrong = sorted(n for n in set(found) | set(expected)
+                       if found.get(n) != (tuple(expected[n]) if n in expected else None))
+        raise CsrError(f"CSR bundle {str(path)!r} does not fit the model: tensors "
+                       f"{wrong[:3]} are missing, unknown or of another shape")
+
+
+def _csr_matrix(path: Path, arrays: dict, name: str, shape: list[int]) -> scipy.sparse.csr_array:
+    """One weight's CSR arrays as a checked matrix (index bounds, row pointers, sorting)."""
+    try:
+        data, indices, indptr = (arrays[f"csr/{name}/{key}"]
+                                 for key in ("data", "indices", "indptr"))
+        if data.dtype.kind != "f" or indices.dtype.kind not in "iu" or \
+                indptr.dtype.kind not in "iu" or data.ndim != 1:
+            raise ValueError(f"arrays of types {data.dtype}, {indices.dtype}, {indptr.dtype}")
+        matrix = scipy.sparse.csr_array((data, indices, indptr),
+                                        shape=(shape[0], math.prod(shape[1:])))
+        matrix.check_format(full_check=True)
+    except (KeyError, ValueError, TypeError, OverflowError) as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CsrError(f"CSR bundle {str(path)!r}: weight {name!r} is damaged: {reason}") \
+            from None
+    return matrix

@@ -9,6 +9,7 @@ folder onto the target. Any failed check or error removes the folder: nothing pa
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -24,10 +25,10 @@ import torch_pruning as tp
 from torch import nn
 
 from dnr_deploy import checkpoint as ckpt
-from dnr_deploy.data import load_data, parse_dataset, test_subset
+from dnr_deploy.data import SPECS, load_data, parse_dataset, test_subset
 from dnr_deploy.export import channel, csr, manifest
 from dnr_deploy.export import onnx as onnx_io
-from dnr_deploy.models import create_model
+from dnr_deploy.models import create_model, list_models
 from dnr_deploy.report import count_macs
 from dnr_deploy.sparsity.groups import ChannelLayout, find_channel_groups
 from dnr_deploy.sparsity.masks import Granularity, Masks, apply_masks, prunable_weights
@@ -118,8 +119,12 @@ def load_source(run_dir: Path) -> SourceRun:
             f"{str(run_dir / ckpt.CHECKPOINT_NAME)!r} differs from the one run.json describes "
             "(sha256 mismatch): it was changed or damaged after the run finished"
         )
+    _check_run_fits_dataset(run, run_dir)
     try:
         spec, shape = run["model"], [int(n) for n in run["input_shape"]]
+        if spec["name"] not in list_models():
+            raise ExportError(f"run.json names the model {spec['name']!r}; this version knows "
+                              f"{', '.join(list_models())}")
         model = create_model(spec["name"], int(spec["num_classes"]), int(spec["in_chans"]),
                              run["mean"], run["std"])
         model.load_state_dict(state["model"])
@@ -153,6 +158,34 @@ def load_source(run_dir: Path) -> SourceRun:
         raise ExportError(str(err)) from None
     apply_masks(model, source.masks)
     return source
+
+
+def _check_run_fits_dataset(run: dict, run_dir: Path) -> None:
+    """run.json's shapes size the model and the test images, so they must be its dataset's.
+
+    Raises:
+        ExportError: an unknown dataset.
+        CheckpointError: a shape or class count other than the dataset's (a damaged run.json).
+    """
+    settings = run.get("config") or {}
+    try:
+        spec = SPECS[parse_dataset(str(settings.get("dataset")))]
+    except ValueError as err:
+        raise ExportError(f"run.json: {err}") from None
+    model = run.get("model") or {}
+    chans = spec.input_shape[0]
+    recorded = {"input_shape": run.get("input_shape"), "num_classes": run.get("num_classes"),
+                "model.num_classes": model.get("num_classes"),
+                "model.in_chans": model.get("in_chans"),
+                "len(mean)": len(run.get("mean") or []), "len(std)": len(run.get("std") or [])}
+    expected = {"input_shape": list(spec.input_shape), "num_classes": spec.num_classes,
+                "model.num_classes": spec.num_classes, "model.in_chans": chans,
+                "len(mean)": chans, "len(std)": chans}
+    for key, value in expected.items():
+        if recorded[key] != value:
+            raise ckpt.CheckpointError(
+                f"{str(run_dir / ckpt.RUN_JSON)!r} records {key} {recorded[key]!r}, but its "
+                f"dataset {settings.get('dataset')} has {value!r}: the run dir is damaged")
 
 
 def _irregular_masks(model: nn.Module, masks: dict) -> Masks:
@@ -210,6 +243,7 @@ def export_run(config: ExportConfig) -> DeployResult:
                    "export_seconds": round(time.perf_counter() - start, 3)}
         info = manifest.build_manifest(run_dir, source.run, figures, fmt.value, config.opset)
         manifest.write_manifest(work, info)
+        manifest.load_manifest(work)  # what later stages will check, before anyone can see it
         _open_permissions(work)
         _move_into_place(work, out, config.force)
     finally:
@@ -353,22 +387,52 @@ def _open_permissions(folder: Path) -> None:
 
 
 def _move_into_place(work: Path, out: Path, force: bool) -> None:
-    """Rename the finished folder onto `out`; with `force`, the old one is set aside first and
-    deleted only once the new one is in place."""
-    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
-        out.rmdir()
-    if not (out.exists() or out.is_symlink()):
+    """Rename the finished folder onto `out` in one step, so `out` is never partial.
+
+    rename(2) replaces only an absent or empty folder and fails on a non-empty one: that is
+    what makes two exports racing to the same `out` safe. The first rename wins; the other
+    export fails with ExportError and leaves the winner's folder untouched, so `out` is never
+    a mix of both. With `force`, an existing `out` is set aside first and deleted once the
+    new one is in place (a crash between the two renames leaves it as `.NAME.old-*`).
+
+    Raises:
+        ExportError: `out` was filled while this export ran (without `force`), or another
+            forced export replaced it at the same moment; this export's folder is dropped.
+    """
+    try:
         os.rename(work, out)
         return
-    if not force:  # something appeared there while we were exporting
-        raise ExportError(f"--out {str(out)!r} exists and is not empty; pass --force")
+    except OSError as err:
+        if err.errno not in _OCCUPIED:
+            raise
+        if not force:
+            raise ExportError(
+                f"--out {str(out)!r} was filled while this export ran (another dnr-export?); "
+                "it was left as it is and nothing was written; pass --force to replace it"
+            ) from None
     old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(out, old)
-    os.rename(work, out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
+    try:
+        os.rename(work, out)
+    except OSError as err:
+        if err.errno not in _OCCUPIED:
+            os.rename(old, out)  # put the previous deploy dir back
+            raise
+        _remove(old)  # replaced anyway, by the export that won
+        raise ExportError(f"another export replaced --out {str(out)!r} at the same moment; "
+                          "its deploy dir was kept and this one dropped") from None
+    _remove(old)
+
+
+# What rename(2) reports when the target is taken: a non-empty folder, or not a folder.
+_OCCUPIED = (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
     else:
-        old.unlink()
+        path.unlink()
 
 
 def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Module:
@@ -389,13 +453,20 @@ def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Modul
     if verify:
         manifest.verify_files(deploy_dir, info, names)
     spec = info["model"]
-    model = create_model(spec["name"], spec["num_classes"], spec["in_chans"],
-                         info["mean"], info["std"])
+    if spec["name"] not in list_models():
+        raise manifest.ManifestError(f"the manifest names the model {spec['name']!r}; this "
+                                     f"version knows {', '.join(list_models())}")
+    chans = spec["in_chans"]
+    if len(info.get("mean") or []) != chans or len(info.get("std") or []) != chans:
+        raise manifest.ManifestError(f"the manifest's mean and std must hold {chans} values "
+                                     f"(one per input channel); re-export the run")
+    model = create_model(spec["name"], spec["num_classes"], chans, info["mean"], info["std"])
     try:
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         if csr.CSR_NAME in files:
-            _, state = csr.read_csr_bundle(deploy_dir / csr.CSR_NAME)
-        else:
-            state, history = channel.load_state(deploy_dir)
+            _, state = csr.read_csr_bundle(deploy_dir / csr.CSR_NAME, shapes)
+        else:  # a shrunk model is smaller than the full one: the same bound holds
+            state, history = channel.load_state(deploy_dir, csr.weights_bytes_limit(shapes))
             if history:
                 channel.replay_pruning(model, history, torch.zeros(1, *info["input_shape"]))
         model.load_state_dict(state)
@@ -404,7 +475,7 @@ def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Modul
     except (AttributeError, IndexError, KeyError, RuntimeError, ValueError) as err:
         raise manifest.ManifestError(
             f"the weights in {str(deploy_dir)!r} do not fit a {spec['name']!r}: "
-            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            f"{' '.join(str(err).split())[:300] or type(err).__name__}"
         ) from None
     return model.eval()
 

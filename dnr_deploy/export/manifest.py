@@ -16,7 +16,10 @@ baseline_vs_torch_max_abs}, "opset", "versions", "export_seconds".
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dnr_deploy.checkpoint import CHECKPOINT_NAME, RUN_JSON, sha256_of, write_json
 
@@ -101,8 +104,10 @@ def load_manifest(deploy_dir: str | Path) -> dict:
         )
     try:
         manifest = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, 5000 digits
         raise ManifestError(f"cannot read {str(file)!r}: {err}") from None
+    except RecursionError:
+        raise ManifestError(f"{str(file)!r} nests too deeply to be a manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ManifestError(
@@ -112,7 +117,63 @@ def load_manifest(deploy_dir: str | Path) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in manifest]
     if missing:
         raise ManifestError(f"{str(file)!r} lacks {', '.join(missing)}; re-export the run")
+    for key, valid in _FIELD_TYPES.items():
+        if key not in manifest or (manifest[key] is None and key not in REQUIRED_KEYS):
+            continue  # optional entries may be null (a run.json without them)
+        if not valid(manifest[key]):
+            raise ManifestError(f"{str(file)!r} is damaged: {key!r} is "
+                                f"{json.dumps(manifest[key])[:60]}; re-export the run")
     return manifest
+
+
+# Bounds beyond any model this project builds (ImageNet-21k has 21,841 classes): a manifest
+# is read before any hash check can vouch for it, and these figures size tensors and inputs.
+MAX_CLASSES, MAX_CHANNELS, MAX_SIDE = 100_000, 64, 4096
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _file_entry(name: Any, entry: Any) -> bool:
+    """A plain file name inside the deploy dir (no path, no "..") with its size and sha256."""
+    plain = (isinstance(name, str) and name not in ("", ".", "..", MANIFEST_NAME)
+             and "/" not in name and "\\" not in name and "\x00" not in name)
+    return plain and isinstance(entry, dict) and _int_in(entry.get("bytes"), 0, 2**62) \
+        and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+
+
+def _numbers(value: Any, positive: bool = False) -> bool:
+    return isinstance(value, list) and 0 < len(value) <= MAX_CHANNELS and all(
+        _number(v) and math.isfinite(v) and (v > 0 or not positive) for v in value)
+
+
+# The types of the entries the loader, dnr-bench and dnr-verify read.
+_FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
+    "files": lambda v: isinstance(v, dict) and all(_file_entry(k, e) for k, e in v.items()),
+    "model": lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+    and _int_in(v.get("num_classes"), 1, MAX_CLASSES)
+    and _int_in(v.get("in_chans"), 1, MAX_CHANNELS),
+    "input_shape": lambda v: isinstance(v, list) and len(v) == 3
+    and _int_in(v[0], 1, MAX_CHANNELS) and _int_in(v[1], 1, MAX_SIDE)
+    and _int_in(v[2], 1, MAX_SIDE),
+    "num_classes": lambda v: _int_in(v, 1, MAX_CLASSES),
+    "granularity": lambda v: isinstance(v, str),
+    "mean": _numbers,
+    "std": lambda v: _numbers(v, positive=True),
+    "input_range": lambda v: _numbers(v) and len(v) == 2,
+    "threat_model": lambda v: isinstance(v, dict) and isinstance(v.get("norm", ""), str)
+    and (v.get("eps") is None or _number(v["eps"])),
+    "accuracy": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
+    "params": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
+    "macs": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
+    "source_run": lambda v: isinstance(v, dict)
+    and all(isinstance(x, str) for x in v.values()),
+}
 
 
 def verify_files(deploy_dir: str | Path, manifest: dict, names: list[str] | None = None) -> None:

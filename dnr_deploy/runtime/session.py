@@ -105,6 +105,7 @@ def create_session(path: str | Path, provider: str | Provider = Provider.CPU, th
     path = Path(path)
     if not path.is_file():
         raise SessionError(f"no ONNX file at {str(path)!r}")
+    check_self_contained(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # these graphs are chains: no parallel branches to run
@@ -132,6 +133,50 @@ def create_session(path: str | Path, provider: str | Provider = Provider.CPU, th
         onnxruntime=ort.__version__,
     )
     return session, info
+
+
+def check_self_contained(path: Path) -> None:
+    """Refuse a graph that reads tensors from other files (ONNX external data): a deploy dir
+    is trusted through the manifest's sha256 of each listed file, and a side file it does not
+    list could change the model unnoticed. dnr-export writes self-contained files.
+
+    Raises:
+        SessionError: not ONNX, or a tensor stored outside the file (named).
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends: all mean "not ONNX"
+        raise SessionError(f"{str(path)!r} is not an ONNX file (truncated or damaged?): "
+                           f"{' '.join(str(err).split())[:200] or type(err).__name__}") from None
+    external = [t.name for t in _all_tensors(model.graph)
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise SessionError(
+            f"{str(path)!r} reads tensors {external[:3]} from other files (ONNX external "
+            "data), which the manifest's sha256 does not cover; re-export a self-contained "
+            "model with dnr-export")
+
+
+def _all_tensors(graph):
+    """Every TensorProto of a graph: initializers, sparse ones, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("sparse_tensor"):
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            for sparse in attr.sparse_tensors:
+                yield from (sparse.values, sparse.indices)
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for subgraph in attr.graphs:
+                yield from _all_tensors(subgraph)
 
 
 def _ort_reason(err: Exception) -> str:
