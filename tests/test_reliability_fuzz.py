@@ -101,8 +101,9 @@ def _report_counts(request):
     if not COUNTS:
         return
     lines = format_counts()
-    request.config.cache.set("dnr_reliability/fuzz_counts",
-                             {k: dict(v) for k, v in COUNTS.items()})
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+    if cache is not None:
+        cache.set("dnr_reliability/fuzz_counts", {k: dict(v) for k, v in COUNTS.items()})
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled():
         print("\nbad inputs per entry point (hypothesis, this session):", *lines, sep="\n")
