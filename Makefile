@@ -15,8 +15,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $@
 
+# The whole pipeline on the embedded default: train, export, time, attack the artifact.
 demo: setup
 	$(BIN)/dnr-compress
+	$(BIN)/dnr-export --baseline
+	$(BIN)/dnr-bench
+	$(BIN)/dnr-verify
 
 lint: setup
 	$(BIN)/ruff check .
