@@ -9,6 +9,7 @@ Under torchrun every rank trains; only rank 0 evaluates, writes files and shows 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
 from dnr_deploy.data import DataBundle, load_data, test_subset
-from dnr_deploy.evaluation import evaluate, final_attacks
+from dnr_deploy.evaluation import evaluate, final_attacks, robust_evaluation
 from dnr_deploy.models import create_model
 from dnr_deploy.report import deployment_figures, plot_layer_densities, plot_training
 from dnr_deploy.sparsity.policy import DensePolicy
@@ -310,6 +311,12 @@ class Trainer:
         x_test, y_test = test_subset(self.bundle, None)
         accuracy = evaluate(self.model, x_test, y_test,
                             final_attacks(cfg.eps, cfg.eval_pgd7_step_size), self.device)
+        x_robust, y_robust = test_subset(self.bundle, cfg.robust_eval_samples
+                                         or spec.robust_eval_images)
+        robustness = robust_evaluation(self.model, x_robust, y_robust, cfg.eps, self.device,
+                                       progress=lambda line: tqdm.write(f"final evaluation, {line}",
+                                                                  file=sys.stderr))
+        accuracy["autoattack"] = robustness["robust"]
         example = torch.zeros(1, *spec.input_shape, device=self.device)
         train_seconds = [row["train_seconds"] for row in self.history]
         summary = {
@@ -330,6 +337,7 @@ class Trainer:
             **deployment_figures(self.model, self.policy, example),
             "threat_model": {"norm": "Linf", "eps": cfg.eps},
             "accuracy": accuracy,
+            "robustness": robustness,
             "timing": {"epochs": len(self.history), "world_size": self.context.world_size,
                        "train_seconds_per_epoch": sum(train_seconds) / len(train_seconds),
                        "rewire_seconds_total": sum(r["rewire_seconds"] for r in self.history)},

@@ -77,6 +77,9 @@ class CompressConfig:
     eval_pgd7_step_size: float | None = None
     attack_bn: str = "eval"  # BN mode while crafting training attacks: "eval" or "train"
     eval_samples: int | None = 1000  # test images scored after every epoch (None: all)
+    # first test images the final AutoAttack-grade ensemble scores (None: the dataset's choice,
+    # all of the embedded default, 1,000 elsewhere)
+    robust_eval_samples: int | None = None
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
@@ -111,7 +114,8 @@ class CompressConfig:
             )
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
-        for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "stop_after"):
+        for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "robust_eval_samples",
+                     "stop_after"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")

@@ -14,7 +14,7 @@ from dnr_deploy.export.onnx import export_onnx
 from dnr_deploy.models.registry import Normalize
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.session import create_session, run_logits
-from dnr_deploy.runtime.square import margin_loss, p_selection, square_attack
+from dnr_deploy.attacks.square import margin_loss, p_selection, square_attack
 from dnr_deploy.runtime.verify import VerifyCheckFailed, check_perturbation
 
 

@@ -60,7 +60,7 @@ def build_manifest(
     import torch_pruning
 
     copied = ("model", "input_shape", "input_range", "num_classes", "mean", "std", "granularity",
-              "threat_model", "accuracy", "density")
+              "threat_model", "accuracy", "robustness", "density")
     return {
         "format": MANIFEST_FORMAT,
         "source_run": {
@@ -169,6 +169,8 @@ _FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     "threat_model": lambda v: isinstance(v, dict) and isinstance(v.get("norm", ""), str)
     and (v.get("eps") is None or _number(v["eps"])),
     "accuracy": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
+    "robustness": lambda v: (isinstance(v, dict) and _int_in(v.get("images"), 0, 10**9)
+                                          and isinstance(v.get("protocol"), dict)),
     "params": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
     "macs": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
     "source_run": lambda v: isinstance(v, dict)
