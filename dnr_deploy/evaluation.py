@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -90,3 +91,11 @@ def protocol(config: EnsembleConfig) -> dict:
             "square_queries": config.square_queries, "square_p_init": config.square_p_init,
             "seed": config.seed}
 
+
+
+def terminal_progress(prefix: str) -> Progress | None:
+    """A printer of progress lines to stderr when it is a terminal, else None: logs and the
+    one-line error contract of the console scripts stay free of progress chatter."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)

@@ -9,7 +9,6 @@ Under torchrun every rank trains; only rank 0 evaluates, writes files and shows 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,12 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
 from dnr_deploy.data import DataBundle, load_data, test_subset
-from dnr_deploy.evaluation import evaluate, final_attacks, robust_evaluation
+from dnr_deploy.evaluation import (
+    evaluate,
+    final_attacks,
+    robust_evaluation,
+    terminal_progress,
+)
 from dnr_deploy.models import create_model
 from dnr_deploy.report import deployment_figures, plot_layer_densities, plot_training
 from dnr_deploy.sparsity.policy import DensePolicy
@@ -314,8 +318,7 @@ class Trainer:
         x_robust, y_robust = test_subset(self.bundle, cfg.robust_eval_samples
                                          or spec.robust_eval_images)
         robustness = robust_evaluation(self.model, x_robust, y_robust, cfg.eps, self.device,
-                                       progress=lambda line: tqdm.write(f"final evaluation, {line}",
-                                                                  file=sys.stderr))
+                                       progress=terminal_progress("final evaluation, "))
         accuracy["autoattack"] = robustness["robust"]
         example = torch.zeros(1, *spec.input_shape, device=self.device)
         train_seconds = [row["train_seconds"] for row in self.history]

@@ -25,7 +25,7 @@ from dnr_deploy.training import (
 )
 from tests.helpers import REPO, assert_clean_failure, run_cli
 
-FAST = {"epochs": 3, "eval_samples": 100}
+FAST = {"epochs": 3, "eval_samples": 100, "robust_eval_samples": 48}
 
 
 @pytest.fixture
@@ -43,7 +43,13 @@ def test_irregular_run_hits_target_density_and_moves_layers(in_tmp):
     assert len(layers) == 5
     assert max(abs(d - 0.05) for d in layers.values()) > 0.01  # no longer uniform
     assert (run.dir / "plots" / "layer_densities.png").stat().st_size > 1000
-    assert set(summary["accuracy"]) == {"clean", "fgsm", "pgd7", "pgd20"}
+    assert set(summary["accuracy"]) == {"clean", "fgsm", "pgd7", "pgd20", "autoattack"}
+    assert summary["accuracy"]["autoattack"] <= summary["accuracy"]["pgd20"] + 0.02
+    robustness = summary["robustness"]
+    assert robustness["robust"] == summary["accuracy"]["autoattack"]
+    assert [s["attack"] for s in robustness["stages"]] == ["apgd-ce", "apgd-t", "square"]
+    assert robustness["protocol"]["apgd_steps"] == 100
+    assert robustness["max_perturbation"] <= 0.2 + 1e-6
     assert summary["accuracy"]["clean"] > 0.5  # it learned something in 3 epochs
     assert summary["accuracy"]["pgd20"] <= summary["accuracy"]["clean"]
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]

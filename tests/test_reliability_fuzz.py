@@ -405,8 +405,9 @@ def test_fuzz_csr_bundle_loader(data, base):
 # ---------------------------------------------------------------- dnr-bench and dnr-verify
 
 BENCH_FAST = ["--runs", "2", "--warmup", "0", "--batch", "1"]
-# --tolerance 100: an accepted input must not fail the gate (exit 1) by chance on 8 images
-VERIFY_FAST = ["--n", "8", "--steps", "1", "--examples", "0", "--tolerance", "100"]
+# --no-gate: an accepted input must not fail the gate (exit 1) by chance on 8 images, nor for
+# a mutated manifest that no longer records a robust figure
+VERIFY_FAST = ["--n", "8", "--steps", "1", "--queries", "10", "--examples", "0", "--no-gate"]
 
 
 def _run_stages(entry: str, deploy: Path) -> None:

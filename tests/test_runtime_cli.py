@@ -61,9 +61,14 @@ def tiny_graph(seed: int, softmax: bool = False, zero: bool = False) -> onnx.Mod
     return model
 
 
-def make_deploy_dir(folder: Path, pgd20: float = 0.05, eps: float = 0.2, **graph) -> Path:
+def make_deploy_dir(folder: Path, robust: float | None = 0.0, eps: float = 0.2,
+                    **graph) -> Path:
     """A deploy dir as dnr-export writes it (model.onnx, baseline.onnx, manifest.json with the
-    sha256 of each), whose source run's run.json names the digits dataset."""
+    sha256 of each), whose source run's run.json names the digits dataset. `robust`: the
+    training side's AutoAttack-grade figure (None: a manifest from before it existed)."""
+    accuracy = {"clean": 0.1, "fgsm": 0.1, "pgd7": 0.1, "pgd20": 0.1}
+    if robust is not None:
+        accuracy["autoattack"] = robust
     run_dir = folder.parent / f"{folder.name}_run"
     write_json(run_dir / "run.json", {"config": {"dataset": "digits", "data_dir": None}})
     folder.mkdir(parents=True)
@@ -74,7 +79,8 @@ def make_deploy_dir(folder: Path, pgd20: float = 0.05, eps: float = 0.2, **graph
         "model": {"name": "tiny", "num_classes": 10, "in_chans": 1}, "input_shape": [1, 8, 8],
         "input_range": [0.0, 1.0], "num_classes": 10, "granularity": "channel",
         "threat_model": {"norm": "Linf", "eps": eps},
-        "accuracy": {"clean": 0.1, "fgsm": 0.1, "pgd7": 0.1, "pgd20": pgd20},
+        "accuracy": accuracy,
+        "robustness": {"images": 360, "protocol": {"attack": "autoattack", "apgd_steps": 100}},
         "params": {"dense": 330, "deployed": 330}, "macs": {"dense": 20000, "deployed": 10000},
     })
     return folder
@@ -96,7 +102,7 @@ def call(main, args: list[str], capsys) -> subprocess.CompletedProcess:
 
 
 FAST_BENCH = ["--runs", "3", "--warmup", "1"]
-FAST_VERIFY = ["--n", "24", "--steps", "3"]
+FAST_VERIFY = ["--n", "24", "--steps", "3", "--queries", "20", "--targets", "2"]
 
 
 def test_bench_writes_report_plot_and_leaves_the_artifacts_alone(deploy, capsys):
@@ -133,28 +139,59 @@ def test_bench_against_another_deploy_dir(deploy, tmp_path, capsys):
         (other / "model.onnx").resolve())
 
 
-def test_verify_pgd_report_examples_and_gate(tmp_path, capsys):
-    passing = make_deploy_dir(tmp_path / "pass", pgd20=0.0)
+def test_verify_report_examples_and_gate(tmp_path, capsys):
+    passing = make_deploy_dir(tmp_path / "pass", robust=0.0)
     result = call(verify_main, [str(passing), *FAST_VERIFY, "--json"], capsys)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["images"] == {"dataset": "digits", "dataset_from": "source run.json",
                                 "split": "test", "first": 24, "of": 360, "subset": True}
-    assert report["attack"]["name"] == "pgd" and report["attack"]["steps"] == 3
+    assert report["attack"]["name"] == "autoattack" and report["attack"]["apgd_steps"] == 3
+    assert [s["attack"] for s in report["stages"]] == ["apgd-ce", "apgd-t", "square"]
+    assert report["attack"]["square_queries"] == 20 and report["attack"]["target_classes"] == 2
     assert report["threat_model"] == {"norm": "Linf", "eps": 0.2, "from": "manifest"}
-    assert report["checks"]["max_perturbation"] <= 0.2 + 1e-6
-    assert report["checks"]["reimport_vs_ort_max_abs_clean"] <= 1e-4
+    checks = report["checks"]
+    assert checks["max_perturbation"] <= 0.2 + 1e-6 and checks["in_eps_ball"]
+    assert 0.0 <= checks["pixel_min"] <= checks["pixel_max"] <= 1.0 and checks["in_pixel_range"]
+    assert report["fidelity"]["clean_max_abs"] <= 1e-4
+    assert report["fidelity"]["adversarial_max_abs"] <= 1e-4
+    assert report["accuracy"]["robust"] == report["stages"][-1]["robust_after"]
     assert report["comparison"]["gated"] and report["comparison"]["passed"]
     assert any("sampling noise" in note for note in report["comparison"]["notes"])
+    assert any("settings differ" in note for note in report["comparison"]["notes"])
     assert (passing / "reports" / "verify_examples.png").stat().st_size > 1000
     assert json.loads((passing / "reports" / "verify.json").read_text()) == report
 
-    failing = make_deploy_dir(tmp_path / "fail", pgd20=0.9)  # training side claims 90%
+    failing = make_deploy_dir(tmp_path / "fail", robust=0.9)  # training side claims 90%
     result = call(verify_main, [str(failing), *FAST_VERIFY], capsys)
     assert_clean_failure(result, 1)
     assert "points below" in result.stderr and "FAIL" in result.stdout
-    ungated = call(verify_main, [str(failing), *FAST_VERIFY, "--eps", "0.1"], capsys)
-    assert ungated.returncode == 0  # another eps: not comparable, so no gate
+    other_eps = call(verify_main, [str(failing), *FAST_VERIFY, "--eps", "0.1"], capsys)
+    assert_clean_failure(other_eps, 1)  # not comparable is not a pass
+    assert "not comparable" in other_eps.stderr
+    ungated = call(verify_main, [str(failing), *FAST_VERIFY, "--eps", "0.1", "--no-gate"],
+                   capsys)
+    assert ungated.returncode == 0, ungated.stderr
+
+
+def test_verify_without_a_robust_claim_or_below_the_floor_fails(tmp_path, capsys):
+    unclaimed = make_deploy_dir(tmp_path / "old", robust=None)
+    result = call(verify_main, [str(unclaimed), *FAST_VERIFY], capsys)
+    assert_clean_failure(result, 1)
+    assert "no AutoAttack-grade training-side figure" in result.stderr
+    assert call(verify_main, [str(unclaimed), *FAST_VERIFY, "--no-gate"], capsys).returncode == 0
+    floor = call(verify_main, [str(unclaimed), *FAST_VERIFY, "--no-gate", "--min-robust", "50"],
+                 capsys)
+    assert_clean_failure(floor, 1)  # a random 10-class graph is not 50% robust
+    assert "below the floor --min-robust 50%" in floor.stderr
+
+
+def test_verify_pgd_is_still_selectable(deploy, capsys):
+    result = call(verify_main, [str(deploy), "--attack", "pgd", "--n", "16", "--steps", "4",
+                                "--json"], capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["attack"]["members"] == ["pgd"] and report["attack"]["pgd_steps"] == 4
 
 
 def test_verify_square_queries_ort_only(deploy, capsys, monkeypatch):
@@ -162,11 +199,12 @@ def test_verify_square_queries_ort_only(deploy, capsys, monkeypatch):
         raise AssertionError("square must not build the PyTorch re-import")
 
     monkeypatch.setattr("dnr_deploy.runtime.verify.load_onnx_torch", no_torch)
-    result = call(verify_main, [str(deploy), "--attack", "square", "--n", "16", "--steps", "30",
+    result = call(verify_main, [str(deploy), "--attack", "square", "--n", "16", "--queries", "30",
                                 "--json"], capsys)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["attack"]["name"] == "square" and report["attack"]["queries"] == 30
+    assert report["attack"]["name"] == "square" and report["attack"]["square_queries"] == 30
+    assert report["fidelity"] == {}  # nothing was re-imported
     assert report["accuracy"]["robust"] <= report["accuracy"]["clean"]
 
 
@@ -182,11 +220,11 @@ def test_verify_stops_when_the_reimport_drifts_from_ort(deploy, capsys, monkeypa
 def test_verify_warns_on_probabilities_and_zero_gradients(tmp_path):
     soft = make_deploy_dir(tmp_path / "soft", softmax=True)
     with pytest.warns(RuntimeWarning, match="probabilities"):
-        result = verify(VerifyConfig(deploy_dir=str(soft), n=8, steps=2))
+        result = verify(VerifyConfig(deploy_dir=str(soft), n=8, steps=2, queries=20))
     assert any("probabilities" in w for w in result.report["warnings"])
     flat = make_deploy_dir(tmp_path / "flat", zero=True)
     with pytest.warns(RuntimeWarning, match="all-zero input gradient"):
-        verify(VerifyConfig(deploy_dir=str(flat), n=8, steps=2))
+        verify(VerifyConfig(deploy_dir=str(flat), n=8, steps=2, queries=20))
 
 
 def rewrite(deploy: Path, name: str, content: bytes, update_manifest: bool) -> None:
@@ -292,3 +330,7 @@ def test_compress_export_bench_verify_end_to_end(tmp_path):
     assert report["accuracy"]["clean"] == pytest.approx(manifest["accuracy"]["clean"],
                                                         abs=1.01 / 360)
     assert report["model_sha256"] == manifest["files"]["model.onnx"]["sha256"]
+    # the gate's comparison: the same ensemble on the same images, through ONNX Runtime
+    assert report["comparison"]["gated"] and report["comparison"]["passed"]
+    assert report["accuracy"]["robust"] == pytest.approx(manifest["accuracy"]["autoattack"],
+                                                         abs=2.01 / 360)

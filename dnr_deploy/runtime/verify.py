@@ -12,7 +12,6 @@ The result goes through the robustness gate of `verdict.compare`.
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from dnr_deploy.attacks import AttackName, EnsembleConfig, run_ensemble
 from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.data import load_data, test_subset
-from dnr_deploy.evaluation import protocol
+from dnr_deploy.evaluation import protocol, terminal_progress
 from dnr_deploy.runtime import deploydir, plots, verdict
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.session import create_session, parse_provider, run_logits
@@ -202,8 +201,7 @@ def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
     if graph is not None:
         fidelity["clean_max_abs"] = _parity(graph, x, clean_logits, config, "clean")
     result = run_ensemble(graph, x, y, eps, config.ensemble(), score=score,
-                          progress=lambda line: print(f"dnr-verify: {line}", file=sys.stderr,
-                                                      flush=True))
+                          progress=terminal_progress("dnr-verify: "))
     adv_np = result.x_adv.numpy().astype(np.float32)
     adv_logits = score(adv_np)
     if graph is not None:
