@@ -158,8 +158,8 @@ def default_runs(tmp_path_factory) -> dict[str, Path]:
     jobs = {
         g: subprocess.Popen(
             [sys.executable, "-m", "dnr_deploy.cli", "compress", "--epochs", "2",
-             "--robust-eval-samples", "48", "--granularity", g], cwd=folder, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
+             "--robust-eval-samples", "48", "--granularity", g], cwd=folder, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for g, folder in folders.items()
     }
     for granularity, job in jobs.items():

@@ -29,7 +29,8 @@ from tests.helpers import cli_env
 from tests.reliability_support import assert_clean_error, call_main
 from tests.test_export_irregular import write_fake_run
 
-TRAIN = ["--beta", "1", "--eval-samples", "50", "--robust-eval-samples", "24", "--seed", "1"]  # fast
+# clean training (fast epochs), a small final ensemble
+TRAIN = ["--beta", "1", "--eval-samples", "50", "--robust-eval-samples", "24", "--seed", "1"]
 
 # Runs the real CLI with `torch.save` slowed on its Nth call: half the bytes are written to
 # the temporary file, the marker is created, and the process stalls until it is killed.
