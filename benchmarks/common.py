@@ -66,14 +66,20 @@ def trained_run(workdir: str, method: str, density: float, seed: int, epochs: in
     return run_dir
 
 
-def square_accuracy(run_dir: Path, queries: int) -> float:
-    """Accuracy of the run's final model under the Square Attack (black-box, score-based)
-    on the whole test split at the run's eps."""
+def load_model(run_dir: Path) -> torch.nn.Module:
+    """The run's final network, in eval mode (weights only: nothing unpickled)."""
     summary = read_run_json(run_dir)
     model = create_model(summary["model"]["name"], summary["num_classes"],
                          summary["model"]["in_chans"], summary["mean"], summary["std"])
     model.load_state_dict(load_checkpoint(run_dir)["model"])
-    model.eval()
+    return model.eval()
+
+
+def square_accuracy(run_dir: Path, queries: int) -> float:
+    """Accuracy of the run's final model under the Square Attack (black-box, score-based)
+    on the whole test split at the run's eps."""
+    summary = read_run_json(run_dir)
+    model = load_model(run_dir)
     x, y = test_subset(load_data(summary["config"]["dataset"], summary["config"]["data_dir"]),
                        None)
 
@@ -92,6 +98,7 @@ def row_of(run_dir: Path, square_queries: int | None) -> dict:
         "run": run_dir.name,
         "clean": summary["accuracy"]["clean"],
         "pgd20": summary["accuracy"]["pgd20"],
+        "autoattack": summary["accuracy"].get("autoattack"),
         "density": summary["density"]["achieved"],
         "compression": summary["params"]["compression"],
         "mac_reduction": summary["macs"]["reduction"],
