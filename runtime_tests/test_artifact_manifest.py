@@ -21,9 +21,10 @@ def test_format_and_fields(deploy):
     assert m["granularity"] in GRANULARITIES
     assert m["threat_model"]["norm"] == "Linf" and 0 < m["threat_model"]["eps"] <= 1
     accuracy = m["accuracy"]
-    assert set(accuracy) >= {"clean", "fgsm", "pgd7", "pgd20"}
+    assert set(accuracy) >= {"clean", "fgsm", "pgd7", "pgd20", "autoattack"}
     assert all(0 <= value <= 1 for value in accuracy.values())
-    assert accuracy["pgd20"] <= accuracy["clean"]
+    assert accuracy["autoattack"] <= accuracy["pgd20"] + 0.01 <= accuracy["clean"] + 0.01
+    assert m["robustness"]["robust"] == accuracy["autoattack"]
     assert 0 < m["params"]["deployed"] <= m["params"]["dense"]
     assert 0 < m["macs"]["deployed"] <= m["macs"]["dense"]
     assert "model.onnx" in m["files"]
