@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dnr_deploy.checkpoint import CheckpointError, load_checkpoint
+from dnr_deploy.checkpoint import CheckpointError
 from dnr_deploy.config import OneLineParser, RecipeError, add_dataclass_flags, fail, load_recipe
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -70,18 +70,13 @@ def build_compress_parser() -> argparse.ArgumentParser:
 
 
 def compress_config_from(args: argparse.Namespace):
-    """Defaults <- recipe <- flags; on --resume, the checkpoint's settings replace the defaults."""
-    from dnr_deploy.training import CompressConfig, settings_from_checkpoint
+    """Defaults <- recipe <- flags. On --resume, `compress` itself fills every setting left at
+    its default from the checkpoint (`training.merge_resume`), as it does for library calls."""
+    from dnr_deploy.training import CompressConfig
 
     settings = dict(vars(args))
     recipe = settings.pop("config", None)
-    base: dict = {}
-    if settings.get("resume"):
-        saved = settings_from_checkpoint(load_checkpoint(settings["resume"])["config"],
-                                         f"checkpoint {settings['resume']!r}")
-        base = {k: v for k, v in saved.items() if k not in ("out", "stop_after")}
-    if recipe:
-        base.update(load_recipe(recipe, CompressConfig))
+    base = load_recipe(recipe, CompressConfig) if recipe else {}
     base.update(settings)
     return CompressConfig(**base)
 

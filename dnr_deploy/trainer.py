@@ -42,6 +42,7 @@ from dnr_deploy.training import (
     TrainingInterrupted,
     build_policy,
     lr_at,
+    merge_resume,
     settings_from_checkpoint,
     train_one_epoch,
 )
@@ -56,9 +57,12 @@ def compress(config: CompressConfig) -> Run:
         RankDisagreement: under torchrun, ranks ended a rewire with different masks.
     """
     resume_state = ckpt.load_checkpoint(config.resume) if config.resume else None
+    where = f"checkpoint {str(config.resume)!r}"
+    if resume_state is not None:
+        config = merge_resume(config, resume_state["config"], where)
     config = config.resolved()
     if resume_state is not None:
-        _check_resume(config, resume_state["config"])
+        _check_resume(config, resume_state["config"], where)
     bundle = load_data(config.dataset, config.data_dir)
     context = ddp.init_distributed(config.device)
     try:
@@ -73,8 +77,8 @@ def compress(config: CompressConfig) -> Run:
         ddp.shutdown(context)
 
 
-def _check_resume(config: CompressConfig, saved: object) -> None:
-    settings = settings_from_checkpoint(saved, f"checkpoint {str(config.resume)!r}")
+def _check_resume(config: CompressConfig, saved: object, where: str) -> None:
+    settings = settings_from_checkpoint(saved, where)
     saved_resolved = CompressConfig(**settings).resolved()
     for name in RESUME_FIXED:
         saved_value, value = getattr(saved_resolved, name), getattr(config, name)

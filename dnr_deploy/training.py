@@ -166,6 +166,28 @@ def settings_from_checkpoint(saved: object, where: str) -> dict:
         raise CheckpointError(str(err)) from None
 
 
+def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressConfig:
+    """`config` for continuing a checkpoint whose recorded config is `saved`.
+
+    A setting left at its default takes the checkpoint's value, so
+    `compress(CompressConfig(resume=RUN))` continues RUN as it was trained; `out`,
+    `resume` and `stop_after` belong to this invocation and are never taken from it. The
+    CLI and the library both go through here.
+
+    Raises:
+        CheckpointError: `saved` is not a checkpoint's config.
+    """
+    settings = settings_from_checkpoint(saved, where)
+    defaults = CompressConfig()
+    merged = {
+        name: settings[name]
+        for name in settings
+        if name not in ("out", "resume", "stop_after")
+        and getattr(config, name) == getattr(defaults, name)
+    }
+    return dataclasses.replace(config, **merged)
+
+
 # Fields that define what a checkpoint is; a resume must not change them.
 RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",

@@ -19,6 +19,7 @@ from dnr_deploy.sparsity.policy import ChannelDNR, IrregularDNR
 from dnr_deploy.trainer import compress
 from dnr_deploy.training import (
     CompressConfig,
+    ConfigError,
     HybridObjective,
     TrainingDiverged,
     TrainingInterrupted,
@@ -101,6 +102,21 @@ def test_resume_matches_an_uninterrupted_run(in_tmp):
     for name, tensor in straight["model"].items():
         assert torch.allclose(tensor.float(), split["model"][name].float(), atol=1e-6), name
     assert read_run_json(Path("split"))["accuracy"] == read_run_json(Path("straight"))["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["channel", "irregular"])
+def test_library_resume_takes_the_checkpoints_settings(in_tmp, granularity):
+    """`compress(CompressConfig(resume=RUN))` continues RUN as trained (its granularity,
+    density, seed ...), exactly as `dnr-compress --resume RUN` does."""
+    settings = {"epochs": 2, "eval_samples": 20, "pgd_steps": 2, "density": 0.1, "seed": 5}
+    compress(CompressConfig(out="run", granularity=granularity, stop_after=1, **settings))
+    run = compress(CompressConfig(resume="run", robust_eval_samples=8))
+    assert run.summary["granularity"] == granularity
+    assert run.summary["config"]["density"] == 0.1 and run.summary["config"]["seed"] == 5
+    assert run.summary["robustness"]["images"] == 8  # this invocation's own setting
+    with pytest.raises(ConfigError, match="trained with density=0.1"):
+        compress(CompressConfig(resume="run", density=0.2))
 
 
 @pytest.mark.slow
