@@ -101,7 +101,7 @@ def row_of(run_dir: Path, square_queries: int | None) -> dict:
         "autoattack": summary["accuracy"].get("autoattack"),
         "density": summary["density"]["achieved"],
         "compression": summary["params"]["compression"],
-        "mac_reduction": summary["macs"]["reduction"],
+        "mac_reduction": summary["macs"]["reduction_nonzero"],
         "train_s_per_epoch": summary["timing"]["train_seconds_per_epoch"],
         "rewire_s_total": summary["timing"]["rewire_seconds_total"],
         "epochs": summary["timing"]["epochs"],
@@ -117,10 +117,24 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} +/- {100 * statistics.stdev(values):.1f}"
 
 
+def _relative_paths(value):
+    """`value` with every absolute path inside the repository made relative to it: results
+    files travel between machines, a machine's own paths do not."""
+    repo = RESULTS.parents[1]
+    if isinstance(value, dict):
+        return {key: _relative_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relative_paths(item) for item in value]
+    if isinstance(value, str) and value.startswith(str(repo) + "/"):
+        return str(Path(value).relative_to(repo))
+    return value
+
+
 def write_results(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__, **data}
+    data = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+            **_relative_paths(data)}
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"raw numbers: {path}")
     return path

@@ -116,7 +116,8 @@ def print_run(run) -> None:
     print(f"run dir: {run.dir}")
     print(f"  {summary['granularity']}: density {dens['achieved']:.4f} (target {dens['target']:g}),"
           f" params {params['deployed']:,} / {params['dense']:,} ({params['compression']:.1f}x),"
-          f" MACs {summary['macs']['reduction']:.1f}x fewer")
+          f" MACs {summary['macs']['reduction_executed']:.1f}x fewer executed, "
+          f"{summary['macs']['reduction_nonzero']:.1f}x fewer nonzero")
     print(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: clean {acc['clean']:.4f}, "
           f"FGSM {acc['fgsm']:.4f}, PGD-7 {acc['pgd7']:.4f}, PGD-20 {acc['pgd20']:.4f}")
     robustness = summary["robustness"]
@@ -141,7 +142,7 @@ EXPORT_HELP = {
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    from dnr_deploy.export.deploy import ExportConfig, ExportFormat
+    from dnr_deploy.export import ExportConfig, ExportFormat
 
     parser = OneLineParser(
         prog="dnr-export",
@@ -160,7 +161,7 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def export_config_from(args: argparse.Namespace):
     """Defaults <- deployment profile <- flags."""
-    from dnr_deploy.export.deploy import ExportConfig
+    from dnr_deploy.export import ExportConfig
 
     settings = dict(vars(args))
     profile = settings.pop("config", None)
@@ -171,8 +172,8 @@ def export_config_from(args: argparse.Namespace):
 
 def export_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.data import DataError
-    from dnr_deploy.export.deploy import ExportCheckFailed, ExportError, export_run
-    from dnr_deploy.export.manifest import ManifestError, format_summary
+    from dnr_deploy.deploydir.manifest import ManifestError, format_summary
+    from dnr_deploy.export import ExportCheckFailed, ExportError, export_run
 
     prog = "dnr-export"
     args = build_export_parser().parse_args(argv)
@@ -254,9 +255,9 @@ def build_bench_parser() -> argparse.ArgumentParser:
 def bench_main(argv: list[str] | None = None) -> int:
     import json
 
-    from dnr_deploy.export.manifest import ManifestError
+    from dnr_deploy.deploydir.manifest import ManifestError
+    from dnr_deploy.deploydir.opening import DeployDirError
     from dnr_deploy.runtime.bench import BenchConfig, BenchError, bench, format_table
-    from dnr_deploy.runtime.deploydir import DeployDirError
     from dnr_deploy.runtime.session import SessionError
 
     prog = "dnr-bench"
@@ -295,8 +296,8 @@ def verify_main(argv: list[str] | None = None) -> int:
     import warnings
 
     from dnr_deploy.data import DataError
-    from dnr_deploy.export.manifest import ManifestError
-    from dnr_deploy.runtime.deploydir import DeployDirError
+    from dnr_deploy.deploydir.manifest import ManifestError
+    from dnr_deploy.deploydir.opening import DeployDirError
     from dnr_deploy.runtime.onnx_torch import UnsupportedGraphError
     from dnr_deploy.runtime.session import SessionError
     from dnr_deploy.runtime.verdict import format_table

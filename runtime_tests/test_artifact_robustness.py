@@ -7,7 +7,7 @@ import torch
 
 from dnr_deploy.attacks import AttackName
 from dnr_deploy.evaluation import evaluate, final_attacks
-from dnr_deploy.export.deploy import load_deployed_model
+from dnr_deploy.export import load_deployed_model
 from dnr_deploy.runtime.verify import VerifyConfig, verify
 
 BATCH = 256  # evaluate()'s batch: with the same seed, both PGDs draw the same random starts

@@ -7,24 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from dnr_deploy.deploydir import names
 from dnr_deploy.export import channel
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.models import create_model
 from dnr_deploy.sparsity.groups import ChannelLayout, find_channel_groups
 from dnr_deploy.sparsity.masks import apply_masks
-
-
-def randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
-    """Non-trivial BN statistics, so the exporter's BN folding is really exercised."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-            module.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
-            module.bias.data.copy_(0.2 * torch.randn(n, generator=generator))
+from tests.factories import randomize_norms
 
 
 def random_channel_masks(groups, generator: torch.Generator, keep: float = 0.5) -> dict:
@@ -101,9 +91,9 @@ def test_history_and_state_rebuild_the_shrunk_model(tmp_path):
     shrunk, history = channel.shrink_model(model, groups, masks, example)
 
     channel.save_state(tmp_path, shrunk, history)
-    stored = json.loads((tmp_path / channel.HISTORY_NAME).read_text())
+    stored = json.loads((tmp_path / names.HISTORY_FILE).read_text())
     assert stored == channel.history_to_json(history)
-    with np.load(tmp_path / channel.WEIGHTS_NAME, allow_pickle=False) as npz:
+    with np.load(tmp_path / names.WEIGHTS_FILE, allow_pickle=False) as npz:
         assert set(npz.files) == set(shrunk.state_dict())
 
     state, loaded_history = channel.load_state(tmp_path)

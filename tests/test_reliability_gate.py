@@ -21,9 +21,9 @@ from onnx import numpy_helper
 
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.cli import bench_main, verify_main
-from dnr_deploy.export.deploy import ExportConfig, export_run
-from dnr_deploy.export.manifest import MANIFEST_NAME
-from dnr_deploy.runtime.deploydir import open_deploy_dir
+from dnr_deploy.deploydir.manifest import MANIFEST_NAME
+from dnr_deploy.deploydir.opening import open_deploy_dir
+from dnr_deploy.export import ExportConfig, export_run
 from dnr_deploy.trainer import compress
 from dnr_deploy.training import CompressConfig
 from tests.reliability_support import assert_clean_error, call_main

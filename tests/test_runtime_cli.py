@@ -17,9 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.cli import bench_main, verify_main
-from dnr_deploy.export.manifest import MANIFEST_FORMAT, ManifestError, write_manifest
+from dnr_deploy.deploydir.manifest import MANIFEST_FORMAT, ManifestError, write_manifest
+from dnr_deploy.deploydir.opening import open_deploy_dir
 from dnr_deploy.runtime import onnx_torch
-from dnr_deploy.runtime.deploydir import open_deploy_dir
 from dnr_deploy.runtime.verify import VerifyConfig, verify
 from tests.helpers import assert_clean_failure, run_cli
 
@@ -81,7 +81,8 @@ def make_deploy_dir(folder: Path, robust: float | None = 0.0, eps: float = 0.2,
         "threat_model": {"norm": "Linf", "eps": eps},
         "accuracy": accuracy,
         "robustness": {"images": 360, "protocol": {"attack": "autoattack", "apgd_steps": 100}},
-        "params": {"dense": 330, "deployed": 330}, "macs": {"dense": 20000, "deployed": 10000},
+        "params": {"dense": 330, "deployed": 330},
+        "macs": {"dense": 20000, "executed": 10000, "nonzero": 10000},
     })
     return folder
 
@@ -334,3 +335,9 @@ def test_compress_export_bench_verify_end_to_end(tmp_path):
     assert report["comparison"]["gated"] and report["comparison"]["passed"]
     assert report["accuracy"]["robust"] == pytest.approx(manifest["accuracy"]["autoattack"],
                                                          abs=2.01 / 360)
+    # the deploy dir alone, moved away from its run (deleted): it still verifies
+    moved = Path(shutil.move(tmp_path / "run" / "deploy", tmp_path / "elsewhere"))
+    shutil.rmtree(tmp_path / "run")
+    alone = run_cli(["verify", str(moved), "--n", "40", "--no-gate", "--json"], cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["images"]["dataset_from"] == "manifest"

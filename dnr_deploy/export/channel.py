@@ -19,11 +19,9 @@ import torch_pruning as tp
 from torch import nn
 
 from dnr_deploy.checkpoint import write_atomic
+from dnr_deploy.deploydir.names import HISTORY_FILE, WEIGHTS_FILE
 from dnr_deploy.export.csr import inflate_limit, read_npz
 from dnr_deploy.sparsity.groups import ChannelGroup, ChannelMasks
-
-WEIGHTS_NAME = "weights.npz"  # state dict of the shrunk (or dense) model
-HISTORY_NAME = "pruning_history.json"
 
 # One torch-pruning history entry: [root module name, is_out_channels, removed indices].
 HistoryEntry = list
@@ -117,9 +115,9 @@ def parse_history(data: object, source: str) -> list[HistoryEntry]:
 def save_state(directory: Path, model: nn.Module, history: list) -> None:
     """Write `weights.npz` (the state dict) and `pruning_history.json` into `directory`."""
     arrays = {name: t.detach().cpu().numpy() for name, t in model.state_dict().items()}
-    write_atomic(directory / WEIGHTS_NAME, lambda tmp: _savez(tmp, arrays))
+    write_atomic(directory / WEIGHTS_FILE, lambda tmp: _savez(tmp, arrays))
     text = json.dumps(history_to_json(history)) + "\n"
-    write_atomic(directory / HISTORY_NAME, lambda tmp: tmp.write_text(text))
+    write_atomic(directory / HISTORY_FILE, lambda tmp: tmp.write_text(text))
 
 
 def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -137,7 +135,7 @@ def load_state(
     Raises:
         ShrinkError: a file missing, unreadable, or not what `save_state` writes.
     """
-    weights, history_file = directory / WEIGHTS_NAME, directory / HISTORY_NAME
+    weights, history_file = directory / WEIGHTS_FILE, directory / HISTORY_FILE
     for file in (weights, history_file):
         if not file.is_file():
             raise ShrinkError(f"{str(directory)!r} has no {file.name}")

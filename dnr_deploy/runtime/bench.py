@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dnr_deploy import deploydir
 from dnr_deploy.checkpoint import write_json
-from dnr_deploy.runtime import deploydir, plots
+from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.session import create_session, parse_provider
 
 BENCH_FORMAT = "dnr-deploy/bench/1"
@@ -101,16 +102,16 @@ def time_sessions(sessions: dict, x: np.ndarray, warmup: int, runs: int) -> dict
     machine (another process, frequency scaling) lands on every model alike instead of on
     whichever happened to be timed then.
     """
-    feed = {"input": x}
+    feed = {deploydir.INPUT_NAME: x}
     labels = list(sessions)
     for label in labels:
         for _ in range(warmup):
-            sessions[label].run(["logits"], feed)
+            sessions[label].run([deploydir.OUTPUT_NAME], feed)
     times = {label: np.empty(runs) for label in labels}
     for index in range(runs):
         for label in labels if index % 2 == 0 else labels[::-1]:
             begin = time.perf_counter_ns()
-            sessions[label].run(["logits"], feed)
+            sessions[label].run([deploydir.OUTPUT_NAME], feed)
             times[label][index] = (time.perf_counter_ns() - begin) / 1e6
     return {label: _stats(values, len(x)) for label, values in times.items()}
 
@@ -168,7 +169,7 @@ def _model_target(deploy: deploydir.DeployDir) -> _Target:
     path = deploy.file(deploydir.MODEL_FILE)
     return _Target("model", path, manifest["files"][path.name]["bytes"],
                    (manifest.get("params") or {}).get("deployed"),
-                   (manifest.get("macs") or {}).get("deployed"))
+                   (manifest.get("macs") or {}).get("executed"))
 
 
 def _baseline_target(deploy: deploydir.DeployDir, other: str | None) -> _Target | None:
@@ -198,9 +199,8 @@ def _compare(models: dict, manifest: dict) -> dict:
     mac_ratio = base["macs"] / model["macs"] if base["macs"] and model["macs"] else None
     macs = manifest.get("macs") or {}
     sparse_ratio = None
-    if "nonzero_deployed" in macs and base["macs"]:  # irregular: what a sparse kernel could do
-        other_ops = macs["dense"] - macs["conv_linear_dense"]
-        sparse_ratio = base["macs"] / max(other_ops + macs["nonzero_deployed"], 1)
+    if macs.get("nonzero") and macs["nonzero"] < macs.get("executed", 0) and base["macs"]:
+        sparse_ratio = base["macs"] / macs["nonzero"]  # irregular: what a sparse kernel could do
     per_batch = {}
     for batch, stats in model["latency"].items():
         speedup = base["latency"][batch]["p50_ms"] / stats["p50_ms"]

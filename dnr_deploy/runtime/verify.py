@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dnr_deploy import deploydir
 from dnr_deploy.attacks import AttackName, EnsembleConfig, run_ensemble
 from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.evaluation import protocol, terminal_progress
-from dnr_deploy.runtime import deploydir, plots, verdict
+from dnr_deploy.runtime import plots, verdict
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.session import create_session, parse_provider, run_logits
 
