@@ -65,7 +65,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
         "attack_bn": ["eval", "train"],
         "method": [m.value for m in Method],
     }
-    add_dataclass_flags(parser, CompressConfig, COMPRESS_HELP, choices)
+    add_dataclass_flags(parser, CompressConfig, choices, help_text=COMPRESS_HELP)
     return parser
 
 
@@ -127,18 +127,6 @@ def print_run(run) -> None:
         print(f"  warning: {warning}")
 
 
-EXPORT_HELP = {
-    "out": "deploy dir to create (default: RUN_DIR/deploy)",
-    "format": "onnx: model.onnx plus loadable weights (and the CSR bundle for irregular runs); "
-    "csr: the CSR bundle alone (irregular runs)",
-    "baseline": "also write baseline.onnx, the unpruned architecture, for side-by-side benchmarks",
-    "force": "replace a non-empty --out",
-    "parity_samples": "test images for the parity checks",
-    "data_dir": "folder holding the run's dataset (default: the run's own --data-dir)",
-    "opset": "ONNX opset",
-    "parity_atol": "largest |logit difference| allowed between ONNX Runtime and PyTorch",
-    "shrink_atol": "largest |logit difference| allowed between shrunk and masked network",
-}
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -154,7 +142,7 @@ def build_export_parser() -> argparse.ArgumentParser:
                         help="run dir written by dnr-compress (default: the latest run)")
     parser.add_argument("--config", help="deployment profile (YAML, e.g. export/default.yaml); "
                         "flags given here win over it")
-    add_dataclass_flags(parser, ExportConfig, EXPORT_HELP,
+    add_dataclass_flags(parser, ExportConfig,
                         {"format": [f.value for f in ExportFormat]}, skip=("run_dir",))
     return parser
 
@@ -191,44 +179,7 @@ def export_main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
-BENCH_HELP = {
-    "baseline": "another deploy dir whose model.onnx is the baseline (default: this deploy "
-    "dir's baseline.onnx, written by dnr-export --baseline)",
-    "provider": "ONNX Runtime execution provider (cuda needs onnxruntime-gpu)",
-    "batch": "comma-separated batch sizes",
-    "threads": "ONNX Runtime intra-op threads",
-    "warmup": "untimed calls before timing each batch size",
-    "runs": "timed calls per batch size",
-    "seed": "seed of the random input images",
-    "out": "folder for bench.json and the plot (default: DEPLOY_DIR/reports)",
-}
 
-VERIFY_HELP = {
-    "dataset": "dataset of the test split (default: the source run's, from its run.json)",
-    "data_dir": "folder holding the dataset (default: the source run's --data-dir)",
-    "attack": "autoattack: APGD-CE, APGD-T, Square in sequence, worst case per image (white-box "
-    "parts on the re-imported ONNX graph, Square on ONNX Runtime queries); or one of them; "
-    "pgd: PGD-20 as the training side's",
-    "eps": "Linf radius in (0, 1] (default: the manifest's threat model)",
-    "steps": "APGD iterations (default 100) or, for pgd, PGD steps (default 20)",
-    "queries": "Square's query budget per image",
-    "targets": "APGD-T target classes",
-    "p_init": "Square: initial fraction of the image one square covers",
-    "n": "score the first N test images (default: those the training side attacked)",
-    "tolerance": "percentage points the worst-case robust accuracy may fall below the training "
-    "side's AutoAttack-grade figure before the exit code is 1",
-    "min_robust": "absolute floor: exit code 1 when the worst-case robust accuracy is below this "
-    "percentage",
-    "no_gate": "do not compare with the training side (--min-robust still applies)",
-    "batch_size": "images per batch",
-    "provider": "ONNX Runtime execution provider",
-    "threads": "ONNX Runtime intra-op threads",
-    "parity_atol": "largest |logit difference| allowed between the re-imported graph and "
-    "ONNX Runtime",
-    "seed": "seed of the attacks' randomness",
-    "examples": "images in the example grid",
-    "out": "folder for verify.json and the examples (default: DEPLOY_DIR/reports)",
-}
 
 
 def _deploy_dir_parser(prog: str, description: str) -> OneLineParser:
@@ -247,7 +198,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     parser = _deploy_dir_parser(
         "dnr-bench", "Latency of a deploy dir's model.onnx in ONNX Runtime (p50/p90/p99, "
         "throughput) against its baseline, with speedup, MAC ratio and efficiency.")
-    add_dataclass_flags(parser, BenchConfig, BENCH_HELP,
+    add_dataclass_flags(parser, BenchConfig,
                         {"provider": [p.value for p in Provider]}, skip=("deploy_dir",))
     return parser
 
@@ -287,7 +238,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
         "ONNX Runtime, compared with the training-side figures in its manifest.")
     choices = {"attack": [a.value for a in AttackName], "provider": [p.value for p in Provider],
                "dataset": [d.value for d in DatasetName]}
-    add_dataclass_flags(parser, VerifyConfig, VERIFY_HELP, choices, skip=("deploy_dir",))
+    add_dataclass_flags(parser, VerifyConfig, choices, skip=("deploy_dir",))
     return parser
 
 

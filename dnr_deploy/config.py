@@ -36,18 +36,28 @@ def field_type(cls: type, name: str) -> type:
     return hint
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its flag's help text: the one place both are written."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls: type, help_text: dict[str, str],
-    choices: dict[str, list[str]], skip: tuple[str, ...] = (),
+    parser: argparse.ArgumentParser, cls: type, choices: dict[str, list[str]],
+    skip: tuple[str, ...] = (), help_text: dict[str, str] | None = None,
 ) -> None:
-    """One `--flag` per field of `cls`, all defaulting to "not given" (argparse.SUPPRESS)."""
+    """One `--flag` per field of `cls`, all defaulting to "not given" (argparse.SUPPRESS).
+
+    The help comes from the field's metadata (`option`), or `help_text`; the default is shown
+    only where it says something (not None or False, and not already described).
+    """
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = field_type(cls, field.name)
-        default = field.default
-        text = help_text.get(field.name, "") + f" (default: {default})"
+        text = field.metadata.get("help") or (help_text or {}).get(field.name, "")
+        if field.default not in (None, False) and "default" not in text:
+            text += f" (default: {field.default})"
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:

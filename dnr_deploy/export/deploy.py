@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from dnr_deploy import checkpoint as ckpt
+from dnr_deploy.config import option
 from dnr_deploy.data import load_data, parse_dataset, test_subset
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export import channel, csr
@@ -42,15 +43,22 @@ class ExportConfig:
     """Every setting of an export; the only place their defaults are written."""
 
     run_dir: str | None = None  # None: the latest run recorded in runs/LATEST
-    out: str | None = None  # None: RUN_DIR/deploy
-    format: str = ExportFormat.ONNX.value
-    baseline: bool = False  # also write baseline.onnx, the unpruned architecture
-    force: bool = False  # replace a non-empty --out
-    parity_samples: int = 512  # test images for every parity check
-    data_dir: str | None = None  # None: the run's own --data-dir
-    opset: int = 18
-    parity_atol: float = 1e-4  # ONNX Runtime vs PyTorch, max |logit difference|
-    shrink_atol: float = 1e-5  # shrunk vs masked network, max |logit difference|
+    out: str | None = option(None, 'deploy dir to create (default: RUN_DIR/deploy)')
+    format: str = option(
+        ExportFormat.ONNX.value,
+        'onnx: model.onnx plus loadable weights (and the CSR bundle for irregular runs); '
+        'csr: the CSR bundle alone (irregular runs)')
+    baseline: bool = option(
+        False, 'also write baseline.onnx, the unpruned architecture, for side-by-side benchmarks')
+    force: bool = option(False, 'replace a non-empty --out')
+    parity_samples: int = option(512, 'test images for the parity checks')
+    data_dir: str | None = option(
+        None, "folder holding the run's dataset (default: the run's own --data-dir)")
+    opset: int = option(18, 'ONNX opset')
+    parity_atol: float = option(
+        1e-4, 'largest |logit difference| allowed between ONNX Runtime and PyTorch')
+    shrink_atol: float = option(
+        1e-5, 'largest |logit difference| allowed between shrunk and masked network')
 
     def validated(self) -> ExportConfig:
         """Raises:

@@ -26,6 +26,7 @@ import numpy as np
 
 from dnr_deploy import deploydir
 from dnr_deploy.checkpoint import write_json
+from dnr_deploy.config import option
 from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.session import create_session, parse_provider
 
@@ -43,14 +44,18 @@ class BenchConfig:
     """Every setting of a benchmark; the only place their defaults are written."""
 
     deploy_dir: str | None = None  # None: the latest run's deploy dir
-    baseline: str | None = None  # another deploy dir; None: this one's baseline.onnx, if any
-    provider: str = "cpu"
-    batch: str = "1,64"  # comma-separated batch sizes
-    threads: int = 1  # intra-op threads (2 were slower than 1 on the 2-core reference machine)
-    warmup: int = 10
-    runs: int = 100
-    seed: int = 0  # of the random inputs
-    out: str | None = None  # None: DEPLOY_DIR/reports
+    baseline: str | None = option(
+        None,
+        "another deploy dir whose model.onnx is the baseline (default: this deploy dir's "
+        'baseline.onnx, written by dnr-export --baseline)')
+    provider: str = option("cpu", 'ONNX Runtime execution provider (cuda needs onnxruntime-gpu)')
+    batch: str = option("1,64", 'comma-separated batch sizes')
+    threads: int = option(1, 'ONNX Runtime intra-op threads')
+    warmup: int = option(10, 'untimed calls before timing each batch size')
+    runs: int = option(100, 'timed calls per batch size')
+    seed: int = option(0, 'seed of the random input images')
+    out: str | None = option(
+        None, 'folder for bench.json and the plot (default: DEPLOY_DIR/reports)')
 
     def batch_sizes(self) -> list[int]:
         """Raises:

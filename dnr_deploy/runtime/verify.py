@@ -24,6 +24,7 @@ from dnr_deploy import deploydir
 from dnr_deploy.attacks import AttackName, EnsembleConfig, run_ensemble
 from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.checkpoint import write_json
+from dnr_deploy.config import option
 from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.evaluation import protocol, terminal_progress
 from dnr_deploy.runtime import plots, verdict
@@ -54,25 +55,43 @@ class VerifyConfig:
     """Every setting of a verification; the only place their defaults are written."""
 
     deploy_dir: str | None = None  # None: the latest run's deploy dir
-    dataset: str | None = None  # None: the source run's (from its run.json)
-    data_dir: str | None = None  # None: the source run's
-    attack: str = AttackName.AUTOATTACK.value
-    eps: float | None = None  # None: the manifest's threat model
-    steps: int | None = None  # APGD iterations (None: 100) or, for pgd, PGD steps (None: 20)
-    queries: int = 5000  # Square's budget per image (AutoAttack's standard)
-    targets: int = 9  # APGD-T target classes
-    p_init: float = 0.8  # Square: initial fraction of the image one square covers
-    n: int | None = None  # first n test images; None: those the training side attacked
-    tolerance: float = 1.0  # points the robust accuracy may fall below the training side's
-    min_robust: float | None = None  # absolute floor, percent
-    no_gate: bool = False  # do not compare with the training side (the floor still applies)
-    batch_size: int = 128
-    provider: str = "cpu"
-    threads: int = 1
-    parity_atol: float = 1e-4  # re-imported graph vs ONNX Runtime, max |logit difference|
-    seed: int = 0
-    examples: int = 8  # images in the example grid
-    out: str | None = None  # None: DEPLOY_DIR/reports
+    dataset: str | None = option(
+        None, "dataset of the test split (default: the manifest's)")
+    data_dir: str | None = option(
+        None, "folder holding the dataset (default: the one recorded at export)")
+    attack: str = option(
+        AttackName.AUTOATTACK.value,
+        'autoattack: APGD-CE, APGD-T, Square in sequence, worst case per image (white-box '
+        'parts on the re-imported ONNX graph, Square on ONNX Runtime queries); or one of '
+        "them; pgd: PGD-20 as the training side's")
+    eps: float | None = option(
+        None, "Linf radius in (0, 1] (default: the manifest's threat model)")
+    steps: int | None = option(
+        None, 'APGD iterations (default 100) or, for pgd, PGD steps (default 20)')
+    queries: int = option(5000, "Square's query budget per image")
+    targets: int = option(9, 'APGD-T target classes')
+    p_init: float = option(0.8, 'Square: initial fraction of the image one square covers')
+    n: int | None = option(
+        None, 'score the first N test images (default: those the training side attacked)')
+    tolerance: float = option(
+        1.0,
+        'percentage points the worst-case robust accuracy may fall below the training '
+        "side's AutoAttack-grade figure before the exit code is 1")
+    min_robust: float | None = option(
+        None,
+        'absolute floor: exit code 1 when the worst-case robust accuracy is below this '
+        'percentage')
+    no_gate: bool = option(
+        False, 'do not compare with the training side (--min-robust still applies)')
+    batch_size: int = option(128, 'images per batch')
+    provider: str = option("cpu", 'ONNX Runtime execution provider')
+    threads: int = option(1, 'ONNX Runtime intra-op threads')
+    parity_atol: float = option(
+        1e-4, 'largest |logit difference| allowed between the re-imported graph and ONNX Runtime')
+    seed: int = option(0, "seed of the attacks' randomness")
+    examples: int = option(8, 'images in the example grid')
+    out: str | None = option(
+        None, 'folder for verify.json and the examples (default: DEPLOY_DIR/reports)')
 
     def validated(self) -> VerifyConfig:
         """Raises:
