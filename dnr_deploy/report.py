@@ -53,8 +53,8 @@ def deployment_figures(model: nn.Module, policy, example_input: torch.Tensor) ->
     """Parameters and MACs of the dense network and of what export will deploy
     (`sizes.size_figures`, the counter the manifest uses too). Channel runs: the network with
     off units physically removed, built here with torch-pruning exactly as export does."""
-    from dnr_deploy.export.channel import shrink_model
     from dnr_deploy.sparsity.policy import ChannelDNR
+    from dnr_deploy.sparsity.surgery import shrink_model
 
     if isinstance(policy, ChannelDNR):
         groups = list(policy.layout.groups.values())

@@ -30,6 +30,7 @@ from dnr_deploy.evaluation import (
 )
 from dnr_deploy.models import create_model
 from dnr_deploy.report import deployment_figures, plot_layer_densities, plot_training
+from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
 from dnr_deploy.training import (
     RESUME_FIXED,
@@ -112,7 +113,7 @@ def _run_dir(config: CompressConfig) -> Path:
                 f"--out {str(out)!r} exists and is not empty; use --resume to continue it"
             )
         return out
-    kind = "dense" if config.dense else config.granularity
+    kind = DENSE if config.dense else config.granularity
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{config.model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
     return Path("runs") / name
@@ -337,7 +338,7 @@ class Trainer:
             "mean": list(spec.mean),
             "std": list(spec.std),
             "granularity": self.policy.granularity,
-            "method": "dense" if cfg.dense else cfg.method,
+            "method": DENSE if cfg.dense else cfg.method,
             "density": {"target": 1.0 if cfg.dense else cfg.density,
                         "achieved": self.policy.density()},
             "layer_densities": self.policy.layer_densities(),

@@ -30,7 +30,8 @@ from dnr_deploy.export.errors import ExportCheckFailed, ExportError
 from dnr_deploy.export.source import SourceRun, load_source
 from dnr_deploy.files import FolderTaken, publish_folder
 from dnr_deploy.sizes import size_figures
-from dnr_deploy.sparsity.masks import Granularity
+from dnr_deploy.sparsity import surgery
+from dnr_deploy.sparsity.masks import DENSE, Granularity
 
 
 class ExportFormat(str, Enum):
@@ -136,14 +137,14 @@ def export_run(config: ExportConfig) -> DeployResult:
 
 
 def _granularity_name(source: SourceRun) -> str:
-    return source.granularity.value if source.granularity else "dense"
+    return source.granularity.value if source.granularity else DENSE
 
 
 def _build_dense_net(source, x, reference, work, config) -> tuple[nn.Module, dict, dict]:
     """Channel and dense runs: a dense network (shrunk for channel runs) as ONNX + weights."""
     if source.granularity is Granularity.CHANNEL:
         groups = list(source.layout.groups.values())
-        net, history = channel.shrink_model(source.model, groups, source.channel_masks,
+        net, history = surgery.shrink_model(source.model, groups, source.channel_masks,
                                             source.example)
         check = onnx_io.compare_logits(reference, onnx_io.torch_logits(net, x))
         if not check.passes(config.shrink_atol):

@@ -10,6 +10,7 @@ from torch import nn
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export import channel, csr
 from dnr_deploy.models import create_model, list_models
+from dnr_deploy.sparsity import surgery
 
 
 def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Module:
@@ -45,9 +46,9 @@ def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Modul
         else:  # a shrunk model is smaller than the full one: the same bound holds
             state, history = channel.load_state(deploy_dir, csr.weights_bytes_limit(shapes))
             if history:
-                channel.replay_pruning(model, history, torch.zeros(1, *info["input_shape"]))
+                surgery.replay_pruning(model, history, torch.zeros(1, *info["input_shape"]))
         model.load_state_dict(state)
-    except (csr.CsrError, channel.ShrinkError) as err:
+    except (csr.CsrError, surgery.ShrinkError) as err:
         raise manifest.ManifestError(str(err)) from None
     except (AttributeError, IndexError, KeyError, RuntimeError, ValueError) as err:
         raise manifest.ManifestError(

@@ -11,11 +11,17 @@ from torch import nn
 
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.data import SPECS, parse_dataset
-from dnr_deploy.export import channel
 from dnr_deploy.export.errors import ExportError
 from dnr_deploy.models import create_model, list_models
+from dnr_deploy.sparsity import surgery
 from dnr_deploy.sparsity.groups import ChannelLayout, find_channel_groups
-from dnr_deploy.sparsity.masks import Granularity, Masks, apply_masks, prunable_weights
+from dnr_deploy.sparsity.masks import (
+    DENSE,
+    Granularity,
+    Masks,
+    apply_masks,
+    prunable_weights,
+)
 
 
 @dataclass
@@ -67,11 +73,11 @@ def load_source(run_dir: Path) -> SourceRun:
             f"checkpoint weights do not fit run.json's model: {str(err).splitlines()[0]}"
         ) from None
     example = torch.zeros(1, *shape)
-    kinds = [g.value for g in Granularity] + ["dense"]
+    kinds = [g.value for g in Granularity] + [DENSE]
     kind = run.get("granularity")
     if kind not in kinds:
         raise ExportError(f"run.json granularity {kind!r} is unknown; known: {', '.join(kinds)}")
-    source = SourceRun(run_dir, run, model.eval(), None if kind == "dense" else Granularity(kind),
+    source = SourceRun(run_dir, run, model.eval(), None if kind == DENSE else Granularity(kind),
                        example, {})
     policy = state.get("policy") or {}
     try:
@@ -79,13 +85,13 @@ def load_source(run_dir: Path) -> SourceRun:
             source.masks = _irregular_masks(model, policy["masks"])
         elif source.granularity is Granularity.CHANNEL:
             groups = find_channel_groups(model, example)
-            channel.check_channel_masks(groups, policy["channel_masks"])
+            surgery.check_channel_masks(groups, policy["channel_masks"])
             source.layout = ChannelLayout(model, groups)
             source.channel_masks = policy["channel_masks"]
             source.masks = source.layout.param_masks(source.channel_masks)
     except KeyError as err:
         raise ckpt.CheckpointError(f"checkpoint policy state lacks {err}") from None
-    except channel.ShrinkError as err:
+    except surgery.ShrinkError as err:
         raise ExportError(str(err)) from None
     apply_masks(model, source.masks)
     return source

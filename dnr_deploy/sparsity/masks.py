@@ -23,8 +23,13 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 class Granularity(str, Enum):
+    """What a run prunes: single weights or whole output channels."""
+
     IRREGULAR = "irregular"
     CHANNEL = "channel"
+
+
+DENSE = "dense"  # the granularity run.json and the manifest record for a run that prunes nothing
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -12,6 +12,7 @@ from torch import nn
 
 from dnr_deploy.sparsity.groups import ChannelLayout, ChannelMasks, find_channel_groups
 from dnr_deploy.sparsity.masks import (
+    DENSE,
     Granularity,
     Masks,
     apply_masks,
@@ -32,7 +33,7 @@ from dnr_deploy.sparsity.rewire import (
 class DensePolicy:
     """No masks: every hook is a no-op."""
 
-    granularity: str = "dense"
+    granularity: str = DENSE
 
     def on_step_end(self, model: nn.Module) -> None:
         """Runs after every optimizer step."""
