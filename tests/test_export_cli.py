@@ -19,8 +19,8 @@ from dnr_deploy.cli import export_main
 from dnr_deploy.deploydir import manifest
 from dnr_deploy.export import load_deployed_model, load_source
 from dnr_deploy.export import onnx as onnx_io
+from tests.factories import write_fake_run
 from tests.helpers import REPO, assert_clean_failure, run_cli
-from tests.test_export_irregular import write_fake_run
 
 
 def export(argv: list[str], capsys) -> tuple[int, str, str]:

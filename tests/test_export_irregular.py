@@ -2,61 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 import torch
 from torch import nn
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import data
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export import ExportConfig, csr, export_run, load_deployed_model, load_source
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.models import create_model
-from dnr_deploy.report import deployment_figures
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
-from dnr_deploy.sparsity.policy import ChannelDNR, DensePolicy, IrregularDNR
-from tests.factories import randomize_norms
-
-
-def write_fake_run(run_dir: Path, granularity: str = "irregular", density: float = 0.05) -> dict:
-    """A finished run dir as dnr-compress writes it (digits, `small` net), without training:
-    random weights and masks, but the same checkpoint and run.json contract. Returns run.json."""
-    spec = data.SPECS[data.DatasetName.DIGITS]
-    torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(0)
-    model = create_model("small", spec.num_classes, spec.input_shape[0], spec.mean, spec.std)
-    randomize_norms(model, generator)
-    example = torch.zeros(1, *spec.input_shape)
-    policy = {"irregular": lambda: IrregularDNR(model, density, generator),
-              "channel": lambda: ChannelDNR(model, density, generator, example),
-              "dense": DensePolicy}[granularity]()
-    model.eval()
-    config = {"model": "small", "dataset": "digits", "data_dir": None, "granularity": granularity,
-              "density": density, "epochs": 1}
-    ckpt.save_checkpoint(run_dir, {
-        "epoch": 1, "config": config, "model": model.state_dict(), "optimizer": {},
-        "policy": policy.state_dict(), "rng": {}, "history": [],
-    })
-    run = {
-        "format": "dnr-deploy/run/1", "config": config,
-        "model": {"name": "small", "num_classes": spec.num_classes,
-                  "in_chans": spec.input_shape[0]},
-        "input_shape": list(spec.input_shape), "input_range": [0.0, 1.0],
-        "num_classes": spec.num_classes, "mean": list(spec.mean), "std": list(spec.std),
-        "granularity": policy.granularity,
-        "density": {"target": density, "achieved": policy.density()},
-        "layer_densities": policy.layer_densities(),
-        **deployment_figures(model, policy, example),
-        "threat_model": {"norm": "Linf", "eps": spec.eps},
-        "accuracy": {"clean": 0.1, "fgsm": 0.1, "pgd7": 0.1, "pgd20": 0.1},
-        "checkpoint_sha256": ckpt.sha256_of(run_dir / ckpt.CHECKPOINT_NAME),
-    }
-    ckpt.write_json(run_dir / ckpt.RUN_JSON, run)
-    return run
+from tests.factories import randomize_norms, write_fake_run
 
 
 def masked_resnet(density: float) -> tuple[nn.Module, dict]:

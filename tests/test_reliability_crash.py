@@ -26,9 +26,9 @@ from dnr_deploy.deploydir import manifest
 from dnr_deploy.deploydir.manifest import MANIFEST_NAME, ManifestError
 from dnr_deploy.export import load_deployed_model
 from dnr_deploy.files import FolderTaken
+from tests.factories import write_fake_run
 from tests.helpers import cli_env
 from tests.reliability_support import assert_clean_error, call_main
-from tests.test_export_irregular import write_fake_run
 
 # clean training (fast epochs), a small final ensemble
 TRAIN = ["--beta", "1", "--eval-samples", "50", "--robust-eval-samples", "24", "--seed", "1"]

@@ -41,6 +41,7 @@ from dnr_deploy.export import ExportConfig, export_run, load_deployed_model
 from dnr_deploy.export import deploy as deploy_module
 from dnr_deploy.trainer import Trainer, compress
 from dnr_deploy.training import CompressConfig
+from tests.factories import write_fake_run
 from tests.reliability_support import (
     COUNTS,
     Accepted,
@@ -52,7 +53,6 @@ from tests.reliability_support import (
     time_limit,
     working_dir,
 )
-from tests.test_export_irregular import write_fake_run
 
 # Bounded: examples per test (DNR_FUZZ_EXAMPLES overrides, e.g. 300 for a long hunt), a fixed
 # seed (the same inputs every run), no example database. Each call also has a time limit.

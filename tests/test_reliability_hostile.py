@@ -22,10 +22,9 @@ from dnr_deploy.cli import compress_main, export_main
 from dnr_deploy.deploydir import names
 from dnr_deploy.deploydir.manifest import MANIFEST_FORMAT, MANIFEST_NAME, ManifestError
 from dnr_deploy.export import csr, load_deployed_model
+from tests.factories import make_deploy_dir, write_fake_run
 from tests.helpers import assert_clean_failure, run_cli
 from tests.reliability_support import assert_clean_error, call_main, rehash
-from tests.test_export_irregular import write_fake_run
-from tests.test_runtime_cli import make_deploy_dir
 
 
 class Payload:

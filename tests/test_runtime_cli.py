@@ -10,81 +10,16 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from dnr_deploy.checkpoint import write_json
 from dnr_deploy.cli import bench_main, verify_main
-from dnr_deploy.deploydir.manifest import MANIFEST_FORMAT, ManifestError, write_manifest
+from dnr_deploy.deploydir.manifest import ManifestError, write_manifest
 from dnr_deploy.deploydir.opening import open_deploy_dir
 from dnr_deploy.runtime import onnx_torch
 from dnr_deploy.runtime.verify import VerifyConfig, verify
+from tests.factories import make_deploy_dir
 from tests.helpers import assert_clean_failure, run_cli
-
-
-def tiny_graph(seed: int, softmax: bool = False, zero: bool = False) -> onnx.ModelProto:
-    """A digits-shaped net written directly as ONNX (the export contract's names and dynamic
-    batch): Sub/Div normalization, Conv, Relu, MaxPool, ReduceMean, Reshape, Gemm."""
-    rng = np.random.default_rng(seed)
-    scale = 0.0 if zero else 1.0
-    inits = {
-        "mean": np.full((1, 1, 1, 1), 0.3, np.float32), "std": np.full((1, 1, 1, 1), 0.38,
-                                                                       np.float32),
-        "w": (scale * rng.standard_normal((16, 1, 3, 3))).astype(np.float32),
-        "b": (0.1 * rng.standard_normal(16)).astype(np.float32),
-        "axes": np.array([-1, -2], np.int64), "shape": np.array([-1, 16], np.int64),
-        "fc": (scale * rng.standard_normal((10, 16))).astype(np.float32),
-        "fc_b": (0.1 * rng.standard_normal(10)).astype(np.float32),
-    }
-    last = "probs" if softmax else "logits"
-    nodes = [
-        helper.make_node("Sub", ["input", "mean"], ["s"]),
-        helper.make_node("Div", ["s", "std"], ["d"]),
-        helper.make_node("Conv", ["d", "w", "b"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("ReduceMean", ["p", "axes"], ["m"], keepdims=1),
-        helper.make_node("Reshape", ["m", "shape"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc", "fc_b"], [last], transB=1),
-    ]
-    if softmax:
-        nodes.append(helper.make_node("Softmax", ["probs"], ["logits"], axis=-1))
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    return model
-
-
-def make_deploy_dir(folder: Path, robust: float | None = 0.0, eps: float = 0.2,
-                    **graph) -> Path:
-    """A deploy dir as dnr-export writes it (model.onnx, baseline.onnx, manifest.json with the
-    sha256 of each), whose source run's run.json names the digits dataset. `robust`: the
-    training side's AutoAttack-grade figure (None: a manifest from before it existed)."""
-    accuracy = {"clean": 0.1, "fgsm": 0.1, "pgd7": 0.1, "pgd20": 0.1}
-    if robust is not None:
-        accuracy["autoattack"] = robust
-    run_dir = folder.parent / f"{folder.name}_run"
-    write_json(run_dir / "run.json", {"config": {"dataset": "digits", "data_dir": None}})
-    folder.mkdir(parents=True)
-    onnx.save(tiny_graph(0, **graph), str(folder / "model.onnx"))
-    onnx.save(tiny_graph(1), str(folder / "baseline.onnx"))
-    write_manifest(folder, {
-        "format": MANIFEST_FORMAT, "source_run": {"dir": str(run_dir)},
-        "model": {"name": "tiny", "num_classes": 10, "in_chans": 1}, "input_shape": [1, 8, 8],
-        "input_range": [0.0, 1.0], "num_classes": 10, "granularity": "channel",
-        "threat_model": {"norm": "Linf", "eps": eps},
-        "accuracy": accuracy,
-        "robustness": {"images": 360, "protocol": {"attack": "autoattack", "apgd_steps": 100}},
-        "params": {"dense": 330, "deployed": 330},
-        "macs": {"dense": 20000, "executed": 10000, "nonzero": 10000},
-    })
-    return folder
 
 
 @pytest.fixture
