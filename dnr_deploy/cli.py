@@ -10,7 +10,13 @@ import argparse
 import sys
 
 from dnr_deploy.checkpoint import CheckpointError
-from dnr_deploy.config import OneLineParser, RecipeError, add_dataclass_flags, fail, load_recipe
+from dnr_deploy.config import (
+    OneLineParser,
+    RecipeError,
+    add_dataclass_flags,
+    config_from,
+    fail,
+)
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -74,11 +80,7 @@ def compress_config_from(args: argparse.Namespace):
     its default from the checkpoint (`training.merge_resume`), as it does for library calls."""
     from dnr_deploy.training import CompressConfig
 
-    settings = dict(vars(args))
-    recipe = settings.pop("config", None)
-    base = load_recipe(recipe, CompressConfig) if recipe else {}
-    base.update(settings)
-    return CompressConfig(**base)
+    return config_from(args, CompressConfig)
 
 
 def compress_main(argv: list[str] | None = None) -> int:
@@ -151,11 +153,7 @@ def export_config_from(args: argparse.Namespace):
     """Defaults <- deployment profile <- flags."""
     from dnr_deploy.export import ExportConfig
 
-    settings = dict(vars(args))
-    profile = settings.pop("config", None)
-    base = load_recipe(profile, ExportConfig) if profile else {}
-    base.update(settings)
-    return ExportConfig(**base)
+    return config_from(args, ExportConfig)
 
 
 def export_main(argv: list[str] | None = None) -> int:

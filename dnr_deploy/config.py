@@ -119,6 +119,16 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
     raise RecipeError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
 
 
+def config_from(args: argparse.Namespace, cls: type) -> Any:
+    """`cls` from its defaults, then the YAML file of `--config` (a recipe or profile), then
+    the flags the user typed (flags win)."""
+    settings = dict(vars(args))
+    recipe = settings.pop("config", None)
+    base = load_recipe(recipe, cls) if recipe else {}
+    base.update(settings)
+    return cls(**base)
+
+
 def fail(prog: str, message: object, code: int = 2) -> int:
     """Print the one-line error every console script uses and return its exit code (line
     breaks inside `message`, e.g. from a library's error text, become spaces)."""
