@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import types
 import typing
@@ -25,7 +26,18 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line on stderr and exit code 2."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} (see --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """"; did you mean --x?" for a mistyped flag (argparse does this from Python 3.14)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [flag for action in self._actions for flag in action.option_strings]
+        for word in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+            if word.startswith("--") and close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def field_type(cls: type, name: str) -> type:
@@ -83,7 +95,8 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     except RecursionError:
         raise RecipeError(f"recipe {str(path)!r} nests too deeply to be a recipe") from None
     if data is None:
-        return {}
+        raise RecipeError(f"recipe {str(path)!r} is empty; write setting: value lines, or drop "
+                          "--config")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of setting: value")
     known = {f.name: f for f in dataclasses.fields(cls)}

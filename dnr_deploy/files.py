@@ -35,12 +35,19 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600: one policy, the umask's
         _fsync(tmp)  # the data reaches the disk before the name does (power loss, not kill)
         os.replace(tmp, path)
         if os.name == "posix":
             _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
@@ -139,13 +146,9 @@ def publish_folder(work: Path, out: Path, force: bool) -> None:
 
 
 def _open_permissions(folder: Path) -> None:
-    """Give the finished folder the umask's usual modes: mkdtemp and the atomic writes create
-    owner-only files, but a deploy dir is meant to be shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for file in folder.iterdir():
-        os.chmod(file, 0o666 & ~umask)
+    """Give the finished folder the umask's usual mode (mkdtemp makes it owner-only); its
+    files already have theirs (`write_atomic`)."""
+    os.chmod(folder, 0o777 & ~_umask())
 
 
 def _move_into_place(work: Path, out: Path, force: bool) -> None:

@@ -190,6 +190,16 @@ def test_empty_data_folder_and_corrupt_checkpoint_fail_cleanly(in_tmp):
     assert sorted(p.name for p in in_tmp.iterdir()) == ["empty", "other.pt", "truncated.pt"]
 
 
+def test_an_empty_or_non_mapping_recipe_is_bad_input(in_tmp, capsys):
+    (in_tmp / "empty.yaml").write_text("# nothing here\n")
+    (in_tmp / "list.yaml").write_text("- density\n")
+    for name in ("empty.yaml", "list.yaml"):
+        assert compress_main(["--config", name]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and name in err, err
+    assert not (in_tmp / "runs").exists()
+
+
 def test_recipe_then_flags_win(in_tmp):
     from dnr_deploy.cli import build_compress_parser, compress_config_from
 

@@ -5,6 +5,7 @@ a manifest that does not match, an unknown provider, eps outside (0, 1])."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -276,3 +277,21 @@ def test_compress_export_bench_verify_end_to_end(tmp_path):
     alone = run_cli(["verify", str(moved), "--n", "40", "--no-gate", "--json"], cwd=tmp_path)
     assert alone.returncode == 0, alone.stderr
     assert json.loads(alone.stdout)["images"]["dataset_from"] == "manifest"
+
+
+def test_flag_typos_get_a_suggestion_and_bad_batch_lists_are_refused(deploy, capsys):
+    typo = call(bench_main, [str(deploy), "--treads", "1"], capsys)
+    assert_clean_failure(typo, 2)
+    assert "did you mean --threads?" in typo.stderr
+    for batch in ("1,,64", "1,x", ""):
+        result = call(bench_main, [str(deploy), "--batch", batch], capsys)
+        assert_clean_failure(result, 2)
+        assert "--batch must be positive integers" in result.stderr
+
+
+def test_report_files_share_one_mode_policy(deploy, capsys):
+    assert call(bench_main, [str(deploy), *FAST_BENCH], capsys).returncode == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (deploy / "reports").iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name

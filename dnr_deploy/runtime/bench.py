@@ -61,8 +61,8 @@ class BenchConfig:
         """Raises:
             BenchError: not a comma-separated list of positive integers."""
         try:
-            sizes = [int(part) for part in str(self.batch).split(",") if part.strip()]
-        except ValueError:
+            sizes = [int(part) for part in str(self.batch).split(",")]
+        except ValueError:  # "1,,64" and "1,x" alike
             sizes = []
         if not sizes or min(sizes) < 1:
             raise BenchError(f"--batch must be positive integers separated by commas, e.g. 1,64; "
@@ -98,6 +98,7 @@ class _Target:
     bytes: int
     params: int | None
     macs: int | None
+    shown: str = ""  # how the table names it (another deploy dir's model.onnx needs its folder)
 
 
 def time_sessions(sessions: dict, x: np.ndarray, warmup: int, runs: int) -> dict[str, dict]:
@@ -147,8 +148,8 @@ def bench(config: BenchConfig) -> BenchResult:
     inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in config.batch_sizes()}
     timed = {b: time_sessions({label: s for label, (s, _) in sessions.items()}, x,
                               config.warmup, config.runs) for b, x in inputs.items()}
-    models = {t.label: {"file": t.path.name, "path": str(t.path.resolve()), "bytes": t.bytes,
-                        "params": t.params, "macs": t.macs,
+    models = {t.label: {"file": t.shown or t.path.name, "path": str(t.path.resolve()),
+                        "bytes": t.bytes, "params": t.params, "macs": t.macs,
                         "latency": {str(b): timed[b][t.label] for b in inputs}}
               for t in targets}
     report = {
@@ -195,7 +196,8 @@ def _baseline_target(deploy: deploydir.DeployDir, other: str | None) -> _Target 
         raise BenchError(f"--baseline {other!r} takes {base.manifest['input_shape']} inputs, the "
                          f"deployed model {deploy.manifest['input_shape']}")
     target = _model_target(base)
-    return _Target("baseline", target.path, target.bytes, target.params, target.macs)
+    return _Target("baseline", target.path, target.bytes, target.params, target.macs,
+                   shown=f"{base.path.name}/{target.path.name}")
 
 
 def _compare(models: dict, manifest: dict) -> dict:
