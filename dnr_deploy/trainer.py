@@ -29,9 +29,15 @@ from dnr_deploy.evaluation import (
     terminal_progress,
 )
 from dnr_deploy.models import create_model
-from dnr_deploy.report import deployment_figures, plot_layer_densities, plot_training
+from dnr_deploy.report import (
+    deployment_figures,
+    layer_labels,
+    plot_layer_densities,
+    plot_training,
+)
 from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
+from dnr_deploy.sparsity.schedule import RewireSchedule
 from dnr_deploy.training import (
     RESUME_FIXED,
     RUN_FORMAT,
@@ -288,32 +294,54 @@ class Trainer:
             group["lr"] = lr_at(epoch, cfg.epochs, cfg.lr)
         started = time.perf_counter()
         attack_model = self.model if self.context.enabled else None
+        rewires: list[dict] = []
+
+        def after_step(batch: int) -> None:
+            rewires.extend(self._rewire_if_due(epoch * len(loader) + batch + 1,
+                                               cfg.epochs * len(loader)))
+
         losses = train_one_epoch(self.train_model, loader, self.optimizer, HybridObjective(cfg),
-                                 self.policy, self.device, attack_model)
+                                 self.policy, self.device, attack_model, after_step)
         losses = ddp.mean_across_ranks(self.context, losses, self.device)
-        train_seconds = time.perf_counter() - started
+        rewire_seconds = sum(r.pop("seconds") for r in rewires)
+        train_seconds = time.perf_counter() - started - rewire_seconds
         accuracy = {"clean": float("nan"), "pgd": float("nan")}
         if self.context.is_main:
             x_eval, y_eval = test_subset(self.bundle, cfg.eval_samples)
             attack = {"pgd": lambda m, x, y, _i: pgd(m, x, y, cfg.eps, cfg.pgd_step_size,
                                                      cfg.pgd_steps)}
             accuracy = evaluate(self.model, x_eval, y_eval, attack, self.device)
-        rewire: dict[str, float] = {}
-        started = time.perf_counter()
-        if epoch < cfg.epochs - 1:  # never rewire after the last epoch: nothing would train it
-            rewire = self.policy.on_epoch_end(self.model, self.optimizer, epoch, cfg.epochs)
-            after = f"after the rewire of epoch {epoch + 1}"
-            ddp.check_agreement(self.context, getattr(self.policy, "masks", {}), f"masks {after}")
-            # Parameters, not buffers: BN running statistics differ per shard until DDP
-            # broadcasts rank 0's at the next forward.
-            params = {n: p.detach() for n, p in self.model.named_parameters()}
-            ddp.check_agreement(self.context, params, f"weights {after}")
-        rewire_seconds = time.perf_counter() - started
+        extra: dict = {}
+        if epoch < cfg.epochs - 1:  # magnitude pruning's one step: never after the last epoch
+            extra = self.policy.on_epoch_end(self.model, self.optimizer, epoch, cfg.epochs)
+            self._check_ranks_agree(f"the end of epoch {epoch + 1}")
         return {"epoch": epoch + 1, **losses, "clean_acc": accuracy["clean"],
                 "pgd_acc": accuracy["pgd"], "density": self.policy.density(),
                 "lr": lr_at(epoch, cfg.epochs, cfg.lr), "train_seconds": train_seconds,
-                "rewire_seconds": rewire_seconds, **rewire,
+                "rewire_seconds": rewire_seconds, **extra, "rewires": rewires,
                 "layer_densities": self.policy.layer_densities()}
+
+    def _rewire_if_due(self, step: int, total_steps: int) -> list[dict]:
+        """The rewire after optimizer step `step`, if the schedule has one: [its record]."""
+        cfg = self.config
+        fraction = RewireSchedule(cfg.rewire_every, cfg.prune_rate,
+                                  cfg.rewire_until).rate_at(step, total_steps)
+        if fraction is None:
+            return []
+        started = time.perf_counter()
+        record = self.policy.rewire(self.model, self.optimizer, fraction)
+        if not record:
+            return []
+        self._check_ranks_agree(f"the rewire after step {step}")
+        return [{"step": step, **record, "seconds": time.perf_counter() - started}]
+
+    def _check_ranks_agree(self, when: str) -> None:
+        """Under torchrun, every rank must hold the same masks and weights after a rewire."""
+        ddp.check_agreement(self.context, getattr(self.policy, "masks", {}), f"masks after {when}")
+        # Parameters, not buffers: BN running statistics differ per shard until DDP
+        # broadcasts rank 0's at the next forward.
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        ddp.check_agreement(self.context, params, f"weights after {when}")
 
     def _finish(self, run_dir: Path) -> dict:
         cfg, spec = self.config, self.bundle.spec
@@ -354,8 +382,12 @@ class Trainer:
         }
         ckpt.write_json(run_dir / ckpt.RUN_JSON, summary)
         plots = run_dir / "plots"
-        plot_training(plots / "training.png", self.history)
+        labels = layer_labels(self.model, list(summary["layer_densities"]))
+        plot_training(plots / "training.png", self.history, labels)
         if summary["layer_densities"]:
+            params = dict(self.model.named_parameters())
+            sizes = {n: params[n].numel() if n in params else 0
+                     for n in summary["layer_densities"]}
             plot_layer_densities(plots / "layer_densities.png", summary["layer_densities"],
-                                 cfg.density)
+                                 cfg.density, labels, sizes)
         return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,7 +19,7 @@ from dnr_deploy.checkpoint import CheckpointError
 from dnr_deploy.config import RecipeError, coerce
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.models import list_models
-from dnr_deploy.sparsity.masks import Granularity
+from dnr_deploy.sparsity.masks import Granularity, Init
 from dnr_deploy.sparsity.policy import (
     ChannelDNR,
     DensePolicy,
@@ -26,6 +27,8 @@ from dnr_deploy.sparsity.policy import (
     MagnitudePrune,
     StaticSparse,
 )
+from dnr_deploy.sparsity.rewire import Redistribution
+from dnr_deploy.sparsity.schedule import RewireSchedule
 
 RUN_FORMAT = "dnr-deploy/run/1"
 
@@ -65,6 +68,12 @@ class CompressConfig:
     method: str = Method.DNR.value
     density: float = 0.05
     dense: bool = False  # no pruning: plain PGD adversarial training, the baseline
+    # DNR's rewiring schedule, in optimizer steps and fractions of training (sparsity/schedule.py)
+    rewire_every: int = 50  # optimizer steps between rewires
+    prune_rate: float = 0.3  # fraction of each layer's active weights pruned at the first rewire
+    rewire_until: float = 0.75  # fraction of training after which the topology is frozen
+    redistribution: str = Redistribution.MOMENTUM.value  # "momentum" (DNR) or "none"
+    init: str = Init.UNIFORM.value  # first masks: "uniform" or "erk" (Evci et al. 2020)
     beta: float = 0.5  # weight of the clean loss; 1 - beta goes to the adversarial loss
     epochs: int = 20
     batch_size: int = 64
@@ -112,6 +121,12 @@ class CompressConfig:
             raise ConfigError(
                 f"density must be in (0, 1] (the fraction of weights kept), got {self.density}"
             )
+        try:
+            RewireSchedule(self.rewire_every, self.prune_rate, self.rewire_until)
+            Redistribution(self.redistribution)
+            Init(self.init)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
         for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "robust_eval_samples",
@@ -190,6 +205,7 @@ def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressC
 
 # Fields that define what a checkpoint is; a resume must not change them.
 RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
+                "rewire_every", "prune_rate", "rewire_until", "redistribution", "init",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
                 "pgd_step_size", "seed", "attack_bn")
 
@@ -242,8 +258,11 @@ def train_one_epoch(
     policy: DensePolicy,
     device: torch.device,
     attack_model: nn.Module | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean of every loss the objective reports.
+    `after_step(batch_index)` runs after each optimizer step and mask re-application (the
+    trainer rewires there when the schedule says so).
 
     Raises:
         TrainingDiverged: a loss that is NaN or infinite.
@@ -261,6 +280,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         policy.on_step_end(model if attack_model is None else attack_model)
+        if after_step is not None:
+            after_step(batches)
         for key, value in result.items():
             if key.startswith("loss"):
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -281,8 +302,11 @@ def build_policy(
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.granularity == Granularity.CHANNEL.value:
         return ChannelDNR(model, config.density, generator, example_input)
-    policies = {Method.DNR: IrregularDNR, Method.STATIC: StaticSparse,
-                Method.MAGNITUDE: MagnitudePrune}
-    return policies[Method(config.method)](model, config.density, generator)
+    method = Method(config.method)
+    if method is Method.DNR:
+        return IrregularDNR(model, config.density, generator, config.init, config.redistribution)
+    if method is Method.STATIC:
+        return StaticSparse(model, config.density, generator, config.init)
+    return MagnitudePrune(model, config.density, generator)
 
 

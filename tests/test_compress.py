@@ -243,5 +243,5 @@ def test_paper_models_train_two_batches_at_32x32(name, granularity):
     for pname, mask in policy.masks.items():
         assert torch.count_nonzero(params[pname][~mask]) == 0
     density = policy.density()
-    policy.on_epoch_end(model, optimizer, 0, 10)
+    policy.rewire(model, optimizer, 0.5)
     assert policy.density() == pytest.approx(density, abs=0.005)

@@ -41,16 +41,45 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+class Init(str, Enum):
+    """How a run's first masks spread the budget over layers."""
+
+    UNIFORM = "uniform"  # every layer at the target density
+    ERK = "erk"  # Erdos-Renyi-Kernel (Evci et al. 2020): small layers denser, large sparser
+
+
+def erk_shares(weights: dict[str, torch.Tensor], density: float) -> dict[str, float]:
+    """Per-layer density of the ERK init: proportional to (sum of a weight's dims) / (product
+    of its dims), scaled so the total is `density`, with layers that would exceed 1 made dense
+    and the rest rescaled (the reference's iterative rule)."""
+    sizes = {name: w.numel() for name, w in weights.items()}
+    raw = {name: sum(w.shape) / w.numel() for name, w in weights.items()}
+    dense: set[str] = set()
+    while True:
+        budget = density * sum(sizes.values()) - sum(sizes[n] for n in dense)
+        rest = {n: raw[n] * sizes[n] for n in sizes if n not in dense}
+        scale = budget / max(sum(rest.values()), 1e-12)
+        over = [n for n in rest if scale * raw[n] > 1.0]
+        if not over:
+            return {n: 1.0 if n in dense else scale * raw[n] for n in sizes}
+        dense.update(over)
+
+
 def random_masks(
-    weights: dict[str, torch.Tensor], density: float, generator: torch.Generator
+    weights: dict[str, torch.Tensor], density: float, generator: torch.Generator,
+    init: str = Init.UNIFORM.value,
 ) -> Masks:
-    """Each layer random at `density`, and exactly round(density * total) active overall.
+    """Random masks with exactly round(density * total) active weights overall, each layer at
+    `density` (uniform) or at its ERK density.
 
     Per-layer counts are rounded down, then the remainder goes one weight each to the layers with
     the largest rounding loss, so the global count is exact from the first step.
     """
     sizes = {name: w.numel() for name, w in weights.items()}
-    counts = split_budget(round(density * sum(sizes.values())), sizes, sizes)
+    per_layer = erk_shares(weights, density) if Init(init) is Init.ERK else \
+        dict.fromkeys(sizes, density)
+    counts = split_budget(round(density * sum(sizes.values())),
+                          {n: per_layer[n] * sizes[n] for n in sizes}, sizes)
     masks = {}
     for name, weight in weights.items():
         order = torch.randperm(weight.numel(), generator=generator)

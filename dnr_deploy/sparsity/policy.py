@@ -1,8 +1,8 @@
 """Sparsity policies: the hooks the one training loop calls to keep a network sparse.
 
-The loop owns the order (step, then `on_step_end`; epoch, then `on_epoch_end` unless it was the
-last); a policy owns the masks and how they change. `DensePolicy` is the no-op base, which is
-also the `--dense` baseline.
+The loop owns the order (step, then `on_step_end`, then `rewire` when the schedule says so;
+epoch, then `on_epoch_end` unless it was the last); a policy owns the masks and how they
+change. `DensePolicy` is the no-op base, which is also the `--dense` baseline.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dnr_deploy.sparsity.masks import (
     random_masks,
 )
 from dnr_deploy.sparsity.rewire import (
-    prune_rate,
+    Redistribution,
     random_channel_masks,
     rewire_channels,
     rewire_irregular,
@@ -42,6 +42,13 @@ class DensePolicy:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, epochs: int
     ) -> dict[str, float]:
         """Runs after every epoch but the last; returns figures worth logging."""
+        return {}
+
+    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float
+               ) -> dict:
+        """Runs after the optimizer steps the rewiring schedule picks; `fraction` of each
+        layer's active weights is pruned and regrown. Returns what the rewire did (per-layer
+        densities and regrowth shares) for metrics.jsonl, {} for policies that never rewire."""
         return {}
 
     def state_dict(self) -> dict:
@@ -72,11 +79,12 @@ class StaticSparse(DensePolicy):
 
     granularity = Granularity.IRREGULAR.value
 
-    def __init__(self, model: nn.Module, density: float, generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
+                 init: str = "uniform") -> None:
         self.generator = generator
         self.weights = prunable_weights(model)
         cpu_weights = {n: w.detach().cpu() for n, w in self.weights.items()}
-        self.masks = self._to_device(random_masks(cpu_weights, density, generator))
+        self.masks = self._to_device(random_masks(cpu_weights, density, generator, init))
         apply_masks(model, self.masks)
 
     def _to_device(self, masks: Masks) -> Masks:
@@ -103,18 +111,24 @@ class StaticSparse(DensePolicy):
 
 
 class IrregularDNR(StaticSparse):
-    """Single-weight masks on every Conv2d and Linear weight, rewired once per epoch."""
+    """Single-weight masks on every Conv2d and Linear weight, rewired on the schedule."""
 
-    def on_epoch_end(self, model, optimizer, epoch, epochs):
-        fraction = prune_rate(epoch, epochs)
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
+                 init: str = "uniform",
+                 redistribution: str = Redistribution.MOMENTUM.value) -> None:
+        super().__init__(model, density, generator, init)
+        self.redistribution = redistribution
+
+    def rewire(self, model, optimizer, fraction):
         cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
-        rewired, _ = rewire_irregular(
-            cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks), fraction
-        )
+        rewired, shares = rewire_irregular(
+            cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks),
+            fraction, self.redistribution)
         self.masks = self._to_device(rewired)
         # Regrown weights start at zero (they were masked), so the function is unchanged.
         apply_masks(model, self.masks)
-        return {"prune_fraction": fraction}
+        return {"prune_fraction": fraction, "layer_densities": self.layer_densities(),
+                "regrowth_shares": shares}
 
 
 class MagnitudePrune(StaticSparse):
@@ -165,15 +179,14 @@ class ChannelDNR(DensePolicy):
     def on_step_end(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
 
-    def on_epoch_end(self, model, optimizer, epoch, epochs):
-        fraction = prune_rate(epoch, epochs)
+    def rewire(self, model, optimizer, fraction):
         params = {n: p.detach().cpu() for n, p in self.params.items()}
         momenta = {n: m.cpu() for n, m in momenta_of(optimizer, self.params).items()}
         rows = self.layout.unit_rows
-        weight_rows = {g: rows(params, g, filters_only=True) for g in self.layout.groups}
+        importance = {g: self._importance(params, g) for g in self.layout.groups}
         momentum_rows = {g: rows(momenta, g, filters_only=False) for g in self.layout.groups}
-        rewired, _ = rewire_channels(
-            weight_rows, momentum_rows, self.channel_masks, fraction, self._count, self.target,
+        rewired, shares = rewire_channels(
+            importance, momentum_rows, self.channel_masks, fraction, self._count, self.target,
             self.generator,
         )
         grown = {g: rewired[g] & ~self.channel_masks[g] for g in rewired}
@@ -181,7 +194,19 @@ class ChannelDNR(DensePolicy):
         self._reinitialize(model, grown)
         self._update_masks()
         apply_masks(model, self.masks)
-        return {"prune_fraction": fraction}
+        return {"prune_fraction": fraction, "layer_densities": self.layer_densities(),
+                "regrowth_shares": shares}
+
+    def _importance(self, params: dict[str, torch.Tensor], group_name: str) -> torch.Tensor:
+        """Filter norm times |batch-norm scale| per channel: the norm that follows a conv
+        divides its filter's scale out, so the filter norm alone ranks nothing; gamma is what
+        the channel actually contributes."""
+        filters = self.layout.unit_rows(params, group_name, filters_only=True).norm(dim=1)
+        norms = self.layout.groups[group_name].norms
+        if not norms:
+            return filters
+        gamma = torch.stack([params[f"{n}.weight"].abs() for n in norms]).mean(dim=0)
+        return filters * gamma
 
     @torch.no_grad()
     def _reinitialize(self, model: nn.Module, grown: ChannelMasks) -> None:
