@@ -30,6 +30,7 @@ METHODS: dict[str, dict] = {
     "dnr-irregular": {"method": "dnr", "granularity": "irregular"},
     "dnr-channel": {"method": "dnr", "granularity": "channel"},
     "static": {"method": "static", "granularity": "irregular"},
+    "static-channel": {"method": "static", "granularity": "channel"},
     "magnitude": {"method": "magnitude", "granularity": "irregular"},
 }
 
@@ -39,7 +40,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--workdir", default=str(RESULTS / "runs"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--square-queries", type=int, default=1000)
+    parser.add_argument("--square-queries", type=int, default=0,
+                        help="also Square alone at this budget (0: no; the ensemble has it)")
     return parser
 
 
@@ -53,7 +55,8 @@ def trained_run(workdir: str, method: str, density: float, seed: int, epochs: in
     """The run dir of these settings, training it first unless a finished one is cached."""
     settings = {**METHODS[method], "density": density, "seed": seed, "epochs": epochs, **extra}
     name = "-".join([method, f"d{density:g}", f"s{seed}", f"e{epochs}",
-                     *(f"{k}{v:g}" for k, v in sorted(extra.items()))])
+                     *(f"{k}{v:g}" if isinstance(v, float | int) else f"{k}{v}"
+                       for k, v in sorted(extra.items()))])
     run_dir = Path(workdir) / name
     if not (run_dir / "run.json").is_file():
         if run_dir.exists():  # an unfinished run from an interrupted benchmark: start over
@@ -105,10 +108,21 @@ def row_of(run_dir: Path, square_queries: int | None) -> dict:
         "train_s_per_epoch": summary["timing"]["train_seconds_per_epoch"],
         "rewire_s_total": summary["timing"]["rewire_seconds_total"],
         "epochs": summary["timing"]["epochs"],
+        "layer_densities": summary.get("layer_densities", {}),
+        "density_over_training": density_trace(run_dir),
     }
     if square_queries:
         row["square"] = square_accuracy(run_dir, square_queries)
     return row
+
+
+def density_trace(run_dir: Path) -> list[dict]:
+    """Per-layer densities and regrowth shares at every rewire, from metrics.jsonl."""
+    file = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in file.read_text().splitlines()] if file.is_file() else []
+    return [{"step": r["step"], "prune_fraction": r["prune_fraction"],
+             "layer_densities": r["layer_densities"], "regrowth_shares": r["regrowth_shares"]}
+            for row in rows for r in row.get("rewires", [])]
 
 
 def mean_std(values: list[float]) -> str:

@@ -25,6 +25,7 @@ from dnr_deploy.sparsity.policy import (
     DensePolicy,
     IrregularDNR,
     MagnitudePrune,
+    StaticChannels,
     StaticSparse,
 )
 from dnr_deploy.sparsity.rewire import Redistribution
@@ -37,7 +38,7 @@ class Method(str, Enum):
     """How sparsity is reached; each is one policy plugged into the same training loop."""
 
     DNR = "dnr"  # Dynamic Network Rewiring (this project's method)
-    STATIC = "static"  # random masks, never rewired
+    STATIC = "static"  # random masks (single weights or channel units), never rewired
     MAGNITUDE = "magnitude"  # dense half, global magnitude prune, fine-tune half
 
 
@@ -114,9 +115,10 @@ class CompressConfig:
         if self.method not in [m.value for m in Method]:
             allowed = ", ".join(m.value for m in Method)
             raise ConfigError(f"unknown method {self.method!r}; available: {allowed}")
-        if self.method != Method.DNR.value and self.granularity != Granularity.IRREGULAR.value:
-            raise ConfigError(f"--method {self.method} prunes single weights: use "
-                              "--granularity irregular (channel pruning is DNR's)")
+        if self.method == Method.MAGNITUDE.value and \
+                self.granularity != Granularity.IRREGULAR.value:
+            raise ConfigError("--method magnitude prunes single weights: use "
+                              "--granularity irregular (or --method static for random channels)")
         if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
             raise ConfigError(
                 f"density must be in (0, 1] (the fraction of weights kept), got {self.density}"
@@ -301,7 +303,8 @@ def build_policy(
         return DensePolicy()
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.granularity == Granularity.CHANNEL.value:
-        return ChannelDNR(model, config.density, generator, example_input)
+        channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
+        return channel_policy(model, config.density, generator, example_input)
     method = Method(config.method)
     if method is Method.DNR:
         return IrregularDNR(model, config.density, generator, config.init, config.redistribution)

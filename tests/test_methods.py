@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from dnr_deploy.models import create_model
 from dnr_deploy.sparsity.masks import global_magnitude_masks
-from dnr_deploy.sparsity.policy import MagnitudePrune, StaticSparse
-from dnr_deploy.training import CompressConfig, ConfigError
+from dnr_deploy.sparsity.policy import MagnitudePrune, StaticChannels, StaticSparse
+from dnr_deploy.training import CompressConfig, ConfigError, build_policy
 
 
 def tiny_model() -> nn.Module:
@@ -58,8 +59,15 @@ def test_magnitude_is_dense_for_half_then_prunes_once_and_holds():
         assert torch.count_nonzero(params[name][~mask]) == 0
 
 
-def test_baselines_are_irregular_only():
+def test_magnitude_is_irregular_only_and_static_channels_never_move():
     with pytest.raises(ConfigError, match="irregular"):
-        CompressConfig(method="static", granularity="channel").resolved()
+        CompressConfig(method="magnitude", granularity="channel").resolved()
+    config = CompressConfig(method="static", granularity="channel").resolved()
+    model = create_model("small", 10, 1, [0.3], [0.4])
+    policy = build_policy(config, model, torch.zeros(1, 1, 8, 8))
+    assert isinstance(policy, StaticChannels) and 0.045 < policy.density() <= 0.05
+    before = {n: m.clone() for n, m in policy.channel_masks.items()}
+    assert policy.rewire(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5) == {}
+    assert all(torch.equal(before[n], policy.channel_masks[n]) for n in before)
     with pytest.raises(ConfigError, match="unknown method"):
         CompressConfig(method="lottery").resolved()

@@ -246,3 +246,11 @@ class ChannelDNR(DensePolicy):
 
     def layer_densities(self) -> dict[str, float]:
         return self.layout.layer_densities(self.channel_masks)
+
+
+class StaticChannels(ChannelDNR):
+    """Random channel units filled to the same parameter budget as DNR's, never rewired: the
+    channel ablation that shows what rewiring buys."""
+
+    def rewire(self, model, optimizer, fraction):
+        return {}
