@@ -74,7 +74,7 @@ class CompressConfig:
     prune_rate: float = 0.3  # fraction of each layer's active weights pruned at the first rewire
     rewire_until: float = 0.75  # fraction of training after which the topology is frozen
     redistribution: str = Redistribution.MOMENTUM.value  # "momentum" (DNR) or "none"
-    init: str = Init.UNIFORM.value  # first masks: "uniform" or "erk" (Evci et al. 2020)
+    init: str = Init.ERK.value  # first masks: "erk" (Evci et al. 2020) or "uniform"
     beta: float = 0.5  # weight of the clean loss; 1 - beta goes to the adversarial loss
     epochs: int = 20
     batch_size: int = 64
