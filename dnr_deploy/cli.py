@@ -89,21 +89,15 @@ def compress_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.trainer import compress
     from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted
 
-    prog = "dnr-compress"
     args = build_compress_parser().parse_args(argv)
-    try:
-        run = compress(compress_config_from(args))
-    except (ConfigError, DataError, CheckpointError, RecipeError) as err:
-        return fail(prog, err, EXIT_BAD_INPUT)
-    except (TrainingDiverged, RankDisagreement) as err:
-        return fail(prog, err, EXIT_CHECK_FAILED)
-    except TrainingInterrupted as err:
-        return fail(prog, err, EXIT_INTERRUPTED)
-    except KeyboardInterrupt:  # outside the epochs: setup or the final evaluation
-        return fail(prog, "interrupted; a checkpoint already written is kept for --resume",
-                    EXIT_INTERRUPTED)
-    except OSError as err:  # e.g. --out on a read-only or full disk
-        return fail(prog, f"cannot write the run dir: {err}", EXIT_BAD_INPUT)
+    run = _guarded("dnr-compress", lambda: compress(compress_config_from(args)),
+                   (ConfigError, DataError, CheckpointError, RecipeError),
+                   (TrainingDiverged, RankDisagreement), (TrainingInterrupted,),
+                   # Ctrl-C outside the epochs: setup or the final evaluation
+                   "interrupted; a checkpoint already written is kept for --resume",
+                   "the run dir")
+    if isinstance(run, int):
+        return run
     print_run(run)
     return EXIT_OK
 
@@ -127,8 +121,6 @@ def print_run(run) -> None:
           f"{robustness['images']} test images: {acc['autoattack']:.4f}")
     for warning in robustness["warnings"]:
         print(f"  warning: {warning}")
-
-
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -161,23 +153,14 @@ def export_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.deploydir.manifest import ManifestError, format_summary
     from dnr_deploy.export import ExportCheckFailed, ExportError, export_run
 
-    prog = "dnr-export"
     args = build_export_parser().parse_args(argv)
-    try:
-        result = export_run(export_config_from(args))
-    except (ExportError, CheckpointError, DataError, RecipeError, ManifestError) as err:
-        return fail(prog, err, EXIT_BAD_INPUT)
-    except ExportCheckFailed as err:
-        return fail(prog, err, EXIT_CHECK_FAILED)
-    except KeyboardInterrupt:
-        return fail(prog, "interrupted; nothing was written", EXIT_INTERRUPTED)
-    except OSError as err:  # e.g. --out on a read-only or full disk
-        return fail(prog, f"cannot write the deploy dir: {err}", EXIT_BAD_INPUT)
+    result = _guarded("dnr-export", lambda: export_run(export_config_from(args)),
+                      (ExportError, CheckpointError, DataError, RecipeError, ManifestError),
+                      (ExportCheckFailed,), writing="the deploy dir")
+    if isinstance(result, int):
+        return result
     print(format_summary(result.dir, result.manifest))
     return EXIT_OK
-
-
-
 
 
 def _deploy_dir_parser(prog: str, description: str) -> OneLineParser:
@@ -202,27 +185,45 @@ def build_bench_parser() -> argparse.ArgumentParser:
 
 
 def bench_main(argv: list[str] | None = None) -> int:
-    import json
-
     from dnr_deploy.deploydir.manifest import ManifestError
     from dnr_deploy.deploydir.opening import DeployDirError
     from dnr_deploy.runtime.bench import BenchConfig, BenchError, bench, format_table
     from dnr_deploy.runtime.session import SessionError
 
-    prog = "dnr-bench"
     args = vars(build_bench_parser().parse_args(argv))
     as_json = args.pop("json")
+    outcome = _guarded("dnr-bench", lambda: bench(BenchConfig(**args)),
+                               (BenchError, DeployDirError, ManifestError, SessionError), ())
+    if isinstance(outcome, int):
+        return outcome
+    _show(outcome, as_json, format_table)
+    return EXIT_OK
+
+
+def _guarded(prog: str, action, bad_input: tuple, check_failed: tuple,
+             interrupted: tuple = (), on_ctrl_c: str = "interrupted; nothing was written",
+             writing: str = "the report"):
+    """Run one stage: its result, or the exit code of the one-line error it became (bad
+    input 2, a failed check 1, Ctrl-C 130, a file system error while writing 2)."""
     try:
-        result = bench(BenchConfig(**args))
-    except (BenchError, DeployDirError, ManifestError, SessionError) as err:
+        return action()
+    except bad_input as err:
         return fail(prog, err, EXIT_BAD_INPUT)
+    except check_failed as err:
+        return fail(prog, err, EXIT_CHECK_FAILED)
+    except interrupted as err:
+        return fail(prog, err, EXIT_INTERRUPTED)
     except KeyboardInterrupt:
-        return fail(prog, "interrupted; nothing was written", EXIT_INTERRUPTED)
-    except OSError as err:
-        return fail(prog, f"cannot write the report: {err}", EXIT_BAD_INPUT)
+        return fail(prog, on_ctrl_c, EXIT_INTERRUPTED)
+    except OSError as err:  # e.g. --out on a read-only or full disk
+        return fail(prog, f"cannot write {writing}: {err}", EXIT_BAD_INPUT)
+
+
+def _show(result, as_json: bool, format_table) -> None:
+    import json
+
     print(json.dumps(result.report, indent=2) if as_json else
           format_table(result.report) + f"\n  report: {result.out_dir}")
-    return EXIT_OK
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
@@ -241,7 +242,6 @@ def build_verify_parser() -> argparse.ArgumentParser:
 
 
 def verify_main(argv: list[str] | None = None) -> int:
-    import json
     import warnings
 
     from dnr_deploy.data import DataError
@@ -255,27 +255,21 @@ def verify_main(argv: list[str] | None = None) -> int:
     prog = "dnr-verify"
     args = vars(build_verify_parser().parse_args(argv))
     as_json = args.pop("json")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = verify(VerifyConfig(**args))
-    except (VerifyError, DeployDirError, ManifestError, SessionError, UnsupportedGraphError,
-            DataError) as err:
-        return fail(prog, err, EXIT_BAD_INPUT)
-    except VerifyCheckFailed as err:
-        return fail(prog, err, EXIT_CHECK_FAILED)
-    except KeyboardInterrupt:
-        return fail(prog, "interrupted; nothing was written", EXIT_INTERRUPTED)
-    except OSError as err:
-        return fail(prog, f"cannot write the report: {err}", EXIT_BAD_INPUT)
-    reported = set(result.warnings)  # already in the table and verify.json
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = _guarded(
+            prog, lambda: verify(VerifyConfig(**args)),
+            (VerifyError, DeployDirError, ManifestError, SessionError, UnsupportedGraphError,
+             DataError), (VerifyCheckFailed,))
+    if isinstance(outcome, int):
+        return outcome
+    reported = set(outcome.warnings)  # already in the table and verify.json
     for warning in caught:
         if str(warning.message) not in reported:
             print(f"{prog}: warning: {warning.message}", file=sys.stderr)
-    print(json.dumps(result.report, indent=2) if as_json else
-          format_table(result.report) + f"\n  report: {result.out_dir}")
-    if not result.passed:
-        return fail(prog, result.report["comparison"]["reasons"][0], EXIT_CHECK_FAILED)
+    _show(outcome, as_json, format_table)
+    if not outcome.passed:
+        return fail(prog, outcome.report["comparison"]["reasons"][0], EXIT_CHECK_FAILED)
     return EXIT_OK
 
 

@@ -94,13 +94,7 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 def deployment_figures(model: nn.Module, policy, example_input: torch.Tensor) -> dict:
     """Parameters and MACs of the dense network and of what export will deploy
-    (`sizes.size_figures`, the counter the manifest uses too). Channel runs: the network with
-    off units physically removed, built here with torch-pruning exactly as export does."""
-    from dnr_deploy.sparsity.policy import ChannelDNR
-    from dnr_deploy.sparsity.surgery import shrink_model
-
-    if isinstance(policy, ChannelDNR):
-        groups = list(policy.layout.groups.values())
-        deployed, _ = shrink_model(model, groups, policy.channel_masks, example_input)
-        return size_figures(model, deployed, example_input)
-    return size_figures(model, model, example_input, getattr(policy, "masks", None))
+    (`sizes.size_figures`, the counter the manifest uses too; the policy says what is
+    deployed: the shrunk network of a channel run, the masked one of an irregular run)."""
+    deployed, masks = policy.deployed(model, example_input)
+    return size_figures(model, deployed, example_input, masks)

@@ -28,6 +28,7 @@ from dnr_deploy.sparsity.rewire import (
     rewire_channels,
     rewire_irregular,
 )
+from dnr_deploy.sparsity.surgery import shrink_model
 
 
 class DensePolicy:
@@ -50,6 +51,12 @@ class DensePolicy:
         layer's active weights is pruned and regrown. Returns what the rewire did (per-layer
         densities and regrowth shares) for metrics.jsonl, {} for policies that never rewire."""
         return {}
+
+    def deployed(self, model: nn.Module, example_input: torch.Tensor
+                 ) -> tuple[nn.Module, Masks | None]:
+        """What export will ship for `model`: the network run with dense kernels, and the
+        masks whose zeros are stored sparsely (None: nothing is)."""
+        return model, None
 
     def state_dict(self) -> dict:
         return {}
@@ -92,6 +99,9 @@ class StaticSparse(DensePolicy):
 
     def on_step_end(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
+
+    def deployed(self, model, example_input):
+        return model, self.masks
 
     def state_dict(self) -> dict:
         return {"masks": {n: m.cpu() for n, m in self.masks.items()},
@@ -230,6 +240,11 @@ class ChannelDNR(DensePolicy):
                 idx = on.nonzero().flatten().to(norm.weight.device)
                 norm.weight[idx], norm.bias[idx] = 1.0, 0.0
                 norm.running_mean[idx], norm.running_var[idx] = 0.0, 1.0
+
+    def deployed(self, model, example_input):
+        """The network with its off units physically removed, exactly as export builds it."""
+        groups = list(self.layout.groups.values())
+        return shrink_model(model, groups, self.channel_masks, example_input)[0], None
 
     def state_dict(self) -> dict:
         return {"channel_masks": dict(self.channel_masks), "generator": self.generator.get_state()}
