@@ -20,41 +20,13 @@ from dnr_deploy.config import (
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-COMPRESS_HELP = {
-    "model": "architecture",
-    "dataset": "dataset (digits is embedded; the others load from --data-dir)",
-    "data_dir": "local folder holding the dataset (never downloaded)",
-    "granularity": "prune single weights or whole output channels",
-    "method": "dnr (rewiring); static (random masks, never rewired); magnitude (dense half, "
-    "global magnitude prune, fine-tune half): the baselines, in the same loop and epochs",
-    "density": "fraction of weights kept, in (0, 1]; 0.05 is 20x compression",
-    "dense": "no pruning: plain PGD adversarial training (the baseline)",
-    "beta": "weight of the clean loss; 1 - beta weighs the PGD loss",
-    "epochs": "training epochs",
-    "batch_size": "batch size",
-    "lr": "initial SGD learning rate (cosine decay)",
-    "momentum": "SGD momentum",
-    "weight_decay": "L2 penalty (SGD weight decay)",
-    "eps": "Linf radius in [0, 1] pixel units (default: the dataset's)",
-    "pgd_steps": "PGD steps when crafting training attacks",
-    "pgd_step_size": "PGD step for training attacks (default: the dataset's)",
-    "eval_pgd7_step_size": "step of the final PGD-7 evaluation (the paper uses 0.01)",
-    "attack_bn": "BatchNorm mode while crafting training attacks",
-    "eval_samples": "test images scored after each epoch",
-    "robust_eval_samples": "first test images the final AutoAttack-grade ensemble scores "
-    "(default: all of digits, 1000 of the others)",
-    "seed": "random seed (masks, init, data order, attacks)",
-    "device": "where to train",
-    "out": "run dir to create (default: runs/<time>-<model>-...)",
-    "resume": "run dir or checkpoint to continue",
-    "stop_after": "stop after this many epochs, leaving a resumable checkpoint",
-}
 
 
 def build_compress_parser() -> argparse.ArgumentParser:
     from dnr_deploy.data import DatasetName
     from dnr_deploy.models import list_models
-    from dnr_deploy.sparsity.masks import Granularity
+    from dnr_deploy.sparsity.masks import Granularity, Init
+    from dnr_deploy.sparsity.rewire import Redistribution
     from dnr_deploy.training import CompressConfig, Method
 
     parser = OneLineParser(
@@ -64,6 +36,8 @@ def build_compress_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML recipe; flags given here win over it")
     choices = {
+        "redistribution": [r.value for r in Redistribution],
+        "init": [i.value for i in Init],
         "model": list_models(),
         "dataset": [d.value for d in DatasetName],
         "granularity": [g.value for g in Granularity],
@@ -71,7 +45,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
         "attack_bn": ["eval", "train"],
         "method": [m.value for m in Method],
     }
-    add_dataclass_flags(parser, CompressConfig, choices, help_text=COMPRESS_HELP)
+    add_dataclass_flags(parser, CompressConfig, choices)
     return parser
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from dnr_deploy.attacks import pgd
 from dnr_deploy.checkpoint import CheckpointError
-from dnr_deploy.config import RecipeError, coerce
+from dnr_deploy.config import RecipeError, coerce, option
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.models import list_models
 from dnr_deploy.sparsity.masks import Granularity, Init
@@ -62,40 +62,57 @@ class CompressConfig:
     model (digits: eps 0.2; CIFAR and Tiny-ImageNet: eps 8/255, step 2/255, PGD-7 step 0.01).
     """
 
-    model: str = "small"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    granularity: str = Granularity.IRREGULAR.value
-    method: str = Method.DNR.value
-    density: float = 0.05
-    dense: bool = False  # no pruning: plain PGD adversarial training, the baseline
+    model: str = option("small", 'architecture')
+    dataset: str = option(
+        "digits", 'dataset (digits is embedded; the others load from --data-dir)')
+    data_dir: str | None = option(None, 'local folder holding the dataset (never downloaded)')
+    granularity: str = option(
+        Granularity.IRREGULAR.value, 'prune single weights or whole output channels')
+    method: str = option(
+        Method.DNR.value,
+        'dnr (rewiring); static (random masks, never rewired); magnitude (dense half, '
+        'global magnitude prune, fine-tune half): the baselines, in the same loop and '
+        'epochs')
+    density: float = option(0.05, 'fraction of weights kept, in (0, 1]; 0.05 is 20x compression')
+    dense: bool = option(False, 'no pruning: plain PGD adversarial training (the baseline)')
     # DNR's rewiring schedule, in optimizer steps and fractions of training (sparsity/schedule.py)
-    rewire_every: int = 50  # optimizer steps between rewires
-    prune_rate: float = 0.3  # fraction of each layer's active weights pruned at the first rewire
-    rewire_until: float = 0.75  # fraction of training after which the topology is frozen
-    redistribution: str = Redistribution.MOMENTUM.value  # "momentum" (DNR) or "none"
-    init: str = Init.ERK.value  # first masks: "erk" (Evci et al. 2020) or "uniform"
-    explore_channels: bool = False  # channel regrowth skips the units it just pruned
-    beta: float = 0.5  # weight of the clean loss; 1 - beta goes to the adversarial loss
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    eps: float | None = None
-    pgd_steps: int = 7
-    pgd_step_size: float | None = None
-    eval_pgd7_step_size: float | None = None
-    attack_bn: str = "eval"  # BN mode while crafting training attacks: "eval" or "train"
-    eval_samples: int | None = 1000  # test images scored after every epoch (None: all)
+    rewire_every: int = option(50, "optimizer steps between DNR's rewires")
+    prune_rate: float = option(
+        0.3, "fraction of each layer's active weights pruned at the first rewire (cosine to 0)")
+    rewire_until: float = option(
+        0.75, "fraction of training after which the topology is frozen")
+    redistribution: str = option(
+        Redistribution.MOMENTUM.value,
+        "momentum: the freed budget goes where the hybrid loss's momentum is (DNR); none: each "
+        "layer regrows what it pruned")
+    init: str = option(Init.ERK.value, "first masks: erk (Evci et al. 2020) or uniform")
+    explore_channels: bool = option(
+        False, "channel regrowth skips the units it just pruned (random off units instead)")
+    beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss')
+    epochs: int = option(20, 'training epochs')
+    batch_size: int = option(64, 'batch size')
+    lr: float = option(0.1, 'initial SGD learning rate (cosine decay)')
+    momentum: float = option(0.9, 'SGD momentum')
+    weight_decay: float = option(5e-4, 'L2 penalty (SGD weight decay)')
+    eps: float | None = option(None, "Linf radius in [0, 1] pixel units (default: the dataset's)")
+    pgd_steps: int = option(7, 'PGD steps when crafting training attacks')
+    pgd_step_size: float | None = option(
+        None, "PGD step for training attacks (default: the dataset's)")
+    eval_pgd7_step_size: float | None = option(
+        None, 'step of the final PGD-7 evaluation (the paper uses 0.01)')
+    attack_bn: str = option("eval", 'BatchNorm mode while crafting training attacks')
+    eval_samples: int | None = option(1000, 'test images scored after each epoch')
     # first test images the final AutoAttack-grade ensemble scores (None: the dataset's choice,
-    # all of the embedded default, 1,000 elsewhere)
-    robust_eval_samples: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    out: str | None = None
-    resume: str | None = None
-    stop_after: int | None = None  # end this invocation after that many epochs, resumable
+    robust_eval_samples: int | None = option(
+        None,
+        'first test images the final AutoAttack-grade ensemble scores (default: all of '
+        'digits, 1000 of the others)')
+    seed: int = option(0, 'random seed (masks, init, data order, attacks)')
+    device: str = option("cpu", 'where to train')
+    out: str | None = option(None, 'run dir to create (default: runs/<time>-<model>-...)')
+    resume: str | None = option(None, 'run dir or checkpoint to continue')
+    stop_after: int | None = option(
+        None, 'stop after this many epochs, leaving a resumable checkpoint')
 
     def resolved(self) -> CompressConfig:
         """A copy with dataset defaults filled in, after validating every field.
