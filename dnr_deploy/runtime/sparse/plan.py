@@ -1,0 +1,164 @@
+"""Layers of the sparse runtime: a convolution or linear layer with batch norm folded in,
+stored as CSR and run by the kernels in `kernels.py` (or densely above a density threshold)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse
+import torch
+from torch import nn
+
+from dnr_deploy.runtime.sparse import kernels
+
+# Above this fraction of nonzero weights a layer runs as im2col + BLAS instead of the sparse
+# kernel. Measured on the 2-core Zen 3 reference machine (ISSUE13_NOTES.md): the sparse kernel
+# does one load, one FMA and one store per nonzero and output float (BLAS: about two FMAs per
+# cycle), so it wins while density stays below about a third.
+DENSE_THRESHOLD = 0.3
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer or setting the sparse runtime has no kernel for (named, with the fix)."""
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None,
+                    norm: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of a conv followed by an eval-mode batch norm, as one affine layer.
+
+    The scale is per output channel, so a zero weight stays zero: folding keeps the mask.
+    """
+    weight = weight.detach().double()
+    bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None \
+        else bias.detach().double()
+    if norm is not None:
+        scale = norm.weight.detach().double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+        bias = (bias - norm.running_mean.double()) * scale + norm.bias.detach().double()
+    return weight.float().numpy(), bias.float().numpy()
+
+
+class SparseConv:
+    """A Conv2d (+ folded BatchNorm2d, + optional ReLU) on CHWN activations.
+
+    Example: a 3x3, stride-2 conv with a nonzero at (o=0, c=5, kh=2, kw=1) reads polyphase plane
+    (2 % 2, 1 % 2) = (0, 1) of channel 5, shifted by 2 // 2 = 1 row and 1 // 2 = 0 columns.
+    """
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, stride: int, padding: int,
+                 relu: bool, dense_threshold: float = DENSE_THRESHOLD) -> None:
+        out_chans, in_chans, kh, kw = weight.shape
+        self.shape, self.stride, self.padding, self.relu = weight.shape, stride, padding, relu
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        matrix = weight.reshape(out_chans, -1)
+        self.density = float(np.count_nonzero(matrix)) / matrix.size
+        self.dense = self.density > dense_threshold
+        if self.dense:  # every tap, in the (c, kh, kw) order of the weight's columns
+            self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+            columns = np.arange(matrix.shape[1])
+        else:
+            csr = scipy.sparse.csr_array(matrix.astype(np.float32))
+            csr.sort_indices()
+            self.indptr = csr.indptr.astype(np.int64)
+            self.values = csr.data.astype(np.float32)
+            columns = csr.indices.astype(np.int64)
+        chan, tap = np.divmod(columns, kh * kw)
+        row, col = np.divmod(tap, kw)
+        phase = (row % stride) * stride + col % stride
+        self.phase_chan = (phase * in_chans + chan).astype(np.int64)
+        self.drow = (row // stride).astype(np.int64)
+        self.dcol = (col // stride).astype(np.int64)
+        self.nonzeros = int(np.count_nonzero(matrix))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        chans, height, width, batch = x.shape
+        _, _, kh, kw = self.shape
+        s, p = self.stride, self.padding
+        hp, wp = height + 2 * p, width + 2 * p
+        ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
+        hq, wq = -(-hp // s), -(-wp // s)
+        plane = hq * wq * batch
+        # slack: the garbage columns of the last row of the last plane read past its end
+        src = np.zeros(s * s * chans * plane + (kw + 1) * batch, np.float32)
+        planes = src[:s * s * chans * plane].reshape(s * s, chans, hq, wq, batch)
+        if s == 1:
+            planes[0, :, p:p + height, p:p + width] = x
+        else:
+            padded = np.zeros((chans, hp, wp, batch), np.float32)
+            padded[:, p:p + height, p:p + width] = x
+            for a in range(s):
+                for b in range(s):
+                    part = padded[:, a::s, b::s]
+                    planes[a * s + b, :, :part.shape[1], :part.shape[2]] = part
+        length = ho * wq * batch
+        out = np.empty((self.shape[0], length), np.float32)
+        if self.dense:
+            cols = np.empty((len(self.phase_chan), length), np.float32)
+            kernels.gather_columns(src, plane, wq, batch, self.phase_chan, self.drow, self.dcol,
+                                   length, cols)
+            np.matmul(self.matrix, cols, out=out)
+            out += self.bias[:, None]
+            if self.relu:
+                np.maximum(out, 0.0, out=out)
+        else:
+            kernels.sparse_conv(src, plane, wq, batch, self.indptr, self.phase_chan, self.drow,
+                                self.dcol, self.values, self.bias, self.relu, out)
+        return out.reshape(self.shape[0], ho, wq, batch)[:, :, :wo]
+
+    def macs(self, height: int, width: int) -> tuple[int, int]:
+        """(dense, nonzero) multiply-adds per image at this input size."""
+        s, p, (_, _, kh, kw) = self.stride, self.padding, self.shape
+        pixels = ((height + 2 * p - kh) // s + 1) * ((width + 2 * p - kw) // s + 1)
+        return math.prod(self.shape) * pixels, self.nonzeros * pixels
+
+
+class SparseLinear:
+    """A Linear layer on (features, N) activations: CSR, or dense above the threshold."""
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray,
+                 dense_threshold: float = DENSE_THRESHOLD) -> None:
+        self.shape = weight.shape
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        self.nonzeros = int(np.count_nonzero(weight))
+        self.density = self.nonzeros / weight.size
+        self.dense = self.density > dense_threshold
+        if self.dense:
+            self.matrix = np.ascontiguousarray(weight, dtype=np.float32)
+        else:
+            csr = scipy.sparse.csr_array(weight.astype(np.float32))
+            self.indptr, self.indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
+            self.values = csr.data.astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.dense:
+            return self.matrix @ x + self.bias[:, None]
+        out = np.empty((self.shape[0], x.shape[1]), np.float32)
+        kernels.sparse_linear(x, self.indptr, self.indices, self.values, self.bias, out)
+        return out
+
+    def macs(self) -> tuple[int, int]:
+        return math.prod(self.shape), self.nonzeros
+
+
+def conv_layer(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, relu: bool,
+               dense_threshold: float) -> SparseConv:
+    """Raises:
+        UnsupportedLayerError: groups, dilation, non-square kernels or strides, padding modes
+            other than zeros."""
+    square = lambda pair: pair[0] == pair[1]  # noqa: E731
+    padding = conv.padding if not isinstance(conv.padding, str) else (None, None)
+    if conv.groups != 1 or conv.dilation != (1, 1) or not square(conv.stride) or \
+            not square(conv.kernel_size) or padding[0] is None or not square(padding) or \
+            conv.padding_mode != "zeros":
+        raise UnsupportedLayerError(
+            f"the sparse runtime runs plain convolutions (groups 1, dilation 1, square kernel, "
+            f"stride and zero padding); got {conv}; use --runtime ort")
+    weight, bias = fold_batch_norm(conv.weight, conv.bias, norm)
+    return SparseConv(weight, bias, conv.stride[0], padding[0], relu, dense_threshold)
+
+
+def linear_layer(linear: nn.Linear, dense_threshold: float) -> SparseLinear:
+    weight, bias = fold_batch_norm(linear.weight, linear.bias, None)
+    return SparseLinear(weight, bias, dense_threshold)
