@@ -43,15 +43,17 @@ def sparse_conv(src, plane, wq, batch, indptr, phase_chan, drow, dcol, values, b
         tile, o = task // rows, task % rows
         start = tile * TILE
         stop = min(length, start + TILE)
+        size = stop - start
         acc = out[o, start:stop]
         acc[:] = bias[o]
         for j in range(indptr[o], indptr[o + 1]):
             value = values[j]
             base = phase_chan[j] * plane + (drow[j] * wq + dcol[j]) * batch + start
-            for i in range(stop - start):
-                acc[i] += value * src[base + i]
+            seg = src[base:base + size]  # a slice: indices known >= 0, so the loop vectorises
+            for i in range(size):
+                acc[i] += value * seg[i]
         if relu:
-            for i in range(stop - start):
+            for i in range(size):
                 if acc[i] < 0.0:
                     acc[i] = 0.0
 
