@@ -96,6 +96,8 @@ class SparseModel:
 
     def __init__(self, steps: list, output: fx.Node, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
+        for layer, _ in layers:
+            layer.threads = threads
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(1, 2, 3, 0))
@@ -107,6 +109,10 @@ class SparseModel:
                                       for i in inputs])
         logits = values[self.output]
         return np.ascontiguousarray(logits.reshape(logits.shape[0], -1).T)
+
+    def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
+        """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""
+        return [self(feed[names.INPUT_NAME])]
 
     def macs(self, input_shape: list[int]) -> dict:
         """Dense and nonzero multiply-adds per image of the conv and linear layers."""

@@ -10,7 +10,7 @@ import scipy.sparse
 import torch
 from torch import nn
 
-from dnr_deploy.runtime.sparse import kernels
+from dnr_deploy.runtime.sparse import kernels, native
 
 # Above this fraction of nonzero weights a layer runs as im2col + BLAS instead of the sparse
 # kernel. Measured on the 2-core Zen 3 reference machine (ISSUE13_NOTES.md): the sparse kernel
@@ -70,6 +70,16 @@ class SparseConv:
         self.drow = (row // stride).astype(np.int64)
         self.dcol = (col // stride).astype(np.int64)
         self.nonzeros = int(np.count_nonzero(matrix))
+        self.threads = 1
+        self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def offsets(self, plane: int, wq: int, batch: int) -> np.ndarray:
+        """Start of each nonzero's shifted stretch in the plane buffer (cached per shape)."""
+        key = (plane, wq, batch)
+        if key not in self._offsets:
+            self._offsets[key] = np.ascontiguousarray(
+                self.phase_chan * plane + (self.drow * wq + self.dcol) * batch, dtype=np.int64)
+        return self._offsets[key]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chans, height, width, batch = x.shape
@@ -79,8 +89,14 @@ class SparseConv:
         ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
         hq, wq = -(-hp // s), -(-wp // s)
         plane = hq * wq * batch
-        # slack: the garbage columns of the last row of the last plane read past its end
-        src = np.zeros(s * s * chans * plane + (kw + 1) * batch, np.float32)
+        length = ho * wq * batch
+        # tiles of 8, 16 or 32 floats (1, 2 or 4 AVX2 registers): the stretch is padded to one
+        vectors = 1 if length <= 8 else 2 if length <= 16 else 4
+        padded_length = -(-length // (8 * vectors)) * 8 * vectors
+        # slack: the garbage columns of the last row of the last plane (and the padding of the
+        # stretch) read past its end
+        src = np.zeros(s * s * chans * plane + (kw + 1) * batch + padded_length - length + 32,
+                       np.float32)
         planes = src[:s * s * chans * plane].reshape(s * s, chans, hq, wq, batch)
         if s == 1:
             planes[0, :, p:p + height, p:p + width] = x
@@ -91,7 +107,14 @@ class SparseConv:
                 for b in range(s):
                     part = padded[:, a::s, b::s]
                     planes[a * s + b, :, :part.shape[1], :part.shape[2]] = part
-        length = ho * wq * batch
+        if native.available and not self.dense:
+            out = np.empty((self.shape[0], padded_length), np.float32)
+            # blocks of the stretch sized so that the input a block reads (one stretch per
+            # input channel and phase) stays near 256 KiB, L2's half on Zen 3
+            block = max(8 * vectors, (65536 // (chans * s * s)) // (8 * vectors) * 8 * vectors)
+            native.native_conv(src, self.offsets(plane, wq, batch), self.indptr, self.values,
+                               self.bias, self.relu, block, vectors, self.threads, out)
+            return out[:, :length].reshape(self.shape[0], ho, wq, batch)[:, :, :wo]
         out = np.empty((self.shape[0], length), np.float32)
         if self.dense:
             cols = np.empty((len(self.phase_chan), length), np.float32)

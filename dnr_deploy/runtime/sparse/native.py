@@ -1,0 +1,55 @@
+"""The compiled convolution kernel (_kernels.cpp, built by setup.py), loaded with ctypes.
+
+`native_conv` is None when the library was not built (no C++ compiler at install, or a source
+tree used without `python setup.py build_ext --inplace`); the runtime then uses the numba
+kernel and records `kernel: "numba"` in its reports.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from pathlib import Path
+
+import numpy as np
+
+
+def _load() -> ctypes.CDLL | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_kernels{suffix}"
+        if path.is_file():
+            try:
+                return ctypes.CDLL(str(path))
+            except OSError:  # built for another platform or damaged: the numba kernel runs
+                return None
+    return None
+
+
+_LIB = _load()
+if _LIB is not None:
+    _F32, _I64 = (np.ctypeslib.ndpointer(t, flags="C_CONTIGUOUS") for t in (np.float32, np.int64))
+    _LIB.dnr_sparse_conv.argtypes = [_F32, _I64, _I64, _F32, _F32, ctypes.c_int, ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                     _F32]
+    _LIB.dnr_sparse_conv.restype = None
+    _LIB.dnr_sparse_avx2.restype = ctypes.c_int
+
+
+def kernel_name() -> str:
+    """Which convolution kernel runs: "cpp-avx2", "cpp" (portable) or "numba"."""
+    if _LIB is None:
+        return "numba"
+    return "cpp-avx2" if _LIB.dnr_sparse_avx2() else "cpp"
+
+
+def native_conv(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: np.ndarray,
+                bias: np.ndarray, relu: bool, block: int, vectors: int, threads: int,
+                out: np.ndarray) -> None:
+    """out (rows, length) = the sparse convolution of _kernels.cpp; length % (8*vectors) == 0."""
+    rows, length = out.shape
+    _LIB.dnr_sparse_conv(src, offsets, indptr, values, bias, int(relu), rows, length, block,
+                         vectors, threads, out)
+
+
+available = _LIB is not None
