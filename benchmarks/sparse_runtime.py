@@ -71,8 +71,9 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
                        "sparse_gmacs": macs["nonzero"] * batch
                        / timed["sparse"]["p50_ms"] / 1e6, "parity": parity}
                 rows[f"d{density:g}-t{t}-b{batch}"] = row
-                print(f"{name:<9} d={density:<5g} t={t} b={batch:<3} ORT {row['ort_dense_p50_ms']:8.2f}"
-                      f" ms  sparse {row['sparse_p50_ms']:8.2f} ms  speedup {speedup:5.2f}x  bound "
+                print(f"{name:<9} d={density:<5g} t={t} b={batch:<3} ORT "
+                      f"{row['ort_dense_p50_ms']:8.2f} ms  sparse {row['sparse_p50_ms']:8.2f} ms  "
+                      f"speedup {speedup:5.2f}x  bound "
                       f"{bound:5.1f}x  eff {speedup / bound:.2f}  {row['sparse_gmacs']:.1f} GMAC/s"
                       f"  parity {parity['max_abs']:.1e}", flush=True)
     return rows

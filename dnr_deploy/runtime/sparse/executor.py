@@ -23,8 +23,13 @@ from torch import fx, nn
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export.loader import load_deployed_model
 from dnr_deploy.models.registry import Normalize
-from dnr_deploy.runtime.sparse.plan import (DENSE_THRESHOLD, SparseConv, SparseLinear,
-                                            UnsupportedLayerError, conv_layer, linear_layer)
+from dnr_deploy.runtime.sparse.plan import (
+    DENSE_THRESHOLD,
+    SparseConv,
+    UnsupportedLayerError,
+    conv_layer,
+    linear_layer,
+)
 
 
 class NotIrregularError(ValueError):

@@ -18,7 +18,6 @@ The stretch is cut in tiles so the output tile stays in L1 while a row's nonzero
 from __future__ import annotations
 
 import numba
-import numpy as np
 from numba import prange
 
 # Output floats per tile: 2 KiB of L1 for the accumulator; the input tiles a row reads
