@@ -113,7 +113,7 @@ class SparseModel:
                 values[node] = step(*[values[i] if isinstance(i, fx.Node) else x
                                       for i in inputs])
         logits = values[self.output]
-        return np.ascontiguousarray(logits.reshape(logits.shape[0], -1).T)
+        return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
 
     def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
         """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""

@@ -72,6 +72,7 @@ class SparseConv:
         self.nonzeros = int(np.count_nonzero(matrix))
         self.threads = 1
         self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
+        self._input_buffers: dict[tuple, tuple] = {}
 
     def offsets(self, plane: int, wq: int, batch: int) -> np.ndarray:
         """Start of each nonzero's shifted stretch in the plane buffer (cached per shape)."""
@@ -80,6 +81,23 @@ class SparseConv:
             self._offsets[key] = np.ascontiguousarray(
                 self.phase_chan * plane + (self.drow * wq + self.dcol) * batch, dtype=np.int64)
         return self._offsets[key]
+
+    def _buffers(self, shape: tuple, hq: int, wq: int, pad: int) -> tuple:
+        """The zero-bordered input buffers for inputs of `shape`, kept between calls: only
+        their interior is written, so borders and slack stay zero (not safe for two
+        concurrent calls of one model)."""
+        if shape not in self._input_buffers:
+            chans, height, width, batch = shape
+            s, p, kw = self.stride, self.padding, self.shape[3]
+            plane = hq * wq * batch
+            # slack: the garbage columns of the last row of the last plane, and the padding of
+            # the stretch to whole tiles, read past its end
+            src = np.zeros(s * s * chans * plane + (kw + 1) * batch + pad + 32, np.float32)
+            planes = src[:s * s * chans * plane].reshape(s * s, chans, hq, wq, batch)
+            padded = None if s == 1 else \
+                np.zeros((chans, height + 2 * p, width + 2 * p, batch), np.float32)
+            self._input_buffers[shape] = (src, planes, padded)
+        return self._input_buffers[shape]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         chans, height, width, batch = x.shape
@@ -93,15 +111,10 @@ class SparseConv:
         # tiles of 8, 16 or 32 floats (1, 2 or 4 AVX2 registers): the stretch is padded to one
         vectors = 1 if length <= 8 else 2 if length <= 16 else 4
         padded_length = -(-length // (8 * vectors)) * 8 * vectors
-        # slack: the garbage columns of the last row of the last plane (and the padding of the
-        # stretch) read past its end
-        src = np.zeros(s * s * chans * plane + (kw + 1) * batch + padded_length - length + 32,
-                       np.float32)
-        planes = src[:s * s * chans * plane].reshape(s * s, chans, hq, wq, batch)
+        src, planes, padded = self._buffers(x.shape, hq, wq, padded_length - length)
         if s == 1:
             planes[0, :, p:p + height, p:p + width] = x
         else:
-            padded = np.zeros((chans, hp, wp, batch), np.float32)
             padded[:, p:p + height, p:p + width] = x
             for a in range(s):
                 for b in range(s):
@@ -114,7 +127,10 @@ class SparseConv:
             block = max(8 * vectors, (65536 // (chans * s * s)) // (8 * vectors) * 8 * vectors)
             native.native_conv(src, self.offsets(plane, wq, batch), self.indptr, self.values,
                                self.bias, self.relu, block, vectors, self.threads, out)
-            return out[:, :length].reshape(self.shape[0], ho, wq, batch)[:, :, :wo]
+            rows = np.lib.stride_tricks.as_strided(  # the padded tail of each row skipped,
+                out, (self.shape[0], ho, wq, batch),  # without a copy
+                (out.strides[0], wq * batch * 4, batch * 4, 4), writeable=False)
+            return rows[:, :, :wo]
         out = np.empty((self.shape[0], length), np.float32)
         if self.dense:
             cols = np.empty((len(self.phase_chan), length), np.float32)
