@@ -10,6 +10,7 @@ an `UnsupportedLayerError` naming it.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +18,13 @@ from pathlib import Path
 import numba
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import fx, nn
 
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export.loader import load_deployed_model
 from dnr_deploy.models.registry import Normalize
+from dnr_deploy.runtime.sparse import kernels
 from dnr_deploy.runtime.sparse.plan import (
     DENSE_THRESHOLD,
     SparseConv,
@@ -55,15 +57,21 @@ def _max_pool(pool: nn.MaxPool2d) -> Callable:
 
     def run(x: np.ndarray) -> np.ndarray:
         c, h, w, n = x.shape
-        ho, wo = h // size, w // size
-        return x[:, :ho * size, :wo * size].reshape(c, ho, size, wo, size, n).max(axis=(2, 4))
+        out = np.empty((c, h // size, w // size, n), np.float32)
+        kernels.max_pool(x, size, out)
+        return out
     return run
 
 
 def _avg_pool(pool: nn.AdaptiveAvgPool2d) -> Callable:
     if pool.output_size not in (1, (1, 1)):
         raise UnsupportedLayerError(f"the sparse runtime pools globally only; got {pool}")
-    return lambda x: x.mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], x.shape[3]), np.float32)
+        kernels.global_avg_pool(x, out)
+        return out.reshape(x.shape[0], 1, 1, x.shape[3])
+    return run
 
 
 def _normalize(module: Normalize) -> Callable:
@@ -103,11 +111,17 @@ class SparseModel:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
         for layer, _ in layers:
             layer.threads = threads
+        # BLAS runs only the dense-fallback layers; finding its libraries takes ~3 ms (more
+        # than a small net's whole call), so it is done once, and only when needed
+        self._blas = ThreadpoolController() if any(layer.dense for layer, _ in layers) \
+            else None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(1, 2, 3, 0))
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        with threadpool_limits(self.threads, user_api="blas"):
+        limit = self._blas.limit(limits=self.threads, user_api="blas") if self._blas \
+            else contextlib.nullcontext()
+        with limit:
             values: dict = {}
             for node, step, inputs in self.steps:
                 values[node] = step(*[values[i] if isinstance(i, fx.Node) else x

@@ -18,6 +18,7 @@ The stretch is cut in tiles so the output tile stays in L1 while a row's nonzero
 from __future__ import annotations
 
 import numba
+import numpy as np
 from numba import prange
 
 # Output floats per tile: 2 KiB of L1 for the accumulator; the input tiles a row reads
@@ -77,3 +78,36 @@ def sparse_linear(x, indptr, indices, values, bias, out):
             row = x[indices[j]]
             for n in range(batch):
                 acc[n] += value * row[n]
+
+
+@numba.njit(**_JIT)
+def max_pool(x, size, out):
+    """out (C, H // size, W // size, N) = the max over size x size windows of x (C, H, W, N)."""
+    chans, out_h, out_w, batch = out.shape
+    for c in range(chans):
+        for h in range(out_h):
+            for w in range(out_w):
+                acc = out[c, h, w]
+                acc[:] = x[c, h * size, w * size]
+                for dh in range(size):
+                    for dw in range(size):
+                        row = x[c, h * size + dh, w * size + dw]
+                        for n in range(batch):
+                            acc[n] = max(acc[n], row[n])
+
+
+@numba.njit(**_JIT)
+def global_avg_pool(x, out):
+    """out (C, N) = the mean of x (C, H, W, N) over H and W."""
+    chans, height, width, batch = x.shape
+    scale = np.float32(1.0 / (height * width))
+    for c in range(chans):
+        acc = out[c]
+        acc[:] = 0.0
+        for h in range(height):
+            for w in range(width):
+                row = x[c, h, w]
+                for n in range(batch):
+                    acc[n] += row[n]
+        for n in range(batch):
+            acc[n] *= scale

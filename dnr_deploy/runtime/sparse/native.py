@@ -8,7 +8,9 @@ kernel and records `kernel: "numba"` in its reports.
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.machinery
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -45,17 +47,19 @@ def kernel_name() -> str:
     return "cpp-avx2" if _LIB.dnr_sparse_avx2() else "cpp"
 
 
-def native_conv(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: np.ndarray,
-                bias: np.ndarray, relu: bool, block: int, vectors: int, threads: int,
-                out: np.ndarray) -> None:
-    """out (rows, length) = the sparse convolution of _kernels.cpp; length % (8*vectors) == 0."""
+def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: np.ndarray,
+              bias: np.ndarray, relu: bool, block: int, vectors: int, threads: int,
+              out: np.ndarray) -> Callable[[], None]:
+    """A call of the kernel on these arrays, bound once: out (rows, length) = the sparse
+    convolution of _kernels.cpp; length % (8 * vectors) == 0. The caller keeps the arrays
+    alive as long as the call."""
     arrays = (src, offsets, indptr, values, bias, out)
     if any(not a.flags.c_contiguous for a in arrays) or out.dtype != np.float32 or \
             src.dtype != np.float32 or offsets.dtype != np.int64 or indptr.dtype != np.int64:
-        raise TypeError("native_conv takes C-contiguous float32 / int64 arrays")
+        raise TypeError("the sparse kernel takes C-contiguous float32 / int64 arrays")
     rows, length = out.shape
-    _LIB.dnr_sparse_conv(*(a.ctypes.data for a in arrays[:5]), int(relu), rows, length, block,
-                         vectors, threads, out.ctypes.data)
+    return functools.partial(_LIB.dnr_sparse_conv, *(a.ctypes.data for a in arrays[:5]),
+                             int(relu), rows, length, block, vectors, threads, out.ctypes.data)
 
 
 available = _LIB is not None

@@ -72,7 +72,7 @@ class SparseConv:
         self.nonzeros = int(np.count_nonzero(matrix))
         self.threads = 1
         self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
-        self._input_buffers: dict[tuple, tuple] = {}
+        self._jobs: dict[tuple, dict] = {}
 
     def offsets(self, plane: int, wq: int, batch: int) -> np.ndarray:
         """Start of each nonzero's shifted stretch in the plane buffer (cached per shape)."""
@@ -82,56 +82,65 @@ class SparseConv:
                 self.phase_chan * plane + (self.drow * wq + self.dcol) * batch, dtype=np.int64)
         return self._offsets[key]
 
-    def _buffers(self, shape: tuple, hq: int, wq: int, pad: int) -> tuple:
-        """The zero-bordered input buffers for inputs of `shape`, kept between calls: only
-        their interior is written, so borders and slack stay zero (not safe for two
-        concurrent calls of one model)."""
-        if shape not in self._input_buffers:
-            chans, height, width, batch = shape
-            s, p, kw = self.stride, self.padding, self.shape[3]
-            plane = hq * wq * batch
-            # slack: the garbage columns of the last row of the last plane, and the padding of
-            # the stretch to whole tiles, read past its end
-            src = np.zeros(s * s * chans * plane + (kw + 1) * batch + pad + 32, np.float32)
-            planes = src[:s * s * chans * plane].reshape(s * s, chans, hq, wq, batch)
-            padded = None if s == 1 else \
-                np.zeros((chans, height + 2 * p, width + 2 * p, batch), np.float32)
-            self._input_buffers[shape] = (src, planes, padded)
-        return self._input_buffers[shape]
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        chans, height, width, batch = x.shape
-        _, _, kh, kw = self.shape
+    def _job(self, shape: tuple) -> dict:
+        """Everything a call on inputs of `shape` needs, made once and kept: zero-bordered input
+        buffers (only their interior is ever written, so borders and slack stay zero), the
+        output and its view, the kernel's arguments. One model is therefore not safe to call
+        from two threads at once."""
+        if shape in self._jobs:
+            return self._jobs[shape]
+        chans, height, width, batch = shape
+        out_chans, _, kh, kw = self.shape
         s, p = self.stride, self.padding
         hp, wp = height + 2 * p, width + 2 * p
         ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
         hq, wq = -(-hp // s), -(-wp // s)
-        plane = hq * wq * batch
-        length = ho * wq * batch
+        plane, length = hq * wq * batch, ho * wq * batch
         # tiles of 8, 16 or 32 floats (1, 2 or 4 AVX2 registers): the stretch is padded to one
         vectors = 1 if length <= 8 else 2 if length <= 16 else 4
         padded_length = -(-length // (8 * vectors)) * 8 * vectors
-        src, planes, padded = self._buffers(x.shape, hq, wq, padded_length - length)
+        # slack: the garbage columns of the last row of the last plane, and the padding of the
+        # stretch to whole tiles, read past its end
+        src = np.zeros(s * s * chans * plane + (kw + 1) * batch + padded_length - length + 32,
+                       np.float32)
+        job = {"src": src, "planes": src[:s * s * chans * plane].reshape(s * s, chans, hq, wq,
+                                                                           batch),
+               "padded": None if s == 1 else np.zeros((chans, hp, wp, batch), np.float32),
+               "plane": plane, "wq": wq, "length": length, "shape": (ho, wo)}
+        if native.available and not self.dense:
+            out = np.empty((out_chans, padded_length), np.float32)
+            # blocks of the stretch sized so that the input a block reads (one stretch per
+            # input channel and phase) stays near 256 KiB, L2's half on Zen 3
+            block = max(8 * vectors, (65536 // (chans * s * s)) // (8 * vectors) * 8 * vectors)
+            offsets = self.offsets(plane, wq, batch)
+            job["native"] = native.conv_call(src, offsets, self.indptr, self.values, self.bias,
+                                             self.relu, block, vectors, self.threads, out)
+            job["keep"] = offsets
+            job["view"] = np.ndarray((out_chans, ho, wq, batch), np.float32, out,  # the padded
+                                     strides=(out.strides[0], wq * batch * 4, batch * 4, 4)  # tails
+                                     )[:, :, :wo]  # and garbage columns skipped, no copy
+        self._jobs[shape] = job
+        return job
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        chans, height, width, batch = x.shape
+        job = self._job(x.shape)
+        s, p, planes = self.stride, self.padding, job["planes"]
         if s == 1:
             planes[0, :, p:p + height, p:p + width] = x
         else:
+            padded = job["padded"]
             padded[:, p:p + height, p:p + width] = x
             for a in range(s):
                 for b in range(s):
                     part = padded[:, a::s, b::s]
                     planes[a * s + b, :, :part.shape[1], :part.shape[2]] = part
-        if native.available and not self.dense:
-            out = np.empty((self.shape[0], padded_length), np.float32)
-            # blocks of the stretch sized so that the input a block reads (one stretch per
-            # input channel and phase) stays near 256 KiB, L2's half on Zen 3
-            block = max(8 * vectors, (65536 // (chans * s * s)) // (8 * vectors) * 8 * vectors)
-            native.native_conv(src, self.offsets(plane, wq, batch), self.indptr, self.values,
-                               self.bias, self.relu, block, vectors, self.threads, out)
-            rows = np.lib.stride_tricks.as_strided(  # the padded tail of each row skipped,
-                out, (self.shape[0], ho, wq, batch),  # without a copy
-                (out.strides[0], wq * batch * 4, batch * 4, 4), writeable=False)
-            return rows[:, :, :wo]
-        out = np.empty((self.shape[0], length), np.float32)
+        if "native" in job:
+            job["native"]()
+            return job["view"]
+        src, plane, wq, length = job["src"], job["plane"], job["wq"], job["length"]
+        (ho, wo), out_chans = job["shape"], self.shape[0]
+        out = np.empty((out_chans, length), np.float32)
         if self.dense:
             cols = np.empty((len(self.phase_chan), length), np.float32)
             kernels.gather_columns(src, plane, wq, batch, self.phase_chan, self.drow, self.dcol,
@@ -143,7 +152,7 @@ class SparseConv:
         else:
             kernels.sparse_conv(src, plane, wq, batch, self.indptr, self.phase_chan, self.drow,
                                 self.dcol, self.values, self.bias, self.relu, out)
-        return out.reshape(self.shape[0], ho, wq, batch)[:, :, :wo]
+        return out.reshape(out_chans, ho, wq, batch)[:, :, :wo]
 
     def macs(self, height: int, width: int) -> tuple[int, int]:
         """(dense, nonzero) multiply-adds per image at this input size."""
