@@ -66,11 +66,11 @@ def gather_columns(src, plane, wq, batch, phase_chan, drow, dcol, length, cols):
         cols[k, :] = src[base:base + length]
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(**_JIT)  # a classifier layer: too small to pay for starting threads
 def sparse_linear(x, indptr, indices, values, bias, out):
     """out (O, N) = W x + bias with W in CSR and x (F, N): batch contiguous."""
     rows, batch = out.shape
-    for o in prange(rows):
+    for o in range(rows):
         acc = out[o]
         acc[:] = bias[o]
         for j in range(indptr[o], indptr[o + 1]):
@@ -87,13 +87,13 @@ def max_pool(x, size, out):
     for c in range(chans):
         for h in range(out_h):
             for w in range(out_w):
-                acc = out[c, h, w]
-                acc[:] = x[c, h * size, w * size]
+                for n in range(batch):
+                    out[c, h, w, n] = x[c, h * size, w * size, n]
                 for dh in range(size):
                     for dw in range(size):
-                        row = x[c, h * size + dh, w * size + dw]
                         for n in range(batch):
-                            acc[n] = max(acc[n], row[n])
+                            out[c, h, w, n] = max(out[c, h, w, n],
+                                                  x[c, h * size + dh, w * size + dw, n])
 
 
 @numba.njit(**_JIT)
@@ -102,12 +102,11 @@ def global_avg_pool(x, out):
     chans, height, width, batch = x.shape
     scale = np.float32(1.0 / (height * width))
     for c in range(chans):
-        acc = out[c]
-        acc[:] = 0.0
+        for n in range(batch):
+            out[c, n] = 0.0
         for h in range(height):
             for w in range(width):
-                row = x[c, h, w]
                 for n in range(batch):
-                    acc[n] += row[n]
+                    out[c, n] += x[c, h, w, n]
         for n in range(batch):
-            acc[n] *= scale
+            out[c, n] *= scale
