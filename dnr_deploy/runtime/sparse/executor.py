@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numba
@@ -28,6 +29,7 @@ from dnr_deploy.runtime.sparse import kernels
 from dnr_deploy.runtime.sparse.plan import (
     DENSE_THRESHOLD,
     SparseConv,
+    SparseLinear,
     UnsupportedLayerError,
     conv_layer,
     linear_layer,
@@ -105,27 +107,45 @@ FUNCTION_STEPS: dict[object, Callable] = {
 
 
 class SparseModel:
-    """The traced steps of one model; call it on float32 NCHW images to get (N, classes)."""
+    """The traced steps of one model; call it on float32 NCHW images to get (N, classes).
+
+    A batch runs in chunks of `CHUNK` images: with batch innermost, a 3x3 conv reads three
+    input rows of every channel per output row (C x 3 x W x N floats), which leaves L2 beyond
+    a few images (ISSUE13_NOTES.md: VGG16 at 5% runs 17.6 GMAC/s at 4 images, 11 at 16). With
+    `threads` > 1 the chunks are shared among threads (one thread per chunk, no barrier per
+    layer); a single chunk splits its large layers over OpenMP threads instead.
+    """
+
+    CHUNK = 4
 
     def __init__(self, steps: list, output: fx.Node, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
-        for layer, _ in layers:
-            layer.threads = threads
         # BLAS runs only the dense-fallback layers; finding its libraries takes ~3 ms (more
         # than a small net's whole call), so it is done once, and only when needed
         self._blas = ThreadpoolController() if any(layer.dense for layer, _ in layers) \
             else None
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(1, 2, 3, 0))
+        images = np.asarray(images, dtype=np.float32)
         numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        limit = self._blas.limit(limits=self.threads, user_api="blas") if self._blas \
+        limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
             else contextlib.nullcontext()
+        chunks = [images[i:i + self.CHUNK] for i in range(0, len(images), self.CHUNK)]
         with limit:
-            values: dict = {}
-            for node, step, inputs in self.steps:
-                values[node] = step(*[values[i] if isinstance(i, fx.Node) else x
-                                      for i in inputs])
+            if self._pool is None or len(chunks) == 1:
+                logits = [self._forward(chunk, self.threads) for chunk in chunks]
+            else:
+                logits = list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
+        return np.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    def _forward(self, images: np.ndarray, threads: int) -> np.ndarray:
+        x = np.ascontiguousarray(images.transpose(1, 2, 3, 0))
+        values: dict = {}
+        for node, step, inputs in self.steps:
+            args = [values[i] if isinstance(i, fx.Node) else x for i in inputs]
+            values[node] = step(*args, threads=threads) \
+                if isinstance(step, (SparseConv, SparseLinear)) else step(*args)
         logits = values[self.output]
         return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
 

@@ -110,3 +110,28 @@ def global_avg_pool(x, out):
                     out[c, n] += x[c, h, w, n]
         for n in range(batch):
             out[c, n] *= scale
+
+
+@numba.njit(**_JIT)
+def split_phases(x, stride, pad, used, planes):
+    """planes[a * stride + b, c, i, j] = x[c, stride*i + a - pad, stride*j + b - pad] for the
+    phases with used[a * stride + b]; cells falling in the padding are left as they are (zero).
+    """
+    chans, height, width, batch = x.shape
+    _, _, hq, wq, _ = planes.shape
+    for a in range(stride):
+        for b in range(stride):
+            phase = a * stride + b
+            if not used[phase]:
+                continue
+            for c in range(chans):
+                for i in range(hq):
+                    h = stride * i + a - pad
+                    if h < 0 or h >= height:
+                        continue
+                    for j in range(wq):
+                        w = stride * j + b - pad
+                        if w < 0 or w >= width:
+                            continue
+                        for n in range(batch):
+                            planes[phase, c, i, j, n] = x[c, h, w, n]

@@ -4,6 +4,7 @@ stored as CSR and run by the kernels in `kernels.py` (or densely above a density
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import scipy.sparse
@@ -17,6 +18,9 @@ from dnr_deploy.runtime.sparse import kernels, native
 # does one load, one FMA and one store per nonzero and output float (BLAS: about two FMAs per
 # cycle), so it wins while density stays below about a third.
 DENSE_THRESHOLD = 0.3
+# A layer call splits over OpenMP threads only from this many multiply-adds (nonzeros x output
+# floats, garbage columns included): below it, waking a second thread costs more than it saves.
+PARALLEL_MIN_MACS = 4_000_000
 
 
 class UnsupportedLayerError(ValueError):
@@ -67,10 +71,11 @@ class SparseConv:
         row, col = np.divmod(tap, kw)
         phase = (row % stride) * stride + col % stride
         self.phase_chan = (phase * in_chans + chan).astype(np.int64)
+        self.used_phases = np.zeros(stride * stride, np.bool_)
+        self.used_phases[np.unique(phase)] = True
         self.drow = (row // stride).astype(np.int64)
         self.dcol = (col // stride).astype(np.int64)
         self.nonzeros = int(np.count_nonzero(matrix))
-        self.threads = 1
         self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
         self._jobs: dict[tuple, dict] = {}
 
@@ -82,13 +87,13 @@ class SparseConv:
                 self.phase_chan * plane + (self.drow * wq + self.dcol) * batch, dtype=np.int64)
         return self._offsets[key]
 
-    def _job(self, shape: tuple) -> dict:
-        """Everything a call on inputs of `shape` needs, made once and kept: zero-bordered input
-        buffers (only their interior is ever written, so borders and slack stay zero), the
-        output and its view, the kernel's arguments. One model is therefore not safe to call
-        from two threads at once."""
-        if shape in self._jobs:
-            return self._jobs[shape]
+    def _job(self, shape: tuple, threads: int) -> dict:
+        """Everything a call on inputs of `shape` needs, made once and kept per calling thread:
+        zero-bordered input buffers (only their interior is ever written, so borders and slack
+        stay zero), the output and its view, the kernel's arguments."""
+        key = (shape, threads, threading.get_ident())
+        if key in self._jobs:
+            return self._jobs[key]
         chans, height, width, batch = shape
         out_chans, _, kh, kw = self.shape
         s, p = self.stride, self.padding
@@ -105,7 +110,6 @@ class SparseConv:
                        np.float32)
         job = {"src": src, "planes": src[:s * s * chans * plane].reshape(s * s, chans, hq, wq,
                                                                            batch),
-               "padded": None if s == 1 else np.zeros((chans, hp, wp, batch), np.float32),
                "plane": plane, "wq": wq, "length": length, "shape": (ho, wo)}
         if native.available and not self.dense:
             out = np.empty((out_chans, padded_length), np.float32)
@@ -113,28 +117,27 @@ class SparseConv:
             # input channel and phase) stays near 256 KiB, L2's half on Zen 3
             block = max(8 * vectors, (65536 // (chans * s * s)) // (8 * vectors) * 8 * vectors)
             offsets = self.offsets(plane, wq, batch)
+            # OpenMP inside a layer only when its work pays for waking a thread: on a loaded
+            # machine each parallel region can wait a scheduler slice for a late worker
+            work = self.nonzeros * length
+            team = threads if work >= PARALLEL_MIN_MACS else 1
             job["native"] = native.conv_call(src, offsets, self.indptr, self.values, self.bias,
-                                             self.relu, block, vectors, self.threads, out)
+                                             self.relu, block, vectors, team, out)
             job["keep"] = offsets
             job["view"] = np.ndarray((out_chans, ho, wq, batch), np.float32, out,  # the padded
                                      strides=(out.strides[0], wq * batch * 4, batch * 4, 4)  # tails
                                      )[:, :, :wo]  # and garbage columns skipped, no copy
-        self._jobs[shape] = job
+        self._jobs[key] = job
         return job
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         chans, height, width, batch = x.shape
-        job = self._job(x.shape)
+        job = self._job(x.shape, threads)
         s, p, planes = self.stride, self.padding, job["planes"]
         if s == 1:
             planes[0, :, p:p + height, p:p + width] = x
-        else:
-            padded = job["padded"]
-            padded[:, p:p + height, p:p + width] = x
-            for a in range(s):
-                for b in range(s):
-                    part = padded[:, a::s, b::s]
-                    planes[a * s + b, :, :part.shape[1], :part.shape[2]] = part
+        else:  # only the phases some tap reads (a 1x1 stride-2 conv reads one of four)
+            kernels.split_phases(x, s, p, self.used_phases, planes)
         if "native" in job:
             job["native"]()
             return job["view"]
@@ -178,7 +181,7 @@ class SparseLinear:
             self.indptr, self.indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
             self.values = csr.data.astype(np.float32)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.dense:
             return self.matrix @ x + self.bias[:, None]
