@@ -19,7 +19,13 @@ from dnr_deploy.export.onnx import export_onnx
 from dnr_deploy.models import create_model
 from dnr_deploy.runtime.runtimes import PARITY_ATOL
 from dnr_deploy.runtime.session import create_session, run_logits
-from dnr_deploy.runtime.sparse import UnsupportedLayerError, build_sparse_model, load_sparse, native
+from dnr_deploy.runtime.sparse import (
+    DENSE_THRESHOLD,
+    UnsupportedLayerError,
+    build_sparse_model,
+    load_sparse,
+    native,
+)
 from dnr_deploy.runtime.sparse.plan import SparseConv, fold_batch_norm
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
 from tests.factories import randomize_norms, write_fake_run
@@ -50,7 +56,7 @@ def chw_n(x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("native_kernel", [True, False], ids=["cpp", "numba"])
 @pytest.mark.parametrize("kernel,stride,padding,density,batch,size", [
     (3, 1, 1, 0.1, 1, 8), (3, 2, 1, 0.1, 3, 9), (1, 2, 0, 0.2, 2, 8), (3, 1, 0, 0.05, 5, 6),
-    (3, 1, 1, 0.8, 2, 5),  # dense fallback
+    (3, 1, 1, 0.8, 2, 5),  # dense fallback (above DENSE_THRESHOLD)
 ])
 def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size,
                                    native_kernel, monkeypatch):
@@ -68,7 +74,7 @@ def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size
         want = F.conv2d(x, weight, bias, stride, padding)
         want = want.clamp(min=0) if relu else want
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
-        assert conv.dense == (density > 0.3)
+        assert conv.dense == (density > DENSE_THRESHOLD)
 
 
 def test_batch_norm_folding_keeps_zeros():

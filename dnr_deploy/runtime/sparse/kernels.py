@@ -58,10 +58,10 @@ def sparse_conv(src, plane, wq, batch, indptr, phase_chan, drow, dcol, values, b
                     acc[i] = 0.0
 
 
-@numba.njit(parallel=True, **_JIT)
+@numba.njit(**_JIT)  # a copy: memory-bound, and numba's thread launch costs more
 def gather_columns(src, plane, wq, batch, phase_chan, drow, dcol, length, cols):
     """im2col for the dense fallback: row k of `cols` is tap k's shifted stretch of `src`."""
-    for k in prange(cols.shape[0]):
+    for k in range(cols.shape[0]):
         base = phase_chan[k] * plane + (drow[k] * wq + dcol[k]) * batch
         cols[k, :] = src[base:base + length]
 
