@@ -25,7 +25,7 @@ from torch import fx, nn
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export.loader import load_deployed_model
 from dnr_deploy.models.registry import Normalize
-from dnr_deploy.runtime.sparse import kernels
+from dnr_deploy.runtime.sparse import kernels, native
 from dnr_deploy.runtime.sparse.plan import (
     DENSE_THRESHOLD,
     SparseConv,
@@ -128,7 +128,8 @@ class SparseModel:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
-        numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        if not native.available:  # only the numba conv kernel runs numba threads
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
             else contextlib.nullcontext()
         chunks = [images[i:i + self.CHUNK] for i in range(0, len(images), self.CHUNK)]
