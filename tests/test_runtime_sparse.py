@@ -93,6 +93,7 @@ def test_fake_run_matches_onnx_runtime(irregular_deploy):
     x = np.random.default_rng(0).random((7, 1, 8, 8), dtype=np.float32)
     session, _ = create_session(irregular_deploy / "model.onnx")
     ort = run_logits(session, x)
+    assert load_sparse(irregular_deploy)(x[:0]).shape == (0, ort.shape[1])
     for threads in (1, 2):
         sparse = load_sparse(irregular_deploy, threads=threads)(x)
         assert np.abs(sparse - ort).max() <= PARITY_ATOL
@@ -120,8 +121,10 @@ def test_paper_architectures_at_5_percent_match_onnx_runtime(name, tmp_path):
 
 def test_unsupported_op_is_named():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid())
-    with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
+    with pytest.raises(ValueError, match="eval"):
         build_sparse_model(model, [1, 8, 8])
+    with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
+        build_sparse_model(model.eval(), [1, 8, 8])
 
 
 def test_bench_runtime_sparse_round_trip(irregular_deploy, tmp_path, capsys):

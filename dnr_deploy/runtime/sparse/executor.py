@@ -133,6 +133,8 @@ class SparseModel:
         limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
             else contextlib.nullcontext()
         chunks = [images[i:i + self.CHUNK] for i in range(0, len(images), self.CHUNK)]
+        if not chunks:  # no images: no logits, of the right width
+            return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
         with limit:
             if self._pool is None or len(chunks) == 1:
                 logits = [self._forward(chunk, self.threads) for chunk in chunks]
@@ -169,8 +171,11 @@ def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 
 
     Raises:
         UnsupportedLayerError: an op the runtime has no step for (named).
+        ValueError: a model in training mode (batch norm would use batch statistics).
     """
-    model.eval()
+    if model.training:
+        raise ValueError("build_sparse_model folds batch norm's running statistics: pass an "
+                         "eval-mode model (model.eval())")
     traced = fx.GraphModule(model, _Tracer().trace(model))
     modules = dict(traced.named_modules())
     shapes = _input_sizes(traced, input_shape)
@@ -221,6 +226,8 @@ def _simple_step(node: fx.Node, modules: dict) -> Callable:
         what = f"function {getattr(node.target, '__name__', node.target)}"
     else:
         what = f"{node.op} {node.target!r}"
+    if node.kwargs:  # keyword arguments (start_dim=..., inplace=...) are not interpreted
+        step, what = None, f"{what} with keyword arguments {sorted(node.kwargs)}"
     if step is None:
         raise UnsupportedLayerError(
             f"the sparse runtime has no step for {what}; supported modules: "
