@@ -8,6 +8,9 @@ is the shrunk network's weight count, as in training), shrunk with torch-pruning
 trained default runs of benchmarks/quality.py (seed 0), exported and timed with dnr-bench's code.
 
     .venv/bin/python benchmarks/deployment.py --runs 30
+
+The sparse runtime's column (irregular networks run from their CSR weights, issue 13) is
+benchmarks/sparse_runtime.py, which writes results/sparse_runtime.json.
 """
 
 from __future__ import annotations

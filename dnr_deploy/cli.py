@@ -153,8 +153,11 @@ def build_bench_parser() -> argparse.ArgumentParser:
     parser = _deploy_dir_parser(
         "dnr-bench", "Latency of a deploy dir's model.onnx in ONNX Runtime (p50/p90/p99, "
         "throughput) against its baseline, with speedup, MAC ratio and efficiency.")
+    from dnr_deploy.runtime.runtimes import Runtime
+
     add_dataclass_flags(parser, BenchConfig,
-                        {"provider": [p.value for p in Provider]}, skip=("deploy_dir",))
+                        {"provider": [p.value for p in Provider],
+                         "runtime": [r.value for r in Runtime]}, skip=("deploy_dir",))
     return parser
 
 
@@ -209,8 +212,10 @@ def build_verify_parser() -> argparse.ArgumentParser:
     parser = _deploy_dir_parser(
         "dnr-verify", "Clean and robust accuracy of the deployed artifact itself, scored by "
         "ONNX Runtime, compared with the training-side figures in its manifest.")
+    from dnr_deploy.runtime.runtimes import Runtime
+
     choices = {"attack": [a.value for a in AttackName], "provider": [p.value for p in Provider],
-               "dataset": [d.value for d in DatasetName]}
+               "dataset": [d.value for d in DatasetName], "runtime": [r.value for r in Runtime]}
     add_dataclass_flags(parser, VerifyConfig, choices, skip=("deploy_dir",))
     return parser
 

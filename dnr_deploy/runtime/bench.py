@@ -28,7 +28,15 @@ from dnr_deploy import deploydir
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.config import option
 from dnr_deploy.runtime import plots
-from dnr_deploy.runtime.session import create_session, parse_provider
+from dnr_deploy.runtime.runtimes import (
+    Runtime,
+    RuntimeChoiceError,
+    check_parity,
+    open_sparse,
+    parse_runtime,
+    sparse_info,
+)
+from dnr_deploy.runtime.session import create_session, parse_provider, run_logits
 
 BENCH_FORMAT = "dnr-deploy/bench/1"
 BENCH_JSON = "bench.json"
@@ -50,7 +58,11 @@ class BenchConfig:
         'baseline.onnx, written by dnr-export --baseline)')
     provider: str = option("cpu", 'ONNX Runtime execution provider (cuda needs onnxruntime-gpu)')
     batch: str = option("1,64", 'comma-separated batch sizes')
-    threads: int = option(1, 'ONNX Runtime intra-op threads')
+    threads: int = option(1, 'threads of each runtime (ONNX Runtime intra-op, sparse kernels)')
+    runtime: str = option(
+        "ort", "what runs the deployed model: ort (ONNX Runtime, model.onnx) or sparse (the "
+        "CSR weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked "
+        "against ONNX Runtime before timing); the baseline always runs in ONNX Runtime")
     warmup: int = option(10, 'untimed calls before timing each batch size')
     runs: int = option(100, 'timed calls per batch size')
     seed: int = option(0, 'seed of the random input images')
@@ -74,8 +86,11 @@ class BenchConfig:
             BenchError: an unknown provider or a count out of range."""
         try:
             parse_provider(self.provider)
+            runtime = parse_runtime(self.runtime)
         except ValueError as err:
             raise BenchError(str(err)) from None
+        if runtime is Runtime.SPARSE and self.provider != "cpu":
+            raise BenchError(f"--runtime sparse runs on the CPU; drop --provider {self.provider}")
         self.batch_sizes()
         if self.threads < 1 or self.runs < 1 or self.warmup < 0:
             raise BenchError(f"need threads >= 1, runs >= 1, warmup >= 0; got threads "
@@ -146,8 +161,12 @@ def bench(config: BenchConfig) -> BenchResult:
     sessions = {t.label: create_session(t.path, config.provider, config.threads) for t in targets}
     rng = np.random.default_rng(config.seed)
     inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in config.batch_sizes()}
-    timed = {b: time_sessions({label: s for label, (s, _) in sessions.items()}, x,
-                              config.warmup, config.runs) for b, x in inputs.items()}
+    runners = {label: s for label, (s, _) in sessions.items()}
+    runtime = {"name": Runtime.ORT.value}
+    if config.runtime == Runtime.SPARSE:
+        runners["model"], runtime = _sparse_runner(deploy, config.threads, runners["model"],
+                                                   inputs)
+    timed = {b: time_sessions(runners, x, config.warmup, config.runs) for b, x in inputs.items()}
     models = {t.label: {"file": t.shown or t.path.name, "path": str(t.path.resolve()),
                         "bytes": t.bytes, "params": t.params, "macs": t.macs,
                         "latency": {str(b): timed[b][t.label] for b in inputs}}
@@ -159,6 +178,7 @@ def bench(config: BenchConfig) -> BenchResult:
         "input_shape": shape,
         "models": models,
         "comparison": _compare(models, deploy.manifest) if baseline is not None else None,
+        "runtime": runtime,
         "session": sessions[targets[0].label][1].as_dict(),
         "machine": machine_info(),
         "config": asdict(config),
@@ -168,6 +188,20 @@ def bench(config: BenchConfig) -> BenchResult:
     report["plot"] = LATENCY_PNG
     write_json(out_dir / BENCH_JSON, report)
     return BenchResult(report, out_dir)
+
+
+def _sparse_runner(deploy: deploydir.DeployDir, threads: int, session,
+                   inputs: dict[int, np.ndarray]) -> tuple:
+    """The sparse runtime's model, once its logits match ONNX Runtime's on every input."""
+    try:
+        model = open_sparse(deploy.path, threads)
+        parity = [check_parity(model(x), run_logits(session, x), f"the batch-{b} inputs")
+                  for b, x in inputs.items()]
+    except RuntimeChoiceError as err:
+        raise BenchError(str(err)) from None
+    worst = max(parity, key=lambda p: p["max_abs"])
+    return model, {**sparse_info(model, threads), "parity": worst,
+                   "macs": model.macs(deploy.manifest["input_shape"])}
 
 
 def _model_target(deploy: deploydir.DeployDir) -> _Target:
@@ -249,7 +283,8 @@ def format_table(report: dict) -> str:
     config = report["config"]
     lines = [
         f"deploy dir: {report['deploy_dir']} ({report['granularity']})",
-        f"  {session['providers'][0]}, {session['intra_op_num_threads']} intra-op thread(s), "
+        f"  {_runtime_line(report)}{session['providers'][0]}, "
+        f"{session['intra_op_num_threads']} intra-op thread(s), "
         f"{config['runs']} timed runs after {config['warmup']} warm-up, "
         f"onnxruntime {session['onnxruntime']}, {report['machine']['cpu']}",
         f"  {'file':<15}{'KiB':>9}{'params':>12}{'MACs':>13}{'batch':>7}{'p50 ms':>10}"
@@ -278,6 +313,14 @@ def format_table(report: dict) -> str:
     else:
         lines.append("  no baseline: export with --baseline or pass --baseline DEPLOY_DIR")
     return "\n".join(lines)
+
+
+def _runtime_line(report: dict) -> str:
+    runtime = report.get("runtime") or {}
+    if runtime.get("name") != Runtime.SPARSE.value:
+        return ""
+    return (f"model in the sparse runtime ({runtime['kernel']} kernel, parity with ONNX Runtime "
+            f"{runtime['parity']['max_abs']:.1e}), baseline in ")
 
 
 def _count(value: int | None) -> str:

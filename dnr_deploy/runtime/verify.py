@@ -29,6 +29,14 @@ from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.evaluation import protocol, terminal_progress
 from dnr_deploy.runtime import plots, verdict
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
+from dnr_deploy.runtime.runtimes import (
+    Runtime,
+    RuntimeChoiceError,
+    check_parity,
+    open_sparse,
+    parse_runtime,
+    sparse_info,
+)
 from dnr_deploy.runtime.session import create_session, parse_provider, run_logits
 
 VERIFY_FORMAT = "dnr-deploy/verify/2"
@@ -85,7 +93,12 @@ class VerifyConfig:
         False, 'do not compare with the training side (--min-robust still applies)')
     batch_size: int = option(128, 'images per batch')
     provider: str = option("cpu", 'ONNX Runtime execution provider')
-    threads: int = option(1, 'ONNX Runtime intra-op threads')
+    threads: int = option(1, 'threads of the runtime that scores (ONNX Runtime intra-op, '
+                          'sparse kernels)')
+    runtime: str = option(
+        "ort", "what scores the images: ort (ONNX Runtime, model.onnx) or sparse (the CSR "
+        "weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked against "
+        "ONNX Runtime on the clean images first); gradients always come from model.onnx")
     parity_atol: float = option(
         1e-4, 'largest |logit difference| allowed between the re-imported graph and ONNX Runtime')
     seed: int = option(0, "seed of the attacks' randomness")
@@ -103,8 +116,11 @@ class VerifyConfig:
             raise VerifyError(f"unknown attack {self.attack!r}; available: {known}") from None
         try:
             parse_provider(self.provider)
+            runtime = parse_runtime(self.runtime)
         except ValueError as err:
             raise VerifyError(str(err)) from None
+        if runtime is Runtime.SPARSE and self.provider != "cpu":
+            raise VerifyError(f"--runtime sparse runs on the CPU; drop --provider {self.provider}")
         if self.eps is not None:
             check_eps(self.eps, "--eps")
         for name in ("steps", "n", "batch_size", "threads", "targets"):
@@ -188,6 +204,9 @@ def verify(config: VerifyConfig) -> VerifyResult:
         x, y = test_subset(bundle, config.n or recorded)
         session, info = create_session(deploy.file(deploydir.MODEL_FILE), config.provider,
                                        config.threads)
+        runtime = {"name": Runtime.ORT.value}
+        if config.runtime == Runtime.SPARSE:
+            session, runtime = _sparse_scorer(deploy, config, session, x)
         attack = AttackName(config.attack)
         graph = None if attack is AttackName.SQUARE else \
             load_onnx_torch(deploy.file(deploydir.MODEL_FILE))
@@ -199,6 +218,7 @@ def verify(config: VerifyConfig) -> VerifyResult:
     for caught_warning in caught:
         warnings.warn(caught_warning.message, stacklevel=2)
     report = _report(deploy, config, eps, threat, source, len(bundle.test), outcome, info)
+    report["runtime"] = runtime
     report["warnings"] = messages
     report["seconds"] = round(time.perf_counter() - start, 3)
     out_dir = deploydir.reports_dir(deploy, config.out)
@@ -207,6 +227,19 @@ def verify(config: VerifyConfig) -> VerifyResult:
         plots.save_examples(out_dir / EXAMPLES_PNG, *outcome["examples"], eps=eps)
     write_json(out_dir / VERIFY_JSON, report)
     return VerifyResult(report, out_dir, report["comparison"]["passed"], messages)
+
+
+def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tuple:
+    """The sparse runtime, once it matches ONNX Runtime on the clean images: it then scores
+    every candidate, so the artifact verified is the one deployed with it."""
+    try:
+        model = open_sparse(deploy.path, config.threads)
+        images = x.numpy().astype(np.float32)
+        parity = check_parity(run_logits(model, images, config.batch_size),
+                              run_logits(session, images, config.batch_size), "the clean images")
+    except RuntimeChoiceError as err:
+        raise VerifyError(str(err)) from None
+    return model, {**sparse_info(model, config.threads), "parity": parity}
 
 
 def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
@@ -297,7 +330,8 @@ def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, tota
         "attack": {"name": attack.value, "members": [m.value for m in attack.members()],
                    **protocol(ensemble), "pgd_steps": ensemble.pgd_steps,
                    "gradients": "model.onnx re-imported into PyTorch (dnr_deploy.runtime."
-                   "onnx_torch)", "scored_by": "onnxruntime"},
+                   "onnx_torch)", "scored_by": "onnxruntime" if config.runtime == Runtime.ORT
+                   else "dnr_deploy.runtime.sparse"},
         "threat_model": threat,
         "images": {"dataset": source.dataset, "dataset_from": source.origin, "split": "test",
                    "first": result.count, "of": total, "subset": result.count < total},

@@ -1,0 +1,75 @@
+"""Which engine runs a deploy dir's network in bench and verify: ONNX Runtime or the sparse
+runtime, and the parity check that must pass before the sparse runtime's figures count."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+PARITY_ATOL = 1e-4  # max |logit difference| between the sparse runtime and ONNX Runtime
+
+
+class Runtime(str, Enum):
+    """The values are what `--runtime` accepts."""
+
+    ORT = "ort"  # ONNX Runtime on model.onnx (every granularity)
+    SPARSE = "sparse"  # dnr_deploy.runtime.sparse on weights.csr.npz (irregular deploy dirs)
+
+
+class RuntimeChoiceError(ValueError):
+    """An unknown runtime, or the sparse runtime asked to run what it cannot."""
+
+
+def parse_runtime(name: str) -> Runtime:
+    """Raises:
+        RuntimeChoiceError: `name` is not a known runtime; the message lists them."""
+    try:
+        return Runtime(name)
+    except ValueError:
+        known = ", ".join(r.value for r in Runtime)
+        raise RuntimeChoiceError(f"unknown runtime {name!r}; available: {known}") from None
+
+
+def open_sparse(deploy_dir: str | Path, threads: int):
+    """The sparse runtime's model of an irregular deploy dir.
+
+    Raises:
+        RuntimeChoiceError: a channel or dense deploy dir, or an op without a sparse step.
+        ManifestError: not a deploy dir, or a file that fails its sha256.
+    """
+    from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError, load_sparse
+
+    try:
+        return load_sparse(deploy_dir, threads=threads)
+    except (NotIrregularError, UnsupportedLayerError) as err:
+        raise RuntimeChoiceError(f"--runtime sparse: {err}") from None
+
+
+def check_parity(sparse_logits: np.ndarray, ort_logits: np.ndarray, what: str,
+                 atol: float = PARITY_ATOL) -> dict:
+    """Max |difference| and argmax agreement of the two runtimes' logits on the same images.
+
+    Raises:
+        RuntimeChoiceError: they differ by more than `atol` or disagree on a prediction; the
+            sparse runtime's figures would then describe another model.
+    """
+    max_abs = float(np.abs(sparse_logits - ort_logits).max()) if ort_logits.size else 0.0
+    same = bool((sparse_logits.argmax(1) == ort_logits.argmax(1)).all()) \
+        if ort_logits.size else True
+    if max_abs > atol or not same:
+        raise RuntimeChoiceError(
+            f"the sparse runtime's logits differ from ONNX Runtime's on {what} by up to "
+            f"{max_abs:.3g} (limit {atol:g}), argmax {'equal' if same else 'different'}; "
+            "report it, and use --runtime ort meanwhile")
+    return {"max_abs": max_abs, "same_argmax": same, "atol": atol, "images": what}
+
+
+def sparse_info(model, threads: int) -> dict:
+    """What a sparse-runtime figure was measured with: kernel, threads, layers, MACs."""
+    from dnr_deploy.runtime.sparse.native import kernel_name
+
+    dense_layers = sum(1 for layer, _ in model.layers if layer.dense)
+    return {"name": Runtime.SPARSE.value, "kernel": kernel_name(), "threads": threads,
+            "layers": len(model.layers), "dense_fallback_layers": dense_layers}

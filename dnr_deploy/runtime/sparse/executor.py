@@ -1,0 +1,292 @@
+"""`load_sparse`: an irregular deploy dir as a callable on float32 NCHW numpy images.
+
+The graph comes from torch.fx: the deploy dir is rebuilt in PyTorch with
+`load_deployed_model` (weights from weights.csr.npz, every file checked against the
+manifest), traced, and each node mapped to a step through the type-keyed tables below.
+Conv2d -> BatchNorm2d -> ReLU chains become one `SparseConv` with the norm folded in and the
+ReLU in its epilogue; everything else runs in numpy on CHWN arrays. An op without an entry is
+an `UnsupportedLayerError` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from threadpoolctl import ThreadpoolController
+from torch import fx, nn
+
+from dnr_deploy.deploydir import manifest, names
+from dnr_deploy.export.loader import load_deployed_model
+from dnr_deploy.models.registry import Normalize
+from dnr_deploy.runtime.sparse import kernels, native
+from dnr_deploy.runtime.sparse.plan import (
+    DENSE_THRESHOLD,
+    SparseConv,
+    SparseLinear,
+    UnsupportedLayerError,
+    conv_layer,
+    linear_layer,
+)
+
+
+class NotIrregularError(ValueError):
+    """The sparse runtime was asked to run a channel or dense deploy dir."""
+
+
+def _relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def _flatten(x: np.ndarray) -> np.ndarray:
+    """torch.flatten(x, 1) in CHWN: (C, H, W, N) -> (C*H*W, N), the same feature order."""
+    return x if x.ndim == 2 else np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+
+
+def _max_pool(pool: nn.MaxPool2d) -> Callable:
+    size = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+    stride = pool.stride if isinstance(pool.stride, int) else pool.stride[0]
+    if stride != size or pool.padding not in (0, (0, 0)) or pool.dilation not in (1, (1, 1)) \
+            or pool.ceil_mode:
+        raise UnsupportedLayerError(f"the sparse runtime pools k x k windows with stride k and "
+                                    f"no padding; got {pool}; use --runtime ort")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        c, h, w, n = x.shape
+        out = np.empty((c, h // size, w // size, n), np.float32)
+        kernels.max_pool(x, size, out)
+        return out
+    return run
+
+
+def _avg_pool(pool: nn.AdaptiveAvgPool2d) -> Callable:
+    if pool.output_size not in (1, (1, 1)):
+        raise UnsupportedLayerError(f"the sparse runtime pools globally only; got {pool}")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        out = np.empty((x.shape[0], x.shape[3]), np.float32)
+        kernels.global_avg_pool(x, out)
+        return out.reshape(x.shape[0], 1, 1, x.shape[3])
+    return run
+
+
+def _normalize(module: Normalize) -> Callable:
+    mean = module.mean.detach().numpy().reshape(-1, 1, 1, 1)
+    std = module.std.detach().numpy().reshape(-1, 1, 1, 1)
+    return lambda x: (x - mean) / std
+
+
+def _batch_norm(norm: nn.BatchNorm2d) -> Callable:
+    scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach()
+    shift = (norm.bias - norm.running_mean * scale).detach()
+    scale, shift = (t.numpy().astype(np.float32).reshape(-1, 1, 1, 1) for t in (scale, shift))
+    return lambda x: x * scale + shift
+
+
+# Module type -> builder of a numpy step (Conv2d and Linear are built with their fusions).
+MODULE_STEPS: dict[type, Callable[[nn.Module], Callable]] = {
+    Normalize: _normalize,
+    nn.ReLU: lambda _: _relu,
+    nn.Identity: lambda _: (lambda x: x),
+    nn.Dropout: lambda _: (lambda x: x),
+    nn.Flatten: lambda m: _flatten if (m.start_dim, m.end_dim) == (1, -1) else None,
+    nn.MaxPool2d: _max_pool,
+    nn.AdaptiveAvgPool2d: _avg_pool,
+    nn.BatchNorm2d: _batch_norm,
+}
+FUNCTION_STEPS: dict[object, Callable] = {
+    operator.add: np.add, torch.add: np.add, torch.relu: _relu,
+    torch.nn.functional.relu: _relu, torch.flatten: _flatten,
+}
+
+
+class SparseModel:
+    """The traced steps of one model; call it on float32 NCHW images to get (N, classes).
+
+    A batch runs in chunks of `CHUNK` images: with batch innermost, a 3x3 conv reads three
+    input rows of every channel per output row (C x 3 x W x N floats), which leaves L2 beyond
+    a few images (ISSUE13_NOTES.md: VGG16 at 5% runs 17.6 GMAC/s at 4 images, 11 at 16). With
+    `threads` > 1 the chunks are shared among threads (one thread per chunk, no barrier per
+    layer); a single chunk splits its large layers over OpenMP threads instead.
+    """
+
+    CHUNK = 4
+
+    def __init__(self, steps: list, output: fx.Node, layers: list, threads: int = 1) -> None:
+        self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
+        # BLAS runs only the dense-fallback layers; finding its libraries takes ~3 ms (more
+        # than a small net's whole call), so it is done once, and only when needed
+        self._blas = ThreadpoolController() if any(layer.dense for layer, _ in layers) \
+            else None
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if not native.available:  # only the numba conv kernel runs numba threads
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
+            else contextlib.nullcontext()
+        chunks = [images[i:i + self.CHUNK] for i in range(0, len(images), self.CHUNK)]
+        if not chunks:  # no images: no logits, of the right width
+            return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
+        with limit:
+            if self._pool is None or len(chunks) == 1:
+                logits = [self._forward(chunk, self.threads) for chunk in chunks]
+            else:
+                logits = list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
+        return np.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    def _forward(self, images: np.ndarray, threads: int) -> np.ndarray:
+        x = np.ascontiguousarray(images.transpose(1, 2, 3, 0))
+        values: dict = {}
+        for node, step, inputs in self.steps:
+            args = [values[i] if isinstance(i, fx.Node) else x for i in inputs]
+            values[node] = step(*args, threads=threads) \
+                if isinstance(step, (SparseConv, SparseLinear)) else step(*args)
+        logits = values[self.output]
+        return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
+
+    def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
+        """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""
+        return [self(feed[names.INPUT_NAME])]
+
+    def macs(self, input_shape: list[int]) -> dict:
+        """Dense and nonzero multiply-adds per image of the conv and linear layers."""
+        dense = nonzero = 0
+        for layer, size in self.layers:
+            d, z = layer.macs(*size) if isinstance(layer, SparseConv) else layer.macs()
+            dense, nonzero = dense + d, nonzero + z
+        return {"dense": dense, "nonzero": nonzero}
+
+
+def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 1,
+                       dense_threshold: float = DENSE_THRESHOLD) -> SparseModel:
+    """Trace `model` (eval mode) with torch.fx and map its nodes to sparse-runtime steps.
+
+    Raises:
+        UnsupportedLayerError: an op the runtime has no step for (named).
+        ValueError: a model in training mode (batch norm would use batch statistics).
+    """
+    if model.training:
+        raise ValueError("build_sparse_model folds batch norm's running statistics: pass an "
+                         "eval-mode model (model.eval())")
+    traced = fx.GraphModule(model, _Tracer().trace(model))
+    modules = dict(traced.named_modules())
+    shapes = _input_sizes(traced, input_shape)
+    steps, alias, layers = [], {}, []
+    for node in traced.graph.nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            output = alias.get(node.args[0], node.args[0])
+            break
+        if node in alias:
+            continue
+        inputs = [alias.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            last, norm, relu = _fusable(node, modules)
+            step = conv_layer(modules[node.target], norm, relu, dense_threshold)
+            layers.append((step, shapes[node]))
+            for fused in (n for n in _chain(node, last)):
+                alias[fused] = node
+        elif node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+            step = linear_layer(modules[node.target], dense_threshold)
+            layers.append((step, None))
+        else:
+            step = _simple_step(node, modules)
+        tensors = [a for a in inputs if isinstance(a, fx.Node)]
+        steps.append((node, step, [None if a.op == "placeholder" else a for a in tensors]))
+    return SparseModel(steps, output, layers, threads)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps every module with a step of its own (Normalize included) as one node."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return type(module) in MODULE_STEPS or super().is_leaf_module(module, qualified_name)
+
+
+def _simple_step(node: fx.Node, modules: dict) -> Callable:
+    step = None
+    if node.op == "call_module":
+        module = modules[node.target]
+        builder = MODULE_STEPS.get(type(module))
+        step = builder(module) if builder else None
+        what = f"module {node.target!r} ({type(module).__name__})"
+    elif node.op == "call_function":
+        step = FUNCTION_STEPS.get(node.target)
+        if node.target is torch.flatten and node.args[1:] not in ((1,), ()):
+            step = None
+        what = f"function {getattr(node.target, '__name__', node.target)}"
+    else:
+        what = f"{node.op} {node.target!r}"
+    if node.kwargs:  # keyword arguments (start_dim=..., inplace=...) are not interpreted
+        step, what = None, f"{what} with keyword arguments {sorted(node.kwargs)}"
+    if step is None:
+        raise UnsupportedLayerError(
+            f"the sparse runtime has no step for {what}; supported modules: "
+            f"{', '.join(t.__name__ for t in (nn.Conv2d, nn.Linear, *MODULE_STEPS))}; "
+            "use --runtime ort")
+    return step
+
+
+def _fusable(conv: fx.Node, modules: dict) -> tuple[fx.Node, nn.BatchNorm2d | None, bool]:
+    """The last node of conv -> [BatchNorm2d] -> [ReLU] when each link has one user."""
+    last, norm, relu = conv, None, False
+    user = _only_user(last)
+    if user is not None and user.op == "call_module" and \
+            isinstance(modules[user.target], nn.BatchNorm2d):
+        last, norm = user, modules[user.target]
+        user = _only_user(last)
+    if user is not None and ((user.op == "call_module" and
+                              isinstance(modules[user.target], nn.ReLU)) or
+                             (user.op == "call_function" and
+                              user.target in (torch.relu, torch.nn.functional.relu))):
+        last, relu = user, True
+    return last, norm, relu
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _chain(first: fx.Node, last: fx.Node):
+    node = first
+    while node is not last:
+        node = _only_user(node)
+        yield node
+
+
+def _input_sizes(traced: fx.GraphModule, input_shape: list[int]) -> dict:
+    """(height, width) of the input of every Conv2d node, from one shape-propagating run."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    ShapeProp(traced).propagate(torch.zeros(1, *input_shape))
+    return {node: tuple(node.args[0].meta["tensor_meta"].shape[-2:])
+            for node in traced.graph.nodes if node.op == "call_module" and
+            isinstance(traced.get_submodule(node.target), nn.Conv2d)}
+
+
+def load_sparse(deploy_dir: str | Path, threads: int = 1,
+                dense_threshold: float = DENSE_THRESHOLD) -> SparseModel:
+    """An irregular deploy dir as a callable: float32 NCHW images in [0, 1] -> (N, classes).
+
+    Raises:
+        NotIrregularError: a channel or dense deploy dir (nothing sparse to run).
+        ManifestError: not a deploy dir, or a file that fails its sha256.
+        UnsupportedLayerError: an op the runtime has no step for.
+    """
+    info = manifest.load_manifest(Path(deploy_dir))
+    if names.CSR_FILE not in info["files"]:
+        raise NotIrregularError(
+            f"the sparse runtime runs irregular deploy dirs; {str(deploy_dir)!r} is a "
+            f"{info.get('granularity') or 'dense'} export without {names.CSR_FILE}: "
+            "use --runtime ort")
+    model = load_deployed_model(deploy_dir)
+    return build_sparse_model(model, list(info["input_shape"]), threads, dense_threshold)

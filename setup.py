@@ -1,0 +1,19 @@
+"""The one compiled piece: the sparse runtime's convolution kernel (metadata: pyproject.toml).
+
+A plain C ABI shared library loaded with ctypes (dnr_deploy/runtime/sparse/native.py); when it
+cannot be built or loaded, the runtime falls back to its numba kernel and says so.
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+openmp = [] if sys.platform == "darwin" or sys.platform == "win32" else ["-fopenmp"]
+setup(ext_modules=[Extension(
+    "dnr_deploy.runtime.sparse._kernels",
+    sources=["dnr_deploy/runtime/sparse/_kernels.cpp"],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17", *openmp],
+    extra_link_args=openmp,
+    optional=True,  # no compiler: install anyway, the numba kernel runs
+)])

@@ -1,0 +1,168 @@
+"""The sparse runtime: kernels against torch's conv2d, parity with ONNX Runtime on irregular
+exports (the fake run, VGG16 and ResNet-18 at 5% density), dnr-bench and dnr-verify with
+--runtime sparse, and the refusals (channel deploy dirs, ops without a sparse step)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dnr_deploy.cli import bench_main, verify_main
+from dnr_deploy.export import ExportConfig, export_run
+from dnr_deploy.export.onnx import export_onnx
+from dnr_deploy.models import create_model
+from dnr_deploy.runtime.runtimes import PARITY_ATOL
+from dnr_deploy.runtime.session import create_session, run_logits
+from dnr_deploy.runtime.sparse import (
+    DENSE_THRESHOLD,
+    UnsupportedLayerError,
+    build_sparse_model,
+    load_sparse,
+    native,
+)
+from dnr_deploy.runtime.sparse.plan import SparseConv, fold_batch_norm
+from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
+from tests.factories import randomize_norms, write_fake_run
+from tests.helpers import assert_clean_failure
+
+
+@pytest.fixture(scope="module")
+def irregular_deploy(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sparse") / "run"
+    write_fake_run(run_dir, "irregular")
+    export_run(ExportConfig(run_dir=str(run_dir), baseline=True))
+    return run_dir / "deploy"
+
+
+def call(main, args: list[str], capsys) -> subprocess.CompletedProcess:
+    try:
+        code = main(args)
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
+def chw_n(x: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.numpy().transpose(1, 2, 3, 0))
+
+
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["cpp", "numba"])
+@pytest.mark.parametrize("kernel,stride,padding,density,batch,size", [
+    (3, 1, 1, 0.1, 1, 8), (3, 2, 1, 0.1, 3, 9), (1, 2, 0, 0.2, 2, 8), (3, 1, 0, 0.05, 5, 6),
+    (3, 1, 1, 0.8, 2, 5),  # dense fallback (above DENSE_THRESHOLD)
+])
+def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size,
+                                   native_kernel, monkeypatch):
+    if native_kernel and not native.available:
+        pytest.skip("the C++ kernel is not built (python setup.py build_ext --inplace)")
+    monkeypatch.setattr(native, "available", native_kernel)
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, kernel, kernel, generator=g)
+    weight *= torch.rand(weight.shape, generator=g) < density
+    bias = torch.randn(6, generator=g)
+    x = torch.randn(batch, 5, size, size, generator=g)
+    for relu in (False, True):
+        conv = SparseConv(weight.numpy(), bias.numpy(), stride, padding, relu)
+        got = conv(chw_n(x)).transpose(3, 0, 1, 2)
+        want = F.conv2d(x, weight, bias, stride, padding)
+        want = want.clamp(min=0) if relu else want
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        assert conv.dense == (density > DENSE_THRESHOLD)
+
+
+def test_batch_norm_folding_keeps_zeros():
+    norm = nn.BatchNorm2d(4).eval()
+    randomize_norms(nn.Sequential(norm), torch.Generator().manual_seed(1))
+    weight = torch.randn(4, 3, 3, 3) * (torch.rand(4, 3, 3, 3) < 0.3)
+    folded, bias = fold_batch_norm(weight, None, norm)
+    assert ((folded == 0) == (weight.numpy() == 0)).all()
+    x = torch.randn(2, 3, 6, 6)
+    np.testing.assert_allclose(F.conv2d(x, torch.from_numpy(folded), torch.from_numpy(bias),
+                                        padding=1).numpy(),
+                               norm(F.conv2d(x, weight, padding=1)).detach().numpy(), atol=1e-5)
+
+
+def test_fake_run_matches_onnx_runtime(irregular_deploy):
+    x = np.random.default_rng(0).random((7, 1, 8, 8), dtype=np.float32)
+    session, _ = create_session(irregular_deploy / "model.onnx")
+    ort = run_logits(session, x)
+    assert load_sparse(irregular_deploy)(x[:0]).shape == (0, ort.shape[1])
+    for threads in (1, 2):
+        sparse = load_sparse(irregular_deploy, threads=threads)(x)
+        assert np.abs(sparse - ort).max() <= PARITY_ATOL
+        assert (sparse.argmax(1) == ort.argmax(1)).all()
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+def test_paper_architectures_at_5_percent_match_onnx_runtime(name, tmp_path):
+    torch.manual_seed(0)
+    model = create_model(name, 10, 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+    randomize_norms(model, torch.Generator().manual_seed(0))
+    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
+    apply_masks(model, random_masks(weights, 0.05, torch.Generator().manual_seed(0)))
+    export_onnx(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", opset=18)
+    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    ort = run_logits(create_session(tmp_path / "m.onnx")[0], x)
+    sparse = build_sparse_model(model, [3, 32, 32])
+    got = sparse(x)
+    assert np.abs(got - ort).max() <= PARITY_ATOL
+    assert (got.argmax(1) == ort.argmax(1)).all()
+    macs = sparse.macs([3, 32, 32])
+    assert 0.04 < macs["nonzero"] / macs["dense"] < 0.06
+    assert not any(layer.dense for layer, _ in sparse.layers)
+
+
+def test_unsupported_op_is_named():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid())
+    with pytest.raises(ValueError, match="eval"):
+        build_sparse_model(model, [1, 8, 8])
+    with pytest.raises(UnsupportedLayerError, match="Sigmoid"):
+        build_sparse_model(model.eval(), [1, 8, 8])
+
+
+def test_bench_runtime_sparse_round_trip(irregular_deploy, tmp_path, capsys):
+    out = tmp_path / "reports"
+    result = call(bench_main, [str(irregular_deploy), "--runtime", "sparse", "--runs", "3",
+                               "--warmup", "1", "--batch", "1,4", "--out", str(out), "--json"],
+                  capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "bench.json").read_text())
+    assert report["config"]["runtime"] == "sparse"
+    runtime = report["runtime"]
+    assert runtime["name"] == "sparse" and runtime["threads"] == 1
+    assert runtime["parity"]["max_abs"] <= PARITY_ATOL and runtime["parity"]["same_argmax"]
+    assert runtime["kernel"] in ("cpp-avx2", "cpp", "numba")
+    assert set(report["models"]["model"]["latency"]) == {"1", "4"}
+    assert report["comparison"]["sparse_kernel_mac_ratio"] > 1
+    plain = call(bench_main, [str(irregular_deploy), "--runs", "2", "--warmup", "0",
+                              "--out", str(tmp_path / "ort"), "--json"], capsys)
+    assert json.loads(plain.stdout)["runtime"] == {"name": "ort"}
+
+
+def test_verify_runtime_sparse_scores_with_it(irregular_deploy, tmp_path, capsys):
+    out = tmp_path / "reports"
+    result = call(verify_main, [str(irregular_deploy), "--runtime", "sparse", "--n", "16",
+                                "--steps", "2", "--queries", "10", "--targets", "2", "--no-gate",
+                                "--out", str(out), "--json"], capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "verify.json").read_text())
+    assert report["runtime"]["name"] == "sparse"
+    assert report["attack"]["scored_by"] == "dnr_deploy.runtime.sparse"
+    assert report["runtime"]["parity"]["max_abs"] <= PARITY_ATOL
+
+
+@pytest.mark.parametrize("main", [bench_main, verify_main], ids=["bench", "verify"])
+def test_runtime_sparse_refuses_a_channel_deploy_dir(main, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    write_fake_run(run_dir, "channel")
+    export_run(ExportConfig(run_dir=str(run_dir)))
+    result = call(main, [str(run_dir / "deploy"), "--runtime", "sparse"], capsys)
+    assert_clean_failure(result)
+    assert "irregular" in result.stderr and "--runtime ort" in result.stderr
