@@ -23,6 +23,13 @@ COMPRESS_HELP = {
     "global magnitude prune, fine-tune half): the baselines, in the same loop and epochs",
     "density": "fraction of weights kept, in (0, 1]; 0.05 is 20x compression",
     "dense": "no pruning: plain PGD adversarial training (the baseline)",
+    "rewire_every": "optimizer steps between DNR rewires",
+    "prune_rate": "fraction of active weights each layer drops at the first rewire (cosine "
+    "decay to 0 at --rewire-until)",
+    "rewire_until": "fraction of training after which the masks are frozen",
+    "redistribution": "how the freed budget is split over layers: momentum (each layer's total "
+    "|momentum|), mean (mean |momentum|, Dettmers' split), none (each regrows what it pruned)",
+    "init": "initial spread of the density over layers: uniform or erk (Evci et al. 2020)",
     "beta": "weight of the clean loss; 1 - beta weighs the PGD loss",
     "epochs": "training epochs",
     "batch_size": "batch size",
@@ -46,7 +53,8 @@ COMPRESS_HELP = {
 def build_compress_parser() -> argparse.ArgumentParser:
     from dnr_deploy.data import DatasetName
     from dnr_deploy.models import list_models
-    from dnr_deploy.sparsity.masks import Granularity
+    from dnr_deploy.sparsity.masks import Granularity, Init
+    from dnr_deploy.sparsity.rewire import Redistribution
     from dnr_deploy.training import CompressConfig, Method
 
     parser = OneLineParser(
@@ -62,6 +70,8 @@ def build_compress_parser() -> argparse.ArgumentParser:
         "device": ["cpu", "cuda"],
         "attack_bn": ["eval", "train"],
         "method": [m.value for m in Method],
+        "redistribution": [r.value for r in Redistribution],
+        "init": [i.value for i in Init],
     }
     add_dataclass_flags(parser, CompressConfig, COMPRESS_HELP, choices)
     return parser

@@ -278,32 +278,45 @@ class Trainer:
             group["lr"] = lr_at(epoch, cfg.epochs, cfg.lr)
         started = time.perf_counter()
         attack_model = self.model if self.context.enabled else None
+        steps = (epoch * len(loader), cfg.epochs * len(loader))
+        rewires: list[dict] = []
         losses = train_one_epoch(self.train_model, loader, self.optimizer, HybridObjective(cfg),
-                                 self.policy, self.device, attack_model)
+                                 self.policy, self.device, attack_model, steps,
+                                 lambda figures: rewires.append(self._after_rewire(figures)))
         losses = ddp.mean_across_ranks(self.context, losses, self.device)
         train_seconds = time.perf_counter() - started
+        rewire_seconds = sum(r.pop("seconds") for r in rewires)
+        train_seconds -= rewire_seconds
         accuracy = {"clean": float("nan"), "pgd": float("nan")}
         if self.context.is_main:
             x_eval, y_eval = test_subset(self.bundle, cfg.eval_samples)
             attack = {"pgd": lambda m, x, y, _i: pgd(m, x, y, cfg.eps, cfg.pgd_step_size,
                                                      cfg.pgd_steps)}
             accuracy = evaluate(self.model, x_eval, y_eval, attack, self.device)
-        rewire: dict[str, float] = {}
-        started = time.perf_counter()
-        if epoch < cfg.epochs - 1:  # never rewire after the last epoch: nothing would train it
-            rewire = self.policy.on_epoch_end(self.model, self.optimizer, epoch, cfg.epochs)
-            after = f"after the rewire of epoch {epoch + 1}"
-            ddp.check_agreement(self.context, getattr(self.policy, "masks", {}), f"masks {after}")
-            # Parameters, not buffers: BN running statistics differ per shard until DDP
-            # broadcasts rank 0's at the next forward.
-            params = {n: p.detach() for n, p in self.model.named_parameters()}
-            ddp.check_agreement(self.context, params, f"weights {after}")
-        rewire_seconds = time.perf_counter() - started
+        extra: dict[str, float] = {}
+        if epoch < cfg.epochs - 1:  # never prune after the last epoch: nothing would train it
+            extra = self.policy.on_epoch_end(self.model, self.optimizer, epoch, cfg.epochs)
+            self._check_agreement(f"the end of epoch {epoch + 1}")
         return {"epoch": epoch + 1, **losses, "clean_acc": accuracy["clean"],
                 "pgd_acc": accuracy["pgd"], "density": self.policy.density(),
                 "lr": lr_at(epoch, cfg.epochs, cfg.lr), "train_seconds": train_seconds,
-                "rewire_seconds": rewire_seconds, **rewire,
+                "rewire_seconds": rewire_seconds, **extra, "rewires": rewires,
                 "layer_densities": self.policy.layer_densities()}
+
+    def _after_rewire(self, figures: dict) -> dict:
+        """Check that every rank holds the same masks and weights after a rewire (the policy
+        decides on each rank alone), and time the rewire; returns the figures to log."""
+        started = time.perf_counter()
+        self._check_agreement(f"the rewire after step {figures['step']}")
+        return {**figures, "seconds": figures.get("seconds", 0.0)
+                + time.perf_counter() - started}
+
+    def _check_agreement(self, when: str) -> None:
+        ddp.check_agreement(self.context, getattr(self.policy, "masks", {}), f"masks after {when}")
+        # Parameters, not buffers: BN running statistics differ per shard until DDP
+        # broadcasts rank 0's at the next forward.
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        ddp.check_agreement(self.context, params, f"weights after {when}")
 
     def _finish(self, run_dir: Path) -> dict:
         cfg, spec = self.config, self.bundle.spec

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -18,14 +20,16 @@ from dnr_deploy.checkpoint import CheckpointError
 from dnr_deploy.config import RecipeError, coerce
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.models import list_models
-from dnr_deploy.sparsity.masks import Granularity
+from dnr_deploy.sparsity.masks import Granularity, Init
 from dnr_deploy.sparsity.policy import (
     ChannelDNR,
     DensePolicy,
     IrregularDNR,
     MagnitudePrune,
+    StaticChannel,
     StaticSparse,
 )
+from dnr_deploy.sparsity.rewire import Redistribution, RewireSchedule
 
 RUN_FORMAT = "dnr-deploy/run/1"
 
@@ -65,6 +69,11 @@ class CompressConfig:
     method: str = Method.DNR.value
     density: float = 0.05
     dense: bool = False  # no pruning: plain PGD adversarial training, the baseline
+    rewire_every: int = RewireSchedule.every  # optimizer steps between rewires
+    prune_rate: float = RewireSchedule.initial  # fraction each layer drops at the first rewire
+    rewire_until: float = RewireSchedule.until  # fraction of training after which masks freeze
+    redistribution: str = Redistribution.MOMENTUM.value
+    init: str = Init.UNIFORM.value  # initial spread of the density over layers
     beta: float = 0.5  # weight of the clean loss; 1 - beta goes to the adversarial loss
     epochs: int = 20
     batch_size: int = 64
@@ -102,16 +111,27 @@ class CompressConfig:
         if self.method not in [m.value for m in Method]:
             allowed = ", ".join(m.value for m in Method)
             raise ConfigError(f"unknown method {self.method!r}; available: {allowed}")
-        if self.method != Method.DNR.value and self.granularity != Granularity.IRREGULAR.value:
+        channel = self.granularity != Granularity.IRREGULAR.value
+        if self.method == Method.MAGNITUDE.value and channel:
             raise ConfigError(f"--method {self.method} prunes single weights: use "
-                              "--granularity irregular (channel pruning is DNR's)")
+                              "--granularity irregular (channel units: dnr or static)")
+        for name, vocab in (("redistribution", Redistribution), ("init", Init)):
+            if getattr(self, name) not in [v.value for v in vocab]:
+                allowed = ", ".join(v.value for v in vocab)
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; available: {allowed}")
+        if not 0.0 <= self.prune_rate < 1.0:
+            raise ConfigError(f"prune_rate must be in [0, 1), got {self.prune_rate}")
+        if not 0.0 <= self.rewire_until <= 1.0:
+            raise ConfigError(f"rewire_until must be in [0, 1] (a fraction of training), "
+                              f"got {self.rewire_until}")
         if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
             raise ConfigError(
                 f"density must be in (0, 1] (the fraction of weights kept), got {self.density}"
             )
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
-        for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "stop_after"):
+        for name in ("epochs", "batch_size", "pgd_steps", "rewire_every", "eval_samples",
+                     "stop_after"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
@@ -164,6 +184,7 @@ def settings_from_checkpoint(saved: object, where: str) -> dict:
 
 # Fields that define what a checkpoint is; a resume must not change them.
 RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
+                "rewire_every", "prune_rate", "rewire_until", "redistribution", "init",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
                 "pgd_step_size", "seed", "attack_bn")
 
@@ -216,8 +237,14 @@ def train_one_epoch(
     policy: DensePolicy,
     device: torch.device,
     attack_model: nn.Module | None = None,
+    steps: tuple[int, int] = (0, 0),
+    on_rewire: Callable[[dict], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean of every loss the objective reports.
+
+    `steps` is (optimizer steps before this epoch, total steps of training): the policy gets
+    the global step after each update, so its rewire schedule is a function of counters that
+    a resume reproduces. `on_rewire` receives the figures of every rewire that happens.
 
     Raises:
         TrainingDiverged: a loss that is NaN or infinite.
@@ -225,6 +252,7 @@ def train_one_epoch(
     model.train()
     sums: dict[str, float] = {}
     batches = 0
+    done, total_steps = steps
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         result = objective(model, x, y, attack_model)
@@ -234,7 +262,12 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        policy.on_step_end(model if attack_model is None else attack_model)
+        started = time.perf_counter()
+        rewire = policy.on_step_end(model if attack_model is None else attack_model, optimizer,
+                                    done + batches + 1, total_steps)
+        if rewire and on_rewire is not None:
+            seconds = time.perf_counter() - started
+            on_rewire({"step": done + batches + 1, **rewire, "seconds": seconds})
         for key, value in result.items():
             if key.startswith("loss"):
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -253,10 +286,13 @@ def build_policy(
     if config.dense:
         return DensePolicy()
     generator = torch.Generator().manual_seed(config.seed + 1)
+    schedule = RewireSchedule(config.rewire_every, config.prune_rate, config.rewire_until)
+    redistribution = Redistribution(config.redistribution)
     if config.granularity == Granularity.CHANNEL.value:
-        return ChannelDNR(model, config.density, generator, example_input)
-    policies = {Method.DNR: IrregularDNR, Method.STATIC: StaticSparse,
-                Method.MAGNITUDE: MagnitudePrune}
-    return policies[Method(config.method)](model, config.density, generator)
-
-
+        channel = StaticChannel if config.method == Method.STATIC.value else ChannelDNR
+        return channel(model, config.density, generator, example_input, schedule, redistribution)
+    init = Init(config.init)
+    if config.method == Method.DNR.value:
+        return IrregularDNR(model, config.density, generator, init, schedule, redistribution)
+    policies = {Method.STATIC: StaticSparse, Method.MAGNITUDE: MagnitudePrune}
+    return policies[Method(config.method)](model, config.density, generator, init)

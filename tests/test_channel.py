@@ -58,7 +58,7 @@ def test_units_fully_on_or_off_and_off_units_output_zero(name, chans, size):
     policy = ChannelDNR(model, 0.1, torch.Generator().manual_seed(0), example)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train_steps(model, policy, optimizer, example)
-    policy.on_epoch_end(model, optimizer, 0, 4)
+    policy.rewire(model, optimizer, 0.5)
     train_steps(model, policy, optimizer, example)
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
@@ -104,7 +104,7 @@ def test_channel_rewire_keeps_budget_and_ties():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train_steps(model, policy, optimizer, example, steps=2)
     before = {n: m.clone() for n, m in policy.channel_masks.items()}
-    policy.on_epoch_end(model, optimizer, 0, 10)
+    policy.rewire(model, optimizer, 0.5)
     assert any(not torch.equal(before[n], policy.channel_masks[n]) for n in before)
     assert 0.045 < policy.density() <= 0.05
     # tied convs share one mask, so their rows switch together

@@ -57,8 +57,9 @@ def test_magnitude_is_dense_for_half_then_prunes_once_and_holds():
         assert torch.count_nonzero(params[name][~mask]) == 0
 
 
-def test_baselines_are_irregular_only():
+def test_magnitude_is_irregular_only_and_static_has_a_channel_variant():
     with pytest.raises(ConfigError, match="irregular"):
-        CompressConfig(method="static", granularity="channel").resolved()
+        CompressConfig(method="magnitude", granularity="channel").resolved()
+    CompressConfig(method="static", granularity="channel").resolved()
     with pytest.raises(ConfigError, match="unknown method"):
         CompressConfig(method="lottery").resolved()

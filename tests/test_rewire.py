@@ -7,6 +7,8 @@ from torch import nn
 from dnr_deploy.sparsity.masks import apply_masks, random_masks, split_budget
 from dnr_deploy.sparsity.policy import IrregularDNR
 from dnr_deploy.sparsity.rewire import (
+    RewireSchedule,
+    Redistribution,
     normalized_momentum,
     prune_rate,
     prune_smallest,
@@ -18,11 +20,14 @@ from dnr_deploy.sparsity.rewire import (
 def test_normalized_momentum_sums_to_one_and_ignores_inactive():
     masks = {"a": torch.tensor([True, True, False]), "b": torch.tensor([True, False, False])}
     momenta = {"a": torch.tensor([0.2, -0.4, 100.0]), "b": torch.tensor([-0.1, 50.0, 50.0])}
-    shares = normalized_momentum(momenta, masks)
+    shares = normalized_momentum(momenta, masks, Redistribution.MEAN)
     assert sum(shares.values()) == pytest.approx(1.0)
     # a: mean(|0.2|, |-0.4|) = 0.3; b: 0.1 -> 0.75, 0.25 (inactive entries ignored)
     assert shares["a"] == pytest.approx(0.75)
     assert shares["b"] == pytest.approx(0.25)
+    # by total: a 0.6, b 0.1 -> 6/7, 1/7 (a has twice the active weights)
+    shares = normalized_momentum(momenta, masks, Redistribution.MOMENTUM)
+    assert shares["a"] == pytest.approx(6 / 7)
 
 
 def test_prune_removes_the_smallest_magnitudes():
@@ -55,7 +60,7 @@ def test_rewire_moves_budget_by_momentum_and_keeps_global_count():
     masks = {name: w != 0 for name, w in weights.items()}
     momenta = {"a": torch.tensor([0.3, 0.3, 0.3, 0.3, 0.5, 0.4, 0.1, 0.2]),
                "b": torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.7, 0.0])}
-    rewired, shares = rewire_irregular(weights, momenta, masks, fraction=0.5)
+    rewired, shares = rewire_irregular(weights, momenta, masks, 0.5, Redistribution.MEAN)
     assert shares == pytest.approx({"a": 0.75, "b": 0.25})
     # Each layer drops its two smallest (values 1 and 2); 4 freed, 3 regrow in a, 1 in b.
     assert int(rewired["a"].sum()) == 5 and int(rewired["b"].sum()) == 3
@@ -72,10 +77,11 @@ def test_random_masks_hit_the_global_count_exactly():
     assert sum(int(m.sum()) for m in masks.values()) == round(0.05 * total)
 
 
-def test_prune_rate_decays_by_cosine_from_half():
-    rates = [prune_rate(e, 20) for e in range(19)]
-    assert rates[0] == pytest.approx(0.5)
-    assert rates[18] == pytest.approx(0.005)
+def test_prune_rate_decays_by_cosine_to_zero_at_the_freeze_point():
+    rates = [prune_rate(s, 400, initial=0.3, until=0.75) for s in range(0, 301, 50)]
+    assert rates[0] == pytest.approx(0.3)
+    assert rates[3] == pytest.approx(0.15)  # half way to step 300
+    assert rates[6] == pytest.approx(0.0)
     assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
 
 
@@ -86,20 +92,27 @@ def test_masked_weights_stay_zero_after_every_step_and_rewire_keeps_count():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     count = sum(int(m.sum()) for m in policy.masks.values())
     params = dict(model.named_parameters())
-    for epoch in range(3):
-        for _ in range(5):
+    schedule = RewireSchedule(every=5, initial=0.5, until=1.0)
+    policy.schedule = schedule
+    step = 0
+    for _epoch in range(3):
+        for _ in range(4):
             x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            policy.on_step_end(model)
+            step += 1
+            assert policy.on_step_end(model, optimizer, step, 20) == {}  # not due: no rewire
             for name, mask in policy.masks.items():
                 assert torch.count_nonzero(params[name][~mask]) == 0
                 # gated weights still get gradients, hence momentum for regrowth
             assert any(params[n].grad[~m].abs().sum() > 0 for n, m in policy.masks.items())
         before = {n: m.clone() for n, m in policy.masks.items()}
-        policy.on_epoch_end(model, optimizer, epoch, 5)
+        step += 1
+        figures = policy.on_step_end(model, optimizer, step, 20)
+        assert figures["prune_fraction"] == schedule.fraction(step, 20)
+        assert set(figures["layer_densities"]) == set(figures["momentum_shares"]) == set(before)
         assert sum(int(m.sum()) for m in policy.masks.values()) == count
         assert any(not torch.equal(before[n], policy.masks[n]) for n in before)
         for name, mask in policy.masks.items():

@@ -36,16 +36,48 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     }
 
 
+class Init(str, Enum):
+    """How the initial density is spread over layers."""
+
+    UNIFORM = "uniform"  # every layer at the target density
+    ERK = "erk"  # Erdos-Renyi-Kernel (Evci et al. 2020): small layers denser
+
+
+def erk_densities(shapes: dict[str, torch.Size], density: float) -> dict[str, float]:
+    """Per-layer densities proportional to sum(shape) / prod(shape), scaled so the weighted
+    mean is `density`; a layer that would exceed 1 is dense and the rest are rescaled (RigL's
+    sparse_utils). Example: a 3x3 conv 1->32 (288 weights) and a 128x10 linear: the conv's
+    raw score (1+32+3+3)/288 is 4.5x the linear's (128+10)/1280."""
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    raw = {n: sum(s) / sizes[n] for n, s in shapes.items()}
+    dense: set[str] = set()
+    budget = density * sum(sizes.values())
+    while True:
+        rest = [n for n in shapes if n not in dense]
+        scale = (budget - sum(sizes[n] for n in dense)) / sum(raw[n] * sizes[n] for n in rest)
+        over = [n for n in rest if scale * raw[n] > 1.0]
+        if not over:
+            break
+        dense.add(max(over, key=lambda n: raw[n]))
+    return {n: 1.0 if n in dense else scale * raw[n] for n in shapes}
+
+
 def random_masks(
-    weights: dict[str, torch.Tensor], density: float, generator: torch.Generator
+    weights: dict[str, torch.Tensor], density: float, generator: torch.Generator,
+    init: Init = Init.UNIFORM,
 ) -> Masks:
-    """Each layer random at `density`, and exactly round(density * total) active overall.
+    """Each layer random at `density` (or at its ERK density), and exactly
+    round(density * total) active overall.
 
     Per-layer counts are rounded down, then the remainder goes one weight each to the layers with
     the largest rounding loss, so the global count is exact from the first step.
     """
     sizes = {name: w.numel() for name, w in weights.items()}
-    counts = split_budget(round(density * sum(sizes.values())), sizes, sizes)
+    shares = dict(sizes)
+    if Init(init) is Init.ERK:
+        layer = erk_densities({n: w.shape for n, w in weights.items()}, density)
+        shares = {n: layer[n] * sizes[n] for n in sizes}
+    counts = split_budget(round(density * sum(sizes.values())), shares, sizes)
     masks = {}
     for name, weight in weights.items():
         order = torch.randperm(weight.numel(), generator=generator)

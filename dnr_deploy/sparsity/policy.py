@@ -1,7 +1,9 @@
 """Sparsity policies: the hooks the one training loop calls to keep a network sparse.
 
-The loop owns the order (step, then `on_step_end`; epoch, then `on_epoch_end` unless it was the
-last); a policy owns the masks and how they change. `DensePolicy` is the no-op base, which is
+The loop owns the order (optimizer step, then `on_step_end` with the global step count; epoch,
+then `on_epoch_end` unless it was the last); a policy owns the masks and how they change. DNR
+rewires inside `on_step_end` when its `RewireSchedule` says so, a pure function of (step, total
+steps), so a resumed run rewires at the same steps. `DensePolicy` is the no-op base, which is
 also the `--dense` baseline.
 """
 
@@ -13,6 +15,7 @@ from torch import nn
 from dnr_deploy.sparsity.groups import ChannelLayout, ChannelMasks, find_channel_groups
 from dnr_deploy.sparsity.masks import (
     Granularity,
+    Init,
     Masks,
     apply_masks,
     global_density,
@@ -22,7 +25,8 @@ from dnr_deploy.sparsity.masks import (
     random_masks,
 )
 from dnr_deploy.sparsity.rewire import (
-    prune_rate,
+    Redistribution,
+    RewireSchedule,
     random_channel_masks,
     rewire_channels,
     rewire_irregular,
@@ -34,8 +38,14 @@ class DensePolicy:
 
     granularity: str = "dense"
 
-    def on_step_end(self, model: nn.Module) -> None:
-        """Runs after every optimizer step."""
+    def on_step_end(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+        step: int = 0, total_steps: int = 0,
+    ) -> dict:
+        """Runs after every optimizer step; `step` counts steps from the start of training
+        (1-based) out of `total_steps`. Returns the figures of a rewire, {} if none happened
+        (and always {} without an optimizer: masks only)."""
+        return {}
 
     def on_epoch_end(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, epochs: int
@@ -71,18 +81,20 @@ class StaticSparse(DensePolicy):
 
     granularity = Granularity.IRREGULAR.value
 
-    def __init__(self, model: nn.Module, density: float, generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
+                 init: Init = Init.UNIFORM) -> None:
         self.generator = generator
         self.weights = prunable_weights(model)
         cpu_weights = {n: w.detach().cpu() for n, w in self.weights.items()}
-        self.masks = self._to_device(random_masks(cpu_weights, density, generator))
+        self.masks = self._to_device(random_masks(cpu_weights, density, generator, init))
         apply_masks(model, self.masks)
 
     def _to_device(self, masks: Masks) -> Masks:
         return {name: m.to(self.weights[name].device) for name, m in masks.items()}
 
-    def on_step_end(self, model: nn.Module) -> None:
+    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
         apply_masks(model, self.masks)
+        return {}
 
     def state_dict(self) -> dict:
         return {"masks": {n: m.cpu() for n, m in self.masks.items()},
@@ -102,18 +114,33 @@ class StaticSparse(DensePolicy):
 
 
 class IrregularDNR(StaticSparse):
-    """Single-weight masks on every Conv2d and Linear weight, rewired once per epoch."""
+    """Single-weight masks on every Conv2d and Linear weight, rewired on a step schedule."""
 
-    def on_epoch_end(self, model, optimizer, epoch, epochs):
-        fraction = prune_rate(epoch, epochs)
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
+                 init: Init = Init.UNIFORM, schedule: RewireSchedule | None = None,
+                 redistribution: Redistribution = Redistribution.MOMENTUM) -> None:
+        super().__init__(model, density, generator, init)
+        self.schedule = schedule or RewireSchedule()
+        self.redistribution = Redistribution(redistribution)
+
+    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
+        apply_masks(model, self.masks)
+        if optimizer is None or not self.schedule.due(step, total_steps):
+            return {}
+        return self.rewire(model, optimizer, self.schedule.fraction(step, total_steps))
+
+    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float) -> dict:
+        """Prune `fraction` of each layer, regrow by momentum; returns what to log."""
         cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
-        rewired, _ = rewire_irregular(
-            cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks), fraction
+        rewired, shares = rewire_irregular(
+            cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks),
+            fraction, self.redistribution,
         )
         self.masks = self._to_device(rewired)
         # Regrown weights start at zero (they were masked), so the function is unchanged.
         apply_masks(model, self.masks)
-        return {"prune_fraction": fraction}
+        return {"prune_fraction": fraction, "layer_densities": self.layer_densities(),
+                "momentum_shares": shares}
 
 
 class MagnitudePrune(StaticSparse):
@@ -121,7 +148,8 @@ class MagnitudePrune(StaticSparse):
     target density, then fine-tuning with the masks fixed (Sehwag et al. 2019; the "magnitude"
     column of HYDRA): the robust prune-then-finetune pipeline in the same epoch budget."""
 
-    def __init__(self, model: nn.Module, density: float, generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
+                 init: Init = Init.UNIFORM) -> None:
         self.generator = generator
         self.weights = prunable_weights(model)
         self.target = density
@@ -143,9 +171,12 @@ class ChannelDNR(DensePolicy):
 
     def __init__(
         self, model: nn.Module, density: float, generator: torch.Generator,
-        example_input: torch.Tensor,
+        example_input: torch.Tensor, schedule: RewireSchedule | None = None,
+        redistribution: Redistribution = Redistribution.MOMENTUM,
     ) -> None:
         self.generator = generator
+        self.schedule = schedule or RewireSchedule()
+        self.redistribution = Redistribution(redistribution)
         self.layout = ChannelLayout(model, find_channel_groups(model, example_input))
         self.params = dict(model.named_parameters())
         self.target = round(density * self.layout.dense_params(prunable_only=True))
@@ -161,26 +192,43 @@ class ChannelDNR(DensePolicy):
         masks = self.layout.param_masks(self.channel_masks)
         self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
 
-    def on_step_end(self, model: nn.Module) -> None:
+    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
         apply_masks(model, self.masks)
+        if optimizer is None or not self.schedule.due(step, total_steps):
+            return {}
+        return self.rewire(model, optimizer, self.schedule.fraction(step, total_steps))
 
-    def on_epoch_end(self, model, optimizer, epoch, epochs):
-        fraction = prune_rate(epoch, epochs)
+    def importance(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-unit score for pruning. Batch norm divides out a filter's scale, so where the
+        unit has norms the score is the norm of its BN scales |gamma| times the filter norm
+        (network slimming, Liu et al. 2017, with the filter as tie-break); filter norm alone
+        where no norm follows."""
+        scores = {}
+        for name, group in self.layout.groups.items():
+            filters = self.layout.unit_rows(params, name, filters_only=True).norm(dim=1)
+            if group.norms:
+                gammas = torch.stack([params[f"{n}.weight"] for n in group.norms], dim=1)
+                filters = filters * gammas.norm(dim=1)
+            scores[name] = filters
+        return scores
+
+    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float) -> dict:
+        """Prune `fraction` of each group's units, refill the budget by momentum."""
         params = {n: p.detach().cpu() for n, p in self.params.items()}
         momenta = {n: m.cpu() for n, m in momenta_of(optimizer, self.params).items()}
-        rows = self.layout.unit_rows
-        weight_rows = {g: rows(params, g, filters_only=True) for g in self.layout.groups}
-        momentum_rows = {g: rows(momenta, g, filters_only=False) for g in self.layout.groups}
-        rewired, _ = rewire_channels(
-            weight_rows, momentum_rows, self.channel_masks, fraction, self._count, self.target,
-            self.generator,
+        momentum_rows = {g: self.layout.unit_rows(momenta, g, filters_only=False)
+                         for g in self.layout.groups}
+        rewired, shares = rewire_channels(
+            self.importance(params), momentum_rows, self.channel_masks, fraction, self._count,
+            self.target, self.generator, self.redistribution,
         )
         grown = {g: rewired[g] & ~self.channel_masks[g] for g in rewired}
         self.channel_masks = rewired
         self._reinitialize(model, grown)
         self._update_masks()
         apply_masks(model, self.masks)
-        return {"prune_fraction": fraction}
+        return {"prune_fraction": fraction, "layer_densities": self.layer_densities(),
+                "momentum_shares": shares}
 
     @torch.no_grad()
     def _reinitialize(self, model: nn.Module, grown: ChannelMasks) -> None:
@@ -220,3 +268,12 @@ class ChannelDNR(DensePolicy):
 
     def layer_densities(self) -> dict[str, float]:
         return self.layout.layer_densities(self.channel_masks)
+
+
+class StaticChannel(ChannelDNR):
+    """Random channel units filled to the same parameter budget as channel DNR, never rewired:
+    the channel-granularity ablation of what rewiring buys."""
+
+    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
+        apply_masks(model, self.masks)
+        return {}
