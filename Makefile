@@ -13,6 +13,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	# An independent AutoAttack (torchattacks, a port of the authors' code) for the test that
+	# our ensemble is at least as strong. --no-deps: it pins an old `requests` it never imports;
+	# its real needs (torch, numpy, scipy, tqdm) are already installed.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "torchattacks==3.5.1"
 	touch $@
 
 # The whole pipeline on the embedded default: train, export, time, attack the artifact.

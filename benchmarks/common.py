@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from dnr_deploy import CompressConfig, compress
+from dnr_deploy.attacks.square import square_attack
 from dnr_deploy.checkpoint import load_checkpoint, read_run_json
 from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.models import create_model
-from dnr_deploy.runtime.square import square_attack
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +29,9 @@ METHODS: dict[str, dict] = {
     "dense": {"dense": True},
     "dnr-irregular": {"method": "dnr", "granularity": "irregular"},
     "dnr-channel": {"method": "dnr", "granularity": "channel"},
-    "static": {"method": "static", "granularity": "irregular"},
+    "static": {"method": "static", "granularity": "irregular", "init": "uniform"},
+    "static-erk": {"method": "static", "granularity": "irregular", "init": "erk"},
+    "static-channel": {"method": "static", "granularity": "channel"},
     "magnitude": {"method": "magnitude", "granularity": "irregular"},
 }
 
@@ -39,7 +41,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--workdir", default=str(RESULTS / "runs"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--square-queries", type=int, default=1000)
+    parser.add_argument("--square-queries", type=int, default=0,
+                        help="also Square alone at this budget (0: no; the ensemble has it)")
     return parser
 
 
@@ -53,7 +56,8 @@ def trained_run(workdir: str, method: str, density: float, seed: int, epochs: in
     """The run dir of these settings, training it first unless a finished one is cached."""
     settings = {**METHODS[method], "density": density, "seed": seed, "epochs": epochs, **extra}
     name = "-".join([method, f"d{density:g}", f"s{seed}", f"e{epochs}",
-                     *(f"{k}{v:g}" for k, v in sorted(extra.items()))])
+                     *(f"{k}{v:g}" if isinstance(v, float | int) else f"{k}{v}"
+                       for k, v in sorted(extra.items()))])
     run_dir = Path(workdir) / name
     if not (run_dir / "run.json").is_file():
         if run_dir.exists():  # an unfinished run from an interrupted benchmark: start over
@@ -66,14 +70,20 @@ def trained_run(workdir: str, method: str, density: float, seed: int, epochs: in
     return run_dir
 
 
-def square_accuracy(run_dir: Path, queries: int) -> float:
-    """Accuracy of the run's final model under the Square Attack (black-box, score-based)
-    on the whole test split at the run's eps."""
+def load_model(run_dir: Path) -> torch.nn.Module:
+    """The run's final network, in eval mode (weights only: nothing unpickled)."""
     summary = read_run_json(run_dir)
     model = create_model(summary["model"]["name"], summary["num_classes"],
                          summary["model"]["in_chans"], summary["mean"], summary["std"])
     model.load_state_dict(load_checkpoint(run_dir)["model"])
-    model.eval()
+    return model.eval()
+
+
+def square_accuracy(run_dir: Path, queries: int) -> float:
+    """Accuracy of the run's final model under the Square Attack (black-box, score-based)
+    on the whole test split at the run's eps."""
+    summary = read_run_json(run_dir)
+    model = load_model(run_dir)
     x, y = test_subset(load_data(summary["config"]["dataset"], summary["config"]["data_dir"]),
                        None)
 
@@ -92,16 +102,29 @@ def row_of(run_dir: Path, square_queries: int | None) -> dict:
         "run": run_dir.name,
         "clean": summary["accuracy"]["clean"],
         "pgd20": summary["accuracy"]["pgd20"],
+        "autoattack": summary["accuracy"].get("autoattack"),
         "density": summary["density"]["achieved"],
         "compression": summary["params"]["compression"],
-        "mac_reduction": summary["macs"]["reduction"],
+        "mac_reduction": summary["macs"].get("reduction_nonzero",
+                                             summary["macs"].get("reduction")),
         "train_s_per_epoch": summary["timing"]["train_seconds_per_epoch"],
         "rewire_s_total": summary["timing"]["rewire_seconds_total"],
         "epochs": summary["timing"]["epochs"],
+        "layer_densities": summary.get("layer_densities", {}),
+        "density_over_training": density_trace(run_dir),
     }
     if square_queries:
         row["square"] = square_accuracy(run_dir, square_queries)
     return row
+
+
+def density_trace(run_dir: Path) -> list[dict]:
+    """Per-layer densities and regrowth shares at every rewire, from metrics.jsonl."""
+    file = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in file.read_text().splitlines()] if file.is_file() else []
+    return [{"step": r["step"], "prune_fraction": r["prune_fraction"],
+             "layer_densities": r["layer_densities"], "regrowth_shares": r["regrowth_shares"]}
+            for row in rows for r in row.get("rewires", [])]
 
 
 def mean_std(values: list[float]) -> str:
@@ -110,10 +133,24 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} +/- {100 * statistics.stdev(values):.1f}"
 
 
+def _relative_paths(value):
+    """`value` with every absolute path inside the repository made relative to it: results
+    files travel between machines, a machine's own paths do not."""
+    repo = RESULTS.parents[1]
+    if isinstance(value, dict):
+        return {key: _relative_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_relative_paths(item) for item in value]
+    if isinstance(value, str) and value.startswith(str(repo) + "/"):
+        return str(Path(value).relative_to(repo))
+    return value
+
+
 def write_results(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__, **data}
+    data = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+            **_relative_paths(data)}
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"raw numbers: {path}")
     return path

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from common import RESULTS, announce, base_parser, trained_run, write_results
 
-from dnr_deploy.export.channel import shrink_model
-from dnr_deploy.export.deploy import ExportConfig, export_run
+from dnr_deploy.export import ExportConfig, export_run
 from dnr_deploy.export.onnx import export_onnx, sparsify_initializers
 from dnr_deploy.models import create_model
-from dnr_deploy.report import count_macs
 from dnr_deploy.runtime.bench import BenchConfig, bench, time_sessions
 from dnr_deploy.runtime.session import create_session
+from dnr_deploy.sizes import count_macs
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
 from dnr_deploy.sparsity.policy import ChannelDNR
+from dnr_deploy.sparsity.surgery import shrink_model
 
 
 def paper_variants(name: str, densities: list[float], folder: Path) -> dict[str, tuple]:

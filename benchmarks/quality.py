@@ -1,9 +1,10 @@
 """Quality: every method at one density on the embedded default, several seeds.
 
-Clean, PGD-20 and Square accuracy (mean +/- std over seeds), achieved compression, MAC
-reduction and wall time per epoch, all from the same training loop and epoch budget.
+Clean, PGD-20 and AutoAttack-grade robust accuracy (mean +/- std over seeds), achieved
+compression, MAC reduction and training seconds per epoch, all from the same training loop and
+epoch budget; per-layer densities (final, and at every rewire) go into the JSON.
 
-    .venv/bin/python benchmarks/quality.py --seeds 0 1 2 --epochs 20
+    .venv/bin/python benchmarks/quality.py --seeds 0 1 2 --epochs 20 --threads 1
 """
 
 from __future__ import annotations
@@ -26,15 +27,16 @@ def main() -> None:
                        args.square_queries) for seed in args.seeds]
         table[method] = rows
     print(f"\ndensity {args.density}, {args.epochs} epochs, seeds {args.seeds} (accuracy in %)")
-    print(f"{'method':<14} {'clean':>12} {'PGD-20':>12} {'Square':>12} {'params':>7} "
+    print(f"{'method':<15} {'clean':>12} {'PGD-20':>12} {'AutoAttack':>12} {'params':>7} "
           f"{'MACs':>6} {'s/epoch':>8}")
     for method, rows in table.items():
         pick = lambda key, rows=rows: [r[key] for r in rows]  # noqa: E731
-        print(f"{method:<14} {mean_std(pick('clean')):>12} {mean_std(pick('pgd20')):>12} "
-              f"{mean_std(pick('square')):>12} {statistics.mean(pick('compression')):>6.1f}x "
+        print(f"{method:<15} {mean_std(pick('clean')):>12} {mean_std(pick('pgd20')):>12} "
+              f"{mean_std(pick('autoattack')):>12} "
+              f"{statistics.mean(pick('compression')):>6.1f}x "
               f"{statistics.mean(pick('mac_reduction')):>5.1f}x "
               f"{statistics.mean(pick('train_s_per_epoch')):>8.2f}")
-    write_results("quality", {"args": vars(args), "rows": table})
+    write_results(f"quality_d{args.density:g}", {"args": vars(args), "rows": table})
 
 
 if __name__ == "__main__":

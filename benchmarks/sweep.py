@@ -1,47 +1,77 @@
-"""Compression sweep: clean and PGD-20 accuracy against compression for DNR and magnitude
-pruning on the embedded default; one plot.
+"""Compression sweep: clean, PGD-20 and AutoAttack-grade accuracy against compression for DNR,
+static random masks and magnitude prune-then-finetune on the embedded default; one plot.
+Densities in --multi-seed run every seed, the others the first seed only.
 
-    .venv/bin/python benchmarks/sweep.py --epochs 20
+    .venv/bin/python benchmarks/sweep.py --epochs 20 --threads 1
 """
 
 from __future__ import annotations
+
+import statistics
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, announce, base_parser, row_of, trained_run, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    announce,
+    base_parser,
+    mean_std,
+    row_of,
+    trained_run,
+    write_results,
+)
+from matplotlib.ticker import FixedLocator, NullLocator  # noqa: E402
 
 
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--densities", type=float, nargs="+",
                         default=[0.5, 0.2, 0.1, 0.05, 0.02, 0.01])
-    parser.add_argument("--methods", nargs="+", default=["dnr-irregular", "magnitude"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", default=["dnr-irregular", "static", "magnitude"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--multi-seed", type=float, nargs="+", default=[0.05, 0.02])
     args = parser.parse_args()
     announce(args)
-    rows = {m: [row_of(trained_run(args.workdir, m, d, args.seed, args.epochs), None)
-                for d in args.densities] for m in args.methods}
-    print(f"\n{'method':<14} {'density':>8} {'params':>7} {'clean':>6} {'PGD-20':>7}")
-    for method, method_rows in rows.items():
-        for r in method_rows:
-            print(f"{method:<14} {r['density']:>8.4f} {r['compression']:>6.1f}x "
-                  f"{100 * r['clean']:>6.1f} {100 * r['pgd20']:>7.1f}")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method, method_rows in rows.items():
-        xs = [r["compression"] for r in method_rows]
-        ax.plot(xs, [100 * r["clean"] for r in method_rows], "o-", label=f"{method} clean")
-        ax.plot(xs, [100 * r["pgd20"] for r in method_rows], "s--", label=f"{method} PGD-20")
-    ax.set_xscale("log")
-    ax.set_xlabel("compression (dense params / deployed params)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy against compression (digits, eps 0.2)")
-    ax.legend(fontsize=8)
+    rows = {m: {d: [row_of(trained_run(args.workdir, m, d, seed, args.epochs), None)
+                    for seed in (args.seeds if d in args.multi_seed else args.seeds[:1])]
+                for d in args.densities} for m in args.methods}
+    print(f"\n{'method':<14} {'density':>8} {'params':>7} {'seeds':>5} {'clean':>12} "
+          f"{'PGD-20':>12} {'AutoAttack':>12}")
+    for method, by_density in rows.items():
+        for density, runs in by_density.items():
+            pick = lambda key, runs=runs: [r[key] for r in runs]  # noqa: E731
+            print(f"{method:<14} {density:>8g} {statistics.mean(pick('compression')):>6.1f}x "
+                  f"{len(runs):>5} {mean_std(pick('clean')):>12} {mean_std(pick('pgd20')):>12} "
+                  f"{mean_std(pick('autoattack')):>12}")
+    plot(rows)
+    by_name = {m: {str(d): runs for d, runs in v.items()} for m, v in rows.items()}
+    write_results("sweep", {"args": vars(args), "rows": by_name})
+
+
+def plot(rows: dict) -> None:
+    """Clean and AutoAttack-grade accuracy against compression, one colour per method."""
+    fig, (clean_ax, robust_ax) = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for method, by_density in rows.items():
+        xs = [statistics.mean(r["compression"] for r in runs) for runs in by_density.values()]
+        for ax, key in ((clean_ax, "clean"), (robust_ax, "autoattack")):
+            ax.plot(xs, [100 * statistics.mean(r[key] for r in runs)
+                         for runs in by_density.values()], "o-", label=method)
+    ticks = [2, 5, 10, 20, 50, 100]
+    for ax, title in ((clean_ax, "clean"), (robust_ax, "AutoAttack-grade worst case")):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{t}x" for t in ticks])
+        ax.set_xlabel("compression (dense params / deployed params)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{title} (digits, eps 0.2)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / "sweep.png", dpi=110)
     print(f"plot: {RESULTS / 'sweep.png'}")
-    write_results("sweep", {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -7,11 +7,7 @@ or Ctrl-C leaves either the old file or the new one, never half of one. Checkpoi
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -19,6 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dnr_deploy.files import (  # noqa: F401  (re-exported: the run dir contract)
+    are_figures,
+    are_numbers,
+    is_count,
+    is_number,
+    read_json_object,
+    remove_stale_temps,
+    sha256_of,
+    write_atomic,
+    write_json,
+    write_jsonl,
+)
 
 CHECKPOINT_FORMAT = "dnr-deploy/checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -29,57 +38,6 @@ LATEST_POINTER = Path("runs") / "LATEST"  # relative to the working directory
 
 class CheckpointError(ValueError):
     """A checkpoint or run dir that cannot be used (missing, corrupt, wrong format)."""
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` for a temporary file beside `path`, flush it to disk, then rename it
-    onto `path`.
-
-    A process killed at any moment (SIGKILL included) leaves `path` either as it was or
-    complete. What it can leave behind is the temporary file, `.NAME.*.tmp`: no reader opens
-    it, and `remove_stale_temps` deletes those of a run dir when the run is resumed.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        _fsync(tmp)  # the data reaches the disk before the name does (power loss, not kill)
-        os.replace(tmp, path)
-        if os.name == "posix":
-            _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temps(folder: Path) -> list[str]:
-    """Delete the temporary files `write_atomic` leaves in `folder` when its process is
-    killed mid-write (".checkpoint.pt.*.tmp", ...). Call it only where no other process is
-    writing: a resumed run's own dir. Returns the names removed."""
-    removed = []
-    for tmp in Path(folder).glob(".*.*.tmp"):
-        if tmp.is_file() and not tmp.is_symlink():
-            tmp.unlink(missing_ok=True)
-            removed.append(tmp.name)
-    return removed
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    lines = "".join(json.dumps(row) + "\n" for row in rows)
-    write_atomic(path, lambda tmp: tmp.write_text(lines))
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
@@ -198,14 +156,7 @@ def read_run_json(run_dir: Path) -> dict:
     file = Path(run_dir) / RUN_JSON
     if not file.is_file():
         raise CheckpointError(f"{str(run_dir)!r} is not a finished run dir (no {RUN_JSON})")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, 5000 digits
-        raise CheckpointError(f"{str(file)!r} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise CheckpointError(f"{str(file)!r} nests too deeply to be a run.json") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{str(file)!r} does not hold a JSON object")
+    data = read_json_object(file, "a run.json", CheckpointError)
     for key, valid in _RUN_JSON_TYPES.items():
         if key in data and not valid(data[key]):
             raise CheckpointError(f"{str(file)!r} is damaged: {key!r} is "
@@ -213,21 +164,12 @@ def read_run_json(run_dir: Path) -> dict:
     return data
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _numbers(value: Any, positive: bool = False) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        _number(v) and math.isfinite(v) and (v > 0 or not positive) for v in value)
 
 
-def _figures(value: Any) -> bool:
-    return isinstance(value, dict) and all(_number(v) for v in value.values())
 
 
 # The types of the run.json entries later stages read (absent entries are the reader's call).
@@ -235,24 +177,17 @@ _RUN_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "config": lambda v: isinstance(v, dict) and isinstance(v.get("dataset", ""), str)
     and isinstance(v.get("data_dir"), str | None),
     "model": lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
-    and _count(v.get("num_classes")) and _count(v.get("in_chans")),
-    "input_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(map(_count, v)),
-    "input_range": lambda v: _numbers(v) and len(v) == 2,
-    "num_classes": _count,
-    "mean": _numbers,
-    "std": lambda v: _numbers(v, positive=True),
+    and is_count(v.get("num_classes")) and is_count(v.get("in_chans")),
+    "input_shape": lambda v: isinstance(v, list) and len(v) == 3 and all(map(is_count, v)),
+    "input_range": lambda v: are_numbers(v) and len(v) == 2,
+    "num_classes": is_count,
+    "mean": are_numbers,
+    "std": lambda v: are_numbers(v, positive=True),
     "granularity": lambda v: isinstance(v, str),
     "threat_model": lambda v: isinstance(v, dict) and isinstance(v.get("norm", ""), str)
-    and _number(v.get("eps", 0)),
-    "accuracy": _figures, "density": _figures, "layer_densities": _figures, "params": _figures,
-    "macs": _figures,
+    and is_number(v.get("eps", 0)),
+    "accuracy": are_figures, "density": are_figures, "layer_densities": are_figures,
+    "params": are_figures,
+    "macs": are_figures,
     "checkpoint_sha256": lambda v: isinstance(v, str) and len(v) == 64,
 }
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import types
 import typing
@@ -25,7 +26,18 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error as one line on stderr and exit code 2."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} (see --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """"; did you mean --x?" for a mistyped flag (argparse does this from Python 3.14)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [flag for action in self._actions for flag in action.option_strings]
+        for word in message.split(":", 1)[1].split():
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+            if word.startswith("--") and close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def field_type(cls: type, name: str) -> type:
@@ -36,18 +48,28 @@ def field_type(cls: type, name: str) -> type:
     return hint
 
 
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with its flag's help text: the one place both are written."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 def add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls: type, help_text: dict[str, str],
-    choices: dict[str, list[str]], skip: tuple[str, ...] = (),
+    parser: argparse.ArgumentParser, cls: type, choices: dict[str, list[str]],
+    skip: tuple[str, ...] = (), help_text: dict[str, str] | None = None,
 ) -> None:
-    """One `--flag` per field of `cls`, all defaulting to "not given" (argparse.SUPPRESS)."""
+    """One `--flag` per field of `cls`, all defaulting to "not given" (argparse.SUPPRESS).
+
+    The help comes from the field's metadata (`option`), or `help_text`; the default is shown
+    only where it says something (not None or False, and not already described).
+    """
     for field in dataclasses.fields(cls):
         if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         kind = field_type(cls, field.name)
-        default = field.default
-        text = help_text.get(field.name, "") + f" (default: {default})"
+        text = field.metadata.get("help") or (help_text or {}).get(field.name, "")
+        if field.default not in (None, False) and "default" not in text:
+            text += f" (default: {field.default})"
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
@@ -73,7 +95,8 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     except RecursionError:
         raise RecipeError(f"recipe {str(path)!r} nests too deeply to be a recipe") from None
     if data is None:
-        return {}
+        raise RecipeError(f"recipe {str(path)!r} is empty; write setting: value lines, or drop "
+                          "--config")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {str(path)!r} must be a mapping of setting: value")
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -107,6 +130,16 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise RecipeError(f"{where}: {name} must be {kind.__name__}, got {value!r}")
+
+
+def config_from(args: argparse.Namespace, cls: type) -> Any:
+    """`cls` from its defaults, then the YAML file of `--config` (a recipe or profile), then
+    the flags the user typed (flags win)."""
+    settings = dict(vars(args))
+    recipe = settings.pop("config", None)
+    base = load_recipe(recipe, cls) if recipe else {}
+    base.update(settings)
+    return cls(**base)
 
 
 def fail(prog: str, message: object, code: int = 2) -> int:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from dnr_deploy.attacks import fgsm, pgd, seeded_start
+from dnr_deploy.attacks import (
+    EnsembleConfig,
+    fgsm,
+    pgd,
+    run_ensemble,
+    seeded_start,
+    torch_scorer,
+)
+from dnr_deploy.attacks.checks import run_checks
+from dnr_deploy.attacks.ensemble import Progress
 
 # (model, images, labels, index of the first image in the evaluated set) -> adversarial images
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -51,3 +61,41 @@ def final_attacks(eps: float, pgd7_step_size: float) -> dict[str, Attack]:
         "pgd20": lambda m, x, y, i: pgd(m, x, y, eps, eps / 4, 20,
                                         start=seeded_start(x, eps, EVAL_SEED, i)),
     }
+
+
+def robust_evaluation(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+                      device: torch.device, config: EnsembleConfig | None = None,
+                      progress: Progress | None = None) -> dict:
+    """The AutoAttack-grade ensemble and its sanity checks on (x, y): run.json's "robustness".
+
+    Its "robust" figure is what `accuracy.autoattack` records and what dnr-verify's gate
+    compares the deployed artifact with (same images, same seeds, same budgets).
+    """
+    config = config or EnsembleConfig()
+    was_training = model.training
+    model.eval()
+    try:
+        x, y = x.to(device), y.to(device)
+        result = run_ensemble(model, x, y, eps, config, progress=progress)
+        checks = run_checks(model, torch_scorer(model, config.batch_size), x, y, eps, result)
+    finally:
+        model.train(was_training)
+    return {"protocol": protocol(config), "threat_model": {"norm": "Linf", "eps": eps},
+            **result.as_dict(), "checks": checks.figures, "warnings": checks.warnings}
+
+
+def protocol(config: EnsembleConfig) -> dict:
+    """What ran, for run.json, the manifest and verify.json: enough to repeat it exactly."""
+    return {"attack": config.attack, "apgd_steps": config.apgd_steps,
+            "restarts": config.restarts, "target_classes": config.target_classes,
+            "square_queries": config.square_queries, "square_p_init": config.square_p_init,
+            "seed": config.seed}
+
+
+
+def terminal_progress(prefix: str) -> Progress | None:
+    """A printer of progress lines to stderr when it is a terminal, else None: logs and the
+    one-line error contract of the console scripts stay free of progress chatter."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)

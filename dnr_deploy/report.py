@@ -1,4 +1,4 @@
-"""Figures of a run: MAC counts, and the plots written into the run dir."""
+"""Figures of a run: its deployment sizes, and the plots written into the run dir."""
 
 from __future__ import annotations
 
@@ -12,64 +12,77 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dnr_deploy.checkpoint import write_atomic  # noqa: E402
+from dnr_deploy.sizes import size_figures  # noqa: E402
 
 
-@torch.no_grad()
-def count_macs(model: nn.Module, example_input: torch.Tensor, nonzero_only: bool = False) -> int:
-    """Multiply-accumulates of the Conv2d and Linear layers for one input.
-
-    With `nonzero_only`, a zero weight costs nothing: the MACs a sparse kernel would do. Written
-    with hooks instead of torch-pruning's counter because that counter cannot see zeros.
-    """
-    total = 0
-
-    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
-        weights = int(module.weight.count_nonzero()) if nonzero_only else module.weight.numel()
-        positions = output[0, 0].numel() if isinstance(module, nn.Conv2d) else 1
-        total += weights * positions // (module.groups if isinstance(module, nn.Conv2d) else 1)
-
-    handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d | nn.Linear)
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        model(example_input[:1])
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    return total
+def layer_labels(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Readable names for prunable weights: "1.3 Conv2d 64x32x3x3" instead of "1.3.weight"
+    (Sequential models name their layers by index alone)."""
+    modules = dict(model.named_modules())
+    labels = {}
+    for name in names:
+        module = modules.get(name.removesuffix(".weight"))
+        shape = "x".join(map(str, module.weight.shape)) if module is not None else ""
+        kind = type(module).__name__ if module is not None else ""
+        labels[name] = f"{name.removesuffix('.weight')} {kind} {shape}".strip()
+    return labels
 
 
-def plot_layer_densities(path: Path, densities: dict[str, float], target: float) -> None:
-    """Bar chart of the final per-layer densities against the uniform start."""
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(densities)), 3.5))
-    names = [n.removesuffix(".weight") for n in densities]
-    ax.bar(range(len(densities)), list(densities.values()), color="tab:blue", label="final")
-    ax.axhline(target, color="tab:red", linestyle="--", label=f"target / uniform ({target:g})")
-    ax.set_xticks(range(len(densities)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("density (fraction kept)")
-    ax.set_title("Per-layer density after DNR")
-    ax.legend(fontsize=8)
+def plot_layer_densities(path: Path, densities: dict[str, float], target: float,
+                         labels: dict[str, str], sizes: dict[str, int]) -> None:
+    """Final per-layer density against the uniform start, and against the layer's size (the
+    question rewiring answers: where did the budget go?)."""
+    fig, (bar_ax, size_ax) = plt.subplots(1, 2, figsize=(max(9, 0.6 * len(densities) + 5), 3.8))
+    names = list(densities)
+    bar_ax.bar(range(len(names)), [densities[n] for n in names], color="tab:blue", label="final")
+    bar_ax.axhline(target, color="tab:red", linestyle="--", label=f"target / uniform ({target:g})")
+    bar_ax.set_xticks(range(len(names)), [labels.get(n, n) for n in names], rotation=35,
+                      ha="right", fontsize=7)
+    bar_ax.set_ylabel("density (fraction kept)")
+    bar_ax.set_title("Per-layer density at the end", fontsize=9)
+    bar_ax.legend(fontsize=7)
+    size_ax.scatter([sizes[n] for n in names], [densities[n] for n in names], color="tab:blue")
+    for name in names:
+        size_ax.annotate(name.removesuffix(".weight"), (sizes[name], densities[name]), fontsize=7,
+                         xytext=(3, 3), textcoords="offset points")
+    size_ax.axhline(target, color="tab:red", linestyle="--")
+    size_ax.set_xscale("log")
+    size_ax.set_xlabel("layer size (weights)")
+    size_ax.set_ylabel("final density")
+    size_ax.set_title("Density against layer size", fontsize=9)
     _save(fig, path)
 
 
-def plot_training(path: Path, history: list[dict]) -> None:
-    """Clean and PGD test accuracy and density per epoch."""
+def plot_training(path: Path, history: list[dict], labels: dict[str, str]) -> None:
+    """Training loss (clean and adversarial parts), clean and PGD test accuracy per epoch, and
+    each layer's density at every rewire (the topology DNR found, and when it froze)."""
     epochs = [row["epoch"] for row in history]
-    fig, (acc_ax, dens_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
-    acc_ax.plot(epochs, [row["clean_acc"] for row in history], label="clean")
-    acc_ax.plot(epochs, [row["pgd_acc"] for row in history], label="PGD")
+    fig, (loss_ax, acc_ax, dens_ax) = plt.subplots(1, 3, figsize=(13, 3.4))
+    for key, label in (("loss", "hybrid"), ("loss_clean", "clean CE"),
+                       ("loss_adv", "adversarial CE")):
+        if all(key in row for row in history):
+            loss_ax.plot(epochs, [row[key] for row in history], label=label)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("training loss")
+    loss_ax.legend(fontsize=7)
+    acc_ax.plot(epochs, [100 * row["clean_acc"] for row in history], label="clean")
+    acc_ax.plot(epochs, [100 * row["pgd_acc"] for row in history], label="PGD (training attack)")
     acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("test accuracy")
-    acc_ax.legend()
-    dens_ax.plot(epochs, [row["density"] for row in history])
-    dens_ax.set_xlabel("epoch")
-    dens_ax.set_ylabel("global density")
+    acc_ax.set_ylabel("test accuracy (%)")
+    acc_ax.legend(fontsize=7)
+    rewires = [r for row in history for r in row.get("rewires", [])]
+    if rewires:
+        steps = [r["step"] for r in rewires]
+        for name in rewires[0]["layer_densities"]:
+            dens_ax.plot(steps, [r["layer_densities"][name] for r in rewires], marker=".",
+                         label=labels.get(name, name))
+        dens_ax.set_xlabel("optimizer step of the rewire")
+        dens_ax.set_yscale("log")
+        dens_ax.legend(fontsize=6)
+    else:
+        dens_ax.text(0.5, 0.5, "no rewiring in this run", ha="center", va="center")
+    dens_ax.set_ylabel("layer density")
+    dens_ax.set_title("Per-layer density over training", fontsize=9)
     _save(fig, path)
 
 
@@ -80,30 +93,8 @@ def _save(fig: plt.Figure, path: Path) -> None:
 
 
 def deployment_figures(model: nn.Module, policy, example_input: torch.Tensor) -> dict:
-    """Parameters and conv/linear MACs of the dense network and of what export will deploy.
-
-    Channel runs: the network with off units physically removed (built here with
-    torch-pruning, exactly as export does). Irregular runs: the nonzero weights; ONNX Runtime
-    still runs dense kernels, so those MACs are what a sparse kernel would need.
-    """
-    from dnr_deploy.export.channel import shrink_model
-    from dnr_deploy.sparsity.policy import ChannelDNR
-
-    dense_params = sum(p.numel() for p in model.parameters())
-    dense_macs = count_macs(model, example_input)
-    if isinstance(policy, ChannelDNR):
-        groups = list(policy.layout.groups.values())
-        shrunk, _ = shrink_model(model, groups, policy.channel_masks, example_input)
-        deployed_params = policy.layout.deployed_params(policy.channel_masks)
-        deployed_macs = count_macs(shrunk, example_input)
-    else:
-        masks = getattr(policy, "masks", {})
-        zeros = sum(int((~m).sum()) for m in masks.values())
-        deployed_params = dense_params - zeros
-        deployed_macs = count_macs(model, example_input, nonzero_only=bool(masks))
-    return {
-        "params": {"dense": dense_params, "deployed": deployed_params,
-                   "compression": dense_params / deployed_params},
-        "macs": {"dense": dense_macs, "deployed": deployed_macs,
-                 "reduction": dense_macs / max(deployed_macs, 1)},
-    }
+    """Parameters and MACs of the dense network and of what export will deploy
+    (`sizes.size_figures`, the counter the manifest uses too; the policy says what is
+    deployed: the shrunk network of a channel run, the masked one of an irregular run)."""
+    deployed, masks = policy.deployed(model, example_input)
+    return size_figures(model, deployed, example_input, masks)

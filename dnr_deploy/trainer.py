@@ -22,10 +22,22 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
 from dnr_deploy.data import DataBundle, load_data, test_subset
-from dnr_deploy.evaluation import evaluate, final_attacks
+from dnr_deploy.evaluation import (
+    evaluate,
+    final_attacks,
+    robust_evaluation,
+    terminal_progress,
+)
 from dnr_deploy.models import create_model
-from dnr_deploy.report import deployment_figures, plot_layer_densities, plot_training
+from dnr_deploy.report import (
+    deployment_figures,
+    layer_labels,
+    plot_layer_densities,
+    plot_training,
+)
+from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
+from dnr_deploy.sparsity.schedule import RewireSchedule
 from dnr_deploy.training import (
     RESUME_FIXED,
     RUN_FORMAT,
@@ -37,6 +49,7 @@ from dnr_deploy.training import (
     TrainingInterrupted,
     build_policy,
     lr_at,
+    merge_resume,
     settings_from_checkpoint,
     train_one_epoch,
 )
@@ -51,9 +64,12 @@ def compress(config: CompressConfig) -> Run:
         RankDisagreement: under torchrun, ranks ended a rewire with different masks.
     """
     resume_state = ckpt.load_checkpoint(config.resume) if config.resume else None
+    where = f"checkpoint {str(config.resume)!r}"
+    if resume_state is not None:
+        config = merge_resume(config, resume_state["config"], where)
     config = config.resolved()
     if resume_state is not None:
-        _check_resume(config, resume_state["config"])
+        _check_resume(config, resume_state["config"], where)
     bundle = load_data(config.dataset, config.data_dir)
     context = ddp.init_distributed(config.device)
     try:
@@ -68,8 +84,8 @@ def compress(config: CompressConfig) -> Run:
         ddp.shutdown(context)
 
 
-def _check_resume(config: CompressConfig, saved: object) -> None:
-    settings = settings_from_checkpoint(saved, f"checkpoint {str(config.resume)!r}")
+def _check_resume(config: CompressConfig, saved: object, where: str) -> None:
+    settings = settings_from_checkpoint(saved, where)
     saved_resolved = CompressConfig(**settings).resolved()
     for name in RESUME_FIXED:
         saved_value, value = getattr(saved_resolved, name), getattr(config, name)
@@ -103,7 +119,7 @@ def _run_dir(config: CompressConfig) -> Path:
                 f"--out {str(out)!r} exists and is not empty; use --resume to continue it"
             )
         return out
-    kind = "dense" if config.dense else config.granularity
+    kind = DENSE if config.dense else config.granularity
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{config.model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
     return Path("runs") / name
@@ -278,40 +294,49 @@ class Trainer:
             group["lr"] = lr_at(epoch, cfg.epochs, cfg.lr)
         started = time.perf_counter()
         attack_model = self.model if self.context.enabled else None
-        steps = (epoch * len(loader), cfg.epochs * len(loader))
         rewires: list[dict] = []
+
+        def after_step(batch: int) -> None:
+            rewires.extend(self._rewire_if_due(epoch * len(loader) + batch + 1,
+                                               cfg.epochs * len(loader)))
+
         losses = train_one_epoch(self.train_model, loader, self.optimizer, HybridObjective(cfg),
-                                 self.policy, self.device, attack_model, steps,
-                                 lambda figures: rewires.append(self._after_rewire(figures)))
+                                 self.policy, self.device, attack_model, after_step)
         losses = ddp.mean_across_ranks(self.context, losses, self.device)
-        train_seconds = time.perf_counter() - started
         rewire_seconds = sum(r.pop("seconds") for r in rewires)
-        train_seconds -= rewire_seconds
+        train_seconds = time.perf_counter() - started - rewire_seconds
         accuracy = {"clean": float("nan"), "pgd": float("nan")}
         if self.context.is_main:
             x_eval, y_eval = test_subset(self.bundle, cfg.eval_samples)
             attack = {"pgd": lambda m, x, y, _i: pgd(m, x, y, cfg.eps, cfg.pgd_step_size,
                                                      cfg.pgd_steps)}
             accuracy = evaluate(self.model, x_eval, y_eval, attack, self.device)
-        extra: dict[str, float] = {}
-        if epoch < cfg.epochs - 1:  # never prune after the last epoch: nothing would train it
+        extra: dict = {}
+        if epoch < cfg.epochs - 1:  # magnitude pruning's one step: never after the last epoch
             extra = self.policy.on_epoch_end(self.model, self.optimizer, epoch, cfg.epochs)
-            self._check_agreement(f"the end of epoch {epoch + 1}")
+            self._check_ranks_agree(f"the end of epoch {epoch + 1}")
         return {"epoch": epoch + 1, **losses, "clean_acc": accuracy["clean"],
                 "pgd_acc": accuracy["pgd"], "density": self.policy.density(),
                 "lr": lr_at(epoch, cfg.epochs, cfg.lr), "train_seconds": train_seconds,
                 "rewire_seconds": rewire_seconds, **extra, "rewires": rewires,
                 "layer_densities": self.policy.layer_densities()}
 
-    def _after_rewire(self, figures: dict) -> dict:
-        """Check that every rank holds the same masks and weights after a rewire (the policy
-        decides on each rank alone), and time the rewire; returns the figures to log."""
+    def _rewire_if_due(self, step: int, total_steps: int) -> list[dict]:
+        """The rewire after optimizer step `step`, if the schedule has one: [its record]."""
+        cfg = self.config
+        fraction = RewireSchedule(cfg.rewire_every, cfg.prune_rate,
+                                  cfg.rewire_until).rate_at(step, total_steps)
+        if fraction is None:
+            return []
         started = time.perf_counter()
-        self._check_agreement(f"the rewire after step {figures['step']}")
-        return {**figures, "seconds": figures.get("seconds", 0.0)
-                + time.perf_counter() - started}
+        record = self.policy.rewire(self.model, self.optimizer, fraction)
+        if not record:
+            return []
+        self._check_ranks_agree(f"the rewire after step {step}")
+        return [{"step": step, **record, "seconds": time.perf_counter() - started}]
 
-    def _check_agreement(self, when: str) -> None:
+    def _check_ranks_agree(self, when: str) -> None:
+        """Under torchrun, every rank must hold the same masks and weights after a rewire."""
         ddp.check_agreement(self.context, getattr(self.policy, "masks", {}), f"masks after {when}")
         # Parameters, not buffers: BN running statistics differ per shard until DDP
         # broadcasts rank 0's at the next forward.
@@ -323,6 +348,11 @@ class Trainer:
         x_test, y_test = test_subset(self.bundle, None)
         accuracy = evaluate(self.model, x_test, y_test,
                             final_attacks(cfg.eps, cfg.eval_pgd7_step_size), self.device)
+        x_robust, y_robust = test_subset(self.bundle, cfg.robust_eval_samples
+                                         or spec.robust_eval_images)
+        robustness = robust_evaluation(self.model, x_robust, y_robust, cfg.eps, self.device,
+                                       progress=terminal_progress("final evaluation, "))
+        accuracy["autoattack"] = robustness["robust"]
         example = torch.zeros(1, *spec.input_shape, device=self.device)
         train_seconds = [row["train_seconds"] for row in self.history]
         summary = {
@@ -336,13 +366,14 @@ class Trainer:
             "mean": list(spec.mean),
             "std": list(spec.std),
             "granularity": self.policy.granularity,
-            "method": "dense" if cfg.dense else cfg.method,
+            "method": DENSE if cfg.dense else cfg.method,
             "density": {"target": 1.0 if cfg.dense else cfg.density,
                         "achieved": self.policy.density()},
             "layer_densities": self.policy.layer_densities(),
             **deployment_figures(self.model, self.policy, example),
             "threat_model": {"norm": "Linf", "eps": cfg.eps},
             "accuracy": accuracy,
+            "robustness": robustness,
             "timing": {"epochs": len(self.history), "world_size": self.context.world_size,
                        "train_seconds_per_epoch": sum(train_seconds) / len(train_seconds),
                        "rewire_seconds_total": sum(r["rewire_seconds"] for r in self.history)},
@@ -351,8 +382,12 @@ class Trainer:
         }
         ckpt.write_json(run_dir / ckpt.RUN_JSON, summary)
         plots = run_dir / "plots"
-        plot_training(plots / "training.png", self.history)
+        labels = layer_labels(self.model, list(summary["layer_densities"]))
+        plot_training(plots / "training.png", self.history, labels)
         if summary["layer_densities"]:
+            params = dict(self.model.named_parameters())
+            sizes = {n: params[n].numel() if n in params else 0
+                     for n in summary["layer_densities"]}
             plot_layer_densities(plots / "layer_densities.png", summary["layer_densities"],
-                                 cfg.density)
+                                 cfg.density, labels, sizes)
         return summary

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -26,10 +25,11 @@ from dnr_deploy.sparsity.policy import (
     DensePolicy,
     IrregularDNR,
     MagnitudePrune,
-    StaticChannel,
+    StaticChannels,
     StaticSparse,
 )
-from dnr_deploy.sparsity.rewire import Redistribution, RewireSchedule
+from dnr_deploy.sparsity.rewire import Redistribution
+from dnr_deploy.sparsity.schedule import RewireSchedule
 
 RUN_FORMAT = "dnr-deploy/run/1"
 
@@ -38,7 +38,7 @@ class Method(str, Enum):
     """How sparsity is reached; each is one policy plugged into the same training loop."""
 
     DNR = "dnr"  # Dynamic Network Rewiring (this project's method)
-    STATIC = "static"  # random masks, never rewired
+    STATIC = "static"  # random masks (single weights or channel units), never rewired
     MAGNITUDE = "magnitude"  # dense half, global magnitude prune, fine-tune half
 
 
@@ -69,11 +69,12 @@ class CompressConfig:
     method: str = Method.DNR.value
     density: float = 0.05
     dense: bool = False  # no pruning: plain PGD adversarial training, the baseline
-    rewire_every: int = RewireSchedule.every  # optimizer steps between rewires
-    prune_rate: float = RewireSchedule.initial  # fraction each layer drops at the first rewire
-    rewire_until: float = RewireSchedule.until  # fraction of training after which masks freeze
-    redistribution: str = Redistribution.MOMENTUM.value
-    init: str = Init.UNIFORM.value  # initial spread of the density over layers
+    # DNR's rewiring schedule, in optimizer steps and fractions of training (sparsity/schedule.py)
+    rewire_every: int = 50  # optimizer steps between rewires
+    prune_rate: float = 0.3  # fraction of each layer's active weights pruned at the first rewire
+    rewire_until: float = 0.75  # fraction of training after which the topology is frozen
+    redistribution: str = Redistribution.MOMENTUM.value  # "momentum" (DNR) or "none"
+    init: str = Init.ERK.value  # first masks: "erk" (Evci et al. 2020) or "uniform"
     beta: float = 0.5  # weight of the clean loss; 1 - beta goes to the adversarial loss
     epochs: int = 20
     batch_size: int = 64
@@ -86,6 +87,9 @@ class CompressConfig:
     eval_pgd7_step_size: float | None = None
     attack_bn: str = "eval"  # BN mode while crafting training attacks: "eval" or "train"
     eval_samples: int | None = 1000  # test images scored after every epoch (None: all)
+    # first test images the final AutoAttack-grade ensemble scores (None: the dataset's choice,
+    # all of the embedded default, 1,000 elsewhere)
+    robust_eval_samples: int | None = None
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
@@ -111,26 +115,23 @@ class CompressConfig:
         if self.method not in [m.value for m in Method]:
             allowed = ", ".join(m.value for m in Method)
             raise ConfigError(f"unknown method {self.method!r}; available: {allowed}")
-        channel = self.granularity != Granularity.IRREGULAR.value
-        if self.method == Method.MAGNITUDE.value and channel:
-            raise ConfigError(f"--method {self.method} prunes single weights: use "
-                              "--granularity irregular (channel units: dnr or static)")
-        for name, vocab in (("redistribution", Redistribution), ("init", Init)):
-            if getattr(self, name) not in [v.value for v in vocab]:
-                allowed = ", ".join(v.value for v in vocab)
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; available: {allowed}")
-        if not 0.0 <= self.prune_rate < 1.0:
-            raise ConfigError(f"prune_rate must be in [0, 1), got {self.prune_rate}")
-        if not 0.0 <= self.rewire_until <= 1.0:
-            raise ConfigError(f"rewire_until must be in [0, 1] (a fraction of training), "
-                              f"got {self.rewire_until}")
+        if self.method == Method.MAGNITUDE.value and \
+                self.granularity != Granularity.IRREGULAR.value:
+            raise ConfigError("--method magnitude prunes single weights: use "
+                              "--granularity irregular (or --method static for random channels)")
         if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
             raise ConfigError(
                 f"density must be in (0, 1] (the fraction of weights kept), got {self.density}"
             )
+        try:
+            RewireSchedule(self.rewire_every, self.prune_rate, self.rewire_until)
+            Redistribution(self.redistribution)
+            Init(self.init)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
-        for name in ("epochs", "batch_size", "pgd_steps", "rewire_every", "eval_samples",
+        for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "robust_eval_samples",
                      "stop_after"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -180,6 +181,28 @@ def settings_from_checkpoint(saved: object, where: str) -> dict:
                 for name, value in saved.items() if name in known}
     except RecipeError as err:
         raise CheckpointError(str(err)) from None
+
+
+def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressConfig:
+    """`config` for continuing a checkpoint whose recorded config is `saved`.
+
+    A setting left at its default takes the checkpoint's value, so
+    `compress(CompressConfig(resume=RUN))` continues RUN as it was trained; `out`,
+    `resume` and `stop_after` belong to this invocation and are never taken from it. The
+    CLI and the library both go through here.
+
+    Raises:
+        CheckpointError: `saved` is not a checkpoint's config.
+    """
+    settings = settings_from_checkpoint(saved, where)
+    defaults = CompressConfig()
+    merged = {
+        name: settings[name]
+        for name in settings
+        if name not in ("out", "resume", "stop_after")
+        and getattr(config, name) == getattr(defaults, name)
+    }
+    return dataclasses.replace(config, **merged)
 
 
 # Fields that define what a checkpoint is; a resume must not change them.
@@ -237,14 +260,11 @@ def train_one_epoch(
     policy: DensePolicy,
     device: torch.device,
     attack_model: nn.Module | None = None,
-    steps: tuple[int, int] = (0, 0),
-    on_rewire: Callable[[dict], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """One pass over `loader`; returns the mean of every loss the objective reports.
-
-    `steps` is (optimizer steps before this epoch, total steps of training): the policy gets
-    the global step after each update, so its rewire schedule is a function of counters that
-    a resume reproduces. `on_rewire` receives the figures of every rewire that happens.
+    `after_step(batch_index)` runs after each optimizer step and mask re-application (the
+    trainer rewires there when the schedule says so).
 
     Raises:
         TrainingDiverged: a loss that is NaN or infinite.
@@ -252,7 +272,6 @@ def train_one_epoch(
     model.train()
     sums: dict[str, float] = {}
     batches = 0
-    done, total_steps = steps
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         result = objective(model, x, y, attack_model)
@@ -262,12 +281,9 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        started = time.perf_counter()
-        rewire = policy.on_step_end(model if attack_model is None else attack_model, optimizer,
-                                    done + batches + 1, total_steps)
-        if rewire and on_rewire is not None:
-            seconds = time.perf_counter() - started
-            on_rewire({"step": done + batches + 1, **rewire, "seconds": seconds})
+        policy.on_step_end(model if attack_model is None else attack_model)
+        if after_step is not None:
+            after_step(batches)
         for key, value in result.items():
             if key.startswith("loss"):
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
@@ -286,13 +302,14 @@ def build_policy(
     if config.dense:
         return DensePolicy()
     generator = torch.Generator().manual_seed(config.seed + 1)
-    schedule = RewireSchedule(config.rewire_every, config.prune_rate, config.rewire_until)
-    redistribution = Redistribution(config.redistribution)
     if config.granularity == Granularity.CHANNEL.value:
-        channel = StaticChannel if config.method == Method.STATIC.value else ChannelDNR
-        return channel(model, config.density, generator, example_input, schedule, redistribution)
-    init = Init(config.init)
-    if config.method == Method.DNR.value:
-        return IrregularDNR(model, config.density, generator, init, schedule, redistribution)
-    policies = {Method.STATIC: StaticSparse, Method.MAGNITUDE: MagnitudePrune}
-    return policies[Method(config.method)](model, config.density, generator, init)
+        channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
+        return channel_policy(model, config.density, generator, example_input)
+    method = Method(config.method)
+    if method is Method.DNR:
+        return IrregularDNR(model, config.density, generator, config.init, config.redistribution)
+    if method is Method.STATIC:
+        return StaticSparse(model, config.density, generator, config.init)
+    return MagnitudePrune(model, config.density, generator)
+
+

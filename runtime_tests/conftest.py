@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnr_deploy.runtime.deploydir import DeployDir, find_dataset, open_deploy_dir
+from dnr_deploy.deploydir.opening import DeployDir, find_dataset, open_deploy_dir
 from runtime_tests.helpers import run_cli
 
 DEFAULT_EPOCHS = 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from dnr_deploy.export.manifest import MANIFEST_FORMAT, MANIFEST_NAME, verify_files
+from dnr_deploy.deploydir.manifest import MANIFEST_FORMAT, MANIFEST_NAME, verify_files
 from dnr_deploy.runtime.session import create_session, run_logits
 
 GRANULARITIES = {"irregular", "channel", "dense"}
@@ -21,11 +21,12 @@ def test_format_and_fields(deploy):
     assert m["granularity"] in GRANULARITIES
     assert m["threat_model"]["norm"] == "Linf" and 0 < m["threat_model"]["eps"] <= 1
     accuracy = m["accuracy"]
-    assert set(accuracy) >= {"clean", "fgsm", "pgd7", "pgd20"}
+    assert set(accuracy) >= {"clean", "fgsm", "pgd7", "pgd20", "autoattack"}
     assert all(0 <= value <= 1 for value in accuracy.values())
-    assert accuracy["pgd20"] <= accuracy["clean"]
+    assert accuracy["autoattack"] <= accuracy["pgd20"] + 0.01 <= accuracy["clean"] + 0.01
+    assert m["robustness"]["robust"] == accuracy["autoattack"]
     assert 0 < m["params"]["deployed"] <= m["params"]["dense"]
-    assert 0 < m["macs"]["deployed"] <= m["macs"]["dense"]
+    assert 0 < m["macs"]["nonzero"] <= m["macs"]["executed"] <= m["macs"]["dense"]
     assert "model.onnx" in m["files"]
     assert m["opset"] >= 17 and "onnxruntime" in m["versions"]
 

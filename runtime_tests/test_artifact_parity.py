@@ -32,7 +32,7 @@ def test_reimport_equals_onnx_runtime(deploy, test_images, ort_logits):
 
 
 def test_pytorch_weights_equal_onnx_runtime(deploy, test_images, ort_logits):
-    from dnr_deploy.export.deploy import load_deployed_model
+    from dnr_deploy.export import load_deployed_model
     from dnr_deploy.export.onnx import torch_logits
 
     files = deploy.manifest["files"]

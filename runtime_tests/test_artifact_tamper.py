@@ -6,8 +6,8 @@ import shutil
 
 import pytest
 
-from dnr_deploy.export.manifest import ManifestError
-from dnr_deploy.runtime.deploydir import REPORTS_DIR, open_deploy_dir
+from dnr_deploy.deploydir.manifest import ManifestError
+from dnr_deploy.deploydir.opening import REPORTS_DIR, open_deploy_dir
 from runtime_tests.helpers import assert_refused, run_cli
 
 

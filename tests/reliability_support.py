@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from dnr_deploy.export.manifest import MANIFEST_NAME
+from dnr_deploy.deploydir.manifest import MANIFEST_NAME
 
 # Entry point -> Counter(tried=..., clean=..., accepted=...), summed over the whole session and
 # printed at its end (and kept in .pytest_cache, key dnr_reliability/fuzz_counts).

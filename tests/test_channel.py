@@ -98,6 +98,22 @@ def test_reported_params_equal_the_physically_smaller_network(name, chans, size)
     assert policy.density() > 0.045
 
 
+def test_channel_regrowth_explores_instead_of_undoing_its_prune():
+    """Off units get no gradient, so their momentum only decays; the units a rewire prunes
+    still carry momentum and would win regrowth at once. They are excluded, so the regrown
+    units are ones that were off: the rewire explores."""
+    model, example = make("small", 1, 8)
+    policy = ChannelDNR(model, 0.3, torch.Generator().manual_seed(0), example)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    train_steps(model, policy, optimizer, example, steps=3)
+    before = {n: m.clone() for n, m in policy.channel_masks.items()}
+    record = policy.rewire(model, optimizer, 0.5)
+    grown = sum(int((policy.channel_masks[n] & ~before[n]).sum()) for n in before)
+    assert grown > 0 and record["prune_fraction"] == 0.5
+    assert set(record["layer_densities"]) and sum(record["regrowth_shares"].values()) == \
+        pytest.approx(1.0)
+
+
 def test_channel_rewire_keeps_budget_and_ties():
     model, example = make("resnet18", 3, 32)
     policy = ChannelDNR(model, 0.05, torch.Generator().manual_seed(0), example)

@@ -19,13 +19,14 @@ from dnr_deploy.sparsity.policy import ChannelDNR, IrregularDNR
 from dnr_deploy.trainer import compress
 from dnr_deploy.training import (
     CompressConfig,
+    ConfigError,
     HybridObjective,
     TrainingDiverged,
     TrainingInterrupted,
 )
 from tests.helpers import REPO, assert_clean_failure, run_cli
 
-FAST = {"epochs": 3, "eval_samples": 100}
+FAST = {"epochs": 3, "eval_samples": 100, "robust_eval_samples": 48}
 
 
 @pytest.fixture
@@ -43,7 +44,13 @@ def test_irregular_run_hits_target_density_and_moves_layers(in_tmp):
     assert len(layers) == 5
     assert max(abs(d - 0.05) for d in layers.values()) > 0.01  # no longer uniform
     assert (run.dir / "plots" / "layer_densities.png").stat().st_size > 1000
-    assert set(summary["accuracy"]) == {"clean", "fgsm", "pgd7", "pgd20"}
+    assert set(summary["accuracy"]) == {"clean", "fgsm", "pgd7", "pgd20", "autoattack"}
+    assert summary["accuracy"]["autoattack"] <= summary["accuracy"]["pgd20"] + 0.02
+    robustness = summary["robustness"]
+    assert robustness["robust"] == summary["accuracy"]["autoattack"]
+    assert [s["attack"] for s in robustness["stages"]] == ["apgd-ce", "apgd-t", "square"]
+    assert robustness["protocol"]["apgd_steps"] == 100
+    assert robustness["max_perturbation"] <= 0.2 + 1e-6
     assert summary["accuracy"]["clean"] > 0.5  # it learned something in 3 epochs
     assert summary["accuracy"]["pgd20"] <= summary["accuracy"]["clean"]
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
@@ -76,7 +83,7 @@ def test_channel_run_reports_the_size_of_the_physically_smaller_network(in_tmp):
             graph.get_pruning_group(modules[group.convs[0]], tp.prune_conv_out_channels,
                                     idxs=off).prune()
     assert summary["params"]["deployed"] == sum(p.numel() for p in model.parameters())
-    assert summary["macs"]["reduction"] > 5
+    assert summary["macs"]["reduction_executed"] > 5
     assert 0.04 < summary["density"]["achieved"] <= 0.05
 
 
@@ -95,6 +102,21 @@ def test_resume_matches_an_uninterrupted_run(in_tmp):
     for name, tensor in straight["model"].items():
         assert torch.allclose(tensor.float(), split["model"][name].float(), atol=1e-6), name
     assert read_run_json(Path("split"))["accuracy"] == read_run_json(Path("straight"))["accuracy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["channel", "irregular"])
+def test_library_resume_takes_the_checkpoints_settings(in_tmp, granularity):
+    """`compress(CompressConfig(resume=RUN))` continues RUN as trained (its granularity,
+    density, seed ...), exactly as `dnr-compress --resume RUN` does."""
+    settings = {"epochs": 2, "eval_samples": 20, "pgd_steps": 2, "density": 0.1, "seed": 5}
+    compress(CompressConfig(out="run", granularity=granularity, stop_after=1, **settings))
+    run = compress(CompressConfig(resume="run", robust_eval_samples=8))
+    assert run.summary["granularity"] == granularity
+    assert run.summary["config"]["density"] == 0.1 and run.summary["config"]["seed"] == 5
+    assert run.summary["robustness"]["images"] == 8  # this invocation's own setting
+    with pytest.raises(ConfigError, match="trained with density=0.1"):
+        compress(CompressConfig(resume="run", density=0.2))
 
 
 @pytest.mark.slow
@@ -168,6 +190,16 @@ def test_empty_data_folder_and_corrupt_checkpoint_fail_cleanly(in_tmp):
     assert sorted(p.name for p in in_tmp.iterdir()) == ["empty", "other.pt", "truncated.pt"]
 
 
+def test_an_empty_or_non_mapping_recipe_is_bad_input(in_tmp, capsys):
+    (in_tmp / "empty.yaml").write_text("# nothing here\n")
+    (in_tmp / "list.yaml").write_text("- density\n")
+    for name in ("empty.yaml", "list.yaml"):
+        assert compress_main(["--config", name]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and name in err, err
+    assert not (in_tmp / "runs").exists()
+
+
 def test_recipe_then_flags_win(in_tmp):
     from dnr_deploy.cli import build_compress_parser, compress_config_from
 
@@ -211,5 +243,5 @@ def test_paper_models_train_two_batches_at_32x32(name, granularity):
     for pname, mask in policy.masks.items():
         assert torch.count_nonzero(params[pname][~mask]) == 0
     density = policy.density()
-    policy.on_epoch_end(model, optimizer, 0, 10)
+    policy.rewire(model, optimizer, 0.5)
     assert policy.density() == pytest.approx(density, abs=0.005)

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from dnr_deploy import distributed as ddp
 from tests.helpers import cli_env
 
-ARGS = ["--epochs", "3", "--eval-samples", "100", "--seed", "0"]
+ARGS = ["--epochs", "3", "--eval-samples", "100", "--robust-eval-samples", "24", "--seed", "0"]
 
 
 def torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:

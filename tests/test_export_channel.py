@@ -7,24 +7,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
+from dnr_deploy.deploydir import names
 from dnr_deploy.export import channel
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.models import create_model
+from dnr_deploy.sparsity import surgery
 from dnr_deploy.sparsity.groups import ChannelLayout, find_channel_groups
 from dnr_deploy.sparsity.masks import apply_masks
-
-
-def randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
-    """Non-trivial BN statistics, so the exporter's BN folding is really exercised."""
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(0.2 * torch.randn(n, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-            module.weight.data.copy_(0.5 + torch.rand(n, generator=generator))
-            module.bias.data.copy_(0.2 * torch.randn(n, generator=generator))
+from tests.factories import randomize_norms
 
 
 def random_channel_masks(groups, generator: torch.Generator, keep: float = 0.5) -> dict:
@@ -59,7 +50,7 @@ def test_shrunk_network_exports_to_onnx_equal_to_masked(name, tmp_path):
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     reference = onnx_io.torch_logits(model, x)
 
-    shrunk, history = channel.shrink_model(model, groups, masks, example)
+    shrunk, history = surgery.shrink_model(model, groups, masks, example)
 
     # What a channel run reports as its deployed size is what export delivers.
     assert sum(p.numel() for p in shrunk.parameters()) == layout.deployed_params(masks)
@@ -85,7 +76,7 @@ def test_residual_tied_channels_are_removed_together():
     assert len(stem.convs) == 3  # stem + both stage-1 conv2s share one residual sum
     assert not masks[stem.name].all()
 
-    shrunk, _ = channel.shrink_model(model, groups, masks, example)
+    shrunk, _ = surgery.shrink_model(model, groups, masks, example)
     modules = dict(shrunk.named_modules())
     kept = int(masks[stem.name].sum())
     for conv in stem.convs:
@@ -98,17 +89,17 @@ def test_residual_tied_channels_are_removed_together():
 
 def test_history_and_state_rebuild_the_shrunk_model(tmp_path):
     model, groups, masks, _, example = masked_net("resnet18", seed=5)
-    shrunk, history = channel.shrink_model(model, groups, masks, example)
+    shrunk, history = surgery.shrink_model(model, groups, masks, example)
 
     channel.save_state(tmp_path, shrunk, history)
-    stored = json.loads((tmp_path / channel.HISTORY_NAME).read_text())
-    assert stored == channel.history_to_json(history)
-    with np.load(tmp_path / channel.WEIGHTS_NAME, allow_pickle=False) as npz:
+    stored = json.loads((tmp_path / names.HISTORY_FILE).read_text())
+    assert stored == surgery.history_to_json(history)
+    with np.load(tmp_path / names.WEIGHTS_FILE, allow_pickle=False) as npz:
         assert set(npz.files) == set(shrunk.state_dict())
 
     state, loaded_history = channel.load_state(tmp_path)
     fresh = create_model("resnet18", 10, 3, (0.0,) * 3, (1.0,) * 3)
-    channel.replay_pruning(fresh, loaded_history, example)
+    surgery.replay_pruning(fresh, loaded_history, example)
     fresh.load_state_dict(state)
     x = torch.rand(3, 3, 32, 32)
     np.testing.assert_array_equal(onnx_io.torch_logits(fresh, x), onnx_io.torch_logits(shrunk, x))
@@ -117,18 +108,18 @@ def test_history_and_state_rebuild_the_shrunk_model(tmp_path):
 def test_masks_that_cannot_be_removed_are_rejected():
     model, groups, masks, _, _ = masked_net("vgg16")
     all_off = {**masks, groups[2].name: torch.zeros(groups[2].size, dtype=torch.bool)}
-    with pytest.raises(channel.ShrinkError, match="every channel off"):
-        channel.check_channel_masks(groups, all_off)
-    with pytest.raises(channel.ShrinkError, match="unknown"):
-        channel.check_channel_masks(groups, {**masks, "1.99": masks[groups[0].name]})
+    with pytest.raises(surgery.ShrinkError, match="every channel off"):
+        surgery.check_channel_masks(groups, all_off)
+    with pytest.raises(surgery.ShrinkError, match="unknown"):
+        surgery.check_channel_masks(groups, {**masks, "1.99": masks[groups[0].name]})
     wrong_size = {**masks, groups[0].name: torch.ones(3, dtype=torch.bool)}
-    with pytest.raises(channel.ShrinkError, match="bool vector"):
-        channel.check_channel_masks(groups, wrong_size)
-    channel.check_channel_masks(groups, masks)  # the valid masks pass
+    with pytest.raises(surgery.ShrinkError, match="bool vector"):
+        surgery.check_channel_masks(groups, wrong_size)
+    surgery.check_channel_masks(groups, masks)  # the valid masks pass
 
 
 @pytest.mark.parametrize("data", [{"a": 1}, [["1.0", "yes", [1]]], [["1.0", True, [-1]]],
                                   [["1.0", True]]])
 def test_malformed_history_is_rejected(data):
-    with pytest.raises(channel.ShrinkError, match="not a pruning history"):
-        channel.parse_history(data, "pruning_history.json")
+    with pytest.raises(surgery.ShrinkError, match="not a pruning history"):
+        surgery.parse_history(data, "pruning_history.json")

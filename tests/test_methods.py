@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from dnr_deploy.models import create_model
 from dnr_deploy.sparsity.masks import global_magnitude_masks
-from dnr_deploy.sparsity.policy import MagnitudePrune, StaticSparse
-from dnr_deploy.training import CompressConfig, ConfigError
+from dnr_deploy.sparsity.policy import MagnitudePrune, StaticChannels, StaticSparse
+from dnr_deploy.training import CompressConfig, ConfigError, build_policy
 
 
 def tiny_model() -> nn.Module:
@@ -37,6 +38,7 @@ def test_static_masks_never_move():
     for epoch in range(3):
         step(model, optimizer, policy)
         policy.on_epoch_end(model, optimizer, epoch, 4)
+        assert policy.rewire(model, optimizer, 0.5) == {}  # the schedule's calls do nothing
     assert all(torch.equal(before[n], policy.masks[n]) for n in before)
     assert policy.density() == pytest.approx(0.1, abs=1e-3)
 
@@ -57,9 +59,15 @@ def test_magnitude_is_dense_for_half_then_prunes_once_and_holds():
         assert torch.count_nonzero(params[name][~mask]) == 0
 
 
-def test_magnitude_is_irregular_only_and_static_has_a_channel_variant():
+def test_magnitude_is_irregular_only_and_static_channels_never_move():
     with pytest.raises(ConfigError, match="irregular"):
         CompressConfig(method="magnitude", granularity="channel").resolved()
-    CompressConfig(method="static", granularity="channel").resolved()
+    config = CompressConfig(method="static", granularity="channel").resolved()
+    model = create_model("small", 10, 1, [0.3], [0.4])
+    policy = build_policy(config, model, torch.zeros(1, 1, 8, 8))
+    assert isinstance(policy, StaticChannels) and 0.045 < policy.density() <= 0.05
+    before = {n: m.clone() for n, m in policy.channel_masks.items()}
+    assert policy.rewire(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5) == {}
+    assert all(torch.equal(before[n], policy.channel_masks[n]) for n in before)
     with pytest.raises(ConfigError, match="unknown method"):
         CompressConfig(method="lottery").resolved()

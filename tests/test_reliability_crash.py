@@ -20,16 +20,18 @@ from pathlib import Path
 import pytest
 
 from dnr_deploy import checkpoint as ckpt
+from dnr_deploy import files
 from dnr_deploy.cli import bench_main, compress_main, export_main, verify_main
-from dnr_deploy.export import deploy as deploy_module
-from dnr_deploy.export import manifest
-from dnr_deploy.export.deploy import ExportError, load_deployed_model
-from dnr_deploy.export.manifest import MANIFEST_NAME, ManifestError
+from dnr_deploy.deploydir import manifest
+from dnr_deploy.deploydir.manifest import MANIFEST_NAME, ManifestError
+from dnr_deploy.export import load_deployed_model
+from dnr_deploy.files import FolderTaken
+from tests.factories import write_fake_run
 from tests.helpers import cli_env
 from tests.reliability_support import assert_clean_error, call_main
-from tests.test_export_irregular import write_fake_run
 
-TRAIN = ["--beta", "1", "--eval-samples", "50", "--seed", "1"]  # clean training: fast epochs
+# clean training (fast epochs), a small final ensemble
+TRAIN = ["--beta", "1", "--eval-samples", "50", "--robust-eval-samples", "24", "--seed", "1"]
 
 # Runs the real CLI with `torch.save` slowed on its Nth call: half the bytes are written to
 # the temporary file, the marker is created, and the process stalls until it is killed.
@@ -170,8 +172,8 @@ def assert_complete_deploy_dir(out: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["dnr_deploy.export.manifest:build_manifest",
-                                    "dnr_deploy.export.deploy:_move_into_place"])
+@pytest.mark.parametrize("moment", ["dnr_deploy.deploydir.manifest:build_manifest",
+                                    "dnr_deploy.export.deploy:publish_folder"])
 def test_export_killed_midway_leaves_nothing_later_stages_accept(moment, fake_runs, tmp_path):
     """Killed with the weights written but no manifest, or with everything written but not
     yet renamed: --out does not exist, so no stage can take a partial deploy dir."""
@@ -190,7 +192,7 @@ def test_export_killed_midway_leaves_nothing_later_stages_accept(moment, fake_ru
         assert "does not exist" in assert_clean_error(outcome.code, outcome.err, prog)
     hidden = [p for p in tmp_path.iterdir() if p.name.startswith(".deploy.")]
     assert len(hidden) == 1  # the killed export's build folder: no stage looks there
-    if moment.endswith("_move_into_place"):  # a new export is not disturbed by the leftover
+    if moment.endswith("publish_folder"):  # a new export is not disturbed by the leftover
         outcome = call_main(export_main, [str(run_dir), "--out", str(out), *CSR_ONLY])
         assert outcome.code == 0, outcome.err
         assert_complete_deploy_dir(out)
@@ -201,7 +203,7 @@ def test_two_exports_racing_to_one_out_leave_one_complete_deploy_dir(fake_runs, 
     out = tmp_path / "deploy"
     ready = {kind: tmp_path / f"ready-{kind}" for kind in fake_runs}
     jobs = {kind: start(EXPORT_DRIVER, [
-        "dnr_deploy.export.deploy:_move_into_place", "barrier", str(ready[kind]),
+        "dnr_deploy.export.deploy:publish_folder", "barrier", str(ready[kind]),
         ",".join(map(str, ready.values())), "export", str(run_dir), "--out", str(out),
         *CSR_ONLY], tmp_path)
         for kind, run_dir in fake_runs.items()}
@@ -229,16 +231,16 @@ def test_rename_onto_out_is_all_or_nothing(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()  # an empty --out is replaced in one step
-    deploy_module._move_into_place(work("a", "A"), out, force=False)
+    files._move_into_place(work("a", "A"), out, force=False)
     assert (out / "model.onnx").read_text() == "A"
-    with pytest.raises(ExportError, match="was filled while this export ran"):
-        deploy_module._move_into_place(work("b", "B"), out, force=False)
+    with pytest.raises(FolderTaken, match="was filled while this export ran"):
+        files._move_into_place(work("b", "B"), out, force=False)
     assert (out / "model.onnx").read_text() == "A" and (tmp_path / "b").exists()
-    deploy_module._move_into_place(tmp_path / "b", out, force=True)  # --force replaces it
+    files._move_into_place(tmp_path / "b", out, force=True)  # --force replaces it
     assert (out / "model.onnx").read_text() == "B"
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(ExportError):
-        deploy_module._move_into_place(work("c", "C"), tmp_path / "file", force=False)
+    with pytest.raises(FolderTaken):
+        files._move_into_place(work("c", "C"), tmp_path / "file", force=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "file", "out"]
     assert os.listdir(out) == ["model.onnx"]
 

@@ -21,18 +21,18 @@ from onnx import numpy_helper
 
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.cli import bench_main, verify_main
-from dnr_deploy.export.deploy import ExportConfig, export_run
-from dnr_deploy.export.manifest import MANIFEST_NAME
-from dnr_deploy.runtime.deploydir import open_deploy_dir
+from dnr_deploy.deploydir.manifest import MANIFEST_NAME
+from dnr_deploy.deploydir.opening import open_deploy_dir
+from dnr_deploy.export import ExportConfig, export_run
 from dnr_deploy.trainer import compress
 from dnr_deploy.training import CompressConfig
 from tests.reliability_support import assert_clean_error, call_main
 
 TOLERANCE = "3"  # points; the dense artifact scores within ~1 of its own figure on all images
-# The robust run's figures: the embedded default (DNR, PGD-7 adversarial training, 20 epochs)
-# at eps 0.2, clean / PGD-20 on the digits test split, as measured on this machine and
-# recorded in DESIGN.md section 4. Training that run here would take minutes.
-ROBUST = {"clean": 0.986, "pgd20": 0.708}
+# The robust run's figures: the embedded default (DNR irregular 5%, PGD-7 adversarial training,
+# 20 epochs) at eps 0.2 on the digits test split: clean, PGD-20 and AutoAttack at its original
+# settings, as measured on this machine (issue 10). Training that run here would take minutes.
+ROBUST = {"clean": 0.9944, "pgd20": 0.6083, "autoattack": 0.5056}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,8 @@ def test_a_file_swapped_after_export_is_refused(swap, runs, tmp_path):
         content[len(content) // 2] ^= 0xFF
         (deploy / swap).write_bytes(bytes(content))
     for prog, main, flags in (("dnr-bench", bench_main, ["--runs", "2", "--warmup", "0"]),
-                              ("dnr-verify", verify_main, ["--n", "8", "--steps", "1"])):
+                              ("dnr-verify", verify_main, ["--n", "8", "--steps", "1",
+                                                              "--queries", "10"])):
         outcome = call_main(main, [str(deploy), *flags])
         line = assert_clean_error(outcome.code, outcome.err, prog)
         assert swap in line and "sha256" in line
@@ -93,4 +94,4 @@ def test_verify_gate_fails_a_dense_artifact_that_claims_robust_figures(runs, tmp
     assert "robust accuracy of the artifact is" in line and "below the training side's" in line
     report = json.loads((deploy / "reports" / "verify.json").read_text())
     assert report["comparison"]["gated"] and not report["comparison"]["passed"]
-    assert report["accuracy"]["robust"] < ROBUST["pgd20"] - float(TOLERANCE) / 100
+    assert report["accuracy"]["robust"] < ROBUST["autoattack"] - float(TOLERANCE) / 100

@@ -19,13 +19,12 @@ import torch
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.checkpoint import CheckpointError, load_checkpoint
 from dnr_deploy.cli import compress_main, export_main
-from dnr_deploy.export import channel, csr
-from dnr_deploy.export.deploy import load_deployed_model
-from dnr_deploy.export.manifest import MANIFEST_FORMAT, MANIFEST_NAME, ManifestError
+from dnr_deploy.deploydir import names
+from dnr_deploy.deploydir.manifest import MANIFEST_FORMAT, MANIFEST_NAME, ManifestError
+from dnr_deploy.export import csr, load_deployed_model
+from tests.factories import make_deploy_dir, write_fake_run
 from tests.helpers import assert_clean_failure, run_cli
 from tests.reliability_support import assert_clean_error, call_main, rehash
-from tests.test_export_irregular import write_fake_run
-from tests.test_runtime_cli import make_deploy_dir
 
 
 class Payload:
@@ -109,13 +108,13 @@ def npz_with_payload(marker: Path, name: str) -> bytes:
 
 def test_csr_bundle_payload_is_refused_and_never_runs(tmp_path, marker):
     bundle = npz_with_payload(marker, "header")
-    deploy = minimal_deploy_dir(tmp_path / "deploy", {csr.CSR_NAME: bundle})
+    deploy = minimal_deploy_dir(tmp_path / "deploy", {names.CSR_FILE: bundle})
     with pytest.raises(ManifestError, match="CSR bundle"):
         load_deployed_model(deploy)
     with pytest.raises(csr.CsrError):
-        csr.read_csr_bundle(deploy / csr.CSR_NAME)
-    (deploy / csr.CSR_NAME).write_bytes(pickle.dumps(Payload(marker)))  # a bare pickle
-    rehash(deploy, csr.CSR_NAME)
+        csr.read_csr_bundle(deploy / names.CSR_FILE)
+    (deploy / names.CSR_FILE).write_bytes(pickle.dumps(Payload(marker)))  # a bare pickle
+    rehash(deploy, names.CSR_FILE)
     with pytest.raises(ManifestError, match="not an .npz"):
         load_deployed_model(deploy)
     assert not marker.exists()
@@ -126,8 +125,8 @@ def test_csr_bundle_payload_is_refused_and_never_runs(tmp_path, marker):
 
 
 def test_channel_weights_payload_is_refused_and_never_runs(tmp_path, marker):
-    files = {channel.WEIGHTS_NAME: npz_with_payload(marker, "1.0.weight"),
-             channel.HISTORY_NAME: b"[]"}
+    files = {names.WEIGHTS_FILE: npz_with_payload(marker, "1.0.weight"),
+             names.HISTORY_FILE: b"[]"}
     deploy = minimal_deploy_dir(tmp_path / "deploy", files)
     with pytest.raises(ManifestError):
         load_deployed_model(deploy)
@@ -214,6 +213,6 @@ def test_zip_bombs_are_refused_before_inflating(tmp_path, monkeypatch):
 
     bundle = tmp_path / "bundle.npz"
     zip_bomb(bundle, {}, "dense/0.mean.npy", npy=True)
-    deploy = minimal_deploy_dir(tmp_path / "deploy", {csr.CSR_NAME: bundle.read_bytes()})
+    deploy = minimal_deploy_dir(tmp_path / "deploy", {names.CSR_FILE: bundle.read_bytes()})
     with pytest.raises(ManifestError, match="would inflate"):
         load_deployed_model(deploy)

@@ -1,33 +1,31 @@
 """Rewiring mechanics on small hand-built layers."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from dnr_deploy.sparsity.masks import apply_masks, random_masks, split_budget
+from dnr_deploy.sparsity.masks import apply_masks, erk_shares, random_masks, split_budget
 from dnr_deploy.sparsity.policy import IrregularDNR
 from dnr_deploy.sparsity.rewire import (
-    RewireSchedule,
-    Redistribution,
     normalized_momentum,
-    prune_rate,
     prune_smallest,
     regrow_largest,
+    regrowth_shares,
     rewire_irregular,
 )
+from dnr_deploy.sparsity.schedule import RewireSchedule
 
 
 def test_normalized_momentum_sums_to_one_and_ignores_inactive():
     masks = {"a": torch.tensor([True, True, False]), "b": torch.tensor([True, False, False])}
     momenta = {"a": torch.tensor([0.2, -0.4, 100.0]), "b": torch.tensor([-0.1, 50.0, 50.0])}
-    shares = normalized_momentum(momenta, masks, Redistribution.MEAN)
+    shares = normalized_momentum(momenta, masks)
     assert sum(shares.values()) == pytest.approx(1.0)
     # a: mean(|0.2|, |-0.4|) = 0.3; b: 0.1 -> 0.75, 0.25 (inactive entries ignored)
     assert shares["a"] == pytest.approx(0.75)
     assert shares["b"] == pytest.approx(0.25)
-    # by total: a 0.6, b 0.1 -> 6/7, 1/7 (a has twice the active weights)
-    shares = normalized_momentum(momenta, masks, Redistribution.MOMENTUM)
-    assert shares["a"] == pytest.approx(6 / 7)
 
 
 def test_prune_removes_the_smallest_magnitudes():
@@ -60,7 +58,7 @@ def test_rewire_moves_budget_by_momentum_and_keeps_global_count():
     masks = {name: w != 0 for name, w in weights.items()}
     momenta = {"a": torch.tensor([0.3, 0.3, 0.3, 0.3, 0.5, 0.4, 0.1, 0.2]),
                "b": torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.7, 0.0])}
-    rewired, shares = rewire_irregular(weights, momenta, masks, 0.5, Redistribution.MEAN)
+    rewired, shares = rewire_irregular(weights, momenta, masks, fraction=0.5)
     assert shares == pytest.approx({"a": 0.75, "b": 0.25})
     # Each layer drops its two smallest (values 1 and 2); 4 freed, 3 regrow in a, 1 in b.
     assert int(rewired["a"].sum()) == 5 and int(rewired["b"].sum()) == 3
@@ -77,12 +75,60 @@ def test_random_masks_hit_the_global_count_exactly():
     assert sum(int(m.sum()) for m in masks.values()) == round(0.05 * total)
 
 
-def test_prune_rate_decays_by_cosine_to_zero_at_the_freeze_point():
-    rates = [prune_rate(s, 400, initial=0.3, until=0.75) for s in range(0, 301, 50)]
-    assert rates[0] == pytest.approx(0.3)
-    assert rates[3] == pytest.approx(0.15)  # half way to step 300
-    assert rates[6] == pytest.approx(0.0)
-    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+def test_schedule_is_in_steps_decays_by_cosine_and_freezes():
+    schedule = RewireSchedule(every=50, initial=0.3, until=0.75)
+    # the docstring's worked example: a 460-step run (the default's 23 steps x 20 epochs)
+    rates = {step: schedule.rate_at(step, 460) for step in range(1, 461)}
+    steps = [s for s, r in rates.items() if r is not None]
+    assert steps == [50, 100, 150, 200, 250, 300]  # frozen after 345
+    assert rates[50] == pytest.approx(0.15 * (1 + math.cos(math.pi * 50 / 345)))
+    assert all(rates[a] > rates[b] for a, b in zip(steps, steps[1:], strict=False))
+    # the same schedule on CIFAR's 391 steps an epoch: the same rate at the same fraction
+    assert schedule.rate_at(50 * 17, 460 * 17) == pytest.approx(rates[50])
+    assert schedule.rewires(7820) == 117
+    with pytest.raises(ValueError, match="prune_rate"):
+        RewireSchedule(every=10, initial=1.5, until=0.5)
+
+
+def test_regrowth_shares_account_for_layer_size():
+    """Equal momentum per weight: a layer 9x larger gets 9x the regrowth, so a rewire does not
+    drift toward equal weight counts (DNR's mean-momentum shares would give 0.5 / 0.5)."""
+    masks = {"small": torch.ones(10, dtype=torch.bool), "large": torch.ones(90, dtype=torch.bool)}
+    momenta = {"small": torch.full((10,), 0.2), "large": torch.full((90,), 0.2)}
+    assert normalized_momentum(momenta, masks) == pytest.approx({"small": 0.5, "large": 0.5})
+    assert regrowth_shares(momenta, masks) == pytest.approx({"small": 0.1, "large": 0.9})
+
+
+def test_nearly_dense_layer_with_high_momentum_is_not_pruned():
+    weights = {"dense": torch.arange(1.0, 21.0), "sparse": torch.cat(
+        [torch.arange(1.0, 11.0), torch.zeros(190)])}
+    masks = {name: w != 0 for name, w in weights.items()}
+    momenta = {"dense": torch.full((20,), 1.0), "sparse": torch.full((200,), 0.01)}
+    rewired, _ = rewire_irregular(weights, momenta, masks, fraction=0.5)
+    assert bool(rewired["dense"].all())  # Dettmers' rule: it would take them straight back
+    assert int(rewired["sparse"].sum()) == 10
+
+
+def test_redistribution_none_regrows_in_the_layer_that_pruned():
+    weights = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0, 0, 0, 0, 0]),
+               "b": torch.tensor([1.0, 2.0, 3.0, 4.0, 0, 0, 0, 0])}
+    masks = {name: w != 0 for name, w in weights.items()}
+    momenta = {"a": torch.tensor([0.3, 0.3, 0.3, 0.3, 0.5, 0.4, 0.1, 0.2]),
+               "b": torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.7, 0.0])}
+    rewired, _ = rewire_irregular(weights, momenta, masks, 0.5, redistribution="none")
+    assert int(rewired["a"].sum()) == 4 and int(rewired["b"].sum()) == 4
+
+
+def test_erk_init_makes_small_layers_denser_at_the_exact_global_count():
+    weights = {"conv1": torch.zeros(32, 1, 3, 3), "conv4": torch.zeros(256, 128, 3, 3),
+               "fc": torch.zeros(10, 256)}
+    shares = erk_shares(weights, 0.05)
+    assert shares["conv1"] == 1.0  # capped: the ERK density would exceed 1
+    assert shares["fc"] > 0.05 > shares["conv4"]
+    masks = random_masks(weights, 0.05, torch.Generator().manual_seed(0), "erk")
+    total = sum(w.numel() for w in weights.values())
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.05 * total)
+    assert bool(masks["conv1"].all())
 
 
 def test_masked_weights_stay_zero_after_every_step_and_rewire_keeps_count():
@@ -92,27 +138,20 @@ def test_masked_weights_stay_zero_after_every_step_and_rewire_keeps_count():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     count = sum(int(m.sum()) for m in policy.masks.values())
     params = dict(model.named_parameters())
-    schedule = RewireSchedule(every=5, initial=0.5, until=1.0)
-    policy.schedule = schedule
-    step = 0
     for _epoch in range(3):
-        for _ in range(4):
+        for _ in range(5):
             x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            step += 1
-            assert policy.on_step_end(model, optimizer, step, 20) == {}  # not due: no rewire
+            policy.on_step_end(model)
             for name, mask in policy.masks.items():
                 assert torch.count_nonzero(params[name][~mask]) == 0
                 # gated weights still get gradients, hence momentum for regrowth
             assert any(params[n].grad[~m].abs().sum() > 0 for n, m in policy.masks.items())
         before = {n: m.clone() for n, m in policy.masks.items()}
-        step += 1
-        figures = policy.on_step_end(model, optimizer, step, 20)
-        assert figures["prune_fraction"] == schedule.fraction(step, 20)
-        assert set(figures["layer_densities"]) == set(figures["momentum_shares"]) == set(before)
+        policy.rewire(model, optimizer, 0.3)
         assert sum(int(m.sum()) for m in policy.masks.values()) == count
         assert any(not torch.equal(before[n], policy.masks[n]) for n in before)
         for name, mask in policy.masks.items():

@@ -10,11 +10,11 @@ from torch import nn
 
 from dnr_deploy import data  # not `import test_subset`: pytest would collect it
 from dnr_deploy.attacks import pgd
+from dnr_deploy.attacks.square import margin_loss, p_selection, square_attack
 from dnr_deploy.export.onnx import export_onnx
 from dnr_deploy.models.registry import Normalize
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.session import create_session, run_logits
-from dnr_deploy.runtime.square import margin_loss, p_selection, square_attack
 from dnr_deploy.runtime.verify import VerifyCheckFailed, check_perturbation
 
 
@@ -54,7 +54,8 @@ def test_square_stays_in_the_ball_and_breaks_a_non_robust_model(digits_model):
     assert clean > 0.9
     assert np.abs(result.x_adv - x_np).max() <= 0.2 + 1e-6
     assert result.x_adv.min() >= 0.0 and result.x_adv.max() <= 1.0
-    assert check_perturbation(result.x_adv, x_np, 0.2) <= 0.2 + 1e-6
+    figures = check_perturbation(result.x_adv, x_np, 0.2)
+    assert figures["max_perturbation"] <= 0.2 + 1e-6 and figures["in_pixel_range"]
     assert accuracy(query(result.x_adv), y_np) < 0.5 * clean
     assert result.queries.max() <= 300
     fooled = result.margin <= 0

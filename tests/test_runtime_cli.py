@@ -5,79 +5,22 @@ a manifest that does not match, an unknown provider, eps outside (0, 1])."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from dnr_deploy.checkpoint import write_json
 from dnr_deploy.cli import bench_main, verify_main
-from dnr_deploy.export.manifest import MANIFEST_FORMAT, ManifestError, write_manifest
+from dnr_deploy.deploydir.manifest import ManifestError, write_manifest
+from dnr_deploy.deploydir.opening import open_deploy_dir
 from dnr_deploy.runtime import onnx_torch
-from dnr_deploy.runtime.deploydir import open_deploy_dir
 from dnr_deploy.runtime.verify import VerifyConfig, verify
+from tests.factories import make_deploy_dir
 from tests.helpers import assert_clean_failure, run_cli
-
-
-def tiny_graph(seed: int, softmax: bool = False, zero: bool = False) -> onnx.ModelProto:
-    """A digits-shaped net written directly as ONNX (the export contract's names and dynamic
-    batch): Sub/Div normalization, Conv, Relu, MaxPool, ReduceMean, Reshape, Gemm."""
-    rng = np.random.default_rng(seed)
-    scale = 0.0 if zero else 1.0
-    inits = {
-        "mean": np.full((1, 1, 1, 1), 0.3, np.float32), "std": np.full((1, 1, 1, 1), 0.38,
-                                                                       np.float32),
-        "w": (scale * rng.standard_normal((16, 1, 3, 3))).astype(np.float32),
-        "b": (0.1 * rng.standard_normal(16)).astype(np.float32),
-        "axes": np.array([-1, -2], np.int64), "shape": np.array([-1, 16], np.int64),
-        "fc": (scale * rng.standard_normal((10, 16))).astype(np.float32),
-        "fc_b": (0.1 * rng.standard_normal(10)).astype(np.float32),
-    }
-    last = "probs" if softmax else "logits"
-    nodes = [
-        helper.make_node("Sub", ["input", "mean"], ["s"]),
-        helper.make_node("Div", ["s", "std"], ["d"]),
-        helper.make_node("Conv", ["d", "w", "b"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
-        helper.make_node("Relu", ["c"], ["r"]),
-        helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("ReduceMean", ["p", "axes"], ["m"], keepdims=1),
-        helper.make_node("Reshape", ["m", "shape"], ["f"]),
-        helper.make_node("Gemm", ["f", "fc", "fc_b"], [last], transB=1),
-    ]
-    if softmax:
-        nodes.append(helper.make_node("Softmax", ["probs"], ["logits"], axis=-1))
-    graph = helper.make_graph(
-        nodes, "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        initializer=[numpy_helper.from_array(v, k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    return model
-
-
-def make_deploy_dir(folder: Path, pgd20: float = 0.05, eps: float = 0.2, **graph) -> Path:
-    """A deploy dir as dnr-export writes it (model.onnx, baseline.onnx, manifest.json with the
-    sha256 of each), whose source run's run.json names the digits dataset."""
-    run_dir = folder.parent / f"{folder.name}_run"
-    write_json(run_dir / "run.json", {"config": {"dataset": "digits", "data_dir": None}})
-    folder.mkdir(parents=True)
-    onnx.save(tiny_graph(0, **graph), str(folder / "model.onnx"))
-    onnx.save(tiny_graph(1), str(folder / "baseline.onnx"))
-    write_manifest(folder, {
-        "format": MANIFEST_FORMAT, "source_run": {"dir": str(run_dir)},
-        "model": {"name": "tiny", "num_classes": 10, "in_chans": 1}, "input_shape": [1, 8, 8],
-        "input_range": [0.0, 1.0], "num_classes": 10, "granularity": "channel",
-        "threat_model": {"norm": "Linf", "eps": eps},
-        "accuracy": {"clean": 0.1, "fgsm": 0.1, "pgd7": 0.1, "pgd20": pgd20},
-        "params": {"dense": 330, "deployed": 330}, "macs": {"dense": 20000, "deployed": 10000},
-    })
-    return folder
 
 
 @pytest.fixture
@@ -96,7 +39,7 @@ def call(main, args: list[str], capsys) -> subprocess.CompletedProcess:
 
 
 FAST_BENCH = ["--runs", "3", "--warmup", "1"]
-FAST_VERIFY = ["--n", "24", "--steps", "3"]
+FAST_VERIFY = ["--n", "24", "--steps", "3", "--queries", "20", "--targets", "2"]
 
 
 def test_bench_writes_report_plot_and_leaves_the_artifacts_alone(deploy, capsys):
@@ -133,28 +76,59 @@ def test_bench_against_another_deploy_dir(deploy, tmp_path, capsys):
         (other / "model.onnx").resolve())
 
 
-def test_verify_pgd_report_examples_and_gate(tmp_path, capsys):
-    passing = make_deploy_dir(tmp_path / "pass", pgd20=0.0)
+def test_verify_report_examples_and_gate(tmp_path, capsys):
+    passing = make_deploy_dir(tmp_path / "pass", robust=0.0)
     result = call(verify_main, [str(passing), *FAST_VERIFY, "--json"], capsys)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["images"] == {"dataset": "digits", "dataset_from": "source run.json",
                                 "split": "test", "first": 24, "of": 360, "subset": True}
-    assert report["attack"]["name"] == "pgd" and report["attack"]["steps"] == 3
+    assert report["attack"]["name"] == "autoattack" and report["attack"]["apgd_steps"] == 3
+    assert [s["attack"] for s in report["stages"]] == ["apgd-ce", "apgd-t", "square"]
+    assert report["attack"]["square_queries"] == 20 and report["attack"]["target_classes"] == 2
     assert report["threat_model"] == {"norm": "Linf", "eps": 0.2, "from": "manifest"}
-    assert report["checks"]["max_perturbation"] <= 0.2 + 1e-6
-    assert report["checks"]["reimport_vs_ort_max_abs_clean"] <= 1e-4
+    checks = report["checks"]
+    assert checks["max_perturbation"] <= 0.2 + 1e-6 and checks["in_eps_ball"]
+    assert 0.0 <= checks["pixel_min"] <= checks["pixel_max"] <= 1.0 and checks["in_pixel_range"]
+    assert report["fidelity"]["clean_max_abs"] <= 1e-4
+    assert report["fidelity"]["adversarial_max_abs"] <= 1e-4
+    assert report["accuracy"]["robust"] == report["stages"][-1]["robust_after"]
     assert report["comparison"]["gated"] and report["comparison"]["passed"]
     assert any("sampling noise" in note for note in report["comparison"]["notes"])
+    assert any("settings differ" in note for note in report["comparison"]["notes"])
     assert (passing / "reports" / "verify_examples.png").stat().st_size > 1000
     assert json.loads((passing / "reports" / "verify.json").read_text()) == report
 
-    failing = make_deploy_dir(tmp_path / "fail", pgd20=0.9)  # training side claims 90%
+    failing = make_deploy_dir(tmp_path / "fail", robust=0.9)  # training side claims 90%
     result = call(verify_main, [str(failing), *FAST_VERIFY], capsys)
     assert_clean_failure(result, 1)
     assert "points below" in result.stderr and "FAIL" in result.stdout
-    ungated = call(verify_main, [str(failing), *FAST_VERIFY, "--eps", "0.1"], capsys)
-    assert ungated.returncode == 0  # another eps: not comparable, so no gate
+    other_eps = call(verify_main, [str(failing), *FAST_VERIFY, "--eps", "0.1"], capsys)
+    assert_clean_failure(other_eps, 1)  # not comparable is not a pass
+    assert "not comparable" in other_eps.stderr
+    ungated = call(verify_main, [str(failing), *FAST_VERIFY, "--eps", "0.1", "--no-gate"],
+                   capsys)
+    assert ungated.returncode == 0, ungated.stderr
+
+
+def test_verify_without_a_robust_claim_or_below_the_floor_fails(tmp_path, capsys):
+    unclaimed = make_deploy_dir(tmp_path / "old", robust=None)
+    result = call(verify_main, [str(unclaimed), *FAST_VERIFY], capsys)
+    assert_clean_failure(result, 1)
+    assert "no AutoAttack-grade training-side figure" in result.stderr
+    assert call(verify_main, [str(unclaimed), *FAST_VERIFY, "--no-gate"], capsys).returncode == 0
+    floor = call(verify_main, [str(unclaimed), *FAST_VERIFY, "--no-gate", "--min-robust", "50"],
+                 capsys)
+    assert_clean_failure(floor, 1)  # a random 10-class graph is not 50% robust
+    assert "below the floor --min-robust 50%" in floor.stderr
+
+
+def test_verify_pgd_is_still_selectable(deploy, capsys):
+    result = call(verify_main, [str(deploy), "--attack", "pgd", "--n", "16", "--steps", "4",
+                                "--json"], capsys)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["attack"]["members"] == ["pgd"] and report["attack"]["pgd_steps"] == 4
 
 
 def test_verify_square_queries_ort_only(deploy, capsys, monkeypatch):
@@ -162,11 +136,12 @@ def test_verify_square_queries_ort_only(deploy, capsys, monkeypatch):
         raise AssertionError("square must not build the PyTorch re-import")
 
     monkeypatch.setattr("dnr_deploy.runtime.verify.load_onnx_torch", no_torch)
-    result = call(verify_main, [str(deploy), "--attack", "square", "--n", "16", "--steps", "30",
+    result = call(verify_main, [str(deploy), "--attack", "square", "--n", "16", "--queries", "30",
                                 "--json"], capsys)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["attack"]["name"] == "square" and report["attack"]["queries"] == 30
+    assert report["attack"]["name"] == "square" and report["attack"]["square_queries"] == 30
+    assert report["fidelity"] == {}  # nothing was re-imported
     assert report["accuracy"]["robust"] <= report["accuracy"]["clean"]
 
 
@@ -182,11 +157,11 @@ def test_verify_stops_when_the_reimport_drifts_from_ort(deploy, capsys, monkeypa
 def test_verify_warns_on_probabilities_and_zero_gradients(tmp_path):
     soft = make_deploy_dir(tmp_path / "soft", softmax=True)
     with pytest.warns(RuntimeWarning, match="probabilities"):
-        result = verify(VerifyConfig(deploy_dir=str(soft), n=8, steps=2))
+        result = verify(VerifyConfig(deploy_dir=str(soft), n=8, steps=2, queries=20))
     assert any("probabilities" in w for w in result.report["warnings"])
     flat = make_deploy_dir(tmp_path / "flat", zero=True)
     with pytest.warns(RuntimeWarning, match="all-zero input gradient"):
-        verify(VerifyConfig(deploy_dir=str(flat), n=8, steps=2))
+        verify(VerifyConfig(deploy_dir=str(flat), n=8, steps=2, queries=20))
 
 
 def rewrite(deploy: Path, name: str, content: bytes, update_manifest: bool) -> None:
@@ -292,3 +267,31 @@ def test_compress_export_bench_verify_end_to_end(tmp_path):
     assert report["accuracy"]["clean"] == pytest.approx(manifest["accuracy"]["clean"],
                                                         abs=1.01 / 360)
     assert report["model_sha256"] == manifest["files"]["model.onnx"]["sha256"]
+    # the gate's comparison: the same ensemble on the same images, through ONNX Runtime
+    assert report["comparison"]["gated"] and report["comparison"]["passed"]
+    assert report["accuracy"]["robust"] == pytest.approx(manifest["accuracy"]["autoattack"],
+                                                         abs=2.01 / 360)
+    # the deploy dir alone, moved away from its run (deleted): it still verifies
+    moved = Path(shutil.move(tmp_path / "run" / "deploy", tmp_path / "elsewhere"))
+    shutil.rmtree(tmp_path / "run")
+    alone = run_cli(["verify", str(moved), "--n", "40", "--no-gate", "--json"], cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    assert json.loads(alone.stdout)["images"]["dataset_from"] == "manifest"
+
+
+def test_flag_typos_get_a_suggestion_and_bad_batch_lists_are_refused(deploy, capsys):
+    typo = call(bench_main, [str(deploy), "--treads", "1"], capsys)
+    assert_clean_failure(typo, 2)
+    assert "did you mean --threads?" in typo.stderr
+    for batch in ("1,,64", "1,x", ""):
+        result = call(bench_main, [str(deploy), "--batch", batch], capsys)
+        assert_clean_failure(result, 2)
+        assert "--batch must be positive integers" in result.stderr
+
+
+def test_report_files_share_one_mode_policy(deploy, capsys):
+    assert call(bench_main, [str(deploy), *FAST_BENCH], capsys).returncode == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in (deploy / "reports").iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file.name

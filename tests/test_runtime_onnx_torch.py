@@ -4,6 +4,7 @@ loud about ops it does not know."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,14 @@ def exports(tmp_path_factory) -> dict:
     return get
 
 
+def input_gradient(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """d/dx of a fixed random projection of the logits (no softmax: nothing cancels by design)."""
+    weights = torch.randn(len(x), 10, generator=torch.Generator().manual_seed(3)).to(x.dtype)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((net(xr) * weights).sum(), xr)
+    return grad
+
+
 def check_against_ort(path: Path, shape: tuple[int, ...]) -> OnnxTorch:
     graph = load_onnx_torch(str(path))
     session, _ = create_session(path)
@@ -102,14 +111,24 @@ def test_reimport_equals_ort_and_torch_with_the_same_input_gradient(name, export
     assert len(onnx.load(str(sparse_path)).graph.sparse_initializer) > 0
 
     x = torch.rand(3, *SHAPES[name], generator=torch.Generator().manual_seed(2))
-    grads = []
-    for net in (model, graph):
-        xr = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(net(xr).logsumexp(1).sum(), xr)
-        grads.append(grad)
-    scale = grads[0].abs().max()
+    # The float64 gradient of the original network is the truth. A float32 gradient through
+    # a different order of the same ops (the re-import) may differ from it by as much as the
+    # float32 original does, times a margin: on these random-BN nets the input gradient is a
+    # small difference of large terms, so the error is not a fixed fraction of its size (one
+    # CPU measured 2e-9 on a gradient of 8e-8). A wrong gradient (a layer or a ReLU mask
+    # missed) is off by the gradient's own size, far above that bound.
+    truth = input_gradient(copy.deepcopy(model).double(), x.double())
+    original = input_gradient(model, x).double()
+    reimported = input_gradient(graph, x).double()
+    scale = float(truth.abs().max())
     assert scale > 0
-    torch.testing.assert_close(grads[1], grads[0], atol=1e-4 * float(scale), rtol=1e-3)
+    float32_error = float((original - truth).abs().max())
+    reimport_error = float((reimported - truth).abs().max())
+    assert reimport_error <= max(16 * float32_error, 1e-6 * scale), (
+        f"re-import's gradient is {reimport_error:.3g} from float64, the original's float32 "
+        f"{float32_error:.3g} (gradient scale {scale:.3g})")
+    cosine = torch.nn.functional.cosine_similarity(reimported.flatten(), truth.flatten(), dim=0)
+    assert cosine > 0.999
     assert not list(graph.parameters())  # weights are buffers: attacks move inputs only
 
 

@@ -34,7 +34,6 @@ import torch
 
 from dnr_deploy.checkpoint import write_atomic
 
-CSR_NAME = "weights.csr.npz"
 CSR_FORMAT = "dnr-deploy/csr/1"
 INDEX_DTYPE = np.int32  # 4 bytes: layers up to 2**31 - 1 columns, i.e. all of this project's
 

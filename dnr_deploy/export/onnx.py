@@ -17,10 +17,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-ONNX_NAME = "model.onnx"
-BASELINE_NAME = "baseline.onnx"
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
+from dnr_deploy.deploydir.names import INPUT_NAME, OUTPUT_NAME
 
 
 @dataclass(frozen=True)
@@ -120,30 +117,21 @@ def check_onnx(path: Path) -> None:
     onnx.checker.check_model(model, full_check=not model.graph.sparse_initializer)
 
 
-def open_session(path: str | Path, threads: int = 1) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session on `path`, with all graph optimizations.
+def open_session(path: str | Path) -> ort.InferenceSession:
+    """The session export's parity gate checks: `runtime.session.create_session`'s, the very
+    configuration bench and verify deploy (CPU, one intra-op thread, all optimizations)."""
+    from dnr_deploy.runtime.session import create_session
 
-    One intra-op thread is the default: on this 2-core machine 2 threads were slower (DESIGN.md
-    section 7), and one thread makes timings repeatable.
-    """
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT's warnings are not the user's business
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return create_session(path)[0]
 
 
 def run_session(
     session: ort.InferenceSession, x: torch.Tensor, batch_size: int = 256
 ) -> np.ndarray:
     """Logits of `x` (float32 NCHW in [0, 1]) from `session`, in batches."""
-    x_np = x.detach().cpu().numpy().astype(np.float32)
-    outputs = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: x_np[start:start + batch_size]})[0]
-        for start in range(0, len(x_np), batch_size)
-    ]
-    return np.concatenate(outputs)
+    from dnr_deploy.runtime.session import run_logits
+
+    return run_logits(session, x.detach().cpu().numpy(), batch_size)
 
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> Parity:

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dnr_deploy import deploydir
 from dnr_deploy.checkpoint import write_json
-from dnr_deploy.runtime import deploydir, plots
+from dnr_deploy.config import option
+from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.session import create_session, parse_provider
 
 BENCH_FORMAT = "dnr-deploy/bench/1"
@@ -42,21 +44,25 @@ class BenchConfig:
     """Every setting of a benchmark; the only place their defaults are written."""
 
     deploy_dir: str | None = None  # None: the latest run's deploy dir
-    baseline: str | None = None  # another deploy dir; None: this one's baseline.onnx, if any
-    provider: str = "cpu"
-    batch: str = "1,64"  # comma-separated batch sizes
-    threads: int = 1  # intra-op threads (2 were slower than 1 on the 2-core reference machine)
-    warmup: int = 10
-    runs: int = 100
-    seed: int = 0  # of the random inputs
-    out: str | None = None  # None: DEPLOY_DIR/reports
+    baseline: str | None = option(
+        None,
+        "another deploy dir whose model.onnx is the baseline (default: this deploy dir's "
+        'baseline.onnx, written by dnr-export --baseline)')
+    provider: str = option("cpu", 'ONNX Runtime execution provider (cuda needs onnxruntime-gpu)')
+    batch: str = option("1,64", 'comma-separated batch sizes')
+    threads: int = option(1, 'ONNX Runtime intra-op threads')
+    warmup: int = option(10, 'untimed calls before timing each batch size')
+    runs: int = option(100, 'timed calls per batch size')
+    seed: int = option(0, 'seed of the random input images')
+    out: str | None = option(
+        None, 'folder for bench.json and the plot (default: DEPLOY_DIR/reports)')
 
     def batch_sizes(self) -> list[int]:
         """Raises:
             BenchError: not a comma-separated list of positive integers."""
         try:
-            sizes = [int(part) for part in str(self.batch).split(",") if part.strip()]
-        except ValueError:
+            sizes = [int(part) for part in str(self.batch).split(",")]
+        except ValueError:  # "1,,64" and "1,x" alike
             sizes = []
         if not sizes or min(sizes) < 1:
             raise BenchError(f"--batch must be positive integers separated by commas, e.g. 1,64; "
@@ -92,6 +98,7 @@ class _Target:
     bytes: int
     params: int | None
     macs: int | None
+    shown: str = ""  # how the table names it (another deploy dir's model.onnx needs its folder)
 
 
 def time_sessions(sessions: dict, x: np.ndarray, warmup: int, runs: int) -> dict[str, dict]:
@@ -101,16 +108,16 @@ def time_sessions(sessions: dict, x: np.ndarray, warmup: int, runs: int) -> dict
     machine (another process, frequency scaling) lands on every model alike instead of on
     whichever happened to be timed then.
     """
-    feed = {"input": x}
+    feed = {deploydir.INPUT_NAME: x}
     labels = list(sessions)
     for label in labels:
         for _ in range(warmup):
-            sessions[label].run(["logits"], feed)
+            sessions[label].run([deploydir.OUTPUT_NAME], feed)
     times = {label: np.empty(runs) for label in labels}
     for index in range(runs):
         for label in labels if index % 2 == 0 else labels[::-1]:
             begin = time.perf_counter_ns()
-            sessions[label].run(["logits"], feed)
+            sessions[label].run([deploydir.OUTPUT_NAME], feed)
             times[label][index] = (time.perf_counter_ns() - begin) / 1e6
     return {label: _stats(values, len(x)) for label, values in times.items()}
 
@@ -141,8 +148,8 @@ def bench(config: BenchConfig) -> BenchResult:
     inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in config.batch_sizes()}
     timed = {b: time_sessions({label: s for label, (s, _) in sessions.items()}, x,
                               config.warmup, config.runs) for b, x in inputs.items()}
-    models = {t.label: {"file": t.path.name, "path": str(t.path.resolve()), "bytes": t.bytes,
-                        "params": t.params, "macs": t.macs,
+    models = {t.label: {"file": t.shown or t.path.name, "path": str(t.path.resolve()),
+                        "bytes": t.bytes, "params": t.params, "macs": t.macs,
                         "latency": {str(b): timed[b][t.label] for b in inputs}}
               for t in targets}
     report = {
@@ -168,7 +175,7 @@ def _model_target(deploy: deploydir.DeployDir) -> _Target:
     path = deploy.file(deploydir.MODEL_FILE)
     return _Target("model", path, manifest["files"][path.name]["bytes"],
                    (manifest.get("params") or {}).get("deployed"),
-                   (manifest.get("macs") or {}).get("deployed"))
+                   (manifest.get("macs") or {}).get("executed"))
 
 
 def _baseline_target(deploy: deploydir.DeployDir, other: str | None) -> _Target | None:
@@ -189,7 +196,8 @@ def _baseline_target(deploy: deploydir.DeployDir, other: str | None) -> _Target 
         raise BenchError(f"--baseline {other!r} takes {base.manifest['input_shape']} inputs, the "
                          f"deployed model {deploy.manifest['input_shape']}")
     target = _model_target(base)
-    return _Target("baseline", target.path, target.bytes, target.params, target.macs)
+    return _Target("baseline", target.path, target.bytes, target.params, target.macs,
+                   shown=f"{base.path.name}/{target.path.name}")
 
 
 def _compare(models: dict, manifest: dict) -> dict:
@@ -198,9 +206,8 @@ def _compare(models: dict, manifest: dict) -> dict:
     mac_ratio = base["macs"] / model["macs"] if base["macs"] and model["macs"] else None
     macs = manifest.get("macs") or {}
     sparse_ratio = None
-    if "nonzero_deployed" in macs and base["macs"]:  # irregular: what a sparse kernel could do
-        other_ops = macs["dense"] - macs["conv_linear_dense"]
-        sparse_ratio = base["macs"] / max(other_ops + macs["nonzero_deployed"], 1)
+    if macs.get("nonzero") and macs["nonzero"] < macs.get("executed", 0) and base["macs"]:
+        sparse_ratio = base["macs"] / macs["nonzero"]  # irregular: what a sparse kernel could do
     per_batch = {}
     for batch, stats in model["latency"].items():
         speedup = base["latency"][batch]["p50_ms"] / stats["p50_ms"]

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-INPUT_NAME = "input"  # the export contract (dnr_deploy/export/onnx.py)
-OUTPUT_NAME = "logits"
+from dnr_deploy.deploydir.names import INPUT_NAME, OUTPUT_NAME
 
 
 class Provider(str, Enum):

@@ -1,14 +1,13 @@
 """Clean and robust accuracy of the deployed artifact itself (what `dnr-verify` runs).
 
-Nothing here touches the training model. `pgd` is white-box on the artifact: gradients come
-from model.onnx re-imported into PyTorch (`onnx_torch.OnnxTorch`), which is checked against
-ONNX Runtime on every batch (clean and adversarial logits within `parity_atol`), and the
-adversarial images are scored by ONNX Runtime. `square` is score-based and only queries the
-ONNX Runtime session: the cross-check for gradient masking.
+Nothing here touches the training model. The default attack is the AutoAttack-grade ensemble
+(APGD-CE, APGD-T, Square; `dnr_deploy.attacks.ensemble`): its white-box parts take gradients
+from model.onnx re-imported into PyTorch (`onnx_torch.OnnxTorch`), Square only queries the ONNX
+Runtime session, and every candidate is judged by ONNX Runtime, so the worst case per image is
+the deployed artifact's. Export fidelity is its own check: the re-import must match ONNX
+Runtime on the clean and the final adversarial images, or verify stops (exit 1).
 
-The result is compared with the training-side figures in the manifest (PGD-20 at step eps/4
-with a random start, on the run's full test split); the gate fails when the artifact's robust
-accuracy is lower by more than `tolerance` percentage points.
+The result goes through the robustness gate of `verdict.compare`.
 """
 
 from __future__ import annotations
@@ -16,30 +15,26 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dnr_deploy.attacks import pgd, seeded_start
+from dnr_deploy import deploydir
+from dnr_deploy.attacks import AttackName, EnsembleConfig, run_ensemble
+from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.checkpoint import write_json
+from dnr_deploy.config import option
 from dnr_deploy.data import load_data, test_subset
-from dnr_deploy.runtime import deploydir, plots, verdict
+from dnr_deploy.evaluation import protocol, terminal_progress
+from dnr_deploy.runtime import plots, verdict
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.session import create_session, parse_provider, run_logits
-from dnr_deploy.runtime.square import square_attack
 
-VERIFY_FORMAT = "dnr-deploy/verify/1"
+VERIFY_FORMAT = "dnr-deploy/verify/2"
 VERIFY_JSON = "verify.json"
 EXAMPLES_PNG = "verify_examples.png"
-
-
-class AttackName(str, Enum):
-    PGD = "pgd"  # white-box, gradients of the re-imported graph
-    SQUARE = "square"  # score-based, ONNX Runtime queries only
+PIXEL_SLACK = 1e-6  # float32 rounding of x +- eps
 
 
 class VerifyError(ValueError):
@@ -47,8 +42,7 @@ class VerifyError(ValueError):
 
 
 class VerifyWarning(RuntimeWarning):
-    """A symptom worth a look that does not stop verification (probabilities instead of
-    logits, zero input gradients, a source run changed since export)."""
+    """A symptom worth a look that does not stop verification (see attacks/checks.py)."""
 
 
 class VerifyCheckFailed(RuntimeError):
@@ -60,55 +54,80 @@ class VerifyCheckFailed(RuntimeError):
 class VerifyConfig:
     """Every setting of a verification; the only place their defaults are written."""
 
-    PGD_STEPS: ClassVar[int] = 20  # the run's PGD-20
-    SQUARE_QUERIES: ClassVar[int] = 5000  # AutoAttack's standard budget
-
     deploy_dir: str | None = None  # None: the latest run's deploy dir
-    dataset: str | None = None  # None: the source run's (from its run.json)
-    data_dir: str | None = None  # None: the source run's
-    attack: str = AttackName.PGD.value
-    eps: float | None = None  # None: the manifest's threat model
-    steps: int | None = None  # PGD steps or Square queries; None: PGD_STEPS / SQUARE_QUERIES
-    step_size: float | None = None  # PGD step; None: eps / 4 as in the run's PGD-20
-    p_init: float = 0.8  # Square: initial fraction of the image one square covers
-    n: int | None = None  # first n test images; None: the whole test split
-    tolerance: float = 1.0  # percentage points the robust accuracy may fall below training's
-    batch_size: int = 128
-    provider: str = "cpu"
-    threads: int = 1
-    parity_atol: float = 1e-4  # re-imported graph vs ONNX Runtime, max |logit difference|
-    seed: int = 0
-    examples: int = 8  # images in the example grid
-    out: str | None = None  # None: DEPLOY_DIR/reports
+    dataset: str | None = option(
+        None, "dataset of the test split (default: the manifest's)")
+    data_dir: str | None = option(
+        None, "folder holding the dataset (default: the one recorded at export)")
+    attack: str = option(
+        AttackName.AUTOATTACK.value,
+        'autoattack: APGD-CE, APGD-T, Square in sequence, worst case per image (white-box '
+        'parts on the re-imported ONNX graph, Square on ONNX Runtime queries); or one of '
+        "them; pgd: PGD-20 as the training side's")
+    eps: float | None = option(
+        None, "Linf radius in (0, 1] (default: the manifest's threat model)")
+    steps: int | None = option(
+        None, 'APGD iterations (default 100) or, for pgd, PGD steps (default 20)')
+    queries: int = option(5000, "Square's query budget per image")
+    targets: int = option(9, 'APGD-T target classes')
+    p_init: float = option(0.8, 'Square: initial fraction of the image one square covers')
+    n: int | None = option(
+        None, 'score the first N test images (default: those the training side attacked)')
+    tolerance: float = option(
+        1.0,
+        'percentage points the worst-case robust accuracy may fall below the training '
+        "side's AutoAttack-grade figure before the exit code is 1")
+    min_robust: float | None = option(
+        None,
+        'absolute floor: exit code 1 when the worst-case robust accuracy is below this '
+        'percentage')
+    no_gate: bool = option(
+        False, 'do not compare with the training side (--min-robust still applies)')
+    batch_size: int = option(128, 'images per batch')
+    provider: str = option("cpu", 'ONNX Runtime execution provider')
+    threads: int = option(1, 'ONNX Runtime intra-op threads')
+    parity_atol: float = option(
+        1e-4, 'largest |logit difference| allowed between the re-imported graph and ONNX Runtime')
+    seed: int = option(0, "seed of the attacks' randomness")
+    examples: int = option(8, 'images in the example grid')
+    out: str | None = option(
+        None, 'folder for verify.json and the examples (default: DEPLOY_DIR/reports)')
 
     def validated(self) -> VerifyConfig:
         """Raises:
             VerifyError: an unknown attack or provider, or a value out of range."""
         try:
             AttackName(self.attack)
+        except ValueError:
+            known = ", ".join(a.value for a in AttackName)
+            raise VerifyError(f"unknown attack {self.attack!r}; available: {known}") from None
+        try:
             parse_provider(self.provider)
         except ValueError as err:
-            known = ", ".join(a.value for a in AttackName)
-            raise VerifyError(str(err) if "provider" in str(err)
-                              else f"unknown attack {self.attack!r}; available: {known}") from None
+            raise VerifyError(str(err)) from None
         if self.eps is not None:
             check_eps(self.eps, "--eps")
-        for name in ("steps", "n", "batch_size", "threads"):
+        for name in ("steps", "n", "batch_size", "threads", "targets"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise VerifyError(f"{name} must be at least 1, got {value}")
-        if self.step_size is not None and not 0 < self.step_size <= 1:
-            raise VerifyError(f"step_size must be in (0, 1], got {self.step_size}")
+        if self.queries < 2:
+            raise VerifyError(f"queries must be at least 2, got {self.queries}")
         if not 0 < self.p_init <= 1:
             raise VerifyError(f"p_init must be in (0, 1], got {self.p_init}")
+        if self.min_robust is not None and not 0 <= self.min_robust <= 100:
+            raise VerifyError(f"min_robust is a percentage in [0, 100], got {self.min_robust}")
         if self.tolerance < 0 or self.parity_atol <= 0 or self.examples < 0:
             raise VerifyError("tolerance and examples must be >= 0 and parity_atol > 0")
         return self
 
-    def attack_steps(self) -> int:
-        if self.steps is not None:
-            return self.steps
-        return self.PGD_STEPS if self.attack == AttackName.PGD.value else self.SQUARE_QUERIES
+    def ensemble(self) -> EnsembleConfig:
+        pgd = self.attack == AttackName.PGD.value
+        return EnsembleConfig(
+            attack=self.attack, apgd_steps=self.steps or EnsembleConfig.apgd_steps,
+            target_classes=self.targets, square_queries=self.queries,
+            square_p_init=self.p_init, seed=self.seed, batch_size=self.batch_size,
+            pgd_steps=(self.steps if pgd and self.steps else EnsembleConfig.pgd_steps))
 
 
 @dataclass
@@ -128,23 +147,29 @@ def check_eps(eps: float, where: str) -> float:
     return float(eps)
 
 
-def check_perturbation(x_adv: np.ndarray, x: np.ndarray, eps: float) -> float:
-    """The largest |x_adv - x|.
+def check_perturbation(x_adv: np.ndarray, x: np.ndarray, eps: float) -> dict:
+    """The measured largest |x_adv - x| and pixel range.
 
     Raises:
-        VerifyCheckFailed: a perturbation beyond eps + 1e-6, or a pixel outside [0, 1].
+        VerifyCheckFailed: a perturbation beyond eps, or a pixel outside [0, 1] (or NaN).
     """
     largest = float(np.abs(x_adv - x).max()) if x.size else 0.0
-    if largest > eps + 1e-6:
+    low = float(x_adv.min()) if x_adv.size else 0.0
+    high = float(x_adv.max()) if x_adv.size else 1.0
+    figures = {"max_perturbation": largest, "eps_bound": eps + PIXEL_SLACK,
+               "pixel_min": low, "pixel_max": high,
+               "in_eps_ball": largest <= eps + PIXEL_SLACK,
+               "in_pixel_range": bool(low >= 0.0 and high <= 1.0 and np.isfinite(x_adv).all())}
+    if not figures["in_eps_ball"]:
         raise VerifyCheckFailed(f"an adversarial image is {largest:.6g} from its original, "
                                 f"beyond eps {eps:.6g}: the attack is broken, nothing scored")
-    if x_adv.size and (x_adv.min() < 0.0 or x_adv.max() > 1.0 or not np.isfinite(x_adv).all()):
+    if not figures["in_pixel_range"]:
         raise VerifyCheckFailed("an adversarial image left the [0, 1] pixel range (or holds NaN)")
-    return largest
+    return figures
 
 
 def verify(config: VerifyConfig) -> VerifyResult:
-    """Score the deploy dir `config` names and compare with its training-side figures.
+    """Attack the deploy dir `config` names and gate on the result.
 
     Raises:
         VerifyError, DeployDirError, ManifestError, SessionError, DataError,
@@ -159,27 +184,76 @@ def verify(config: VerifyConfig) -> VerifyResult:
         eps, threat = _threat_model(deploy.manifest, config)
         source = deploydir.find_dataset(deploy, config.dataset, config.data_dir)
         bundle = load_data(source.dataset, source.data_dir)
-        x, y = test_subset(bundle, config.n)
+        recorded = (deploy.manifest.get("robustness") or {}).get("images")
+        x, y = test_subset(bundle, config.n or recorded)
         session, info = create_session(deploy.file(deploydir.MODEL_FILE), config.provider,
                                        config.threads)
         attack = AttackName(config.attack)
-        graph = load_onnx_torch(deploy.file(deploydir.MODEL_FILE)) if attack is \
-            AttackName.PGD else None
-        scores = _score(session, graph, x, y, eps, config)
-    # ours go into the report; every warning is re-emitted for the caller
-    messages = [str(w.message) for w in caught
-                if issubclass(w.category, (VerifyWarning, deploydir.SourceRunWarning))]
+        graph = None if attack is AttackName.SQUARE else \
+            load_onnx_torch(deploy.file(deploydir.MODEL_FILE))
+        outcome = _attack(session, graph, x, y, eps, config)
+    messages = outcome["sanity"].warnings + [
+        str(w.message) for w in caught if issubclass(w.category, deploydir.SourceRunWarning)]
+    for text in outcome["sanity"].warnings:
+        warnings.warn(text, VerifyWarning, stacklevel=2)
     for caught_warning in caught:
         warnings.warn(caught_warning.message, stacklevel=2)
-    report = _report(deploy, config, eps, threat, source, len(bundle.test), scores, info)
+    report = _report(deploy, config, eps, threat, source, len(bundle.test), outcome, info)
     report["warnings"] = messages
     report["seconds"] = round(time.perf_counter() - start, 3)
     out_dir = deploydir.reports_dir(deploy, config.out)
-    if scores.examples:
+    if outcome["examples"]:
         report["examples"] = EXAMPLES_PNG
-        plots.save_examples(out_dir / EXAMPLES_PNG, *scores.examples, eps=eps)
+        plots.save_examples(out_dir / EXAMPLES_PNG, *outcome["examples"], eps=eps)
     write_json(out_dir / VERIFY_JSON, report)
     return VerifyResult(report, out_dir, report["comparison"]["passed"], messages)
+
+
+def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
+            config: VerifyConfig) -> dict:
+    """Fidelity, the ensemble, the perturbation and sanity checks: everything measured."""
+    def score(images: np.ndarray) -> np.ndarray:
+        return run_logits(session, images, config.batch_size)
+
+    x_np, y_np = x.numpy().astype(np.float32), y.numpy()
+    clean_logits = score(x_np)
+    fidelity = {}
+    if graph is not None:
+        fidelity["clean_max_abs"] = _parity(graph, x, clean_logits, config, "clean")
+    result = run_ensemble(graph, x, y, eps, config.ensemble(), score=score,
+                          progress=terminal_progress("dnr-verify: "))
+    adv_np = result.x_adv.numpy().astype(np.float32)
+    adv_logits = score(adv_np)
+    if graph is not None:
+        fidelity["adversarial_max_abs"] = _parity(graph, result.x_adv, adv_logits, config,
+                                                  "adversarial")
+        fidelity["atol"] = config.parity_atol
+    perturbation = check_perturbation(adv_np, x_np, eps)
+    sanity = run_checks(graph, score, x, y, eps, result)
+    pred_clean, pred_adv = clean_logits.argmax(1), adv_logits.argmax(1)
+    return {"result": result, "fidelity": fidelity, "perturbation": perturbation,
+            "sanity": sanity, "examples": _examples(x_np, adv_np, y_np, pred_clean, pred_adv,
+                                                    config.examples)}
+
+
+def _parity(graph, x: torch.Tensor, ort_logits: np.ndarray, config: VerifyConfig,
+            what: str) -> float:
+    """Max |re-imported graph - ONNX Runtime| over the images.
+
+    Raises:
+        VerifyCheckFailed: beyond `parity_atol`: the gradients would not be the artifact's.
+    """
+    with torch.no_grad():
+        ours = torch.cat([graph(x[b:b + config.batch_size])
+                          for b in range(0, len(x), config.batch_size)]).numpy()
+    diff = float(np.abs(ours.astype(np.float64) - ort_logits).max()) if len(ours) else 0.0
+    if not diff <= config.parity_atol:
+        raise VerifyCheckFailed(
+            f"the PyTorch re-import of model.onnx differs from ONNX Runtime by {diff:.3g} "
+            f"(limit {config.parity_atol:g}) on the {what} images: its gradients would not be "
+            "the artifact's, so verify stopped"
+        )
+    return diff
 
 
 def _threat_model(manifest: dict, config: VerifyConfig) -> tuple[float, dict]:
@@ -198,154 +272,45 @@ def _threat_model(manifest: dict, config: VerifyConfig) -> tuple[float, dict]:
     return eps, {"norm": "Linf", "eps": eps, "from": "manifest"}
 
 
-@dataclass
-class _Scores:
-    clean: int = 0
-    robust: int = 0
-    count: int = 0
-    max_perturbation: float = 0.0
-    parity_clean: float = 0.0
-    parity_adv: float = 0.0
-    zero_grad: int = 0
-    queries: list = field(default_factory=list)
-    examples: tuple | None = None
-
-
-def _score(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
-           config: VerifyConfig) -> _Scores:
-    scores = _Scores()
-    picked: list = []
-    step = config.step_size or eps / 4
-    for index, begin in enumerate(range(0, len(x), config.batch_size)):
-        xb, yb = x[begin:begin + config.batch_size], y[begin:begin + config.batch_size]
-        x_np, y_np = xb.numpy().astype(np.float32), yb.numpy()
-        clean_logits = run_logits(session, x_np, config.batch_size)
-        if index == 0:
-            _warn_if_probabilities(clean_logits)
-        if graph is not None:
-            scores.parity_clean = max(scores.parity_clean,
-                                      _parity(graph, xb, clean_logits, config, index, "clean"))
-            scores.zero_grad += _zero_gradients(graph, xb, yb)
-            start = seeded_start(xb, eps, config.seed, begin)  # training side's EVAL_SEED = 0
-            x_adv = pgd(graph, xb, yb, eps, step, config.attack_steps(), start=start)
-            x_adv_np = x_adv.numpy()
-        else:
-            result = square_attack(lambda a: run_logits(session, a, config.batch_size), x_np,
-                                   y_np, eps, config.attack_steps(), config.p_init,
-                                   config.seed + index)
-            x_adv, x_adv_np = None, result.x_adv
-            scores.queries.extend(result.queries.tolist())
-        largest = check_perturbation(x_adv_np, x_np, eps)
-        adv_logits = run_logits(session, x_adv_np, config.batch_size)
-        if graph is not None:
-            scores.parity_adv = max(scores.parity_adv,
-                                    _parity(graph, x_adv, adv_logits, config, index, "adversarial"))
-        pred_clean, pred_adv = clean_logits.argmax(1), adv_logits.argmax(1)
-        scores.clean += int((pred_clean == y_np).sum())
-        scores.robust += int((pred_adv == y_np).sum())
-        scores.count += len(y_np)
-        scores.max_perturbation = max(scores.max_perturbation, largest)
-        picked.extend(_candidates(x_np, x_adv_np, y_np, pred_clean, pred_adv))
-    if scores.zero_grad:
-        warnings.warn(f"{scores.zero_grad} of {scores.count} images have an all-zero input "
-                      "gradient in the re-imported graph: PGD cannot move them (gradient "
-                      "masking?); cross-check with --attack square", VerifyWarning, stacklevel=2)
-    if picked and config.examples:
-        picked.sort(key=lambda item: item[0])  # successful attacks first
-        rows = [item[1:] for item in picked[:config.examples]]
-        scores.examples = tuple(np.stack(column) for column in zip(*rows, strict=True))
-    return scores
-
-
-def _parity(graph, xb: torch.Tensor, ort_logits: np.ndarray, config: VerifyConfig, index: int,
-            what: str) -> float:
-    """Max |re-imported graph - ONNX Runtime| on one batch.
-
-    Raises:
-        VerifyCheckFailed: beyond `parity_atol`: the gradients would not be the artifact's.
-    """
-    with torch.no_grad():
-        ours = graph(xb).numpy()
-    diff = float(np.abs(ours.astype(np.float64) - ort_logits).max()) if len(ours) else 0.0
-    if not diff <= config.parity_atol:
-        raise VerifyCheckFailed(
-            f"the PyTorch re-import of model.onnx differs from ONNX Runtime by {diff:.3g} "
-            f"(limit {config.parity_atol:g}) on the {what} images of batch {index + 1}: its "
-            "gradients would not be the artifact's, so verify stopped"
-        )
-    return diff
-
-
-def _zero_gradients(graph, xb: torch.Tensor, yb: torch.Tensor) -> int:
-    x = xb.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(graph(x), yb, reduction="sum"), x)
-    return int((grad.flatten(1).abs().amax(1) == 0).sum())
-
-
-def _warn_if_probabilities(logits: np.ndarray) -> None:
-    rows = logits.astype(np.float64)
-    if rows.size and rows.min() >= 0 and rows.max() <= 1 and np.allclose(rows.sum(1), 1, atol=1e-3):
-        warnings.warn("model.onnx outputs probabilities (rows sum to 1), not logits: "
-                      "cross-entropy on softmax outputs flattens the gradients PGD follows; "
-                      "export the network without its softmax", VerifyWarning, stacklevel=3)
-
-
-def _candidates(x, x_adv, y, pred_clean, pred_adv) -> list:
-    """(priority, clean, adversarial, label, clean prediction, adversarial prediction)."""
+def _examples(x, x_adv, y, pred_clean, pred_adv, count: int) -> tuple | None:
+    """Up to `count` images for the grid: successful attacks first, then images that held."""
     fooled = (pred_clean == y) & (pred_adv != y)
-    order = np.argsort(~fooled, kind="stable")[:16]
-    return [(0 if fooled[i] else 1, x[i], x_adv[i], y[i], pred_clean[i], pred_adv[i])
-            for i in order]
+    order = np.argsort(~fooled, kind="stable")[:count]
+    if not count or not len(order):
+        return None
+    return x[order], x_adv[order], y[order], pred_clean[order], pred_adv[order]
 
 
 def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, total: int,
-            scores: _Scores, info) -> dict:
-    manifest = deploy.manifest
+            outcome: dict, info) -> dict:
+    manifest, result = deploy.manifest, outcome["result"]
     attack = AttackName(config.attack)
-    accuracy = {"clean": scores.clean / scores.count, "robust": scores.robust / scores.count}
+    ensemble = config.ensemble()
+    accuracy = {"clean": result.clean, "robust": result.robust_accuracy}
     trained = manifest.get("accuracy") or {}
-    subset = scores.count < total
-    notes = []
-    if subset:
-        notes.append(f"the training-side figure is on all {total} test images, this run on the "
-                     f"first {scores.count}: the gap includes sampling noise")
-    if attack is AttackName.PGD:
-        details = {"name": "pgd", "steps": config.attack_steps(),
-                   "step_size": config.step_size or eps / 4, "random_start": True,
-                   "seed": config.seed, "loss": "cross-entropy",
-                   "gradients": "model.onnx re-imported into PyTorch (dnr_deploy.runtime."
-                   "onnx_torch)", "scored_by": "onnxruntime"}
-        if config.attack_steps() != VerifyConfig.PGD_STEPS or config.step_size:
-            notes.append("the PGD settings differ from the training side's PGD-20")
-    else:
-        queries = np.asarray(scores.queries)
-        details = {"name": "square", "queries": config.attack_steps(), "p_init": config.p_init,
-                   "loss": "margin", "seed": config.seed, "mean_queries": float(queries.mean()),
-                   "median_queries": float(np.median(queries)), "scored_by": "onnxruntime"}
-        notes.append("Square is compared with the training side's PGD-20; Square below PGD-20 "
-                     "by more than the tolerance suggests gradient masking")
+    robustness = manifest.get("robustness") or {}
     return {
         "format": VERIFY_FORMAT,
         "deploy_dir": str(deploy.path.resolve()),
         "model_sha256": manifest["files"][deploydir.MODEL_FILE]["sha256"],
         "granularity": manifest.get("granularity"),
-        "attack": details,
+        "attack": {"name": attack.value, "members": [m.value for m in attack.members()],
+                   **protocol(ensemble), "pgd_steps": ensemble.pgd_steps,
+                   "gradients": "model.onnx re-imported into PyTorch (dnr_deploy.runtime."
+                   "onnx_torch)", "scored_by": "onnxruntime"},
         "threat_model": threat,
         "images": {"dataset": source.dataset, "dataset_from": source.origin, "split": "test",
-                   "first": scores.count, "of": total, "subset": subset},
+                   "first": result.count, "of": total, "subset": result.count < total},
         "accuracy": accuracy,
+        "stages": [asdict(stage) for stage in result.stages],
         "training_side": {"clean": trained.get("clean"),
-                          "robust": trained.get(verdict.TRAINING_SIDE_KEY),
-                          "attack": verdict.TRAINING_SIDE_KEY,
-                          "images": f"all {total} test images"},
-        "comparison": verdict.compare(accuracy, manifest, eps, config.tolerance, notes),
-        "checks": {"max_perturbation": scores.max_perturbation, "in_pixel_range": True,
-                   "eps_bound": eps + 1e-6,
-                   **({"reimport_vs_ort_max_abs_clean": scores.parity_clean,
-                       "reimport_vs_ort_max_abs_adversarial": scores.parity_adv,
-                       "parity_atol": config.parity_atol,
-                       "zero_gradient_images": scores.zero_grad}
-                      if attack is AttackName.PGD else {})},
+                          "autoattack": trained.get(verdict.TRAINING_SIDE_KEY),
+                          "pgd20": trained.get("pgd20"), "images": robustness.get("images"),
+                          "protocol": robustness.get("protocol")},
+        "fidelity": outcome["fidelity"],
+        "comparison": verdict.compare(accuracy, manifest, eps, result.count, protocol(ensemble),
+                                      config.tolerance, config.min_robust, not config.no_gate),
+        "checks": {**outcome["perturbation"], **outcome["sanity"].figures},
         "session": info.as_dict(),
         "config": asdict(config),
     }

@@ -23,8 +23,13 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
 class Granularity(str, Enum):
+    """What a run prunes: single weights or whole output channels."""
+
     IRREGULAR = "irregular"
     CHANNEL = "channel"
+
+
+DENSE = "dense"  # the granularity run.json and the manifest record for a run that prunes nothing
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -37,47 +42,44 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class Init(str, Enum):
-    """How the initial density is spread over layers."""
+    """How a run's first masks spread the budget over layers."""
 
     UNIFORM = "uniform"  # every layer at the target density
-    ERK = "erk"  # Erdos-Renyi-Kernel (Evci et al. 2020): small layers denser
+    ERK = "erk"  # Erdos-Renyi-Kernel (Evci et al. 2020): small layers denser, large sparser
 
 
-def erk_densities(shapes: dict[str, torch.Size], density: float) -> dict[str, float]:
-    """Per-layer densities proportional to sum(shape) / prod(shape), scaled so the weighted
-    mean is `density`; a layer that would exceed 1 is dense and the rest are rescaled (RigL's
-    sparse_utils). Example: a 3x3 conv 1->32 (288 weights) and a 128x10 linear: the conv's
-    raw score (1+32+3+3)/288 is 4.5x the linear's (128+10)/1280."""
-    sizes = {n: math.prod(s) for n, s in shapes.items()}
-    raw = {n: sum(s) / sizes[n] for n, s in shapes.items()}
+def erk_shares(weights: dict[str, torch.Tensor], density: float) -> dict[str, float]:
+    """Per-layer density of the ERK init: proportional to (sum of a weight's dims) / (product
+    of its dims), scaled so the total is `density`, with layers that would exceed 1 made dense
+    and the rest rescaled (the reference's iterative rule)."""
+    sizes = {name: w.numel() for name, w in weights.items()}
+    raw = {name: sum(w.shape) / w.numel() for name, w in weights.items()}
     dense: set[str] = set()
-    budget = density * sum(sizes.values())
     while True:
-        rest = [n for n in shapes if n not in dense]
-        scale = (budget - sum(sizes[n] for n in dense)) / sum(raw[n] * sizes[n] for n in rest)
+        budget = density * sum(sizes.values()) - sum(sizes[n] for n in dense)
+        rest = {n: raw[n] * sizes[n] for n in sizes if n not in dense}
+        scale = budget / max(sum(rest.values()), 1e-12)
         over = [n for n in rest if scale * raw[n] > 1.0]
         if not over:
-            break
-        dense.add(max(over, key=lambda n: raw[n]))
-    return {n: 1.0 if n in dense else scale * raw[n] for n in shapes}
+            return {n: 1.0 if n in dense else scale * raw[n] for n in sizes}
+        dense.update(over)
 
 
 def random_masks(
     weights: dict[str, torch.Tensor], density: float, generator: torch.Generator,
-    init: Init = Init.UNIFORM,
+    init: str = Init.UNIFORM.value,
 ) -> Masks:
-    """Each layer random at `density` (or at its ERK density), and exactly
-    round(density * total) active overall.
+    """Random masks with exactly round(density * total) active weights overall, each layer at
+    `density` (uniform) or at its ERK density.
 
     Per-layer counts are rounded down, then the remainder goes one weight each to the layers with
     the largest rounding loss, so the global count is exact from the first step.
     """
     sizes = {name: w.numel() for name, w in weights.items()}
-    shares = dict(sizes)
-    if Init(init) is Init.ERK:
-        layer = erk_densities({n: w.shape for n, w in weights.items()}, density)
-        shares = {n: layer[n] * sizes[n] for n in sizes}
-    counts = split_budget(round(density * sum(sizes.values())), shares, sizes)
+    per_layer = erk_shares(weights, density) if Init(init) is Init.ERK else \
+        dict.fromkeys(sizes, density)
+    counts = split_budget(round(density * sum(sizes.values())),
+                          {n: per_layer[n] * sizes[n] for n in sizes}, sizes)
     masks = {}
     for name, weight in weights.items():
         order = torch.randperm(weight.numel(), generator=generator)

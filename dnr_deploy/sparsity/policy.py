@@ -1,10 +1,8 @@
 """Sparsity policies: the hooks the one training loop calls to keep a network sparse.
 
-The loop owns the order (optimizer step, then `on_step_end` with the global step count; epoch,
-then `on_epoch_end` unless it was the last); a policy owns the masks and how they change. DNR
-rewires inside `on_step_end` when its `RewireSchedule` says so, a pure function of (step, total
-steps), so a resumed run rewires at the same steps. `DensePolicy` is the no-op base, which is
-also the `--dense` baseline.
+The loop owns the order (step, then `on_step_end`, then `rewire` when the schedule says so;
+epoch, then `on_epoch_end` unless it was the last); a policy owns the masks and how they
+change. `DensePolicy` is the no-op base, which is also the `--dense` baseline.
 """
 
 from __future__ import annotations
@@ -14,8 +12,8 @@ from torch import nn
 
 from dnr_deploy.sparsity.groups import ChannelLayout, ChannelMasks, find_channel_groups
 from dnr_deploy.sparsity.masks import (
+    DENSE,
     Granularity,
-    Init,
     Masks,
     apply_masks,
     global_density,
@@ -26,32 +24,39 @@ from dnr_deploy.sparsity.masks import (
 )
 from dnr_deploy.sparsity.rewire import (
     Redistribution,
-    RewireSchedule,
     random_channel_masks,
     rewire_channels,
     rewire_irregular,
 )
+from dnr_deploy.sparsity.surgery import shrink_model
 
 
 class DensePolicy:
     """No masks: every hook is a no-op."""
 
-    granularity: str = "dense"
+    granularity: str = DENSE
 
-    def on_step_end(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-        step: int = 0, total_steps: int = 0,
-    ) -> dict:
-        """Runs after every optimizer step; `step` counts steps from the start of training
-        (1-based) out of `total_steps`. Returns the figures of a rewire, {} if none happened
-        (and always {} without an optimizer: masks only)."""
-        return {}
+    def on_step_end(self, model: nn.Module) -> None:
+        """Runs after every optimizer step."""
 
     def on_epoch_end(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, epochs: int
     ) -> dict[str, float]:
         """Runs after every epoch but the last; returns figures worth logging."""
         return {}
+
+    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float
+               ) -> dict:
+        """Runs after the optimizer steps the rewiring schedule picks; `fraction` of each
+        layer's active weights is pruned and regrown. Returns what the rewire did (per-layer
+        densities and regrowth shares) for metrics.jsonl, {} for policies that never rewire."""
+        return {}
+
+    def deployed(self, model: nn.Module, example_input: torch.Tensor
+                 ) -> tuple[nn.Module, Masks | None]:
+        """What export will ship for `model`: the network run with dense kernels, and the
+        masks whose zeros are stored sparsely (None: nothing is)."""
+        return model, None
 
     def state_dict(self) -> dict:
         return {}
@@ -82,7 +87,7 @@ class StaticSparse(DensePolicy):
     granularity = Granularity.IRREGULAR.value
 
     def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
-                 init: Init = Init.UNIFORM) -> None:
+                 init: str = "uniform") -> None:
         self.generator = generator
         self.weights = prunable_weights(model)
         cpu_weights = {n: w.detach().cpu() for n, w in self.weights.items()}
@@ -92,9 +97,11 @@ class StaticSparse(DensePolicy):
     def _to_device(self, masks: Masks) -> Masks:
         return {name: m.to(self.weights[name].device) for name, m in masks.items()}
 
-    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
+    def on_step_end(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
-        return {}
+
+    def deployed(self, model, example_input):
+        return model, self.masks
 
     def state_dict(self) -> dict:
         return {"masks": {n: m.cpu() for n, m in self.masks.items()},
@@ -114,33 +121,24 @@ class StaticSparse(DensePolicy):
 
 
 class IrregularDNR(StaticSparse):
-    """Single-weight masks on every Conv2d and Linear weight, rewired on a step schedule."""
+    """Single-weight masks on every Conv2d and Linear weight, rewired on the schedule."""
 
     def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
-                 init: Init = Init.UNIFORM, schedule: RewireSchedule | None = None,
-                 redistribution: Redistribution = Redistribution.MOMENTUM) -> None:
+                 init: str = "uniform",
+                 redistribution: str = Redistribution.MOMENTUM.value) -> None:
         super().__init__(model, density, generator, init)
-        self.schedule = schedule or RewireSchedule()
-        self.redistribution = Redistribution(redistribution)
+        self.redistribution = redistribution
 
-    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
-        apply_masks(model, self.masks)
-        if optimizer is None or not self.schedule.due(step, total_steps):
-            return {}
-        return self.rewire(model, optimizer, self.schedule.fraction(step, total_steps))
-
-    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float) -> dict:
-        """Prune `fraction` of each layer, regrow by momentum; returns what to log."""
+    def rewire(self, model, optimizer, fraction):
         cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
         rewired, shares = rewire_irregular(
             cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks),
-            fraction, self.redistribution,
-        )
+            fraction, self.redistribution)
         self.masks = self._to_device(rewired)
         # Regrown weights start at zero (they were masked), so the function is unchanged.
         apply_masks(model, self.masks)
         return {"prune_fraction": fraction, "layer_densities": self.layer_densities(),
-                "momentum_shares": shares}
+                "regrowth_shares": shares}
 
 
 class MagnitudePrune(StaticSparse):
@@ -148,8 +146,7 @@ class MagnitudePrune(StaticSparse):
     target density, then fine-tuning with the masks fixed (Sehwag et al. 2019; the "magnitude"
     column of HYDRA): the robust prune-then-finetune pipeline in the same epoch budget."""
 
-    def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
-                 init: Init = Init.UNIFORM) -> None:
+    def __init__(self, model: nn.Module, density: float, generator: torch.Generator) -> None:
         self.generator = generator
         self.weights = prunable_weights(model)
         self.target = density
@@ -171,12 +168,9 @@ class ChannelDNR(DensePolicy):
 
     def __init__(
         self, model: nn.Module, density: float, generator: torch.Generator,
-        example_input: torch.Tensor, schedule: RewireSchedule | None = None,
-        redistribution: Redistribution = Redistribution.MOMENTUM,
+        example_input: torch.Tensor,
     ) -> None:
         self.generator = generator
-        self.schedule = schedule or RewireSchedule()
-        self.redistribution = Redistribution(redistribution)
         self.layout = ChannelLayout(model, find_channel_groups(model, example_input))
         self.params = dict(model.named_parameters())
         self.target = round(density * self.layout.dense_params(prunable_only=True))
@@ -192,35 +186,18 @@ class ChannelDNR(DensePolicy):
         masks = self.layout.param_masks(self.channel_masks)
         self.masks = {n: m.to(self.params[n].device) for n, m in masks.items()}
 
-    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
+    def on_step_end(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
-        if optimizer is None or not self.schedule.due(step, total_steps):
-            return {}
-        return self.rewire(model, optimizer, self.schedule.fraction(step, total_steps))
 
-    def importance(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-unit score for pruning. Batch norm divides out a filter's scale, so where the
-        unit has norms the score is the norm of its BN scales |gamma| times the filter norm
-        (network slimming, Liu et al. 2017, with the filter as tie-break); filter norm alone
-        where no norm follows."""
-        scores = {}
-        for name, group in self.layout.groups.items():
-            filters = self.layout.unit_rows(params, name, filters_only=True).norm(dim=1)
-            if group.norms:
-                gammas = torch.stack([params[f"{n}.weight"] for n in group.norms], dim=1)
-                filters = filters * gammas.norm(dim=1)
-            scores[name] = filters
-        return scores
-
-    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float) -> dict:
-        """Prune `fraction` of each group's units, refill the budget by momentum."""
+    def rewire(self, model, optimizer, fraction):
         params = {n: p.detach().cpu() for n, p in self.params.items()}
         momenta = {n: m.cpu() for n, m in momenta_of(optimizer, self.params).items()}
-        momentum_rows = {g: self.layout.unit_rows(momenta, g, filters_only=False)
-                         for g in self.layout.groups}
+        rows = self.layout.unit_rows
+        importance = {g: self._importance(params, g) for g in self.layout.groups}
+        momentum_rows = {g: rows(momenta, g, filters_only=False) for g in self.layout.groups}
         rewired, shares = rewire_channels(
-            self.importance(params), momentum_rows, self.channel_masks, fraction, self._count,
-            self.target, self.generator, self.redistribution,
+            importance, momentum_rows, self.channel_masks, fraction, self._count, self.target,
+            self.generator,
         )
         grown = {g: rewired[g] & ~self.channel_masks[g] for g in rewired}
         self.channel_masks = rewired
@@ -228,7 +205,18 @@ class ChannelDNR(DensePolicy):
         self._update_masks()
         apply_masks(model, self.masks)
         return {"prune_fraction": fraction, "layer_densities": self.layer_densities(),
-                "momentum_shares": shares}
+                "regrowth_shares": shares}
+
+    def _importance(self, params: dict[str, torch.Tensor], group_name: str) -> torch.Tensor:
+        """Filter norm times |batch-norm scale| per channel: the norm that follows a conv
+        divides its filter's scale out, so the filter norm alone ranks nothing; gamma is what
+        the channel actually contributes."""
+        filters = self.layout.unit_rows(params, group_name, filters_only=True).norm(dim=1)
+        norms = self.layout.groups[group_name].norms
+        if not norms:
+            return filters
+        gamma = torch.stack([params[f"{n}.weight"].abs() for n in norms]).mean(dim=0)
+        return filters * gamma
 
     @torch.no_grad()
     def _reinitialize(self, model: nn.Module, grown: ChannelMasks) -> None:
@@ -253,6 +241,11 @@ class ChannelDNR(DensePolicy):
                 norm.weight[idx], norm.bias[idx] = 1.0, 0.0
                 norm.running_mean[idx], norm.running_var[idx] = 0.0, 1.0
 
+    def deployed(self, model, example_input):
+        """The network with its off units physically removed, exactly as export builds it."""
+        groups = list(self.layout.groups.values())
+        return shrink_model(model, groups, self.channel_masks, example_input)[0], None
+
     def state_dict(self) -> dict:
         return {"channel_masks": dict(self.channel_masks), "generator": self.generator.get_state()}
 
@@ -270,10 +263,9 @@ class ChannelDNR(DensePolicy):
         return self.layout.layer_densities(self.channel_masks)
 
 
-class StaticChannel(ChannelDNR):
-    """Random channel units filled to the same parameter budget as channel DNR, never rewired:
-    the channel-granularity ablation of what rewiring buys."""
+class StaticChannels(ChannelDNR):
+    """Random channel units filled to the same parameter budget as DNR's, never rewired: the
+    channel ablation that shows what rewiring buys."""
 
-    def on_step_end(self, model, optimizer=None, step=0, total_steps=0):
-        apply_masks(model, self.masks)
+    def rewire(self, model, optimizer, fraction):
         return {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 
 import torch
@@ -20,86 +19,26 @@ from dnr_deploy.sparsity.masks import Masks, split_budget
 
 
 class Redistribution(str, Enum):
-    """How the freed budget is split across layers at a rewire."""
+    """How the weights freed by pruning are regrown across layers."""
 
-    MOMENTUM = "momentum"  # by each layer's total |momentum| over its active weights
-    MEAN = "mean"  # by mean |momentum| (Dettmers & Zettlemoyer 2019; starves large layers)
-    NONE = "none"  # each layer regrows what it pruned
+    MOMENTUM = "momentum"  # DNR: as the layers' momentum of the hybrid loss decides
+    NONE = "none"  # each layer regrows what it pruned (the ablation)
 
 
-@dataclass(frozen=True)
-class RewireSchedule:
-    """When to rewire and how much, in optimizer steps and fractions of training.
+def normalized_momentum(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[str, float]:
+    """Mean |momentum| over each layer's active weights, divided by the sum over layers.
 
-    Rewire after step `s` (1-based, global) when `s % every == 0` and `s < until * total`; the
-    prune fraction decays by a cosine from `initial` at step 0 to 0 at `until * total`, after
-    which the topology is frozen (RigL, Evci et al. 2020). Example: every 50, initial 0.3, until
-    0.75, 460 steps (20 epochs of 23): rewires after steps 50, 100, ..., 300 with fractions
-    0.29, 0.26, ..., 0.02. A pure function of the counters, so resume reproduces it.
+    A layer whose weights the loss keeps pushing on is a layer that wants more capacity. The
+    result sums to 1 (uniform if every layer's momentum is zero, e.g. before the first step).
     """
-
-    every: int = 50
-    initial: float = 0.3
-    until: float = 0.75
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return step > 0 and step % self.every == 0 and step < self.until * total_steps
-
-    def fraction(self, step: int, total_steps: int) -> float:
-        return prune_rate(step, total_steps, self.initial, self.until)
-
-
-def prune_rate(step: int, total_steps: int, initial: float = 0.3, until: float = 0.75) -> float:
-    """Fraction of active weights each layer drops at a rewire after global step `step`:
-    cosine from `initial` at step 0 to 0 at `until * total_steps` (and 0 after)."""
-    end = max(until * total_steps, 1.0)
-    progress = min(max(step / end, 0.0), 1.0)
-    return 0.5 * initial * (1.0 + math.cos(math.pi * progress))
-
-
-def normalized_momentum(
-    momenta: dict[str, torch.Tensor], masks: Masks,
-    mode: Redistribution = Redistribution.MOMENTUM,
-) -> dict[str, float]:
-    """Each layer's share of the momentum over active weights; the shares sum to 1.
-
-    A layer whose weights the loss keeps pushing on is a layer that wants more capacity.
-    MOMENTUM sums |momentum| over a layer's active weights, so a layer of twice the weights at
-    the same per-weight push gets twice the share (size-aware); MEAN averages it, which gives
-    every layer about the same weight count whatever its size (measured: conv4, 61% of the
-    weights of `small`, ended at 0.56% density at a 2% target). NONE returns each layer's
-    share of active weights. Uniform if every momentum is zero (before the first step).
-    """
-    values = {}
+    means = {}
     for name, mask in masks.items():
         active = momenta[name].abs()[mask]
-        if mode is Redistribution.NONE:
-            values[name] = float(active.numel())
-        elif mode is Redistribution.MEAN:
-            values[name] = active.mean().item() if active.numel() else 0.0
-        else:
-            values[name] = active.sum().item()
-    total = sum(values.values())
+        means[name] = active.mean().item() if active.numel() else 0.0
+    total = sum(means.values())
     if total <= 0:
-        return {name: 1.0 / len(values) for name in values}
-    return {name: value / total for name, value in values.items()}
-
-
-def layer_prune_fractions(
-    masks: Masks, shares: dict[str, float], fraction: float, dense_above: float = 0.8,
-) -> dict[str, float]:
-    """`fraction` for every layer, except Dettmers' rule: a layer denser than `dense_above`
-    whose share is above average drops at most its fraction of zeros, so a nearly dense layer
-    that is still growing is not halved at every rewire (sparse_learning, core.py)."""
-    average = 1.0 / len(masks)
-    result = {}
-    for name, mask in masks.items():
-        density = mask.float().mean().item()
-        if density > dense_above and shares[name] > average:
-            result[name] = min(fraction, 1.0 - density)
-        else:
-            result[name] = fraction
-    return result
+        return {name: 1.0 / len(means) for name in means}
+    return {name: value / total for name, value in means.items()}
 
 
 def prune_smallest(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -128,30 +67,52 @@ def regrow_largest(momentum: torch.Tensor, mask: torch.Tensor, count: int) -> to
     return new_mask.view_as(mask)
 
 
+def regrowth_shares(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[str, float]:
+    """Each layer's share of the freed budget: its normalized momentum times its size.
+
+    DNR's normalized momentum (mean |momentum| of the active weights) alone gives every layer
+    about the same share whatever its size, so rewiring drifts toward equal weight counts per
+    layer (measured: the largest conv, 61% of the weights, ended at 2.2% density at a 5%
+    target). Weighted by size, equal momentum keeps the allocation where it is and the
+    momentum moves it: the layers whose weights the loss pushes on harder gain.
+    """
+    means = normalized_momentum(momenta, masks)
+    demand = {name: means[name] * mask.numel() for name, mask in masks.items()}
+    total = sum(demand.values())
+    if total <= 0:
+        return {name: 1.0 / len(demand) for name in demand}
+    return {name: value / total for name, value in demand.items()}
+
+
 def rewire_irregular(
     weights: dict[str, torch.Tensor],
     momenta: dict[str, torch.Tensor],
     masks: Masks,
     fraction: float,
-    mode: Redistribution = Redistribution.MOMENTUM,
+    redistribution: str = Redistribution.MOMENTUM.value,
 ) -> tuple[Masks, dict[str, float]]:
-    """One DNR rewire over all layers; returns the new masks and the momentum shares.
+    """One DNR rewire over all layers; returns the new masks and each layer's regrowth share.
 
-    Shares are measured before pruning, on the weights that were active since the last rewire.
-    With NONE each layer regrows exactly what it pruned. Regrowth may pick a position pruned a
-    moment ago if its momentum says so.
+    Every layer drops `fraction` of its active weights with the smallest magnitude, except a
+    nearly dense layer (density >= 0.95) whose share exceeds its size's share: it would take
+    the weights straight back (Dettmers & Zettlemoyer 2019). The freed budget is regrown by
+    `regrowth_shares` (or, with redistribution "none", in the layer that freed it), at the
+    inactive positions of largest |momentum|; a position pruned a moment ago may come back if
+    its momentum says so.
     """
-    shares = normalized_momentum(momenta, masks, mode)
-    fractions = layer_prune_fractions(masks, shares, fraction)
-    pruned, counts = {}, {}
+    shares = regrowth_shares(momenta, masks)
+    total = sum(mask.numel() for mask in masks.values())
+    pruned, dropped = {}, {}
     for name, mask in masks.items():
-        counts[name] = math.floor(fractions[name] * int(mask.sum()))
-        pruned[name] = prune_smallest(weights[name], mask, counts[name])
-    free_slots = {name: int((~mask).sum()) for name, mask in pruned.items()}
-    if mode is Redistribution.NONE:
-        regrow_counts = counts
+        nearly_dense = mask.float().mean() >= 0.95 and shares[name] >= mask.numel() / total
+        dropped[name] = 0 if nearly_dense else math.floor(fraction * int(mask.sum()))
+        pruned[name] = prune_smallest(weights[name], mask, dropped[name])
+    if Redistribution(redistribution) is Redistribution.NONE:
+        regrow_counts, shares = dropped, {n: c / max(sum(dropped.values()), 1)
+                                          for n, c in dropped.items()}
     else:
-        regrow_counts = split_budget(sum(counts.values()), shares, free_slots)
+        free_slots = {name: int((~mask).sum()) for name, mask in pruned.items()}
+        regrow_counts = split_budget(sum(dropped.values()), shares, free_slots)
     rewired = {
         name: regrow_largest(momenta[name], pruned[name], regrow_counts[name]) for name in masks
     }
@@ -203,20 +164,20 @@ def rewire_channels(
     count_params: Callable[[dict[str, torch.Tensor]], int],
     target: int,
     generator: torch.Generator,
-    mode: Redistribution = Redistribution.MOMENTUM,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """One DNR rewire over channel units (one importance score and momentum row per unit).
+    """One DNR rewire over channel units (`importance`: one score per channel of a group;
+    rows: one row of momenta per channel).
 
-    Prune: each group drops the fraction `fraction` of its active units of least importance
-    (the caller's score, one that batch norm does not cancel), always keeping one. Regrow: the
-    freed parameter budget is split by momentum shares and filled with inactive units by
-    momentum norm. An off unit outputs exactly zero and gets no gradient, so its momentum only
-    decays: ranked by momentum alone, regrowth would re-enable the units just pruned. So units
-    pruned at this rewire go last, and units tied at zero are ordered at random (seeded), which
-    lets regrowth explore units that have been off for a while (our choice; the paper is silent).
+    Prune: each group drops the fraction `fraction` of its active units of smallest
+    importance (the caller's batch-norm-aware score), always keeping one so the network stays
+    connected. Regrow: the freed parameter budget is split by normalized momentum and filled
+    with inactive units of largest momentum norm, never the units this rewire just pruned: an
+    off unit sits behind a ReLU at exactly zero, so its momentum only decays, and without this
+    rule regrowth would only ever re-enable what it had just pruned. Units tied at zero are
+    ordered at random (seeded), a choice the paper leaves open: that is the exploration.
     """
     row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
-    shares = normalized_momentum(momentum_rows, row_masks, mode)
+    shares = regrowth_shares(momentum_rows, row_masks)
     pruned = {}
     for name, mask in masks.items():
         active = int(mask.sum())
@@ -224,15 +185,11 @@ def rewire_channels(
         pruned[name] = prune_smallest(importance[name], mask, count)
     candidates = {}
     for name, mask in pruned.items():
+        just_pruned = masks[name] & ~mask
         scores = momentum_rows[name].norm(dim=1)
-        scores = torch.where(masks[name] & ~mask, torch.full_like(scores, -1.0), scores)
         shuffle = torch.randperm(mask.numel(), generator=generator)
         order = shuffle[torch.argsort(scores[shuffle], descending=True, stable=True)]
-        candidates[name] = [int(i) for i in order if not mask[i]]
-    if mode is Redistribution.NONE:
-        shares = {name: int(m.sum()) - int(pruned[name].sum()) for name, m in masks.items()}
-        total = sum(shares.values()) or 1
-        shares = {name: v / total for name, v in shares.items()}
+        candidates[name] = [int(i) for i in order if not mask[i] and not just_pruned[i]]
     return fill_channels(pruned, candidates, shares, count_params, target), shares
 
 

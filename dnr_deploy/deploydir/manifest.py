@@ -6,8 +6,10 @@ Later stages (dnr-bench, dnr-verify, the loader) read a deploy dir through `load
 Fields (DESIGN.md section 6): "format", "source_run" {dir, checkpoint_sha256, run_json_sha256},
 "model" {name, num_classes, in_chans}, "input_shape", "input_range", "num_classes", "mean",
 "std", "granularity", "export_format", "threat_model", "accuracy" (the run's training-side
-figures), "density", "params" {dense, deployed}, "macs" {dense, deployed; irregular runs add
-nonzero_deployed, conv_linear_dense}, "sparse_initializers" (irregular ONNX), "files" {name:
+figures), "robustness" (the AutoAttack-grade evaluation: images, protocol, per attack),
+"dataset" {name, split, data_dir}, "density", "params" {dense, deployed, compression}, "macs"
+{dense, executed, nonzero, reduction_executed, reduction_nonzero} (`sizes.size_figures`, as in
+run.json), "sparse_initializers" (irregular ONNX), "files" {name:
 {bytes, sha256}}, "parity" {onnx_vs_torch_max_abs, argmax_agree, n_images; channel runs add
 shrunk_vs_masked_max_abs, irregular ones csr_round_trip_exact; --baseline adds
 baseline_vs_torch_max_abs}, "opset", "versions", "export_seconds".
@@ -16,14 +18,21 @@ baseline_vs_torch_max_abs}, "opset", "versions", "export_seconds".
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dnr_deploy.checkpoint import CHECKPOINT_NAME, RUN_JSON, sha256_of, write_json
+from dnr_deploy.checkpoint import CHECKPOINT_NAME, RUN_JSON
+from dnr_deploy.deploydir.names import MANIFEST_NAME
+from dnr_deploy.files import (
+    are_numbers,
+    is_int_in,
+    is_number,
+    read_json_object,
+    sha256_of,
+    write_json,
+)
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dnr-deploy/deploy/1"
 REQUIRED_KEYS = ("format", "model", "input_shape", "num_classes", "granularity", "files")
 
@@ -60,7 +69,7 @@ def build_manifest(
     import torch_pruning
 
     copied = ("model", "input_shape", "input_range", "num_classes", "mean", "std", "granularity",
-              "threat_model", "accuracy", "density")
+              "threat_model", "accuracy", "robustness", "density")
     return {
         "format": MANIFEST_FORMAT,
         "source_run": {
@@ -69,6 +78,10 @@ def build_manifest(
             "run_json_sha256": sha256_of(Path(run_dir) / RUN_JSON),
         },
         **{key: run.get(key) for key in copied},
+        # what verify needs to score the artifact without the source run: a deploy dir
+        # copied alone to another machine verifies (its data folder may be named there)
+        "dataset": {"name": (run.get("config") or {}).get("dataset"), "split": "test",
+                    "data_dir": (run.get("config") or {}).get("data_dir")},
         "export_format": export_format,
         "params": figures["params"],
         "macs": figures["macs"],
@@ -102,14 +115,9 @@ def load_manifest(deploy_dir: str | Path) -> dict:
             f"{str(deploy_dir)!r} is not a deploy dir (no {MANIFEST_NAME} {what}); "
             "make one with dnr-export"
         )
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError, 5000 digits
-        raise ManifestError(f"cannot read {str(file)!r}: {err}") from None
-    except RecursionError:
-        raise ManifestError(f"{str(file)!r} nests too deeply to be a manifest") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+    manifest = read_json_object(file, "a manifest", ManifestError)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format")
         raise ManifestError(
             f"{str(file)!r} has format {found!r}, expected {MANIFEST_FORMAT!r}; "
             "re-export the run with this version of dnr-export"
@@ -131,46 +139,43 @@ def load_manifest(deploy_dir: str | Path) -> dict:
 MAX_CLASSES, MAX_CHANNELS, MAX_SIDE = 100_000, 64, 4096
 
 
-def _int_in(value: Any, low: int, high: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _file_entry(name: Any, entry: Any) -> bool:
     """A plain file name inside the deploy dir (no path, no "..") with its size and sha256."""
     plain = (isinstance(name, str) and name not in ("", ".", "..", MANIFEST_NAME)
              and "/" not in name and "\\" not in name and "\x00" not in name)
-    return plain and isinstance(entry, dict) and _int_in(entry.get("bytes"), 0, 2**62) \
+    return plain and isinstance(entry, dict) and is_int_in(entry.get("bytes"), 0, 2**62) \
         and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
 
 
-def _numbers(value: Any, positive: bool = False) -> bool:
-    return isinstance(value, list) and 0 < len(value) <= MAX_CHANNELS and all(
-        _number(v) and math.isfinite(v) and (v > 0 or not positive) for v in value)
 
 
 # The types of the entries the loader, dnr-bench and dnr-verify read.
 _FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     "files": lambda v: isinstance(v, dict) and all(_file_entry(k, e) for k, e in v.items()),
     "model": lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
-    and _int_in(v.get("num_classes"), 1, MAX_CLASSES)
-    and _int_in(v.get("in_chans"), 1, MAX_CHANNELS),
+    and is_int_in(v.get("num_classes"), 1, MAX_CLASSES)
+    and is_int_in(v.get("in_chans"), 1, MAX_CHANNELS),
     "input_shape": lambda v: isinstance(v, list) and len(v) == 3
-    and _int_in(v[0], 1, MAX_CHANNELS) and _int_in(v[1], 1, MAX_SIDE)
-    and _int_in(v[2], 1, MAX_SIDE),
-    "num_classes": lambda v: _int_in(v, 1, MAX_CLASSES),
+    and is_int_in(v[0], 1, MAX_CHANNELS) and is_int_in(v[1], 1, MAX_SIDE)
+    and is_int_in(v[2], 1, MAX_SIDE),
+    "num_classes": lambda v: is_int_in(v, 1, MAX_CLASSES),
     "granularity": lambda v: isinstance(v, str),
-    "mean": _numbers,
-    "std": lambda v: _numbers(v, positive=True),
-    "input_range": lambda v: _numbers(v) and len(v) == 2,
+    "mean": are_numbers,
+    "std": lambda v: are_numbers(v, positive=True),
+    "input_range": lambda v: are_numbers(v) and len(v) == 2,
     "threat_model": lambda v: isinstance(v, dict) and isinstance(v.get("norm", ""), str)
-    and (v.get("eps") is None or _number(v["eps"])),
-    "accuracy": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
-    "params": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
-    "macs": lambda v: isinstance(v, dict) and all(map(_number, v.values())),
+    and (v.get("eps") is None or is_number(v["eps"])),
+    "accuracy": lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
+    "dataset": lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+    and (v.get("data_dir") is None or isinstance(v["data_dir"], str)),
+    "robustness": lambda v: (isinstance(v, dict) and is_int_in(v.get("images"), 0, 10**9)
+                                          and isinstance(v.get("protocol"), dict)),
+    "params": lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
+    "macs": lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
     "source_run": lambda v: isinstance(v, dict)
     and all(isinstance(x, str) for x in v.values()),
 }
@@ -207,15 +212,9 @@ def format_summary(deploy_dir: Path, manifest: dict) -> str:
         f"  params {params['dense']:,} -> {params['deployed']:,} "
         f"({params['dense'] / max(params['deployed'], 1):.1f}x compression)",
     ]
-    if "nonzero_deployed" in macs:
-        lines.append(
-            f"  MACs   {macs['dense']:,} in ONNX Runtime (dense kernels); a sparse kernel needs "
-            f"{macs['nonzero_deployed']:,} of {macs['conv_linear_dense']:,} conv/linear MACs "
-            f"({macs['conv_linear_dense'] / max(macs['nonzero_deployed'], 1):.1f}x fewer)"
-        )
-    else:
-        lines.append(f"  MACs   {macs['dense']:,} -> {macs['deployed']:,} "
-                     f"({macs['dense'] / max(macs['deployed'], 1):.1f}x fewer)")
+    lines.append(f"  conv/linear MACs {macs['dense']:,} -> {macs['executed']:,} executed "
+                 f"({macs['reduction_executed']:.1f}x fewer), {macs['nonzero']:,} nonzero "
+                 f"({macs['reduction_nonzero']:.1f}x fewer: what a sparse kernel needs)")
     for name, entry in manifest["files"].items():
         lines.append(f"  {name:<22} {entry['bytes'] / 1024:>10.1f} KiB")
     checks = []

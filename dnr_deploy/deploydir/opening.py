@@ -1,7 +1,7 @@
 """Opening a deploy dir for bench and verify: find it, check every file, find its test data.
 
 A deploy dir is trusted only after each file its manifest lists matches the recorded sha256
-(`dnr_deploy.export.manifest.verify_files`). Reports (bench.json, verify.json, plots) are
+(`dnr_deploy.deploydir.manifest.verify_files`). Reports (bench.json, verify.json, plots) are
 outputs, not artifacts: they go to a `reports/` folder inside the deploy dir (or `--out`), which
 the manifest never lists, so the artifact files themselves are never touched after export.
 """
@@ -14,12 +14,8 @@ from pathlib import Path
 
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.data import SPECS, parse_dataset
-from dnr_deploy.export.manifest import ManifestError, load_manifest, verify_files
-
-MODEL_FILE = "model.onnx"
-BASELINE_FILE = "baseline.onnx"
-REPORTS_DIR = "reports"
-EXPORT_DEFAULT_OUT = "deploy"  # dnr-export writes RUN_DIR/deploy unless told otherwise
+from dnr_deploy.deploydir.manifest import ManifestError, load_manifest, verify_files
+from dnr_deploy.deploydir.names import DEFAULT_OUT, REPORTS_DIR
 
 
 class DeployDirError(ValueError):
@@ -62,10 +58,10 @@ def resolve_deploy_dir(path: str | Path | None) -> Path:
         run_dir = ckpt.latest_run()
     except ckpt.CheckpointError as err:
         raise DeployDirError(f"no deploy dir given: {err}") from None
-    candidate = run_dir / EXPORT_DEFAULT_OUT
+    candidate = run_dir / DEFAULT_OUT
     if not candidate.is_dir():
         raise DeployDirError(f"no deploy dir given and the latest run {str(run_dir)!r} has no "
-                             f"{EXPORT_DEFAULT_OUT}/; run dnr-export first or name a deploy dir")
+                             f"{DEFAULT_OUT}/; run dnr-export first or name a deploy dir")
     return candidate
 
 
@@ -97,20 +93,25 @@ class DataSource:
 
     dataset: str
     data_dir: str | None
-    origin: str  # "--dataset" or "source run.json"
+    origin: str  # "--dataset", "manifest" or "source run.json"
 
 
 def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -> DataSource:
     """The dataset the deployed model was trained on.
 
-    The manifest names the source run, not its dataset, so the name comes from `dataset`
-    (the user's flag) or else from the source run's run.json when that folder is reachable.
-    The dataset's input shape and class count must match the manifest's.
+    From `dataset` (the user's flag), else the manifest's "dataset" (so a deploy dir moved
+    away from its run verifies), else, for manifests written before it was recorded, the source
+    run's run.json when that folder is reachable. The dataset's input shape and class count
+    must match the manifest's.
 
     Raises:
-        DeployDirError: no flag and no readable source run, or a dataset that does not fit.
+        DeployDirError: no flag and no record of the dataset, or a dataset that does not fit.
     """
     origin = "--dataset"
+    recorded = deploy.manifest.get("dataset") or {}
+    if not dataset and recorded.get("name"):
+        dataset, origin = recorded["name"], "manifest"
+        data_dir = data_dir or recorded.get("data_dir")
     if not dataset:
         run = _source_run_json(deploy)
         settings = (run or {}).get("config") or {}

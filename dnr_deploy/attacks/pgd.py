@@ -3,7 +3,7 @@ logits (a torch module, or an ONNX graph re-imported into torch), so verify can 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +32,16 @@ def seeded_start(x: torch.Tensor, eps: float, seed: int, first_index: int) -> to
     on the exported artifact, with any batch size) start PGD from the same points and differ
     only where the two functions do.
     """
+    return seeded_start_at(x, eps, seed, range(first_index, first_index + len(x)))
+
+
+def seeded_start_at(x: torch.Tensor, eps: float, seed: int, indices: Iterable[int]
+                    ) -> torch.Tensor:
+    """`seeded_start` for images at arbitrary indices of the evaluated set (an ensemble attacks
+    only the images still robust, so a batch's indices are not contiguous)."""
     starts = torch.empty_like(x, device="cpu")
-    for offset in range(len(x)):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + first_index + offset)
+    for offset, index in enumerate(indices):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(index))
         starts[offset].uniform_(-eps, eps, generator=generator)
     return starts.to(x.device)
 

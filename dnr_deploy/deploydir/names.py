@@ -1,0 +1,15 @@
+"""Every name of the deploy-dir contract, in one place: its files, the ONNX graph's input and
+output, where dnr-export writes by default and where reports go. Export writes these names,
+bench and verify read them; nothing else spells them."""
+
+MANIFEST_NAME = "manifest.json"
+MODEL_FILE = "model.onnx"  # self-contained, dynamic batch
+BASELINE_FILE = "baseline.onnx"  # optional: the unpruned architecture, for benchmarks
+CSR_FILE = "weights.csr.npz"  # irregular runs: scipy CSR per prunable layer
+WEIGHTS_FILE = "weights.npz"  # channel and dense runs: state dict of the shrunk network
+HISTORY_FILE = "pruning_history.json"  # channel runs: torch-pruning's history, replayed at load
+REPORTS_DIR = "reports"  # bench.json, verify.json, plots: outputs, never listed as artifacts
+DEFAULT_OUT = "deploy"  # dnr-export writes RUN_DIR/deploy unless told otherwise
+
+INPUT_NAME = "input"  # float32 NCHW images in [0, 1]
+OUTPUT_NAME = "logits"  # float32 (batch, classes), no softmax

@@ -1,0 +1,58 @@
+"""Loading a deploy dir back into PyTorch, with nothing unpickled and every file checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dnr_deploy.deploydir import manifest, names
+from dnr_deploy.export import channel, csr
+from dnr_deploy.models import create_model, list_models
+from dnr_deploy.sparsity import surgery
+
+
+def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Module:
+    """A PyTorch model (eval mode) rebuilt from a deploy dir, with nothing unpickled.
+
+    Irregular runs load from the CSR bundle; channel and dense runs replay the pruning history
+    on a freshly built architecture, then load the state dict.
+
+    Raises:
+        ManifestError: not a deploy dir, a file that fails its sha256 (when `verify`), or
+            weights that do not fit the recorded architecture.
+    """
+    deploy_dir = Path(deploy_dir)
+    info = manifest.load_manifest(deploy_dir)
+    files = info["files"]
+    needed = [names.CSR_FILE] if names.CSR_FILE in files else [names.WEIGHTS_FILE,
+                                                               names.HISTORY_FILE]
+    if verify:
+        manifest.verify_files(deploy_dir, info, needed)
+    spec = info["model"]
+    if spec["name"] not in list_models():
+        raise manifest.ManifestError(f"the manifest names the model {spec['name']!r}; this "
+                                     f"version knows {', '.join(list_models())}")
+    chans = spec["in_chans"]
+    if len(info.get("mean") or []) != chans or len(info.get("std") or []) != chans:
+        raise manifest.ManifestError(f"the manifest's mean and std must hold {chans} values "
+                                     f"(one per input channel); re-export the run")
+    model = create_model(spec["name"], spec["num_classes"], chans, info["mean"], info["std"])
+    try:
+        shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        if names.CSR_FILE in files:
+            _, state = csr.read_csr_bundle(deploy_dir / names.CSR_FILE, shapes)
+        else:  # a shrunk model is smaller than the full one: the same bound holds
+            state, history = channel.load_state(deploy_dir, csr.weights_bytes_limit(shapes))
+            if history:
+                surgery.replay_pruning(model, history, torch.zeros(1, *info["input_shape"]))
+        model.load_state_dict(state)
+    except (csr.CsrError, surgery.ShrinkError) as err:
+        raise manifest.ManifestError(str(err)) from None
+    except (AttributeError, IndexError, KeyError, RuntimeError, ValueError) as err:
+        raise manifest.ManifestError(
+            f"the weights in {str(deploy_dir)!r} do not fit a {spec['name']!r}: "
+            f"{' '.join(str(err).split())[:300] or type(err).__name__}"
+        ) from None
+    return model.eval()
