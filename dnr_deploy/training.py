@@ -75,6 +75,7 @@ class CompressConfig:
     rewire_until: float = 0.75  # fraction of training after which the topology is frozen
     redistribution: str = Redistribution.MOMENTUM.value  # "momentum" (DNR) or "none"
     init: str = Init.ERK.value  # first masks: "erk" (Evci et al. 2020) or "uniform"
+    explore_channels: bool = False  # channel regrowth skips the units it just pruned
     beta: float = 0.5  # weight of the clean loss; 1 - beta goes to the adversarial loss
     epochs: int = 20
     batch_size: int = 64
@@ -208,6 +209,7 @@ def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressC
 # Fields that define what a checkpoint is; a resume must not change them.
 RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
                 "rewire_every", "prune_rate", "rewire_until", "redistribution", "init",
+                "explore_channels",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
                 "pgd_step_size", "seed", "attack_bn")
 
@@ -304,7 +306,8 @@ def build_policy(
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.granularity == Granularity.CHANNEL.value:
         channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
-        return channel_policy(model, config.density, generator, example_input)
+        return channel_policy(model, config.density, generator, example_input,
+                              config.explore_channels)
     method = Method(config.method)
     if method is Method.DNR:
         return IrregularDNR(model, config.density, generator, config.init, config.redistribution)

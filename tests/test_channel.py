@@ -100,10 +100,10 @@ def test_reported_params_equal_the_physically_smaller_network(name, chans, size)
 
 def test_channel_regrowth_explores_instead_of_undoing_its_prune():
     """Off units get no gradient, so their momentum only decays; the units a rewire prunes
-    still carry momentum and would win regrowth at once. They are excluded, so the regrown
-    units are ones that were off: the rewire explores."""
+    still carry momentum and would win regrowth at once. With --explore-channels they are
+    excluded, so the regrown units are ones that were off: the rewire explores."""
     model, example = make("small", 1, 8)
-    policy = ChannelDNR(model, 0.3, torch.Generator().manual_seed(0), example)
+    policy = ChannelDNR(model, 0.3, torch.Generator().manual_seed(0), example, explore=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     train_steps(model, policy, optimizer, example, steps=3)
     before = {n: m.clone() for n, m in policy.channel_masks.items()}

@@ -89,7 +89,7 @@ def test_channel_run_reports_the_size_of_the_physically_smaller_network(in_tmp):
 
 @pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(in_tmp):
-    cfg = {"epochs": 4, "eval_samples": 50, "seed": 3}
+    cfg = {"epochs": 4, "eval_samples": 50, "seed": 3, "robust_eval_samples": 48}
     compress(CompressConfig(out="straight", **cfg))
     stopped = compress(CompressConfig(out="split", stop_after=2, **cfg))
     assert load_checkpoint(stopped.dir)["epoch"] == 2

@@ -24,10 +24,11 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_same_seed_gives_identical_masks_and_metrics(tmp_path, monkeypatch):
-    """Two adversarially trained runs (PGD-2; the first of 2 epochs, so one rewire happens;
+    """Two adversarially trained runs (PGD-2; the first of 2 epochs, with two rewires;
     stopped there, which skips the final evaluation to keep this short)."""
     monkeypatch.chdir(tmp_path)
-    config = {"epochs": 2, "stop_after": 1, "eval_samples": 50, "pgd_steps": 2, "seed": 7}
+    config = {"epochs": 2, "stop_after": 1, "eval_samples": 50, "pgd_steps": 2, "seed": 7,
+              "rewire_every": 10}  # rewires after steps 10 and 20 of epoch 1
     first = compress(CompressConfig(out="first", **config)).dir
     second = compress(CompressConfig(out="second", **config)).dir
     a, b = ckpt.load_checkpoint(first), ckpt.load_checkpoint(second)
@@ -41,7 +42,9 @@ def test_same_seed_gives_identical_masks_and_metrics(tmp_path, monkeypatch):
         assert torch.equal(tensor, b["model"][name]), name
     assert torch.equal(a["rng"]["torch_per_rank"][0], b["rng"]["torch_per_rank"][0])
     assert metrics(first) == metrics(second)
-    assert len(metrics(first)) == 1 and metrics(first)[0]["prune_fraction"] > 0  # rewired
+    rewires = metrics(first)[0]["rewires"]
+    assert len(metrics(first)) == 1 and [r["step"] for r in rewires] == [10, 20]
+    assert all(r["prune_fraction"] > 0 for r in rewires)
 
     # The comparison is not vacuous: another seed starts from other masks.
     spec = SPECS[DatasetName.DIGITS]

@@ -253,7 +253,8 @@ def test_bad_input_as_a_user_runs_it(tmp_path):
 @pytest.mark.slow
 def test_compress_export_bench_verify_end_to_end(tmp_path):
     """The four console scripts in a row on the embedded default, as a user runs them."""
-    steps = [["compress", "--epochs", "1", "--eval-samples", "50", "--out", "run"],
+    steps = [["compress", "--epochs", "1", "--eval-samples", "50", "--robust-eval-samples", "120",
+              "--out", "run"],
              ["export", "run", "--baseline", "--parity-samples", "64"],
              ["bench", "run/deploy", *FAST_BENCH],
              ["verify", "--tolerance", "5"]]  # no path: the latest run's deploy dir
@@ -262,15 +263,15 @@ def test_compress_export_bench_verify_end_to_end(tmp_path):
         assert result.returncode == 0, (args, result.stderr)
     report = json.loads((tmp_path / "run" / "deploy" / "reports" / "verify.json").read_text())
     manifest = json.loads((tmp_path / "run" / "deploy" / "manifest.json").read_text())
-    assert report["images"]["subset"] is False
+    assert report["images"]["first"] == 120  # the images the training side attacked
     # same images, ONNX Runtime's argmax as the training network's (a tie may flip one)
-    assert report["accuracy"]["clean"] == pytest.approx(manifest["accuracy"]["clean"],
-                                                        abs=1.01 / 360)
+    assert report["accuracy"]["clean"] == pytest.approx(manifest["robustness"]["clean"],
+                                                        abs=1.01 / 120)
     assert report["model_sha256"] == manifest["files"]["model.onnx"]["sha256"]
     # the gate's comparison: the same ensemble on the same images, through ONNX Runtime
     assert report["comparison"]["gated"] and report["comparison"]["passed"]
     assert report["accuracy"]["robust"] == pytest.approx(manifest["accuracy"]["autoattack"],
-                                                         abs=2.01 / 360)
+                                                         abs=2.01 / 120)
     # the deploy dir alone, moved away from its run (deleted): it still verifies
     moved = Path(shutil.move(tmp_path / "run" / "deploy", tmp_path / "elsewhere"))
     shutil.rmtree(tmp_path / "run")

@@ -168,9 +168,10 @@ class ChannelDNR(DensePolicy):
 
     def __init__(
         self, model: nn.Module, density: float, generator: torch.Generator,
-        example_input: torch.Tensor,
+        example_input: torch.Tensor, explore: bool = False,
     ) -> None:
         self.generator = generator
+        self.explore = explore
         self.layout = ChannelLayout(model, find_channel_groups(model, example_input))
         self.params = dict(model.named_parameters())
         self.target = round(density * self.layout.dense_params(prunable_only=True))
@@ -197,7 +198,7 @@ class ChannelDNR(DensePolicy):
         momentum_rows = {g: rows(momenta, g, filters_only=False) for g in self.layout.groups}
         rewired, shares = rewire_channels(
             importance, momentum_rows, self.channel_masks, fraction, self._count, self.target,
-            self.generator,
+            self.generator, self.explore,
         )
         grown = {g: rewired[g] & ~self.channel_masks[g] for g in rewired}
         self.channel_masks = rewired

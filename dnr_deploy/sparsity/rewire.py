@@ -164,17 +164,19 @@ def rewire_channels(
     count_params: Callable[[dict[str, torch.Tensor]], int],
     target: int,
     generator: torch.Generator,
+    explore: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One DNR rewire over channel units (`importance`: one score per channel of a group;
     rows: one row of momenta per channel).
 
     Prune: each group drops the fraction `fraction` of its active units of smallest
     importance (the caller's batch-norm-aware score), always keeping one so the network stays
-    connected. Regrow: the freed parameter budget is split by normalized momentum and filled
-    with inactive units of largest momentum norm, never the units this rewire just pruned: an
-    off unit sits behind a ReLU at exactly zero, so its momentum only decays, and without this
-    rule regrowth would only ever re-enable what it had just pruned. Units tied at zero are
-    ordered at random (seeded), a choice the paper leaves open: that is the exploration.
+    connected. Regrow: the freed parameter budget is split by size-aware momentum shares and
+    filled with inactive units of largest momentum norm. An off unit sits behind a ReLU at
+    exactly zero, so its momentum only decays: regrowth mostly re-enables the units it just
+    pruned (kept with their weights). With `explore`, those are excluded and the regrown units
+    are off ones, ordered at random (seeded) where their momenta tie at zero, restarting as fresh
+    channels.
     """
     row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
     shares = regrowth_shares(momentum_rows, row_masks)
@@ -189,7 +191,8 @@ def rewire_channels(
         scores = momentum_rows[name].norm(dim=1)
         shuffle = torch.randperm(mask.numel(), generator=generator)
         order = shuffle[torch.argsort(scores[shuffle], descending=True, stable=True)]
-        candidates[name] = [int(i) for i in order if not mask[i] and not just_pruned[i]]
+        candidates[name] = [int(i) for i in order
+                            if not mask[i] and not (explore and just_pruned[i])]
     return fill_channels(pruned, candidates, shares, count_params, target), shares
 
 
