@@ -93,7 +93,10 @@ def trained_default(workdir: str, epochs: int, folder: Path, runs: int) -> dict:
         report = bench(BenchConfig(deploy_dir=str(deploy[method]),
                                    baseline=str(deploy["dense"]), runs=runs,
                                    out=str(folder / f"{method}-reports"))).report
-        results[method] = {"models": report["models"], "comparison": report["comparison"]}
+        # the deploy dirs are throwaway temporary folders: record their files relative to it
+        models = {label: {**model, "path": str(Path(model["path"]).relative_to(
+            folder.resolve()))} for label, model in report["models"].items()}
+        results[method] = {"models": models, "comparison": report["comparison"]}
     return results
 
 

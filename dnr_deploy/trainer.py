@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -321,11 +322,15 @@ class Trainer:
                 "rewire_seconds": rewire_seconds, **extra, "rewires": rewires,
                 "layer_densities": self.policy.layer_densities()}
 
+    @cached_property
+    def schedule(self) -> RewireSchedule:
+        """When the policy rewires: a pure function of the optimizer step (built once)."""
+        cfg = self.config
+        return RewireSchedule(cfg.rewire_every, cfg.prune_rate, cfg.rewire_until)
+
     def _rewire_if_due(self, step: int, total_steps: int) -> list[dict]:
         """The rewire after optimizer step `step`, if the schedule has one: [its record]."""
-        cfg = self.config
-        fraction = RewireSchedule(cfg.rewire_every, cfg.prune_rate,
-                                  cfg.rewire_until).rate_at(step, total_steps)
+        fraction = self.schedule.rate_at(step, total_steps)
         if fraction is None:
             return []
         started = time.perf_counter()

@@ -52,12 +52,18 @@ def test_split_budget_is_proportional_and_respects_capacity():
     assert split_budget(50, {"a": 0.9, "b": 0.1}, {"a": 3, "b": 4}) == {"a": 3, "b": 4}
 
 
-def test_rewire_moves_budget_by_momentum_and_keeps_global_count():
+def two_layers() -> tuple[dict, dict, dict]:
+    """Two 8-weight layers, 4 active each (values 1-4), layer a's momentum 3x layer b's."""
     weights = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0, 0, 0, 0, 0]),
                "b": torch.tensor([1.0, 2.0, 3.0, 4.0, 0, 0, 0, 0])}
     masks = {name: w != 0 for name, w in weights.items()}
     momenta = {"a": torch.tensor([0.3, 0.3, 0.3, 0.3, 0.5, 0.4, 0.1, 0.2]),
                "b": torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.7, 0.0])}
+    return weights, masks, momenta
+
+
+def test_rewire_moves_budget_by_momentum_and_keeps_global_count():
+    weights, masks, momenta = two_layers()
     rewired, shares = rewire_irregular(weights, momenta, masks, fraction=0.5)
     assert shares == pytest.approx({"a": 0.75, "b": 0.25})
     # Each layer drops its two smallest (values 1 and 2); 4 freed, 3 regrow in a, 1 in b.
@@ -110,11 +116,7 @@ def test_nearly_dense_layer_with_high_momentum_is_not_pruned():
 
 
 def test_redistribution_none_regrows_in_the_layer_that_pruned():
-    weights = {"a": torch.tensor([1.0, 2.0, 3.0, 4.0, 0, 0, 0, 0]),
-               "b": torch.tensor([1.0, 2.0, 3.0, 4.0, 0, 0, 0, 0])}
-    masks = {name: w != 0 for name, w in weights.items()}
-    momenta = {"a": torch.tensor([0.3, 0.3, 0.3, 0.3, 0.5, 0.4, 0.1, 0.2]),
-               "b": torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.7, 0.0])}
+    weights, masks, momenta = two_layers()
     rewired, _ = rewire_irregular(weights, momenta, masks, 0.5, redistribution="none")
     assert int(rewired["a"].sum()) == 4 and int(rewired["b"].sum()) == 4
 
