@@ -251,6 +251,8 @@ class Trainer:
         state = self.state(epoch)  # a collective under torchrun: every rank takes part
         if self.context.is_main:
             ckpt.save_checkpoint(run_dir, state)
+            # The checkpoint is the record; metrics.jsonl is a view of its history, rewritten
+            # whole, so a kill between the two writes is mended by the next resume.
             ckpt.write_jsonl(run_dir / ckpt.METRICS_JSONL, self.history)
 
     def run(self, run_dir: Path) -> Run:

@@ -119,17 +119,21 @@ def test_sigkill_during_training_keeps_the_checkpoint_and_resume_continues(tmp_p
          *TRAIN], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     wait_for(lambda: metrics_rows(run_dir) >= 1, job)  # epoch 1 is checkpointed ...
-    time.sleep(0.3)  # ... and epoch 2 is training
+    time.sleep(0.3)  # ... and epoch 2 is training (or, on a fast machine, saving)
     sigkill(job)
 
     state = ckpt.load_checkpoint(run_dir)
     done = state["epoch"]
-    assert done >= 1 and len(state["history"]) == done == metrics_rows(run_dir)
+    assert done >= 1 and len(state["history"]) == done
+    # The checkpoint is the record; metrics.jsonl is its view, written just after it, so a kill
+    # between the two writes leaves the view one row behind until the resume rewrites it.
+    assert metrics_rows(run_dir) in (done - 1, done)
     assert not (run_dir / ckpt.RUN_JSON).exists()  # the run is not finished, and says so
     assert compress_main(["--resume", str(run_dir), "--stop-after", str(done + 1)]) == 0
     resumed = ckpt.load_checkpoint(run_dir)
     assert resumed["epoch"] == done + 1
     assert resumed["history"][:done] == state["history"]  # continued, not restarted
+    assert metrics_rows(run_dir) == done + 1
     assert temp_files(run_dir) == []
 
 
