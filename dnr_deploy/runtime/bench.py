@@ -33,10 +33,10 @@ from dnr_deploy.runtime.runtimes import (
     RuntimeChoiceError,
     check_parity,
     open_sparse,
-    parse_runtime,
+    parse_placement,
     sparse_info,
 )
-from dnr_deploy.runtime.session import create_session, parse_provider, run_logits
+from dnr_deploy.runtime.session import create_session, run_logits
 
 BENCH_FORMAT = "dnr-deploy/bench/1"
 BENCH_JSON = "bench.json"
@@ -85,12 +85,9 @@ class BenchConfig:
         """Raises:
             BenchError: an unknown provider or a count out of range."""
         try:
-            parse_provider(self.provider)
-            runtime = parse_runtime(self.runtime)
+            parse_placement(self.runtime, self.provider)
         except ValueError as err:
             raise BenchError(str(err)) from None
-        if runtime is Runtime.SPARSE and self.provider != "cpu":
-            raise BenchError(f"--runtime sparse runs on the CPU; drop --provider {self.provider}")
         self.batch_sizes()
         if self.threads < 1 or self.runs < 1 or self.warmup < 0:
             raise BenchError(f"need threads >= 1, runs >= 1, warmup >= 0; got threads "

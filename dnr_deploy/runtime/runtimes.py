@@ -32,6 +32,21 @@ def parse_runtime(name: str) -> Runtime:
         raise RuntimeChoiceError(f"unknown runtime {name!r}; available: {known}") from None
 
 
+def parse_placement(runtime: str, provider: str) -> Runtime:
+    """The runtime bench and verify will use, checked against the execution provider.
+
+    Raises:
+        ValueError: an unknown runtime or provider, or the sparse runtime off the CPU.
+    """
+    from dnr_deploy.runtime.session import parse_provider
+
+    parse_provider(provider)
+    chosen = parse_runtime(runtime)
+    if chosen is Runtime.SPARSE and provider != "cpu":
+        raise RuntimeChoiceError(f"--runtime sparse runs on the CPU; drop --provider {provider}")
+    return chosen
+
+
 def open_sparse(deploy_dir: str | Path, threads: int):
     """The sparse runtime's model of an irregular deploy dir.
 

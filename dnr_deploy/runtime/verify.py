@@ -34,10 +34,10 @@ from dnr_deploy.runtime.runtimes import (
     RuntimeChoiceError,
     check_parity,
     open_sparse,
-    parse_runtime,
+    parse_placement,
     sparse_info,
 )
-from dnr_deploy.runtime.session import create_session, parse_provider, run_logits
+from dnr_deploy.runtime.session import create_session, run_logits
 
 VERIFY_FORMAT = "dnr-deploy/verify/2"
 VERIFY_JSON = "verify.json"
@@ -115,12 +115,9 @@ class VerifyConfig:
             known = ", ".join(a.value for a in AttackName)
             raise VerifyError(f"unknown attack {self.attack!r}; available: {known}") from None
         try:
-            parse_provider(self.provider)
-            runtime = parse_runtime(self.runtime)
+            parse_placement(self.runtime, self.provider)
         except ValueError as err:
             raise VerifyError(str(err)) from None
-        if runtime is Runtime.SPARSE and self.provider != "cpu":
-            raise VerifyError(f"--runtime sparse runs on the CPU; drop --provider {self.provider}")
         if self.eps is not None:
             check_eps(self.eps, "--eps")
         for name in ("steps", "n", "batch_size", "threads", "targets"):
