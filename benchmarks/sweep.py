@@ -31,7 +31,7 @@ def main() -> None:
                         default=[0.5, 0.2, 0.1, 0.05, 0.02, 0.01])
     parser.add_argument("--methods", nargs="+", default=["dnr-irregular", "static", "magnitude"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--multi-seed", type=float, nargs="+", default=[0.05, 0.02])
+    parser.add_argument("--multi-seed", type=float, nargs="*", default=[0.05, 0.02])
     args = parser.parse_args()
     announce(args)
     rows = {m: {d: [row_of(trained_run(args.workdir, m, d, seed, args.epochs), None)

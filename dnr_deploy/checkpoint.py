@@ -33,7 +33,7 @@ CHECKPOINT_FORMAT = "dnr-deploy/checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_JSON = "run.json"
 METRICS_JSONL = "metrics.jsonl"
-LATEST_POINTER = Path("runs") / "LATEST"  # relative to the working directory
+LATEST_POINTER = Path("runs") / "LATEST"  # relative to the working directory; names a run in runs/
 
 
 class CheckpointError(ValueError):
@@ -130,11 +130,14 @@ def _check_layout(state: dict, file: Path) -> None:
 
 
 def remember_latest(run_dir: Path) -> None:
-    write_atomic(LATEST_POINTER, lambda tmp: tmp.write_text(str(run_dir.resolve()) + "\n"))
+    """Write LATEST beside the run (its folder's name, so the folder of runs can move): with
+    the default `--out` that is runs/LATEST, which `latest_run` reads."""
+    write_atomic(run_dir.parent / LATEST_POINTER.name,
+                 lambda tmp: tmp.write_text(run_dir.name + "\n"))
 
 
 def latest_run() -> Path:
-    """The run dir that `dnr-compress` wrote last from this working directory.
+    """The run dir that `dnr-compress` wrote last into runs/ under this working directory.
 
     Raises:
         CheckpointError: no run has been recorded here.
@@ -144,7 +147,7 @@ def latest_run() -> Path:
             f"no run dir given and no latest run recorded in {str(LATEST_POINTER)!r}; "
             "run dnr-compress first or name a run dir"
         )
-    return Path(LATEST_POINTER.read_text().strip())
+    return LATEST_POINTER.parent / LATEST_POINTER.read_text().strip()
 
 
 def read_run_json(run_dir: Path) -> dict:

@@ -37,23 +37,33 @@ def save_examples(
     axes = fig.subplots(3, max(count, 1), squeeze=False)
     for col in range(count):
         delta = (x_adv[col] - x[col]) / (2 * eps) + 0.5
-        rows = ((x[col], f"y={y[col]} pred={pred_clean[col]}"),
+        outcome, colour = _outcome(y[col], pred_clean[col], pred_adv[col])
+        rows = ((x[col], f"y={y[col]} pred={pred_clean[col]}\n{outcome}"),
                 (x_adv[col], f"adv pred={pred_adv[col]}"),
                 (np.clip(delta, 0.0, 1.0), f"|d|max={np.abs(x_adv[col] - x[col]).max():.3f}"))
         for row, (image, title) in enumerate(rows):
             picture, cmap = _as_image(image)
             axes[row][col].imshow(picture, cmap=cmap, vmin=0.0, vmax=1.0,
                                   interpolation="nearest")
-            axes[row][col].set_title(title, fontsize=7)
+            axes[row][col].set_title(title, fontsize=7, color=colour if row == 0 else "black")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     for row, name in enumerate(("clean", "adversarial", "perturbation")):
         axes[row][0].set_ylabel(name, fontsize=8)
-    fig.suptitle(f"deployed model under attack (Linf eps {eps:.4g}); perturbation: grey = 0",
-                 fontsize=9)
+    fig.suptitle(f"deployed model under attack (Linf eps {eps:.4g})\nred: the attack "
+                 "succeeded; green: the model held; perturbation: grey = 0", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _outcome(label: int, pred_clean: int, pred_adv: int) -> tuple[str, str]:
+    """What happened to one image, and its title colour: red where the attack won."""
+    if pred_clean != label:
+        return "wrong when clean", "grey"
+    if pred_adv != label:
+        return "ATTACK SUCCEEDED", "red"
+    return "model held", "green"
 
 
 def save_latency_plot(path: Path, models: dict[str, dict]) -> None:

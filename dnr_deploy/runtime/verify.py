@@ -303,9 +303,12 @@ def _threat_model(manifest: dict, config: VerifyConfig) -> tuple[float, dict]:
 
 
 def _examples(x, x_adv, y, pred_clean, pred_adv, count: int) -> tuple | None:
-    """Up to `count` images for the grid: successful attacks first, then images that held."""
-    fooled = (pred_clean == y) & (pred_adv != y)
-    order = np.argsort(~fooled, kind="stable")[:count]
+    """Up to `count` images for the grid, half where the attack succeeded and half where the
+    model held (either kind fills the other's place when short), so the picture shows both."""
+    fooled = np.flatnonzero((pred_clean == y) & (pred_adv != y))
+    held = np.flatnonzero(pred_adv == y)
+    take_fooled = min(len(fooled), max(count - len(held), (count + 1) // 2))
+    order = np.concatenate([fooled[:take_fooled], held[:count - take_fooled]]).astype(int)
     if not count or not len(order):
         return None
     return x[order], x_adv[order], y[order], pred_clean[order], pred_adv[order]
