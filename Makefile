@@ -19,12 +19,14 @@ $(VENV)/.installed: pyproject.toml setup.py dnr_deploy/runtime/sparse/_kernels.c
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps "torchattacks==3.5.1"
 	touch $@
 
-# The whole pipeline on the embedded default: train, export, time, attack the artifact.
+# The whole pipeline on the embedded default: train, export, time, attack the artifact, and
+# one summary of it all (a table, and report.html in the run dir).
 demo: setup
 	$(BIN)/dnr-compress
 	$(BIN)/dnr-export --baseline
 	$(BIN)/dnr-bench
 	$(BIN)/dnr-verify
+	$(BIN)/dnr-report
 
 lint: setup
 	$(BIN)/ruff check .

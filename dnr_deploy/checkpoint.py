@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dnr_deploy.files import (  # noqa: F401  (re-exported: the run dir contract)
     are_figures,
     are_numbers,
@@ -42,6 +40,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
     state = {"format": CHECKPOINT_FORMAT, **state}
+    import torch  # here, not at the top: reading run.json (dnr-report) needs no torch
+
     write_atomic(run_dir / CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
 
 
@@ -61,6 +61,8 @@ def load_checkpoint(path: str | Path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"no checkpoint at {str(file)!r}")
     _check_not_inflating(file)
+    import torch
+
     try:
         # A refused file also draws warnings from torch's unpickler (pickle protocol...): the
         # one-line error below says all there is, so they are shown only if the load works.
@@ -122,6 +124,8 @@ def _check_layout(state: dict, file: Path) -> None:
                                   f"expected a {kind.__name__}")
     if state["epoch"] < 0:
         raise CheckpointError(f"checkpoint {str(file)!r} is damaged: epoch {state['epoch']}")
+    import torch
+
     bad = [name for name, tensor in state["model"].items()
            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor)]
     if bad:
@@ -137,17 +141,20 @@ def remember_latest(run_dir: Path) -> None:
 
 
 def latest_run() -> Path:
-    """The run dir that `dnr-compress` wrote last into runs/ under this working directory.
+    """The run dir that `dnr-compress` wrote last into runs/ (the default `--out`) or straight
+    into this working directory (`--out NAME`), whichever LATEST is newer.
 
     Raises:
         CheckpointError: no run has been recorded here.
     """
-    if not LATEST_POINTER.is_file():
+    pointers = [p for p in (LATEST_POINTER, Path(LATEST_POINTER.name)) if p.is_file()]
+    if not pointers:
         raise CheckpointError(
             f"no run dir given and no latest run recorded in {str(LATEST_POINTER)!r}; "
             "run dnr-compress first or name a run dir"
         )
-    return LATEST_POINTER.parent / LATEST_POINTER.read_text().strip()
+    newest = max(pointers, key=lambda p: p.stat().st_mtime_ns)
+    return newest.parent / newest.read_text().strip()
 
 
 def read_run_json(run_dir: Path) -> dict:

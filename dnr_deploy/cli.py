@@ -252,11 +252,39 @@ def verify_main(argv: list[str] | None = None) -> int:
     return EXIT_OK
 
 
+def build_report_parser() -> argparse.ArgumentParser:
+    from dnr_deploy.summary import ReportConfig
+
+    parser = OneLineParser(
+        prog="dnr-report", description="One summary of a run and its deploy dir (accuracy with "
+        "the ensemble, compression, MACs, speedup, gate) as a table and an HTML page.")
+    parser.add_argument("path", nargs="?", default=argparse.SUPPRESS, metavar="RUN_OR_DEPLOY_DIR",
+                        help="run dir or deploy dir (default: the latest run)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as JSON instead of the table")
+    add_dataclass_flags(parser, ReportConfig, {}, skip=("path",))
+    return parser
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    from dnr_deploy.summary import ReportConfig, ReportError, format_table, report, to_json
+
+    args = vars(build_report_parser().parse_args(argv))
+    as_json = args.pop("json")
+    outcome = _guarded("dnr-report", lambda: report(ReportConfig(**args)), (ReportError,), (),
+                       writing="the HTML page")
+    if isinstance(outcome, int):
+        return outcome
+    summary, page = outcome
+    print(to_json(summary) if as_json else format_table(summary) + f"\n  report: {page}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dnr_deploy.cli STAGE ...`: one entry point for every stage (torchrun too)."""
     argv = sys.argv[1:] if argv is None else argv
     stages = {"compress": compress_main, "export": export_main, "bench": bench_main,
-              "verify": verify_main}
+              "verify": verify_main, "report": report_main}
     if not argv or argv[0] not in stages:
         return fail("dnr-deploy", f"first argument must be a stage: {', '.join(stages)}")
     return stages[argv[0]](argv[1:])

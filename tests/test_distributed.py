@@ -69,7 +69,7 @@ def test_two_processes_write_one_run_and_agree_with_one_process(tmp_path):
         cwd=tmp_path, env=cli_env(), capture_output=True,
         text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "runs", "two"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "one", "two"]  # one writer
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "checkpoint.pt", "metrics.jsonl", "plots", "run.json"]
     two, one = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("two", "one"))

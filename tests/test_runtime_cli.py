@@ -257,10 +257,15 @@ def test_compress_export_bench_verify_end_to_end(tmp_path):
               "--out", "run"],
              ["export", "run", "--baseline", "--parity-samples", "64"],
              ["bench", "run/deploy", *FAST_BENCH],
-             ["verify", "--tolerance", "5"]]  # no path: the latest run's deploy dir
+             ["verify", "--tolerance", "5"],  # no path: the latest run's deploy dir
+             ["report"]]  # the latest run, its deploy dir and both reports in one summary
     for args in steps:
         result = run_cli(args, cwd=tmp_path)
         assert result.returncode == 0, (args, result.stderr)
+    summary = result.stdout  # dnr-report's table, read back from the files above
+    assert "dnr-bench (ort" in summary and "dnr-verify (autoattack" in summary
+    assert "gate" in summary and "PASS" in summary
+    assert (tmp_path / "run" / "report.html").read_text().count("data:image/png;base64,") == 4
     report = json.loads((tmp_path / "run" / "deploy" / "reports" / "verify.json").read_text())
     manifest = json.loads((tmp_path / "run" / "deploy" / "manifest.json").read_text())
     assert report["images"]["first"] == 120  # the images the training side attacked

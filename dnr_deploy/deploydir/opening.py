@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dnr_deploy import checkpoint as ckpt
-from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.deploydir.manifest import ManifestError, load_manifest, verify_files
 from dnr_deploy.deploydir.names import DEFAULT_OUT, REPORTS_DIR
 
@@ -123,6 +122,8 @@ def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -
         dataset, origin = settings["dataset"], "source run.json"
         data_dir = data_dir or settings.get("data_dir")
     try:
+        from dnr_deploy.data import SPECS, parse_dataset  # torch: only when verify needs it
+
         spec = SPECS[parse_dataset(dataset)]
     except ValueError as err:
         raise DeployDirError(str(err)) from None
