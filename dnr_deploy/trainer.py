@@ -2,7 +2,7 @@
 
 Order of events per epoch (the loop owns it; objective and sparsity policy own the math):
 train every batch on the hybrid loss, re-applying masks after each optimizer step; evaluate clean
-and PGD accuracy on the test split; rewire (every epoch but the last); checkpoint atomically.
+and PGD accuracy on the test split; rewire every `rewire_every` steps; checkpoint atomically.
 Under torchrun every rank trains; only rank 0 evaluates, writes files and shows progress.
 """
 
@@ -23,19 +23,9 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
 from dnr_deploy.data import DataBundle, load_data, test_subset
-from dnr_deploy.evaluation import (
-    evaluate,
-    final_attacks,
-    robust_evaluation,
-    terminal_progress,
-)
+from dnr_deploy.evaluation import evaluate, final_attacks, robust_evaluation, terminal_progress
 from dnr_deploy.models import create_model
-from dnr_deploy.report import (
-    deployment_figures,
-    layer_labels,
-    plot_layer_densities,
-    plot_training,
-)
+from dnr_deploy.report import deployment_figures, layer_labels, plot_layer_densities, plot_training
 from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
 from dnr_deploy.sparsity.schedule import RewireSchedule
@@ -260,19 +250,27 @@ class Trainer:
         if self.start_epoch == 0 and not self.history:
             self.save(run_dir, 0)
         end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
-        bar = tqdm(range(self.start_epoch, end), initial=self.start_epoch, total=cfg.epochs,
-                   desc=f"dnr {self.policy.granularity}", unit="epoch", dynamic_ncols=True,
-                   disable=not self.context.is_main)
         epoch = self.start_epoch
         loader = self.loader()
+        # Counted in training images, moved every optimizer step: images/s and an ETA that
+        # mean something even when an epoch takes minutes.
+        bar = tqdm(total=cfg.epochs * len(loader.dataset), unit="img", unit_scale=True,
+                   initial=self.start_epoch * len(loader.dataset), dynamic_ncols=True,
+                   disable=not self.context.is_main)
+        self._progress = bar
         try:
-            for epoch in bar:
+            for epoch in range(self.start_epoch, end):
+                bar.set_description(f"{cfg.method} {self.policy.granularity} epoch "
+                                    f"{epoch + 1}/{cfg.epochs}")
                 loader.sampler.set_epoch(epoch)
                 row = self._one_epoch(epoch, loader)
                 self.history.append(row)
                 self.save(run_dir, epoch + 1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", clean=f"{row['clean_acc']:.3f}",
-                                pgd=f"{row['pgd_acc']:.3f}", density=f"{row['density']:.4f}")
+                bar.n = (epoch + 1) * len(loader.dataset)  # the steps' rounding, corrected
+                bar.set_postfix({"loss": f"{row['loss']:.3f}",
+                                 "test clean": f"{row['clean_acc']:.3f}",
+                                 f"test PGD-{cfg.pgd_steps}": f"{row['pgd_acc']:.3f}",
+                                 "density": f"{row['density']:.4f}"})
         except (KeyboardInterrupt, ddp.JobTerminated) as err:
             cause = "interrupted" if isinstance(err, KeyboardInterrupt) else (
                 f"rank {self.context.rank} stopped by {err} (under torchrun: another rank failed)")
@@ -300,6 +298,7 @@ class Trainer:
         rewires: list[dict] = []
 
         def after_step(batch: int) -> None:
+            self._progress.update(len(loader.dataset) // len(loader))
             rewires.extend(self._rewire_if_due(epoch * len(loader) + batch + 1,
                                                cfg.epochs * len(loader)))
 
