@@ -64,10 +64,12 @@ def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size
         pytest.skip("the C++ kernel is not built (python setup.py build_ext --inplace)")
     monkeypatch.setattr(native, "available", native_kernel)
     g = torch.Generator().manual_seed(0)
-    weight = torch.randn(6, 5, kernel, kernel, generator=g)
+    # the dense fallback wants a layer of DENSE_MIN_WEIGHTS; the sparse cases stay small
+    out_chans, in_chans = (16, 32) if density > DENSE_THRESHOLD else (6, 5)
+    weight = torch.randn(out_chans, in_chans, kernel, kernel, generator=g)
     weight *= torch.rand(weight.shape, generator=g) < density
-    bias = torch.randn(6, generator=g)
-    x = torch.randn(batch, 5, size, size, generator=g)
+    bias = torch.randn(out_chans, generator=g)
+    x = torch.randn(batch, in_chans, size, size, generator=g)
     for relu in (False, True):
         conv = SparseConv(weight.numpy(), bias.numpy(), stride, padding, relu)
         got = conv(chw_n(x)).transpose(3, 0, 1, 2)
@@ -75,6 +77,8 @@ def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size
         want = want.clamp(min=0) if relu else want
         np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
         assert conv.dense == (density > DENSE_THRESHOLD)
+    small = SparseConv(np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), 1, 1, False)
+    assert not small.dense  # a tiny dense layer runs in the sparse kernel, below the minimum
 
 
 def test_batch_norm_folding_keeps_zeros():

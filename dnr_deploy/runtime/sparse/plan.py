@@ -18,6 +18,11 @@ from dnr_deploy.runtime.sparse import kernels, native
 # 4 (ISSUE13_NOTES.md): the sparse kernel was faster at every density tried up to 0.5, so the
 # fallback is kept for layers that are nearly dense (DNR keeps some layers so).
 DENSE_THRESHOLD = 0.5
+# ... and only when it holds this many weights: a tiny dense layer (the default net's first conv,
+# 288 weights, or its 10x128 classifier, both kept dense by DNR) runs faster in the sparse
+# kernel than through an im2col gather, a BLAS call and the BLAS thread limit around each call
+# (~14 us of threadpoolctl alone, a quarter of that net's ONNX Runtime latency).
+DENSE_MIN_WEIGHTS = 4096
 # A layer call splits over OpenMP threads only from this many multiply-adds (nonzeros x output
 # floats, garbage columns included): below it, waking a second thread costs more than it saves.
 PARALLEL_MIN_MACS = 4_000_000
@@ -57,7 +62,7 @@ class SparseConv:
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         matrix = weight.reshape(out_chans, -1)
         self.density = float(np.count_nonzero(matrix)) / matrix.size
-        self.dense = self.density > dense_threshold
+        self.dense = self.density > dense_threshold and matrix.size >= DENSE_MIN_WEIGHTS
         if self.dense:  # every tap, in the (c, kh, kw) order of the weight's columns
             self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
             columns = np.arange(matrix.shape[1])
@@ -173,7 +178,7 @@ class SparseLinear:
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         self.nonzeros = int(np.count_nonzero(weight))
         self.density = self.nonzeros / weight.size
-        self.dense = self.density > dense_threshold
+        self.dense = self.density > dense_threshold and weight.size >= DENSE_MIN_WEIGHTS
         if self.dense:
             self.matrix = np.ascontiguousarray(weight, dtype=np.float32)
         else:
