@@ -111,7 +111,8 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="deployment profile (YAML, e.g. export/default.yaml); "
                         "flags given here win over it")
     add_dataclass_flags(parser, ExportConfig,
-                        {"format": [f.value for f in ExportFormat]}, skip=("run_dir",))
+                        {"format": [f.value for f in ExportFormat], "quantize": ["int8"],
+                         "reduce_range": ["auto", "on", "off"]}, skip=("run_dir",))
     return parser
 
 

@@ -86,6 +86,7 @@ class Stage:
     broken: int
     robust_after: float
     seconds: float
+    gradients: str = "model"  # "transfer": white-box on the `transfer` model, judged by score
 
 
 @dataclass
@@ -133,6 +134,7 @@ def torch_scorer(model: Classifier, batch_size: int = 256) -> QueryFn:
 def run_ensemble(
     model: Classifier, x: torch.Tensor, y: torch.Tensor, eps: float, config: EnsembleConfig,
     score: QueryFn | None = None, progress: Progress | None = None,
+    transfer: Classifier | None = None,
 ) -> EnsembleResult:
     """Attack (x, y) with `config.attack` and return the per-image worst case.
 
@@ -144,21 +146,31 @@ def run_ensemble(
         score: numpy logits function that judges success and answers Square's queries; the
             model itself when None.
         progress: called with a short line after each attack (and APGD-T target).
+        transfer: a second differentiable model (an int8 graph's float original): its
+            white-box attacks run after the others, on the images still robust, judged by
+            `score`. Quantization can mask gradients (Bernhard et al. 2019), so an int8
+            model's robustness is the worst case over its own and the float model's gradients.
     """
     config = config.validated()
     score = score or torch_scorer(model, config.batch_size)
     x_np, y_np = x.detach().cpu().numpy().astype(np.float32), y.cpu().numpy()
     correct = _predict(score, x_np, config.batch_size) == y_np
     result = EnsembleResult(len(y_np), correct, correct.copy(), x.detach().clone())
-    for member in AttackName(config.attack).members():
+    members = AttackName(config.attack).members()
+    plan = [(member, model, "model") for member in members]
+    if transfer is not None:
+        plan += [(member, transfer, "transfer") for member in members if member.white_box]
+    for member, gradients, source in plan:
+        label = member.value if source == "model" else f"{source}:{member.value}"
         started = time.perf_counter()
         before = int(result.robust.sum())
-        attacked = _run_member(member, model, score, x, y, x_np, y_np, eps, config, result,
+        attacked = _run_member(member, gradients, score, x, y, x_np, y_np, eps, config, result,
                                progress)
         result.stages.append(Stage(member.value, attacked, before - int(result.robust.sum()),
-                                   result.robust_accuracy, time.perf_counter() - started))
+                                   result.robust_accuracy, time.perf_counter() - started,
+                                   source))
         if progress:
-            progress(f"{member.value}: robust {100 * result.robust_accuracy:.2f}% "
+            progress(f"{label}: robust {100 * result.robust_accuracy:.2f}% "
                      f"({time.perf_counter() - started:.1f} s)")
     delta = (result.x_adv.cpu() - x.cpu()).abs()
     result.max_perturbation = float(delta.max()) if delta.numel() else 0.0

@@ -12,6 +12,7 @@ from dnr_deploy.deploydir.names import (
     BASELINE_FILE,
     CSR_FILE,
     DEFAULT_OUT,
+    FP32_MODEL_FILE,
     HISTORY_FILE,
     INPUT_NAME,
     MANIFEST_NAME,
@@ -32,9 +33,10 @@ from dnr_deploy.deploydir.opening import (
 )
 
 __all__ = [
-    "BASELINE_FILE", "CSR_FILE", "DEFAULT_OUT", "HISTORY_FILE", "INPUT_NAME", "MANIFEST_NAME",
-    "MODEL_FILE", "OUTPUT_NAME", "REPORTS_DIR", "WEIGHTS_FILE", "DataSource", "DeployDir",
-    "DeployDirError", "ManifestError", "SourceRunWarning", "build_manifest", "find_dataset",
+    "BASELINE_FILE", "CSR_FILE", "DEFAULT_OUT", "FP32_MODEL_FILE", "HISTORY_FILE", "INPUT_NAME",
+    "MANIFEST_NAME", "MODEL_FILE", "OUTPUT_NAME", "REPORTS_DIR", "WEIGHTS_FILE", "DataSource",
+    "DeployDir", "DeployDirError", "ManifestError", "SourceRunWarning", "build_manifest",
+    "find_dataset",
     "load_manifest", "open_deploy_dir", "reports_dir", "resolve_deploy_dir", "verify_files",
     "write_manifest",
 ]

@@ -12,7 +12,8 @@ figures), "robustness" (the AutoAttack-grade evaluation: images, protocol, per a
 run.json), "sparse_initializers" (irregular ONNX), "files" {name:
 {bytes, sha256}}, "parity" {onnx_vs_torch_max_abs, argmax_agree, n_images; channel runs add
 shrunk_vs_masked_max_abs, irregular ones csr_round_trip_exact; --baseline adds
-baseline_vs_torch_max_abs}, "opset", "versions", "export_seconds".
+baseline_vs_torch_max_abs}, "quantization" (--quantize int8: settings, reduce_range and why,
+the int8-vs-reference drift, clean accuracy float and int8), "opset", "versions", "export_seconds".
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def build_manifest(
         "params": figures["params"],
         "macs": figures["macs"],
         "parity": figures["parity"],
-        **({"sparse_initializers": figures["sparse_initializers"]}
-           if "sparse_initializers" in figures else {}),
+        **{key: figures[key] for key in ("sparse_initializers", "quantization")
+           if key in figures},
         "opset": opset,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__,
@@ -176,6 +177,8 @@ _FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
                                           and isinstance(v.get("protocol"), dict)),
     "params": lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
     "macs": lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
+    "quantization": lambda v: isinstance(v, dict) and is_number(v.get("int8_atol"))
+    and v.get("int8_atol") > 0,
     "source_run": lambda v: isinstance(v, dict)
     and all(isinstance(x, str) for x in v.values()),
 }
@@ -227,6 +230,11 @@ def format_summary(deploy_dir: Path, manifest: dict) -> str:
         checks.append(f"baseline.onnx vs PyTorch {parity['baseline_vs_torch_max_abs']:.2e}")
     if parity.get("csr_round_trip_exact"):
         checks.append("CSR round trip exact")
+    int8 = manifest.get("quantization")
+    if isinstance(int8, dict):
+        checks.append(f"int8 vs reference int8 math {int8.get('int8_vs_reference_max_abs', 0):.3g}"
+                      f", clean {100 * int8.get('clean_float', 0):.2f}% float -> "
+                      f"{100 * int8.get('clean_int8', 0):.2f}% int8")
     where = f" on {parity['n_images']} test images" if "n_images" in parity else ""
     lines.append(f"  checks{where}: " + "; ".join(checks))
     acc, threat = manifest.get("accuracy") or {}, manifest.get("threat_model") or {}

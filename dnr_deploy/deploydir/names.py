@@ -4,6 +4,7 @@ bench and verify read them; nothing else spells them."""
 
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"  # self-contained, dynamic batch
+FP32_MODEL_FILE = "model.fp32.onnx"  # --quantize int8: the float graph, the int8 one's reference
 BASELINE_FILE = "baseline.onnx"  # optional: the unpruned architecture, for benchmarks
 CSR_FILE = "weights.csr.npz"  # irregular runs: scipy CSR per prunable layer
 WEIGHTS_FILE = "weights.npz"  # channel and dense runs: state dict of the shrunk network

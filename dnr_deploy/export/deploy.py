@@ -9,6 +9,7 @@ folder onto the target. Any failed check or error removes the folder: nothing pa
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -27,6 +28,7 @@ from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export import channel, csr
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.export.errors import ExportCheckFailed, ExportError
+from dnr_deploy.export.quantize import ReduceRange
 from dnr_deploy.export.source import SourceRun, load_source
 from dnr_deploy.files import FolderTaken, publish_folder
 from dnr_deploy.sizes import size_figures
@@ -60,6 +62,20 @@ class ExportConfig:
         1e-4, 'largest |logit difference| allowed between ONNX Runtime and PyTorch')
     shrink_atol: float = option(
         1e-5, 'largest |logit difference| allowed between shrunk and masked network')
+    quantize: str | None = option(
+        None, 'int8: model.onnx becomes a static QDQ int8 graph (per-channel int8 weights, '
+        'uint8 activations calibrated on training images) and the float graph stays as '
+        'model.fp32.onnx; channel and dense runs')
+    calibration_images: int = option(256, 'training images that calibrate --quantize int8')
+    reduce_range: str = option(
+        ReduceRange.AUTO.value, "7-bit int8 weights: auto (on unless this CPU has VNNI, where "
+        "8-bit weights would saturate the fused kernels), on, off")
+    int8_atol: float = option(
+        0.25, "largest |logit difference| allowed between the deployed int8 session and "
+        "ONNX Runtime's reference int8 math")
+    int8_max_drop: float = option(
+        1.0, 'percentage points of clean accuracy int8 may lose against float on the parity '
+        'images before the export fails')
 
     def validated(self) -> ExportConfig:
         """Raises:
@@ -71,7 +87,20 @@ class ExportConfig:
             raise ExportError(f"parity_samples must be at least 1, got {self.parity_samples}")
         if not 17 <= self.opset <= 23:
             raise ExportError(f"opset must be in 17..23 (ONNX Runtime 1.18+), got {self.opset}")
-        for name in ("parity_atol", "shrink_atol"):
+        if self.quantize not in (None, "int8"):
+            raise ExportError(f"unknown --quantize {self.quantize!r}; available: int8")
+        try:
+            ReduceRange(self.reduce_range)
+        except ValueError:
+            known = ", ".join(r.value for r in ReduceRange)
+            raise ExportError(f"unknown --reduce-range {self.reduce_range!r}; available: "
+                              f"{known}") from None
+        if self.calibration_images < 1:
+            raise ExportError(f"calibration_images must be at least 1, "
+                              f"got {self.calibration_images}")
+        if self.int8_max_drop < 0:
+            raise ExportError(f"int8_max_drop must be >= 0, got {self.int8_max_drop}")
+        for name in ("parity_atol", "shrink_atol", "int8_atol"):
             if not getattr(self, name) > 0:
                 raise ExportError(f"{name} must be positive, got {getattr(self, name)}")
         return self
@@ -100,12 +129,19 @@ def export_run(config: ExportConfig) -> DeployResult:
             f"--format csr stores irregular sparsity; this is a {_granularity_name(source)} run, "
             "whose deployable form is a dense network: use --format onnx"
         )
+    if config.quantize and source.granularity is Granularity.IRREGULAR:
+        # The quantizer rejects sparse initializers, and densifying would throw away the
+        # sparse form irregular deploy dirs exist for: refuse rather than ship a dense int8.
+        raise ExportError(
+            "--quantize int8 takes channel and dense runs; an irregular run deploys sparse "
+            "weights, which ONNX Runtime's quantizer cannot read: export it without --quantize")
     # Absolute, so "--out ." names a folder and the temporary sibling lands beside it.
     out = (Path(config.out) if config.out else run_dir / names.DEFAULT_OUT).absolute()
     _check_out(out, run_dir, config.force)
     # Test images for the parity gates (a CSR bundle alone is checked bit for bit instead).
     needs_images = fmt is ExportFormat.ONNX or config.baseline
-    x = _test_images(source.run, config) if needs_images else None
+    bundle = _load_bundle(source.run, config) if needs_images else None
+    x, y = test_subset(bundle, config.parity_samples) if bundle is not None else (None, None)
     reference = onnx_io.torch_logits(source.model, x) if needs_images else None
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -114,6 +150,8 @@ def export_run(config: ExportConfig) -> DeployResult:
             deployed, parity, extra = _build_irregular(source, x, reference, work, fmt, config)
         else:
             deployed, parity, extra = _build_dense_net(source, x, reference, work, config)
+            if config.quantize:
+                extra["quantization"] = _quantize(work, bundle, x, y, config)
         if config.baseline:
             baseline = work / names.BASELINE_FILE
             if not baseline.exists():  # an irregular build already kept its dense ONNX
@@ -220,16 +258,55 @@ def _gate(path: Path, x: torch.Tensor, reference: np.ndarray, atol: float) -> on
     return result
 
 
-def _test_images(run: dict, config: ExportConfig) -> torch.Tensor:
-    """The run's first `parity_samples` test images (DataError says what to put where)."""
+def _load_bundle(run: dict, config: ExportConfig):
+    """The run's dataset (DataError says what to put where)."""
     settings = run.get("config") or {}
     try:
         dataset = parse_dataset(str(settings.get("dataset")))
     except ValueError as err:
         raise ExportError(f"run.json: {err}") from None
-    bundle = load_data(dataset.value, config.data_dir or settings.get("data_dir"))
-    x, _ = test_subset(bundle, config.parity_samples)
-    return x
+    return load_data(dataset.value, config.data_dir or settings.get("data_dir"))
+
+
+def _quantize(work: Path, bundle, x: torch.Tensor, y: torch.Tensor,
+              config: ExportConfig) -> dict:
+    """model.onnx -> model.fp32.onnx plus its int8 form as model.onnx, gated twice: the fused
+    int8 kernels against ONNX Runtime's reference int8 math, and clean accuracy against float.
+
+    Raises:
+        ExportCheckFailed: either gate failed.
+    """
+    from dnr_deploy.export import quantize
+
+    fp32, int8 = work / names.FP32_MODEL_FILE, work / names.MODEL_FILE
+    os.replace(int8, fp32)
+    count = min(config.calibration_images, len(bundle.train))
+    calibration = torch.stack([bundle.train[i][0] for i in range(count)]).numpy()
+    choice = quantize.choose_reduce_range(config.reduce_range)
+    quantize.quantize_int8(fp32, int8, calibration, choice.reduce_range)
+    deployed = onnx_io.run_session(onnx_io.open_session(int8), x)
+    drift = onnx_io.compare_logits(
+        onnx_io.run_session(quantize.reference_session(int8), x), deployed).max_abs
+    if not drift <= config.int8_atol:
+        raise ExportCheckFailed(
+            f"the int8 session differs from ONNX Runtime's reference int8 math by up to "
+            f"{drift:.3g} logits (limit {config.int8_atol:g}; reduce_range {choice.reason}); "
+            "try --reduce-range on; nothing was written")
+    labels = y.numpy()
+    clean_fp32 = float((onnx_io.run_session(onnx_io.open_session(fp32), x).argmax(1)
+                        == labels).mean())
+    clean_int8 = float((deployed.argmax(1) == labels).mean())
+    if 100 * (clean_fp32 - clean_int8) > config.int8_max_drop:
+        raise ExportCheckFailed(
+            f"int8 clean accuracy {100 * clean_int8:.2f}% is more than "
+            f"{config.int8_max_drop:g} points below float's {100 * clean_fp32:.2f}% on "
+            f"{len(labels)} test images; nothing was written")
+    return {"dtype": "int8", "format": "QDQ", "weights": "int8 per output channel",
+            "activations": "uint8, MinMax calibration", "calibration_images": count,
+            "calibration_split": "train", "reduce_range": choice.reduce_range,
+            "reduce_range_reason": choice.reason, "float_file": names.FP32_MODEL_FILE,
+            "int8_vs_reference_max_abs": drift, "int8_atol": config.int8_atol,
+            "clean_float": clean_fp32, "clean_int8": clean_int8, "images": len(labels)}
 
 
 def _is_within(inner: Path, outer: Path) -> bool:

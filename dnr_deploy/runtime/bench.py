@@ -151,6 +151,11 @@ def bench(config: BenchConfig) -> BenchResult:
     config = config.validated()
     deploy = deploydir.open_deploy_dir(config.deploy_dir)
     targets = [_model_target(deploy)]
+    if deploy.has(deploydir.FP32_MODEL_FILE):  # an int8 model.onnx: time its float original
+        model = targets[0]
+        path = deploy.file(deploydir.FP32_MODEL_FILE)
+        targets.append(_Target("float", path, deploy.manifest["files"][path.name]["bytes"],
+                               model.params, model.macs))
     baseline = _baseline_target(deploy, config.baseline)
     if baseline is not None:
         targets.append(baseline)
@@ -175,6 +180,7 @@ def bench(config: BenchConfig) -> BenchResult:
         "input_shape": shape,
         "models": models,
         "comparison": _compare(models, deploy.manifest) if baseline is not None else None,
+        "int8_vs_float": _int8_vs_float(models) if "float" in models else None,
         "runtime": runtime,
         "session": sessions[targets[0].label][1].as_dict(),
         "machine": machine_info(),
@@ -253,6 +259,14 @@ def _compare(models: dict, manifest: dict) -> dict:
             "sparse_kernel_mac_ratio": sparse_ratio, "per_batch": per_batch}
 
 
+def _int8_vs_float(models: dict) -> dict:
+    """An int8 deploy dir: how much smaller and faster model.onnx is than model.fp32.onnx."""
+    model, original = models["model"], models["float"]
+    return {"file_size_ratio": original["bytes"] / model["bytes"],
+            "speedup": {batch: original["latency"][batch]["p50_ms"] / stats["p50_ms"]
+                        for batch, stats in model["latency"].items()}}
+
+
 def machine_info() -> dict:
     """Where the figures were measured: CPU, core count, OS and library versions."""
     import onnx
@@ -309,6 +323,11 @@ def format_table(report: dict) -> str:
         lines.append(f"  file size: {_ratio(comparison['file_size_ratio'])} smaller")
     else:
         lines.append("  no baseline: export with --baseline or pass --baseline DEPLOY_DIR")
+    int8 = report.get("int8_vs_float")
+    if int8:
+        speedups = ", ".join(f"batch {b} {x:.2f}x" for b, x in int8["speedup"].items())
+        lines.append(f"  int8 vs float (model.fp32.onnx): speedup {speedups}; file "
+                     f"{int8['file_size_ratio']:.2f}x smaller")
     return "\n".join(lines)
 
 

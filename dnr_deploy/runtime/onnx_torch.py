@@ -149,6 +149,48 @@ def _constant(inputs: list, attrs: dict) -> list:
     raise UnsupportedGraphError(f"Constant with attributes {sorted(attrs)} is not supported")
 
 
+# Integer range of a quantized tensor, by the dtype of its zero point (ONNX's rule).
+_QUANT_RANGES = {torch.uint8: (0, 255), torch.int8: (-128, 127),
+                 torch.uint16: (0, 65535), torch.int16: (-32768, 32767)}
+
+
+def _along_axis(values: torch.Tensor, like: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """A per-axis scale or zero point shaped to broadcast against `like` (scalars as they are)."""
+    if values.dim() == 0 or values.numel() == 1:
+        return values.reshape(())
+    axis = int(attrs.get("axis", 1)) % like.dim()
+    shape = [1] * like.dim()
+    shape[axis] = values.numel()
+    return values.reshape(shape)
+
+
+def _zero_point(inputs: list) -> torch.Tensor:
+    if len(inputs) > 2 and inputs[2] is not None:
+        return inputs[2]
+    return torch.zeros((), dtype=torch.uint8)  # ONNX's default: uint8 zero
+
+
+def _quantize_linear(inputs: list, attrs: dict) -> list:
+    """saturate(round_half_even(x / scale) + zero_point), carried as a float tensor holding the
+    integers. The backward pass is the straight-through estimator (identity; BPDA, Athalye et
+    al. 2018): rounding has no useful gradient, and attacks on an int8 graph need one."""
+    x, zero_point = inputs[0], _zero_point(inputs)
+    if zero_point.dtype not in _QUANT_RANGES:
+        raise UnsupportedGraphError(f"QuantizeLinear to {zero_point.dtype} is not supported")
+    low, high = _QUANT_RANGES[zero_point.dtype]
+    scaled = x / _along_axis(inputs[1], x, attrs) + _along_axis(zero_point.float(), x, attrs)
+    exact = torch.clamp(torch.round(scaled), low, high)  # torch.round: half to even, as ONNX
+    return [scaled + (exact - scaled).detach()]
+
+
+def _dequantize_linear(inputs: list, attrs: dict) -> list:
+    """(q - zero_point) * scale in float32, for activations (float-held integers from
+    `_quantize_linear`) and int8 weight initializers alike."""
+    q = inputs[0].float()
+    zero_point = _along_axis(_zero_point(inputs).float(), q, attrs)
+    return [(q - zero_point) * _along_axis(inputs[1], q, attrs)]
+
+
 # op_type -> handler(inputs, attributes) -> outputs. Add an op here, with a test against ORT.
 OPS: dict[str, Op] = {
     "Add": lambda i, a: [i[0] + i[1]],
@@ -170,6 +212,8 @@ OPS: dict[str, Op] = {
     "MatMul": lambda i, a: [i[0] @ i[1]],
     "BatchNormalization": _batch_norm,
     "Constant": _constant,
+    "QuantizeLinear": _quantize_linear,
+    "DequantizeLinear": _dequantize_linear,
 }
 
 # Attribute checks that a handler cannot express by itself: conditions ORT honours that the

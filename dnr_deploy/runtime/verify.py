@@ -43,6 +43,8 @@ VERIFY_FORMAT = "dnr-deploy/verify/2"
 VERIFY_JSON = "verify.json"
 EXAMPLES_PNG = "verify_examples.png"
 PIXEL_SLACK = 1e-6  # float32 rounding of x +- eps
+INT8_GRADIENTS = (", int8 rounding passed straight through; then transfer attacks from "
+                  "model.fp32.onnx (stages with gradients: transfer)")
 
 
 class VerifyError(ValueError):
@@ -207,7 +209,11 @@ def verify(config: VerifyConfig) -> VerifyResult:
         attack = AttackName(config.attack)
         graph = None if attack is AttackName.SQUARE else \
             load_onnx_torch(deploy.file(deploydir.MODEL_FILE))
-        outcome = _attack(session, graph, x, y, eps, config)
+        quantized = _quantization(deploy)
+        transfer = load_onnx_torch(deploy.file(deploydir.FP32_MODEL_FILE)) \
+            if quantized and graph is not None else None
+        outcome = _attack(session, graph, x, y, eps, config, transfer,
+                          _fidelity_atol(config, quantized))
     messages = outcome["sanity"].warnings + [
         str(w.message) for w in caught if issubclass(w.category, deploydir.SourceRunWarning)]
     for text in outcome["sanity"].warnings:
@@ -239,9 +245,26 @@ def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tu
     return model, {**sparse_info(model, config.threads), "parity": parity}
 
 
+def _quantization(deploy) -> dict | None:
+    """The manifest's int8 record when the deploy dir holds an int8 model.onnx."""
+    record = deploy.manifest.get("quantization")
+    return record if isinstance(record, dict) and deploy.has(deploydir.FP32_MODEL_FILE) else None
+
+
+def _fidelity_atol(config: VerifyConfig, quantized: dict | None) -> float:
+    """How far the re-import may be from ONNX Runtime. The re-import of an int8 graph computes
+    ONNX's reference int8 math, which the fused int8 kernels were allowed to miss by the
+    export's int8 tolerance; float graphs get `parity_atol`."""
+    if quantized is None:
+        return config.parity_atol
+    return max(config.parity_atol, float(quantized["int8_atol"]))
+
+
 def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
-            config: VerifyConfig) -> dict:
-    """Fidelity, the ensemble, the perturbation and sanity checks: everything measured."""
+            config: VerifyConfig, transfer=None, atol: float | None = None) -> dict:
+    """Fidelity, the ensemble (plus transfer attacks from the float model of an int8 deploy
+    dir), the perturbation and sanity checks: everything measured."""
+    atol = config.parity_atol if atol is None else atol
     def score(images: np.ndarray) -> np.ndarray:
         return run_logits(session, images, config.batch_size)
 
@@ -249,15 +272,15 @@ def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
     clean_logits = score(x_np)
     fidelity = {}
     if graph is not None:
-        fidelity["clean_max_abs"] = _parity(graph, x, clean_logits, config, "clean")
+        fidelity["clean_max_abs"] = _parity(graph, x, clean_logits, config, "clean", atol)
     result = run_ensemble(graph, x, y, eps, config.ensemble(), score=score,
-                          progress=terminal_progress("dnr-verify: "))
+                          progress=terminal_progress("dnr-verify: "), transfer=transfer)
     adv_np = result.x_adv.numpy().astype(np.float32)
     adv_logits = score(adv_np)
     if graph is not None:
         fidelity["adversarial_max_abs"] = _parity(graph, result.x_adv, adv_logits, config,
-                                                  "adversarial")
-        fidelity["atol"] = config.parity_atol
+                                                  "adversarial", atol)
+        fidelity["atol"] = atol
     perturbation = check_perturbation(adv_np, x_np, eps)
     sanity = run_checks(graph, score, x, y, eps, result)
     pred_clean, pred_adv = clean_logits.argmax(1), adv_logits.argmax(1)
@@ -267,7 +290,7 @@ def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
 
 
 def _parity(graph, x: torch.Tensor, ort_logits: np.ndarray, config: VerifyConfig,
-            what: str) -> float:
+            what: str, atol: float) -> float:
     """Max |re-imported graph - ONNX Runtime| over the images.
 
     Raises:
@@ -277,10 +300,10 @@ def _parity(graph, x: torch.Tensor, ort_logits: np.ndarray, config: VerifyConfig
         ours = torch.cat([graph(x[b:b + config.batch_size])
                           for b in range(0, len(x), config.batch_size)]).numpy()
     diff = float(np.abs(ours.astype(np.float64) - ort_logits).max()) if len(ours) else 0.0
-    if not diff <= config.parity_atol:
+    if not diff <= atol:
         raise VerifyCheckFailed(
             f"the PyTorch re-import of model.onnx differs from ONNX Runtime by {diff:.3g} "
-            f"(limit {config.parity_atol:g}) on the {what} images: its gradients would not be "
+            f"(limit {atol:g}) on the {what} images: its gradients would not be "
             "the artifact's, so verify stopped"
         )
     return diff
@@ -330,7 +353,8 @@ def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, tota
         "attack": {"name": attack.value, "members": [m.value for m in attack.members()],
                    **protocol(ensemble), "pgd_steps": ensemble.pgd_steps,
                    "gradients": "model.onnx re-imported into PyTorch (dnr_deploy.runtime."
-                   "onnx_torch)", "scored_by": "onnxruntime" if config.runtime == Runtime.ORT
+                   "onnx_torch)" + (INT8_GRADIENTS if _quantization(deploy) else ""),
+                   "scored_by": "onnxruntime" if config.runtime == Runtime.ORT
                    else "dnr_deploy.runtime.sparse"},
         "threat_model": threat,
         "images": {"dataset": source.dataset, "dataset_from": source.origin, "split": "test",
