@@ -227,7 +227,8 @@ def _verify_section(report: dict) -> Section:
                       f"{images.get('first', '?')} of {images.get('of', '?')} test images)")
     section.add("clean (the artifact)", _pct(accuracy.get("clean")))
     for stage in report.get("stages") or []:
-        section.add(f"after {stage.get('attack')}", _pct(stage.get("robust_after")))
+        source = "" if stage.get("gradients", "model") == "model" else f"{stage['gradients']} "
+        section.add(f"after {source}{stage.get('attack')}", _pct(stage.get("robust_after")))
     section.add("worst case", _pct(accuracy.get("robust")))
     if "reference" in comparison:
         section.add("training side's figure", _pct(comparison.get("reference")))

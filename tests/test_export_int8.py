@@ -15,7 +15,7 @@ import torch
 from dnr_deploy.cli import bench_main, export_main, verify_main
 from dnr_deploy.deploydir import names
 from dnr_deploy.export.quantize import choose_reduce_range, reference_session
-from dnr_deploy.runtime.onnx_torch import load_onnx_torch
+from dnr_deploy.runtime.onnx_torch import OPS, load_onnx_torch
 from dnr_deploy.runtime.session import create_session, run_logits
 from tests.factories import write_fake_run
 from tests.test_export_cli import assert_one_line_error, hidden_leftovers
@@ -121,3 +121,14 @@ def test_bench_times_int8_against_its_float_original(int8_deploy, capsys):
     assert set(report["int8_vs_float"]["speedup"]) == {"1", "4"}
     assert report["int8_vs_float"]["file_size_ratio"] > 1.5
     assert "int8 vs float" in result.stdout
+
+
+def test_quantize_linear_rounds_straight_through_and_clips_like_the_relu_it_holds():
+    x = torch.tensor([-1.0, -0.01, 0.25, 0.75, 0.74, 300.0], requires_grad=True)
+    scale, zero_point = torch.tensor(0.5), torch.tensor(0, dtype=torch.uint8)
+    (q,) = OPS["QuantizeLinear"]([x, scale, zero_point], {})
+    assert q.tolist() == [0, 0, 0, 2, 1, 255]  # half to even (0.5 -> 0, 1.5 -> 2), saturated
+    (restored,) = OPS["DequantizeLinear"]([q, scale, zero_point], {})
+    restored.sum().backward()
+    # rounding: gradient 1; clipped (the ReLU the quantizer folded in, and saturation): 0
+    assert x.grad.tolist() == [0, 0, 1, 1, 1, 0]

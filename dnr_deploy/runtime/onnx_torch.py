@@ -172,15 +172,17 @@ def _zero_point(inputs: list) -> torch.Tensor:
 
 def _quantize_linear(inputs: list, attrs: dict) -> list:
     """saturate(round_half_even(x / scale) + zero_point), carried as a float tensor holding the
-    integers. The backward pass is the straight-through estimator (identity; BPDA, Athalye et
-    al. 2018): rounding has no useful gradient, and attacks on an int8 graph need one."""
+    integers. The rounding passes the gradient straight through (BPDA, Athalye et al. 2018: it
+    has no useful one of its own); the saturation keeps its true gradient, zero outside the
+    range, because the quantizer folds ReLU into it (a zero point at 0 clips the negatives)."""
     x, zero_point = inputs[0], _zero_point(inputs)
     if zero_point.dtype not in _QUANT_RANGES:
         raise UnsupportedGraphError(f"QuantizeLinear to {zero_point.dtype} is not supported")
     low, high = _QUANT_RANGES[zero_point.dtype]
     scaled = x / _along_axis(inputs[1], x, attrs) + _along_axis(zero_point.float(), x, attrs)
     exact = torch.clamp(torch.round(scaled), low, high)  # torch.round: half to even, as ONNX
-    return [scaled + (exact - scaled).detach()]
+    inside = ((scaled >= low) & (scaled <= high)).to(scaled.dtype)
+    return [exact.detach() + (scaled - scaled.detach()) * inside]
 
 
 def _dequantize_linear(inputs: list, attrs: dict) -> list:

@@ -95,7 +95,8 @@ def format_table(report: dict) -> str:
         f"  {'clean':<22}{100 * acc['clean']:>9.2f}%{_percent(trained.get('clean')):>15}",
     ]
     for stage in report["stages"]:
-        label = f"after {stage['attack']}"
+        source = "" if stage.get("gradients", "model") == "model" else f"{stage['gradients']} "
+        label = f"after {source}{stage['attack']}"
         lines.append(f"  {label:<22}{100 * stage['robust_after']:>9.2f}%"
                      f"{'':>15}  ({stage['broken']} broken, {stage['seconds']:.1f} s)")
     lines.append(f"  {'worst case':<22}{100 * acc['robust']:>9.2f}%"
