@@ -107,6 +107,7 @@ def test_resume_matches_an_uninterrupted_run(in_tmp):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("granularity", ["channel", "irregular"])
 def test_library_resume_takes_the_checkpoints_settings(in_tmp, granularity):
     """`compress(CompressConfig(resume=RUN))` continues RUN as trained (its granularity,
@@ -141,6 +142,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resumes(in_tmp, monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(in_tmp, monkeypatch,
                                                                        capsys):
     real = HybridObjective.__call__

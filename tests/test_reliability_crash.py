@@ -112,6 +112,7 @@ def temp_files(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_sigkill_during_training_keeps_the_checkpoint_and_resume_continues(tmp_path):
     run_dir = tmp_path / "run"
     job = subprocess.Popen(
@@ -138,6 +139,7 @@ def test_sigkill_during_training_keeps_the_checkpoint_and_resume_continues(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     run_dir, marker = tmp_path / "run", tmp_path / "writing"
     # torch.save calls: 1 the initial checkpoint, 2 epoch 1's, 3 epoch 2's (killed mid-write)
@@ -176,6 +178,7 @@ def assert_complete_deploy_dir(out: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("moment", ["dnr_deploy.deploydir.manifest:build_manifest",
                                     "dnr_deploy.export.deploy:publish_folder"])
 def test_export_killed_midway_leaves_nothing_later_stages_accept(moment, fake_runs, tmp_path):
@@ -203,6 +206,7 @@ def test_export_killed_midway_leaves_nothing_later_stages_accept(moment, fake_ru
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_two_exports_racing_to_one_out_leave_one_complete_deploy_dir(fake_runs, tmp_path):
     out = tmp_path / "deploy"
     ready = {kind: tmp_path / f"ready-{kind}" for kind in fake_runs}

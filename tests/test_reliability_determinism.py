@@ -23,6 +23,7 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_same_seed_gives_identical_masks_and_metrics(tmp_path, monkeypatch):
     """Two adversarially trained runs (PGD-2; the first of 2 epochs, with two rewires;
     stopped there, which skips the final evaluation to keep this short)."""

@@ -219,6 +219,7 @@ def _checkpoint_bytes(data, valid_file: Path) -> bytes:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ
 @given(data=st.data())
 def test_fuzz_checkpoint_resume(data, base, stubs):
@@ -230,6 +231,7 @@ def test_fuzz_checkpoint_resume(data, base, stubs):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ
 @given(data=st.data())
 def test_fuzz_checkpoint_export(data, base, stubs):
@@ -249,6 +251,7 @@ def test_fuzz_checkpoint_export(data, base, stubs):
 # ---------------------------------------------------------------- run.json
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ
 @given(data=st.data())
 def test_fuzz_run_json_export(data, base, fast_build):
@@ -301,6 +304,7 @@ def _write(path: Path, content: str | bytes) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ
 @given(data=st.data())
 def test_fuzz_recipe_compress(data, stubs):
@@ -313,6 +317,7 @@ def test_fuzz_recipe_compress(data, stubs):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ
 @given(data=st.data())
 def test_fuzz_recipe_export(data, base, stubs):
@@ -349,6 +354,7 @@ def _load_cleanly(entry: str, deploy: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ
 @given(data=st.data())
 def test_fuzz_manifest_loader(data, base):
@@ -372,6 +378,7 @@ ARRAYS = st.builds(
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ
 @given(data=st.data())
 def test_fuzz_csr_bundle_loader(data, base):
@@ -416,6 +423,7 @@ def _run_stages(entry: str, deploy: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ_STAGES
 @given(data=st.data())
 def test_fuzz_manifest_bench_verify(data, base):
@@ -470,6 +478,7 @@ def _onnx_mutation(data, model):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @FUZZ_STAGES
 @given(data=st.data())
 def test_fuzz_onnx_bench_verify(data, base):

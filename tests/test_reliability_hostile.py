@@ -158,6 +158,7 @@ def _code_err(outcome) -> tuple:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 def test_real_entry_points_refuse_hostile_files(tmp_path, marker):
     """The installed commands as a shell runs them: one line, exit 2, no payload, no
     traceback (the in-process tests cannot see output written straight to the terminal)."""

@@ -251,7 +251,7 @@ def test_bad_input_as_a_user_runs_it(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.pipeline
+@pytest.mark.ci
 def test_compress_export_bench_verify_end_to_end(tmp_path):
     """The four console scripts in a row on the embedded default, as a user runs them."""
     steps = [["compress", "--epochs", "1", "--eval-samples", "50", "--robust-eval-samples", "120",

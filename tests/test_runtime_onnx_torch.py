@@ -111,8 +111,8 @@ def check_against_ort(path: Path, shape: tuple[int, ...]) -> OnnxTorch:
 
 
 @pytest.mark.parametrize("name", [
-    "small", pytest.param("vgg16", marks=pytest.mark.slow),
-    pytest.param("resnet18", marks=pytest.mark.slow)])
+    "small", pytest.param("vgg16", marks=[pytest.mark.slow, pytest.mark.ci]),
+    pytest.param("resnet18", marks=[pytest.mark.slow, pytest.mark.ci])])
 def test_reimport_equals_ort_and_torch_with_the_same_input_gradient(name, exports):
     model, dense_path, sparse_path = exports(name)
     graph = check_against_ort(dense_path, SHAPES[name])
