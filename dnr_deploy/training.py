@@ -18,7 +18,7 @@ from dnr_deploy.attacks import pgd
 from dnr_deploy.checkpoint import CheckpointError
 from dnr_deploy.config import RecipeError, coerce, option
 from dnr_deploy.data import SPECS, parse_dataset
-from dnr_deploy.models import list_models
+from dnr_deploy.models import ModelSpecError, check_model_spec
 from dnr_deploy.sparsity.masks import Granularity, Init
 from dnr_deploy.sparsity.policy import (
     ChannelDNR,
@@ -62,7 +62,8 @@ class CompressConfig:
     model (digits: eps 0.2; CIFAR and Tiny-ImageNet: eps 8/255, step 2/255, PGD-7 step 0.01).
     """
 
-    model: str = option("small", 'architecture')
+    model: str = option(
+        "small", 'architecture: small, resnet18, vgg16, torchvision:NAME or MODULE:FACTORY')
     dataset: str = option(
         "digits", 'dataset (digits is embedded; the others load from --data-dir)')
     data_dir: str | None = option(None, 'local folder holding the dataset (never downloaded)')
@@ -124,9 +125,10 @@ class CompressConfig:
             spec = SPECS[parse_dataset(self.dataset)]
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.model not in list_models():
-            models = ", ".join(list_models())
-            raise ConfigError(f"unknown model {self.model!r}; available: {models}")
+        try:
+            check_model_spec(self.model)
+        except ModelSpecError as err:
+            raise ConfigError(str(err)) from None
         if self.granularity not in [g.value for g in Granularity]:
             allowed = ", ".join(g.value for g in Granularity)
             raise ConfigError(f"unknown granularity {self.granularity!r}; available: {allowed}")
