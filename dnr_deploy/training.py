@@ -18,7 +18,7 @@ from dnr_deploy.attacks import pgd
 from dnr_deploy.checkpoint import CheckpointError
 from dnr_deploy.config import RecipeError, coerce, option
 from dnr_deploy.data import SPECS, parse_dataset
-from dnr_deploy.models import ModelSpecError, check_model_spec
+from dnr_deploy.models import ModelSpecError, check_model_spec, create_model
 from dnr_deploy.sparsity.masks import Granularity, Init
 from dnr_deploy.sparsity.policy import (
     ChannelDNR,
@@ -315,6 +315,19 @@ def train_one_epoch(
 def lr_at(epoch: int, epochs: int, base_lr: float) -> float:
     """Cosine learning rate for `epoch` (0-based): a pure function, so resume needs no state."""
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
+
+
+def build_model(config: CompressConfig, spec) -> nn.Module:
+    """The run's network for dataset `spec`, checked to run at its image size.
+
+    Raises:
+        ConfigError: the model spec builds nothing, or nothing that runs at that size.
+    """
+    try:
+        return create_model(config.model, spec.num_classes, spec.input_shape[0], spec.mean,
+                            spec.std, input_shape=spec.input_shape)
+    except ModelSpecError as err:
+        raise ConfigError(str(err)) from None
 
 
 def build_policy(

@@ -109,10 +109,12 @@ def _collect(group: ChannelGroup, pruning_group, names: dict) -> tuple[str | Non
                 reason = reason or f"{member} is a {type(target).__name__}" + (
                     f" with groups={target.groups}" if isinstance(target, nn.Conv2d) else "")
             continue
-        if sorted(int(i) for i in item.idxs) != root_idxs:
+        side = _OUT_HANDLERS.get(handler, "consumers")
+        # equal indices are not enough: the first input of a concatenation keeps its indices
+        if sorted(int(i) for i in item.idxs) != root_idxs or _width(target, side) != group.size:
             reason = reason or f"{member} reads these channels other than one-to-one"
             continue
-        getattr(group, _OUT_HANDLERS.get(handler, "consumers")).append(member)
+        getattr(group, side).append(member)
     return reason, members
 
 
@@ -123,6 +125,15 @@ def _supported(module: nn.Module, handler) -> bool:
     if type(module) is nn.Conv2d:
         return module.groups == 1
     return isinstance(module, (nn.BatchNorm2d, nn.Linear))
+
+
+def _width(module: nn.Module, side: str) -> int:
+    """Channels on the side of `module` that a group touches (its outputs or its inputs)."""
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features if side != "consumers" else module.in_features
+    return module.out_channels if side != "consumers" else module.in_channels
 
 
 def dense_convs(model: nn.Module, groups: list[ChannelGroup]) -> list[str]:
