@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from dnr_deploy import trainer as trainer_module
+from dnr_deploy.attacks.ensemble import EnsembleConfig
 from dnr_deploy.checkpoint import load_checkpoint, read_run_json
 from dnr_deploy.cli import compress_main, export_main
 from dnr_deploy.data import DataBundle
@@ -41,7 +42,13 @@ def in_tmp(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def few_images(in_tmp, monkeypatch) -> Path:
-    """compress trains on 96 digits and scores 48 test images (export still loads its own)."""
+    """compress trains on 96 digits and scores 48 test images (export still loads its own),
+    with a token robustness ensemble: Square's 5,000 queries on an 11M-weight net dominate
+    an otherwise 10 s run, and these tests are about the model, not the attacks."""
+    real_robust = trainer_module.robust_evaluation
+    quick = EnsembleConfig(apgd_steps=5, target_classes=1, square_queries=20)
+    monkeypatch.setattr(trainer_module, "robust_evaluation",
+                        lambda *args, **kwargs: real_robust(*args, **{**kwargs, "config": quick}))
     real = trainer_module.load_data
 
     def subset(name: str, data_dir: str | None = None) -> DataBundle:

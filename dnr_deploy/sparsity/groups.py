@@ -80,9 +80,11 @@ def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[C
             skipped[name] = reason
     model.train(was_training)  # tracing may switch modes; leave the caller's model as found
     if skipped:
-        listed = "; ".join(f"{conv} ({why})" for conv, why in skipped.items())
+        listed = "; ".join(f"{conv} ({why})" for conv, why in list(skipped.items())[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(f"channel mode keeps {len(skipped)} conv group(s) dense, their coupling "
-                      f"is not one-to-one: {listed}", ChannelCouplingWarning, stacklevel=2)
+                      f"is not one-to-one: {listed}{more} (run.json's dense_convs lists every "
+                      "dense conv)", ChannelCouplingWarning, stacklevel=2)
     return groups
 
 
