@@ -19,6 +19,7 @@ from dnr_deploy.checkpoint import CheckpointError
 from dnr_deploy.config import RecipeError, coerce, option
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.models import ModelSpecError, check_model_spec, create_model
+from dnr_deploy.sparsity.groups import ChannelGraphError
 from dnr_deploy.sparsity.masks import Granularity, Init
 from dnr_deploy.sparsity.policy import (
     ChannelDNR,
@@ -338,8 +339,11 @@ def build_policy(
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.granularity == Granularity.CHANNEL.value:
         channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
-        return channel_policy(model, config.density, generator, example_input,
-                              config.explore_channels)
+        try:
+            return channel_policy(model, config.density, generator, example_input,
+                                  config.explore_channels)
+        except ChannelGraphError as err:
+            raise ConfigError(f"model {config.model!r}: {err}") from None
     method = Method(config.method)
     if method is Method.DNR:
         return IrregularDNR(model, config.density, generator, config.init, config.redistribution)

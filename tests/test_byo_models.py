@@ -219,3 +219,14 @@ def test_export_of_a_run_whose_module_is_gone_is_bad_input(few_images, capsys, g
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot import module 'module_deleted_since'" in err
     assert not (run.dir / "deploy").exists()
+
+
+def test_a_graph_torch_pruning_cannot_trace_has_no_channel_mode(in_tmp, capsys):
+    """ShuffleNet's channel shuffle (a reshape) breaks torch-pruning's tracer: a clear exit 2
+    that points to irregular mode, which needs no graph."""
+    code = compress_main(["--model", "torchvision:shufflenet_v2_x0_5", "--granularity",
+                          "channel", "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "cannot trace" in err and "use --granularity irregular" in err
+    assert list(in_tmp.iterdir()) == []

@@ -14,7 +14,7 @@ from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.export.errors import ExportError
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
-from dnr_deploy.sparsity.groups import ChannelLayout, find_channel_groups
+from dnr_deploy.sparsity.groups import ChannelGraphError, ChannelLayout, find_channel_groups
 from dnr_deploy.sparsity.masks import (
     DENSE,
     Granularity,
@@ -90,7 +90,7 @@ def load_source(run_dir: Path) -> SourceRun:
             source.masks = source.layout.param_masks(source.channel_masks)
     except KeyError as err:
         raise ckpt.CheckpointError(f"checkpoint policy state lacks {err}") from None
-    except surgery.ShrinkError as err:
+    except (surgery.ShrinkError, ChannelGraphError) as err:
         raise ExportError(str(err)) from None
     apply_masks(model, source.masks)
     return source

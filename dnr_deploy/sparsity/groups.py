@@ -58,19 +58,35 @@ def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[C
     A group that couples channels other than one-to-one (concatenation, a flatten of a spatial
     map, a depthwise or grouped conv, a layer type without a handler here) is left out: its
     convs stay dense in channel mode, named by a warning and by `dense_convs`.
+
+    Raises:
+        ChannelGraphError: torch-pruning cannot trace the model's couplings at all (e.g. the
+            reshape of a channel shuffle); irregular mode still works.
     """
     names = {module: name for name, module in model.named_modules()}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    was_training = model.training
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    except Exception as err:  # torch-pruning's tracer fails in many ways on unusual graphs
+        model.train(was_training)
+        raise ChannelGraphError(
+            f"channel mode cannot trace this model's channel couplings (torch-pruning: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:150]}); use --granularity "
+            "irregular") from None
     groups: list[ChannelGroup] = []
     seen: set[str] = set()
     skipped: dict[str, str] = {}  # root conv -> why its group stays dense
-    was_training = model.training
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d) or name in seen:
             continue
         group = ChannelGroup(name=name, size=module.out_channels)
-        pruning_group = graph.get_pruning_group(
-            module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
+        try:
+            pruning_group = graph.get_pruning_group(
+                module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
+        except Exception as err:  # an op torch-pruning traced but cannot map: leave it dense
+            seen.add(name)
+            skipped[name] = f"torch-pruning cannot map it: {type(err).__name__}"
+            continue
         reason, members = _collect(group, pruning_group, names)
         seen.update(group.convs)
         if reason is None:
@@ -86,6 +102,10 @@ def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[C
                       f"is not one-to-one: {listed}{more} (run.json's dense_convs lists every "
                       "dense conv)", ChannelCouplingWarning, stacklevel=2)
     return groups
+
+
+class ChannelGraphError(ValueError):
+    """A model whose channel couplings torch-pruning cannot trace: no channel mode for it."""
 
 
 class ChannelCouplingWarning(UserWarning):
