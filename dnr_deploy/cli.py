@@ -89,8 +89,9 @@ def print_run(run) -> None:
     print(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: clean {acc['clean']:.4f}, "
           f"FGSM {acc['fgsm']:.4f}, PGD-7 {acc['pgd7']:.4f}, PGD-20 {acc['pgd20']:.4f}")
     if summary.get("dense_convs"):
-        print(f"  {len(summary['dense_convs'])} conv(s) left dense (coupling not one-to-one): "
-              f"{', '.join(summary['dense_convs'])}")
+        dense = summary["dense_convs"]
+        print(f"  {len(dense)} conv(s) left dense (coupling not one-to-one): "
+              f"{', '.join(dense[:4])}{', ... (all in run.json)' if len(dense) > 4 else ''}")
     robustness = summary["robustness"]
     print(f"  AutoAttack-grade worst case (APGD-CE, APGD-T, Square) on the first "
           f"{robustness['images']} test images: {acc['autoattack']:.4f}")
