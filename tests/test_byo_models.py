@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -230,3 +231,20 @@ def test_a_graph_torch_pruning_cannot_trace_has_no_channel_mode(in_tmp, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "cannot trace" in err and "use --granularity irregular" in err
     assert list(in_tmp.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_onnx_reimports_for_verify(tmp_path):
+    """dnr-verify attacks the re-imported ONNX graph: MobileNet's ReLU6 exports as Clip."""
+    from dnr_deploy.export.onnx import export_onnx
+    from tests.test_runtime_onnx_torch import check_against_ort, input_gradient
+
+    torch.manual_seed(0)
+    model = create_model("torchvision:mobilenet_v2", 10, 1, [0.5], [0.25]).eval()
+    path = tmp_path / "model.onnx"
+    export_onnx(model, EXAMPLE, path, 18)
+    assert "Clip" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    graph = check_against_ort(path, (1, 8, 8))
+    x = torch.rand(4, 1, 8, 8)
+    ours, theirs = input_gradient(graph, x), input_gradient(model, x)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * float(theirs.abs().max()), rtol=0)
