@@ -24,7 +24,6 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def build_compress_parser() -> argparse.ArgumentParser:
     from dnr_deploy.data import DatasetName
-    from dnr_deploy.models import list_models
     from dnr_deploy.sparsity.masks import Granularity, Init
     from dnr_deploy.sparsity.rewire import Redistribution
     from dnr_deploy.training import CompressConfig, Method
@@ -38,7 +37,6 @@ def build_compress_parser() -> argparse.ArgumentParser:
     choices = {
         "redistribution": [r.value for r in Redistribution],
         "init": [i.value for i in Init],
-        "model": list_models(),
         "dataset": [d.value for d in DatasetName],
         "granularity": [g.value for g in Granularity],
         "device": ["cpu", "cuda"],
@@ -90,6 +88,10 @@ def print_run(run) -> None:
           f"{summary['macs']['reduction_nonzero']:.1f}x fewer nonzero")
     print(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: clean {acc['clean']:.4f}, "
           f"FGSM {acc['fgsm']:.4f}, PGD-7 {acc['pgd7']:.4f}, PGD-20 {acc['pgd20']:.4f}")
+    if summary.get("dense_convs"):
+        dense = summary["dense_convs"]
+        print(f"  {len(dense)} conv(s) left dense (coupling not one-to-one): "
+              f"{', '.join(dense[:4])}{', ... (all in run.json)' if len(dense) > 4 else ''}")
     robustness = summary["robustness"]
     print(f"  AutoAttack-grade worst case (APGD-CE, APGD-T, Square) on the first "
           f"{robustness['images']} test images: {acc['autoattack']:.4f}")

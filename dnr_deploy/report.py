@@ -13,6 +13,7 @@ from torch import nn  # noqa: E402
 
 from dnr_deploy.checkpoint import write_atomic  # noqa: E402
 from dnr_deploy.sizes import size_figures  # noqa: E402
+from dnr_deploy.sparsity.groups import dense_convs  # noqa: E402
 
 
 def layer_labels(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -97,4 +98,8 @@ def deployment_figures(model: nn.Module, policy, example_input: torch.Tensor) ->
     (`sizes.size_figures`, the counter the manifest uses too; the policy says what is
     deployed: the shrunk network of a channel run, the masked one of an irregular run)."""
     deployed, masks = policy.deployed(model, example_input)
-    return size_figures(model, deployed, example_input, masks)
+    figures = size_figures(model, deployed, example_input, masks)
+    layout = getattr(policy, "layout", None)
+    if layout is not None:  # channel runs: convs whose coupling no unit can gate stay dense
+        figures["dense_convs"] = dense_convs(model, list(layout.groups.values()))
+    return figures

@@ -24,7 +24,6 @@ from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
 from dnr_deploy.data import DataBundle, load_data, test_subset
 from dnr_deploy.evaluation import evaluate, final_attacks, robust_evaluation, terminal_progress
-from dnr_deploy.models import create_model
 from dnr_deploy.report import deployment_figures, layer_labels, plot_layer_densities, plot_training
 from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
@@ -38,6 +37,7 @@ from dnr_deploy.training import (
     Run,
     TrainingDiverged,
     TrainingInterrupted,
+    build_model,
     build_policy,
     lr_at,
     merge_resume,
@@ -112,7 +112,8 @@ def _run_dir(config: CompressConfig) -> Path:
         return out
     kind = DENSE if config.dense else config.granularity
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = f"{stamp}-{config.model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
+    model = config.model.replace(":", "-").replace("/", "-")  # torchvision:NAME, MODULE:FACTORY
+    name = f"{stamp}-{model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
     return Path("runs") / name
 
 
@@ -146,9 +147,7 @@ class Trainer:
         # per-rank randomness then draw from seed + rank below.
         torch.manual_seed(config.seed)
         spec = bundle.spec
-        model = create_model(
-            config.model, spec.num_classes, spec.input_shape[0], spec.mean, spec.std
-        ).to(device)
+        model = build_model(config, spec).to(device)
         policy = build_policy(config, model, torch.zeros(1, *spec.input_shape, device=device))
         torch.manual_seed(config.seed + context.rank)
         train_model = model

@@ -18,7 +18,8 @@ from dnr_deploy.attacks import pgd
 from dnr_deploy.checkpoint import CheckpointError
 from dnr_deploy.config import RecipeError, coerce, option
 from dnr_deploy.data import SPECS, parse_dataset
-from dnr_deploy.models import list_models
+from dnr_deploy.models import ModelSpecError, check_model_spec, create_model
+from dnr_deploy.sparsity.groups import ChannelGraphError
 from dnr_deploy.sparsity.masks import Granularity, Init
 from dnr_deploy.sparsity.policy import (
     ChannelDNR,
@@ -62,7 +63,8 @@ class CompressConfig:
     model (digits: eps 0.2; CIFAR and Tiny-ImageNet: eps 8/255, step 2/255, PGD-7 step 0.01).
     """
 
-    model: str = option("small", 'architecture')
+    model: str = option(
+        "small", 'architecture: small, resnet18, vgg16, torchvision:NAME or MODULE:FACTORY')
     dataset: str = option(
         "digits", 'dataset (digits is embedded; the others load from --data-dir)')
     data_dir: str | None = option(None, 'local folder holding the dataset (never downloaded)')
@@ -124,9 +126,10 @@ class CompressConfig:
             spec = SPECS[parse_dataset(self.dataset)]
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.model not in list_models():
-            models = ", ".join(list_models())
-            raise ConfigError(f"unknown model {self.model!r}; available: {models}")
+        try:
+            check_model_spec(self.model)
+        except ModelSpecError as err:
+            raise ConfigError(str(err)) from None
         if self.granularity not in [g.value for g in Granularity]:
             allowed = ", ".join(g.value for g in Granularity)
             raise ConfigError(f"unknown granularity {self.granularity!r}; available: {allowed}")
@@ -315,6 +318,19 @@ def lr_at(epoch: int, epochs: int, base_lr: float) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
+def build_model(config: CompressConfig, spec) -> nn.Module:
+    """The run's network for dataset `spec`, checked to run at its image size.
+
+    Raises:
+        ConfigError: the model spec builds nothing, or nothing that runs at that size.
+    """
+    try:
+        return create_model(config.model, spec.num_classes, spec.input_shape[0], spec.mean,
+                            spec.std, input_shape=spec.input_shape)
+    except ModelSpecError as err:
+        raise ConfigError(str(err)) from None
+
+
 def build_policy(
     config: CompressConfig, model: nn.Module, example_input: torch.Tensor
 ) -> DensePolicy:
@@ -323,8 +339,11 @@ def build_policy(
     generator = torch.Generator().manual_seed(config.seed + 1)
     if config.granularity == Granularity.CHANNEL.value:
         channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
-        return channel_policy(model, config.density, generator, example_input,
-                              config.explore_channels)
+        try:
+            return channel_policy(model, config.density, generator, example_input,
+                                  config.explore_channels)
+        except ChannelGraphError as err:
+            raise ConfigError(f"model {config.model!r}: {err}") from None
     method = Method(config.method)
     if method is Method.DNR:
         return IrregularDNR(model, config.density, generator, config.init, config.redistribution)

@@ -9,7 +9,7 @@ from torch import nn
 
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export import channel, csr
-from dnr_deploy.models import create_model, list_models
+from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
 
 
@@ -31,14 +31,14 @@ def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Modul
     if verify:
         manifest.verify_files(deploy_dir, info, needed)
     spec = info["model"]
-    if spec["name"] not in list_models():
-        raise manifest.ManifestError(f"the manifest names the model {spec['name']!r}; this "
-                                     f"version knows {', '.join(list_models())}")
     chans = spec["in_chans"]
     if len(info.get("mean") or []) != chans or len(info.get("std") or []) != chans:
         raise manifest.ManifestError(f"the manifest's mean and std must hold {chans} values "
                                      f"(one per input channel); re-export the run")
-    model = create_model(spec["name"], spec["num_classes"], chans, info["mean"], info["std"])
+    try:  # a spec string only: a user's MODULE:FACTORY is imported, never unpickled
+        model = create_model(spec["name"], spec["num_classes"], chans, info["mean"], info["std"])
+    except ModelSpecError as err:
+        raise manifest.ManifestError(f"the manifest's model: {err}") from None
     try:
         shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
         if names.CSR_FILE in files:

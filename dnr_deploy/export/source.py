@@ -12,9 +12,9 @@ from torch import nn
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.export.errors import ExportError
-from dnr_deploy.models import create_model, list_models
+from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
-from dnr_deploy.sparsity.groups import ChannelLayout, find_channel_groups
+from dnr_deploy.sparsity.groups import ChannelGraphError, ChannelLayout, find_channel_groups
 from dnr_deploy.sparsity.masks import (
     DENSE,
     Granularity,
@@ -59,15 +59,14 @@ def load_source(run_dir: Path) -> SourceRun:
     _check_run_fits_dataset(run, run_dir)
     try:
         spec, shape = run["model"], [int(n) for n in run["input_shape"]]
-        if spec["name"] not in list_models():
-            raise ExportError(f"run.json names the model {spec['name']!r}; this version knows "
-                              f"{', '.join(list_models())}")
         model = create_model(spec["name"], int(spec["num_classes"]), int(spec["in_chans"]),
                              run["mean"], run["std"])
         model.load_state_dict(state["model"])
     except (KeyError, TypeError) as err:
         raise ckpt.CheckpointError(
             f"{str(run_dir)!r}: run.json or checkpoint lacks {err}") from None
+    except ModelSpecError as err:
+        raise ExportError(f"run.json's model: {err}") from None
     except RuntimeError as err:
         raise ckpt.CheckpointError(
             f"checkpoint weights do not fit run.json's model: {str(err).splitlines()[0]}"
@@ -91,7 +90,7 @@ def load_source(run_dir: Path) -> SourceRun:
             source.masks = source.layout.param_masks(source.channel_masks)
     except KeyError as err:
         raise ckpt.CheckpointError(f"checkpoint policy state lacks {err}") from None
-    except surgery.ShrinkError as err:
+    except (surgery.ShrinkError, ChannelGraphError) as err:
         raise ExportError(str(err)) from None
     apply_masks(model, source.masks)
     return source

@@ -9,6 +9,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from dnr_deploy.models.external import (
+    ModelSpecError,
+    build_external,
+    check_external_spec,
+    check_runs_at,
+    is_external_spec,
+)
+
 ModelBuilder = Callable[..., nn.Module]
 _MODELS: dict[str, ModelBuilder] = {}
 
@@ -26,22 +34,47 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def check_model_spec(spec: str) -> None:
+    """The one check every stage runs on a model spec (flag, recipe, run.json, manifest):
+    a registered name, `torchvision:NAME` or `MODULE:FACTORY` (see `external.py`).
+
+    Raises:
+        ModelSpecError: the spec names nothing buildable, with the fix.
+    """
+    if not isinstance(spec, str):
+        raise ModelSpecError(f"model spec must be a string, got {type(spec).__name__}")
+    if is_external_spec(spec):
+        check_external_spec(spec)
+    elif spec not in _MODELS:
+        raise ModelSpecError(
+            f"unknown model {spec!r}; available: {', '.join(list_models())}, or "
+            "torchvision:NAME, or MODULE:FACTORY"
+        )
+
+
 def create_model(
     name: str,
     num_classes: int,
     in_chans: int,
     mean: Sequence[float],
     std: Sequence[float],
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
-    """Build `name` with the dataset's normalization as its first module.
+    """Build the model spec `name` with the dataset's normalization as its first module;
+    with `input_shape`, also check that a zero image of that shape runs through it.
 
     Raises:
-        KeyError: `name` is not a registered model.
+        ModelSpecError: `name` names nothing buildable, or the model fails at `input_shape`.
     """
-    if name not in _MODELS:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    body = _MODELS[name](num_classes=num_classes, in_chans=in_chans)
-    return nn.Sequential(Normalize(mean, std), body)
+    check_model_spec(name)
+    if is_external_spec(name):
+        body = build_external(name, num_classes, in_chans)
+    else:
+        body = _MODELS[name](num_classes=num_classes, in_chans=in_chans)
+    model = nn.Sequential(Normalize(mean, std), body)
+    if input_shape is not None:
+        check_runs_at(model, input_shape, name)
+    return model
 
 
 class Normalize(nn.Module):

@@ -193,6 +193,14 @@ def _dequantize_linear(inputs: list, attrs: dict) -> list:
     return [(q - zero_point) * _along_axis(inputs[1], q, attrs)]
 
 
+def _clip(inputs: list, attrs: dict) -> list:
+    """ReLU6 and friends (MobileNet): bounds are optional inputs since opset 11, attributes
+    before it."""
+    low = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
+    high = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
+    return [torch.clamp(inputs[0], min=low, max=high)]
+
+
 # op_type -> handler(inputs, attributes) -> outputs. Add an op here, with a test against ORT.
 OPS: dict[str, Op] = {
     "Add": lambda i, a: [i[0] + i[1]],
@@ -200,6 +208,7 @@ OPS: dict[str, Op] = {
     "Mul": lambda i, a: [i[0] * i[1]],
     "Div": lambda i, a: [i[0] / i[1]],
     "Relu": lambda i, a: [F.relu(i[0])],
+    "Clip": _clip,
     # opset >= 13 semantics (one axis, default -1); the same as older opsets' on 2-D logits
     "Softmax": lambda i, a: [F.softmax(i[0], dim=int(a.get("axis", -1)))],
     "Identity": lambda i, a: [i[0]],

@@ -11,6 +11,7 @@ torch-pruning's dependency graph finds these couplings, so no architecture is sp
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -48,39 +49,119 @@ class ParamTerm(NamedTuple):
 # Which side of a layer a dependency touches, by torch-pruning's handler.
 _OUT_HANDLERS = {tp.prune_conv_out_channels: "convs", tp.prune_batchnorm_out_channels: "norms"}
 _IN_HANDLERS = {tp.prune_conv_in_channels, tp.prune_linear_in_channels}
+_PARAMETER_HANDLERS = {tp.prune_parameter_out_channels, tp.prune_parameter_in_channels}
 
 
 def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
     """Every conv's output channels, merged where a residual addition ties them.
 
+    A group that couples channels other than one-to-one (concatenation, a flatten of a spatial
+    map, a depthwise or grouped conv, a layer type without a handler here) is left out: its
+    convs stay dense in channel mode, named by a warning and by `dense_convs`.
+
     Raises:
-        NotImplementedError: a coupling that is not one-to-one (concatenation, flatten of a
-            spatial map), which this project's architectures never have.
+        ChannelGraphError: torch-pruning cannot trace the model's couplings at all (e.g. the
+            reshape of a channel shuffle); irregular mode still works.
     """
     names = {module: name for name, module in model.named_modules()}
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    was_training = model.training
+    try:
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    except Exception as err:  # torch-pruning's tracer fails in many ways on unusual graphs
+        model.train(was_training)
+        raise ChannelGraphError(
+            f"channel mode cannot trace this model's channel couplings (torch-pruning: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:150]}); use --granularity "
+            "irregular") from None
     groups: list[ChannelGroup] = []
     seen: set[str] = set()
-    was_training = model.training
+    skipped: dict[str, str] = {}  # root conv -> why its group stays dense
     for name, module in model.named_modules():
         if not isinstance(module, nn.Conv2d) or name in seen:
             continue
-        root_idxs = list(range(module.out_channels))
         group = ChannelGroup(name=name, size=module.out_channels)
-        for item in graph.get_pruning_group(module, tp.prune_conv_out_channels, idxs=root_idxs):
-            target, handler = item.dep.target.module, item.dep.handler
-            if target not in names or not (handler in _OUT_HANDLERS or handler in _IN_HANDLERS):
-                continue  # elementwise ops, pools: no parameters to gate
-            if sorted(int(i) for i in item.idxs) != root_idxs:
-                raise NotImplementedError(
-                    f"layer {names[target]!r} maps channels of {name!r} other than one-to-one"
-                )
-            side = _OUT_HANDLERS.get(handler, "consumers")
-            getattr(group, side).append(names[target])
+        try:
+            pruning_group = graph.get_pruning_group(
+                module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
+        except Exception as err:  # an op torch-pruning traced but cannot map: leave it dense
+            seen.add(name)
+            skipped[name] = f"torch-pruning cannot map it: {type(err).__name__}"
+            continue
+        reason, members = _collect(group, pruning_group, names)
         seen.update(group.convs)
-        groups.append(group)
+        if reason is None:
+            groups.append(group)
+        else:
+            seen.update(members)  # a conv of a dense group must not root a group of its own
+            skipped[name] = reason
     model.train(was_training)  # tracing may switch modes; leave the caller's model as found
+    if skipped:
+        listed = "; ".join(f"{conv} ({why})" for conv, why in list(skipped.items())[:3])
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(f"channel mode keeps {len(skipped)} conv group(s) dense, their coupling "
+                      f"is not one-to-one: {listed}{more} (run.json's dense_convs lists every "
+                      "dense conv)", ChannelCouplingWarning, stacklevel=2)
     return groups
+
+
+class ChannelGraphError(ValueError):
+    """A model whose channel couplings torch-pruning cannot trace: no channel mode for it."""
+
+
+class ChannelCouplingWarning(UserWarning):
+    """Some convs stay dense in channel mode (see `find_channel_groups`)."""
+
+
+def _collect(group: ChannelGroup, pruning_group, names: dict) -> tuple[str | None, list[str]]:
+    """Fill `group` from torch-pruning's group; the reason it cannot be a unit (or None), and
+    every conv whose outputs the coupling ties to the root's."""
+    root_idxs = list(range(group.size))
+    reason, members = None, []
+    for item in pruning_group:
+        target, handler = item.dep.target.module, item.dep.handler
+        if handler in _PARAMETER_HANDLERS:
+            reason = reason or "an unwrapped nn.Parameter"
+        if target not in names:
+            continue  # elementwise ops, pools, concatenation nodes: no parameters of their own
+        member = names[target]
+        if isinstance(target, nn.Conv2d) and handler not in _IN_HANDLERS:
+            members.append(member)  # its outputs are these channels (a depthwise conv's too)
+        if not _supported(target, handler):
+            if any(True for _ in target.parameters(recurse=False)):
+                reason = reason or f"{member} is a {type(target).__name__}" + (
+                    f" with groups={target.groups}" if isinstance(target, nn.Conv2d) else "")
+            continue
+        side = _OUT_HANDLERS.get(handler, "consumers")
+        # equal indices are not enough: the first input of a concatenation keeps its indices
+        if sorted(int(i) for i in item.idxs) != root_idxs or _width(target, side) != group.size:
+            reason = reason or f"{member} reads these channels other than one-to-one"
+            continue
+        getattr(group, side).append(member)
+    return reason, members
+
+
+def _supported(module: nn.Module, handler) -> bool:
+    """Layers whose channel axes masks and export handle: dense Conv2d, BatchNorm2d, Linear."""
+    if handler not in _OUT_HANDLERS and handler not in _IN_HANDLERS:
+        return False
+    if type(module) is nn.Conv2d:
+        return module.groups == 1
+    return isinstance(module, (nn.BatchNorm2d, nn.Linear))
+
+
+def _width(module: nn.Module, side: str) -> int:
+    """Channels on the side of `module` that a group touches (its outputs or its inputs)."""
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features
+    if isinstance(module, nn.Linear):
+        return module.out_features if side != "consumers" else module.in_features
+    return module.out_channels if side != "consumers" else module.in_channels
+
+
+def dense_convs(model: nn.Module, groups: list[ChannelGroup]) -> list[str]:
+    """Convs that no channel unit gates: channel mode leaves them dense."""
+    gated = {conv for g in groups for conv in g.convs}
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and n not in gated]
 
 
 class ChannelLayout:

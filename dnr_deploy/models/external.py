@@ -1,0 +1,154 @@
+"""Model specs beyond the registry's names: `torchvision:NAME` and a user's `MODULE:FACTORY`.
+
+A spec is a plain string, so run.json records it like a built-in name and export rebuilds the
+architecture from it; nothing is unpickled. `MODULE:FACTORY` imports MODULE, which runs the
+user's own code: the same trust as `python -c "import MODULE"`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+TORCHVISION_PREFIX = "torchvision:"
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing buildable, or a model that cannot run at the input size."""
+
+
+def is_external_spec(spec: str) -> bool:
+    """Built-in names never hold a colon; every external spec does."""
+    return ":" in spec
+
+
+def _split(spec: str) -> tuple[str, str]:
+    module, _, attr = spec.partition(":")
+    if not module or not attr or ":" in attr:
+        raise ModelSpecError(
+            f"model spec {spec!r} must be a built-in name, torchvision:NAME or MODULE:FACTORY"
+        )
+    return module, attr
+
+
+def check_external_spec(spec: str) -> None:
+    """Cheap checks that need no model: the torchvision name exists, the factory is callable.
+
+    Raises:
+        ModelSpecError: a malformed spec, an unknown torchvision name, a module that does not
+            import, or a missing or non-callable factory.
+    """
+    if spec.startswith(TORCHVISION_PREFIX):
+        _torchvision_name(spec)
+    else:
+        _factory(spec)
+
+
+def _torchvision_name(spec: str) -> str:
+    _, name = _split(spec)
+    try:
+        import torchvision.models
+    except ImportError:
+        raise ModelSpecError(f"model {spec!r} needs torchvision; pip install torchvision") from None
+    if name not in torchvision.models.list_models():
+        raise ModelSpecError(
+            f"unknown torchvision model {name!r}; valid names: python -c \"import torchvision; "
+            "print(torchvision.models.list_models())\""
+        )
+    return name
+
+
+def _factory(spec: str):
+    module_name, attr = _split(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelSpecError(
+            f"model {spec!r}: cannot import module {module_name!r} ({err}); it must be on "
+            "PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise ModelSpecError(f"model {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ModelSpecError(f"model {spec!r}: {module_name}.{attr} is not callable")
+    return factory
+
+
+def build_external(spec: str, num_classes: int, in_chans: int) -> nn.Module:
+    """The body of an external spec, with `num_classes` outputs and `in_chans` inputs.
+
+    Raises:
+        ModelSpecError: as `check_external_spec`, or a factory that fails or returns no
+            nn.Module.
+    """
+    if spec.startswith(TORCHVISION_PREFIX):
+        import torchvision.models
+
+        name = _torchvision_name(spec)
+        try:  # weights=None: never download; every run trains from scratch
+            body = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        except (TypeError, ValueError) as err:
+            raise ModelSpecError(f"torchvision model {name!r} cannot be built: {err}") from None
+        return adapt_stem(body, in_chans, spec)
+    factory = _factory(spec)
+    try:
+        body = factory(num_classes=num_classes, in_chans=in_chans)
+    except Exception as err:  # the user's code: any failure is bad input, said in one line
+        raise ModelSpecError(
+            f"model {spec!r}: factory(num_classes={num_classes}, in_chans={in_chans}) failed: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        ) from None
+    if not isinstance(body, nn.Module):
+        raise ModelSpecError(
+            f"model {spec!r}: the factory returned {type(body).__name__}, not an nn.Module"
+        )
+    return body
+
+
+def adapt_stem(body: nn.Module, in_chans: int, spec: str) -> nn.Module:
+    """Replace the first Conv2d by one reading `in_chans` channels (torchvision models are
+    built for RGB; the embedded digits are grayscale), every other setting kept."""
+    for parent in body.modules():
+        for child_name, conv in parent.named_children():
+            if not isinstance(conv, nn.Conv2d):
+                continue
+            if conv.in_channels == in_chans:
+                return body
+            if conv.groups != 1:
+                raise ModelSpecError(f"model {spec!r}: the first conv is grouped; its input "
+                                     f"channels cannot be changed to {in_chans}")
+            stem = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride,
+                             conv.padding, conv.dilation, 1, conv.bias is not None,
+                             conv.padding_mode)
+            setattr(parent, child_name, stem)
+            return body
+    raise ModelSpecError(f"model {spec!r} has no Conv2d whose inputs could be set to {in_chans}")
+
+
+def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str) -> None:
+    """One zero batch through `model` in eval mode, so an architecture too deep for the
+    dataset's images fails at build time with its size, not mid-training.
+
+    Raises:
+        ModelSpecError: the forward pass fails or gives other than (1, classes) logits.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *input_shape))
+    except Exception as err:  # any failure of a user's forward is the same bad input
+        size = "x".join(str(n) for n in input_shape)
+        raise ModelSpecError(
+            f"model {spec!r} cannot run at this dataset's input size {size} (channels x height x "
+            f"width): {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelSpecError(f"model {spec!r} must return (batch, classes) logits, got {got}")

@@ -1,0 +1,28 @@
+"""A user's own model for the bring-your-own-model tests: two conv branches added together,
+built by a `MODULE:FACTORY` spec (`tests.byo_example:two_branch`)."""
+
+import torch
+from torch import nn
+
+
+class TwoBranch(nn.Module):
+    """A 3x3 and a 1x1 branch summed: the addition ties their output channels into one unit."""
+
+    def __init__(self, num_classes: int, in_chans: int) -> None:
+        super().__init__()
+        self.wide = nn.Sequential(nn.Conv2d(in_chans, 16, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(16))
+        self.narrow = nn.Sequential(nn.Conv2d(in_chans, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.wide(x) + self.narrow(x))
+
+
+def two_branch(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return TwoBranch(num_classes, in_chans)
+
+
+def not_a_module(num_classes: int = 10, in_chans: int = 3) -> str:
+    return "a string"
