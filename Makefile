@@ -31,10 +31,10 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# What CI runs (about 6 minutes on this 2-core machine): every test but the slow ones, plus the
+# What CI runs (about 7 minutes on this 2-core machine): every test but the slow ones, plus the
 # slow ones marked ci (the full pipeline on the embedded default, crash, fuzz and hostile-input
 # checks). test-all adds the rest: training-heavy ones (resume equality, torchrun, the
-# attack-strength comparison), about 15 more minutes.
+# attack-strength comparison, torchvision models end to end), about 20 more minutes.
 test: lint
 	$(BIN)/pytest -q -m "not slow or ci"
 
