@@ -1,0 +1,96 @@
+"""Which torchvision classifiers run the whole pipeline on the embedded default (issue 15):
+build at 8x8 grayscale, a short compress (irregular and channel), export with its parity gates,
+and a short verify of the deployed artifact. It shows that the pipeline runs, not what the
+models learn in one short epoch.
+
+    .venv/bin/python benchmarks/torchvision_models.py                 # every classifier
+    .venv/bin/python benchmarks/torchvision_models.py --models resnet18 mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from common import write_results
+
+from dnr_deploy import CompressConfig, compress
+from dnr_deploy.data import SPECS, DatasetName
+from dnr_deploy.export import ExportConfig, export_run
+from dnr_deploy.models import create_model
+from dnr_deploy.runtime.verify import VerifyConfig, verify
+
+SHORT_RUN = {"epochs": 1, "pgd_steps": 1, "eval_samples": 50, "robust_eval_samples": 16,
+             "batch_size": 128}
+
+
+def try_build(name: str) -> str | None:
+    """None if `torchvision:name` builds and runs at the digits' size, else the error line."""
+    spec = SPECS[DatasetName.DIGITS]
+    try:
+        model = create_model(f"torchvision:{name}", spec.num_classes, spec.input_shape[0],
+                             spec.mean, spec.std)
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *spec.input_shape))
+    except Exception as err:  # every failure is a row of the table, not the end of the run
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+    return None
+
+
+def pipeline(name: str, granularity: str, folder: Path) -> dict:
+    """compress -> export -> verify; the first stage that fails ends the row."""
+    row: dict = {}
+    stage = "compress"
+    try:
+        started = time.perf_counter()
+        run = compress(CompressConfig(model=f"torchvision:{name}", granularity=granularity,
+                                      out=str(folder / "run"), **SHORT_RUN))
+        row["compress_s"] = round(time.perf_counter() - started, 1)
+        row["params"] = run.summary["params"]
+        row["dense_convs"] = len(run.summary.get("dense_convs") or [])
+        stage = "export"
+        deployed = export_run(ExportConfig(run_dir=str(folder / "run"), out=str(folder / "dep")))
+        row["onnx_vs_torch_max_abs"] = deployed.manifest["parity"]["onnx_vs_torch_max_abs"]
+        stage = "verify"
+        report = verify(VerifyConfig(deploy_dir=str(folder / "dep"), attack="pgd", n=32, steps=2,
+                                     no_gate=True, out=str(folder / "reports"))).report
+        row["verify_clean"] = report["accuracy"]["clean"]
+        row["passed"] = True
+    except Exception as err:  # the table records which stage failed and why
+        row.update(passed=False, failed_at=stage,
+                   error=f"{type(err).__name__}: {' '.join(str(err).split())[:160]}")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+",
+                        default=torchvision.models.list_models(module=torchvision.models))
+    parser.add_argument("--granularities", nargs="+", default=["irregular", "channel"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--name", default="torchvision_models")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict = {}
+    for name in args.models:
+        error = try_build(name)
+        results[name] = {"builds": error is None, "build_error": error}
+        if error:
+            print(f"{name:<22} does not build at 1x8x8: {error}", flush=True)
+            continue
+        for granularity in args.granularities:
+            with tempfile.TemporaryDirectory() as tmp:
+                row = pipeline(name, granularity, Path(tmp))
+            results[name][granularity] = row
+            verdict = ("passed" if row["passed"]
+                       else f"failed at {row['failed_at']}: {row['error']}")
+            print(f"{name:<22} {granularity:<9} {verdict}", flush=True)
+    write_results(args.name, {"args": vars(args), "models": results})
+
+
+if __name__ == "__main__":
+    main()
