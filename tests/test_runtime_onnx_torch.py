@@ -165,7 +165,8 @@ def hand_graph(nodes, initializers, in_shape, out_shape=("batch", 4)) -> onnx.Mo
 
 def test_every_supported_op_matches_ort(tmp_path):
     """The ops the exporter may emit beyond today's graphs: asymmetric pads, BatchNorm, average
-    pools, Flatten, MatMul, Mul, Identity, Constant, Reshape with 0, Gemm with transA."""
+    pools, Flatten, MatMul, Mul, Identity, Constant, Reshape with 0, Gemm with transA, and the
+    activations of torchvision's mobile nets (HardSwish, HardSigmoid, Sigmoid)."""
     rng = np.random.default_rng(0)
     f32 = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     inits = {"w": f32(4, 2, 3, 3), "b": f32(4), "scale": f32(4), "shift": f32(4),
@@ -194,7 +195,12 @@ def test_every_supported_op_matches_ort(tmp_path):
         helper.make_node("ReduceMean", ["gf"], ["gm"], keepdims=1),
         helper.make_node("Sub", ["a", "gm"], ["s"]),
         helper.make_node("Div", ["s", "two"], ["d"]),
-        helper.make_node("Add", ["d", "bias"], ["logits"]),
+        helper.make_node("HardSwish", ["d"], ["hw"]),
+        helper.make_node("Sigmoid", ["d"], ["sg"]),
+        helper.make_node("Mul", ["hw", "sg"], ["hm"]),
+        helper.make_node("HardSigmoid", ["d"], ["hg"], alpha=0.3, beta=0.4),
+        helper.make_node("Add", ["hm", "hg"], ["ha"]),
+        helper.make_node("Add", ["ha", "bias"], ["logits"]),
     ]
     model = hand_graph(nodes, inits, [2, 8, 8], ("batch", 5))
     onnx.checker.check_model(model, full_check=True)
@@ -209,8 +215,8 @@ def test_every_supported_op_matches_ort(tmp_path):
 
 
 def test_unsupported_op_is_named():
-    nodes = [helper.make_node("Sigmoid", ["input"], ["logits"])]
-    with pytest.raises(UnsupportedGraphError, match="Sigmoid"):
+    nodes = [helper.make_node("Erf", ["input"], ["logits"])]
+    with pytest.raises(UnsupportedGraphError, match="Erf"):
         OnnxTorch(hand_graph(nodes, {}, [4]))
     custom = [helper.make_node("Relu", ["input"], ["logits"], domain="com.example")]
     with pytest.raises(UnsupportedGraphError, match="com.example::Relu"):

@@ -209,6 +209,11 @@ OPS: dict[str, Op] = {
     "Div": lambda i, a: [i[0] / i[1]],
     "Relu": lambda i, a: [F.relu(i[0])],
     "Clip": _clip,
+    "Sigmoid": lambda i, a: [torch.sigmoid(i[0])],  # EfficientNet's SiLU: x * sigmoid(x)
+    # max(0, min(1, alpha x + beta)), ONNX's defaults alpha 0.2, beta 0.5 (torch's differ)
+    "HardSigmoid": lambda i, a: [torch.clamp(float(a.get("alpha", 0.2)) * i[0]
+                                             + float(a.get("beta", 0.5)), 0.0, 1.0)],
+    "HardSwish": lambda i, a: [F.hardswish(i[0])],  # MobileNetV3; ONNX's is torch's
     # opset >= 13 semantics (one axis, default -1); the same as older opsets' on 2-D logits
     "Softmax": lambda i, a: [F.softmax(i[0], dim=int(a.get("axis", -1)))],
     "Identity": lambda i, a: [i[0]],
