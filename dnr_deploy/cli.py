@@ -101,6 +101,7 @@ def print_run(run) -> None:
 
 def build_export_parser() -> argparse.ArgumentParser:
     from dnr_deploy.export import ExportConfig, ExportFormat
+    from dnr_deploy.export.quantize import ReduceRange
 
     parser = OneLineParser(
         prog="dnr-export",
@@ -114,7 +115,7 @@ def build_export_parser() -> argparse.ArgumentParser:
                         "flags given here win over it")
     add_dataclass_flags(parser, ExportConfig,
                         {"format": [f.value for f in ExportFormat], "quantize": ["int8"],
-                         "reduce_range": ["auto", "on", "off"]}, skip=("run_dir",))
+                         "reduce_range": [r.value for r in ReduceRange]}, skip=("run_dir",))
     return parser
 
 

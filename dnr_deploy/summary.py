@@ -18,6 +18,7 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.config import option
 from dnr_deploy.deploydir import names
 from dnr_deploy.files import read_json_object, write_atomic
+from dnr_deploy.runtime.verdict import stage_label
 
 REPORT_HTML = "report.html"
 BENCH_JSON, VERIFY_JSON = "bench.json", "verify.json"
@@ -227,8 +228,7 @@ def _verify_section(report: dict) -> Section:
                       f"{images.get('first', '?')} of {images.get('of', '?')} test images)")
     section.add("clean (the artifact)", _pct(accuracy.get("clean")))
     for stage in report.get("stages") or []:
-        source = "" if stage.get("gradients", "model") == "model" else f"{stage['gradients']} "
-        section.add(f"after {source}{stage.get('attack')}", _pct(stage.get("robust_after")))
+        section.add(f"after {stage_label(stage)}", _pct(stage.get("robust_after")))
     section.add("worst case", _pct(accuracy.get("robust")))
     if "reference" in comparison:
         section.add("training side's figure", _pct(comparison.get("reference")))

@@ -115,9 +115,6 @@ def reference_session(path: Path):
     """A session that runs every QuantizeLinear / DequantizeLinear as written, with float ops
     between them: ONNX Runtime's reference int8 math, against which the fused kernels of the
     deployed session are checked."""
-    import onnxruntime as ort
+    from dnr_deploy.runtime.session import create_session
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return create_session(path, optimize=False)[0]

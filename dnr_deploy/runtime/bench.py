@@ -152,10 +152,7 @@ def bench(config: BenchConfig) -> BenchResult:
     deploy = deploydir.open_deploy_dir(config.deploy_dir)
     targets = [_model_target(deploy)]
     if deploy.has(deploydir.FP32_MODEL_FILE):  # an int8 model.onnx: time its float original
-        model = targets[0]
-        path = deploy.file(deploydir.FP32_MODEL_FILE)
-        targets.append(_Target("float", path, deploy.manifest["files"][path.name]["bytes"],
-                               model.params, model.macs))
+        targets.append(_model_target(deploy, deploydir.FP32_MODEL_FILE, "float"))
     baseline = _baseline_target(deploy, config.baseline)
     if baseline is not None:
         targets.append(baseline)
@@ -207,10 +204,12 @@ def _sparse_runner(deploy: deploydir.DeployDir, threads: int, session,
                    "macs": model.macs(deploy.manifest["input_shape"])}
 
 
-def _model_target(deploy: deploydir.DeployDir) -> _Target:
+def _model_target(deploy: deploydir.DeployDir, name: str = deploydir.MODEL_FILE,
+                  label: str = "model") -> _Target:
+    """A deployed graph (model.onnx, or an int8 one's model.fp32.onnx: same params and MACs)."""
     manifest = deploy.manifest
-    path = deploy.file(deploydir.MODEL_FILE)
-    return _Target("model", path, manifest["files"][path.name]["bytes"],
+    path = deploy.file(name)
+    return _Target(label, path, manifest["files"][path.name]["bytes"],
                    (manifest.get("params") or {}).get("deployed"),
                    (manifest.get("macs") or {}).get("executed"))
 

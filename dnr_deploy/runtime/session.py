@@ -81,8 +81,10 @@ def check_provider(provider: Provider) -> None:
         )
 
 
-def create_session(path: str | Path, provider: str | Provider = Provider.CPU, threads: int = 1):
-    """Open `path` in ONNX Runtime with explicit providers and options.
+def create_session(path: str | Path, provider: str | Provider = Provider.CPU, threads: int = 1,
+                   optimize: bool = True):
+    """Open `path` in ONNX Runtime with explicit providers and options. `optimize=False` runs
+    the graph as written (no fusions): for an int8 QDQ graph, ONNX Runtime's reference int8 math.
 
     One intra-op thread is the usual choice on small CPUs: on the 2-core reference machine two
     threads were slower (DESIGN.md section 7), and one thread makes timings repeatable.
@@ -109,7 +111,8 @@ def create_session(path: str | Path, provider: str | Provider = Provider.CPU, th
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1  # these graphs are chains: no parallel branches to run
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.log_severity_level = 3  # errors only
     try:
         session = ort.InferenceSession(str(path), options, providers=ORT_PROVIDERS[provider])
@@ -128,7 +131,7 @@ def create_session(path: str | Path, provider: str | Provider = Provider.CPU, th
     info = SessionInfo(
         file=path.name, provider=provider.value, providers=list(started),
         intra_op_num_threads=threads, inter_op_num_threads=options.inter_op_num_threads,
-        execution_mode="sequential", graph_optimization_level="all",
+        execution_mode="sequential", graph_optimization_level="all" if optimize else "none",
         onnxruntime=ort.__version__,
     )
     return session, info

@@ -81,6 +81,13 @@ def _against_training_side(result: dict, accuracy: dict, manifest: dict, eps: fl
                                f"({', '.join(differs)}): a weaker attack passes more easily")
 
 
+def stage_label(stage: dict) -> str:
+    """An ensemble stage as tables name it: "apgd-t", or "transfer apgd-t" when its gradients
+    came from an int8 deploy dir's float graph."""
+    gradients, attack = stage.get("gradients", "model"), stage.get("attack")
+    return f"{attack}" if gradients == "model" else f"{gradients} {attack}"
+
+
 def format_table(report: dict) -> str:
     """The screen summary: each attack, the worst case, the training side, checks, the gate."""
     acc, trained, comp = report["accuracy"], report["training_side"], report["comparison"]
@@ -95,8 +102,7 @@ def format_table(report: dict) -> str:
         f"  {'clean':<22}{100 * acc['clean']:>9.2f}%{_percent(trained.get('clean')):>15}",
     ]
     for stage in report["stages"]:
-        source = "" if stage.get("gradients", "model") == "model" else f"{stage['gradients']} "
-        label = f"after {source}{stage['attack']}"
+        label = f"after {stage_label(stage)}"
         lines.append(f"  {label:<22}{100 * stage['robust_after']:>9.2f}%"
                      f"{'':>15}  ({stage['broken']} broken, {stage['seconds']:.1f} s)")
     lines.append(f"  {'worst case':<22}{100 * acc['robust']:>9.2f}%"

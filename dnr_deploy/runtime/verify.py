@@ -261,10 +261,9 @@ def _fidelity_atol(config: VerifyConfig, quantized: dict | None) -> float:
 
 
 def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
-            config: VerifyConfig, transfer=None, atol: float | None = None) -> dict:
+            config: VerifyConfig, transfer, atol: float) -> dict:
     """Fidelity, the ensemble (plus transfer attacks from the float model of an int8 deploy
     dir), the perturbation and sanity checks: everything measured."""
-    atol = config.parity_atol if atol is None else atol
     def score(images: np.ndarray) -> np.ndarray:
         return run_logits(session, images, config.batch_size)
 
