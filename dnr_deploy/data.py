@@ -70,6 +70,7 @@ class DataBundle:
     train: Dataset
     test: Dataset
     spec: DatasetSpec
+    from_api: tuple[str, ...] = ()  # splits passed to dnr_deploy.compress() (see byo.py)
 
 
 def parse_dataset(name: str) -> DatasetName:

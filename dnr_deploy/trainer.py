@@ -9,6 +9,7 @@ Under torchrun every rank trains; only rank 0 evaluates, writes files and shows 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from dnr_deploy import byo
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
@@ -46,8 +48,14 @@ from dnr_deploy.training import (
 )
 
 
-def compress(config: CompressConfig) -> Run:
+def compress(config: CompressConfig, model: nn.Module | None = None,
+             train_data: object = None, test_data: object = None) -> Run:
     """Train one DNR run as `config` says and write its run dir. The CLI does exactly this.
+
+    Args:
+        model: an nn.Module trained (in place) instead of one built from `config.model`.
+        train_data, test_data: Datasets or DataLoaders in place of `config.dataset`'s splits.
+            byo.py says what they must hold and what the run records of them.
 
     Raises:
         ConfigError, DataError, CheckpointError, RecipeError: bad input; nothing is written.
@@ -58,14 +66,16 @@ def compress(config: CompressConfig) -> Run:
     where = f"checkpoint {str(config.resume)!r}"
     if resume_state is not None:
         config = merge_resume(config, resume_state["config"], where)
-    config = config.resolved()
+    config = byo.resolve_config(config, model)
     if resume_state is not None:
         _check_resume(config, resume_state["config"], where)
-    bundle = load_data(config.dataset, config.data_dir)
+    bundle = byo.with_data(config, train_data, test_data, load_data)
+    module = None if model is None else byo.training_model(model, config, bundle.spec)
     context = ddp.init_distributed(config.device)
     try:
+        byo.check_distributed(context, train_data, test_data)
         run_dir = _agree_on_run_dir(context, config)
-        trainer = Trainer.create(config, bundle, context, resume_state)
+        trainer = Trainer.create(config, bundle, context, resume_state, module)
         if context.is_main:
             ckpt.remember_latest(run_dir)
             if config.resume:  # a run killed while writing a checkpoint left its temp file
@@ -77,7 +87,7 @@ def compress(config: CompressConfig) -> Run:
 
 def _check_resume(config: CompressConfig, saved: object, where: str) -> None:
     settings = settings_from_checkpoint(saved, where)
-    saved_resolved = CompressConfig(**settings).resolved()
+    saved_resolved = byo.resolve_recorded(CompressConfig(**settings))
     for name in RESUME_FIXED:
         saved_value, value = getattr(saved_resolved, name), getattr(config, name)
         if saved_value != value:
@@ -112,7 +122,7 @@ def _run_dir(config: CompressConfig) -> Path:
         return out
     kind = DENSE if config.dense else config.granularity
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    model = config.model.replace(":", "-").replace("/", "-")  # torchvision:NAME, MODULE:FACTORY
+    model = re.sub(r"[^\w.-]+", "-", config.model).strip("-")  # MODULE:FACTORY, <module: X>
     name = f"{stamp}-{model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
     return Path("runs") / name
 
@@ -138,7 +148,7 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
 
     @classmethod
-    def create(cls, config, bundle, context, resume_state) -> Trainer:
+    def create(cls, config, bundle, context, resume_state, module=None) -> Trainer:
         if config.batch_size % context.world_size:
             raise ConfigError(f"batch size {config.batch_size} does not split evenly across "
                               f"{context.world_size} ranks")
@@ -147,7 +157,7 @@ class Trainer:
         # per-rank randomness then draw from seed + rank below.
         torch.manual_seed(config.seed)
         spec = bundle.spec
-        model = build_model(config, spec).to(device)
+        model = (build_model(config, spec) if module is None else module).to(device)
         policy = build_policy(config, model, torch.zeros(1, *spec.input_shape, device=device))
         torch.manual_seed(config.seed + context.rank)
         train_model = model
@@ -382,6 +392,7 @@ class Trainer:
             "timing": {"epochs": len(self.history), "world_size": self.context.world_size,
                        "train_seconds_per_epoch": sum(train_seconds) / len(train_seconds),
                        "rewire_seconds_total": sum(r["rewire_seconds"] for r in self.history)},
+            **({"api_data": list(self.bundle.from_api)} if self.bundle.from_api else {}),
             "checkpoint_sha256": ckpt.sha256_of(run_dir / ckpt.CHECKPOINT_NAME),
             "versions": {"torch": torch.__version__},
         }

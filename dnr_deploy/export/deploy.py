@@ -117,8 +117,13 @@ class DeployResult:
     manifest: dict
 
 
-def export_run(config: ExportConfig) -> DeployResult:
+def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployResult:
     """Export the run `config` names into a checked deploy dir. `dnr-export` does exactly this.
+
+    Args:
+        model: the run's architecture as a module, into which the checkpoint is loaded (in
+            place) instead of rebuilding run.json's model: needed for a run trained on a
+            module passed to `dnr_deploy.compress(model=...)` (`load_source`).
 
     Raises:
         ExportError, CheckpointError, DataError: bad input; nothing is written.
@@ -127,7 +132,7 @@ def export_run(config: ExportConfig) -> DeployResult:
     start = time.perf_counter()
     config = config.validated()
     run_dir = Path(config.run_dir) if config.run_dir else ckpt.latest_run()
-    source = load_source(run_dir)
+    source = load_source(run_dir, model)
     fmt = ExportFormat(config.format)
     if fmt is ExportFormat.CSR and source.granularity is not Granularity.IRREGULAR:
         raise ExportError(

@@ -7,17 +7,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dnr_deploy.byo import wrap_module
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export import channel, csr
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
 
 
-def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Module:
+def load_deployed_model(deploy_dir: str | Path, verify: bool = True,
+                        model: nn.Module | None = None) -> nn.Module:
     """A PyTorch model (eval mode) rebuilt from a deploy dir, with nothing unpickled.
 
     Irregular runs load from the CSR bundle; channel and dense runs replay the pruning history
-    on a freshly built architecture, then load the state dict.
+    on a freshly built architecture (`model`, a fresh instance of the run's module, when given:
+    the one way for a run trained on a module passed to `dnr_deploy.compress`), then load the
+    state dict.
 
     Raises:
         ManifestError: not a deploy dir, a file that fails its sha256 (when `verify`), or
@@ -36,7 +40,8 @@ def load_deployed_model(deploy_dir: str | Path, verify: bool = True) -> nn.Modul
         raise manifest.ManifestError(f"the manifest's mean and std must hold {chans} values "
                                      f"(one per input channel); re-export the run")
     try:  # a spec string only: a user's MODULE:FACTORY is imported, never unpickled
-        model = create_model(spec["name"], spec["num_classes"], chans, info["mean"], info["std"])
+        model = create_model(spec["name"], spec["num_classes"], chans, info["mean"],
+                             info["std"]) if model is None else wrap_module(model, info)
     except ModelSpecError as err:
         raise manifest.ManifestError(f"the manifest's model: {err}") from None
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dnr_deploy import byo
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.export.errors import ExportError
@@ -38,13 +39,20 @@ class SourceRun:
     channel_masks: dict | None = None
 
 
-def load_source(run_dir: Path) -> SourceRun:
+def load_source(run_dir: Path, model: nn.Module | None = None) -> SourceRun:
     """Rebuild the masked network of `run_dir` from run.json and checkpoint.pt.
+
+    Args:
+        model: the architecture, given as a module (the one way for a run whose model was
+            passed to `dnr_deploy.compress(model=...)`): the checkpoint is loaded into it, in
+            place, behind the run's normalization, instead of into run.json's model.
 
     Raises:
         CheckpointError: not a finished run dir, an unreadable checkpoint, a checkpoint changed
             after run.json was written, or one that does not fit run.json's model.
-        ExportError: an unknown granularity or model, or masks that cannot be deployed.
+        ExportError: an unknown granularity or model, a run.json model no stage can build (a
+            module passed to the API) and no `model`, a `model` whose parameters do not fit
+            the checkpoint, or masks that cannot be deployed.
     """
     if not run_dir.is_dir():
         raise ExportError(f"run dir {str(run_dir)!r} does not exist; name a dnr-compress run dir")
@@ -59,8 +67,11 @@ def load_source(run_dir: Path) -> SourceRun:
     _check_run_fits_dataset(run, run_dir)
     try:
         spec, shape = run["model"], [int(n) for n in run["input_shape"]]
-        model = create_model(spec["name"], int(spec["num_classes"]), int(spec["in_chans"]),
-                             run["mean"], run["std"])
+        if model is None:
+            model = create_model(spec["name"], int(spec["num_classes"]), int(spec["in_chans"]),
+                                 run["mean"], run["std"])
+        else:
+            model = _given_model(model, run, state["model"], run_dir)
         model.load_state_dict(state["model"])
     except (KeyError, TypeError) as err:
         raise ckpt.CheckpointError(
@@ -94,6 +105,18 @@ def load_source(run_dir: Path) -> SourceRun:
         raise ExportError(str(err)) from None
     apply_masks(model, source.masks)
     return source
+
+
+def _given_model(model: nn.Module, run: dict, weights: dict, run_dir: Path) -> nn.Module:
+    """`model` behind the run's normalization, checked to fit the checkpoint's weights."""
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"model must be an nn.Module instance, got {type(model).__name__}")
+    wrapped = byo.wrap_module(model, run)
+    problem = byo.state_mismatch(wrapped, weights)
+    if problem:
+        raise ExportError(f"model= ({type(model).__name__}) does not fit the checkpoint of "
+                          f"{str(run_dir)!r} (trained as {run['model']['name']!r}): {problem}")
+    return wrapped
 
 
 def _check_run_fits_dataset(run: dict, run_dir: Path) -> None:

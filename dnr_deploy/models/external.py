@@ -14,6 +14,9 @@ import torch
 from torch import nn
 
 TORCHVISION_PREFIX = "torchvision:"
+# How a run records a module passed to `dnr_deploy.compress(model=...)`: its class, in a form
+# no stage can build, so that export and resume ask for the module again.
+MODULE_RECORD = "<module: {}>"
 
 
 class ModelSpecError(ValueError):
@@ -23,6 +26,17 @@ class ModelSpecError(ValueError):
 def is_external_spec(spec: str) -> bool:
     """Built-in names never hold a colon; every external spec does."""
     return ":" in spec
+
+
+def module_record(module: nn.Module) -> str:
+    """The model name a run records for `module`: `<module: package.Class>`."""
+    cls = type(module)
+    return MODULE_RECORD.format(f"{cls.__module__}.{cls.__qualname__}")
+
+
+def is_module_record(spec: object) -> bool:
+    prefix, suffix = MODULE_RECORD.split("{}")
+    return isinstance(spec, str) and spec.startswith(prefix) and spec.endswith(suffix)
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -129,12 +143,14 @@ def adapt_stem(body: nn.Module, in_chans: int, spec: str) -> nn.Module:
     raise ModelSpecError(f"model {spec!r} has no Conv2d whose inputs could be set to {in_chans}")
 
 
-def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str) -> None:
+def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str,
+                  num_classes: int | None = None) -> None:
     """One zero batch through `model` in eval mode, so an architecture too deep for the
     dataset's images fails at build time with its size, not mid-training.
 
     Raises:
-        ModelSpecError: the forward pass fails or gives other than (1, classes) logits.
+        ModelSpecError: the forward pass fails or gives other than (1, classes) logits
+            (`num_classes` of them, when given).
     """
     was_training = model.training
     model.eval()
@@ -152,3 +168,6 @@ def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str) -> No
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelSpecError(f"model {spec!r} must return (batch, classes) logits, got {got}")
+    if num_classes is not None and out.shape[1] != num_classes:
+        raise ModelSpecError(f"model {spec!r} gives {out.shape[1]} logits; the dataset has "
+                             f"{num_classes} classes")

@@ -15,6 +15,7 @@ from dnr_deploy.models.external import (
     check_external_spec,
     check_runs_at,
     is_external_spec,
+    is_module_record,
 )
 
 ModelBuilder = Callable[..., nn.Module]
@@ -36,13 +37,21 @@ def list_models() -> list[str]:
 
 def check_model_spec(spec: str) -> None:
     """The one check every stage runs on a model spec (flag, recipe, run.json, manifest):
-    a registered name, `torchvision:NAME` or `MODULE:FACTORY` (see `external.py`).
+    a registered name, `torchvision:NAME` or `MODULE:FACTORY` (see `external.py`); the
+    record of a module passed to the API (`<module: package.Class>`) is refused, saying why.
 
     Raises:
         ModelSpecError: the spec names nothing buildable, with the fix.
     """
     if not isinstance(spec, str):
         raise ModelSpecError(f"model spec must be a string, got {type(spec).__name__}")
+    if is_module_record(spec):
+        raise ModelSpecError(
+            f"model {spec!r} is a module that was passed to dnr_deploy.compress(model=...), "
+            "which nothing can rebuild from its name: pass a fresh instance again "
+            "(export_run(config, model=...), or compress(config, model=...) to resume), or "
+            "train with a MODULE:FACTORY spec that every stage can build"
+        )
     if is_external_spec(spec):
         check_external_spec(spec)
     elif spec not in _MODELS:
