@@ -25,7 +25,7 @@ from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.runtime.verify import VerifyConfig, VerifyWarning, verify
 from dnr_deploy.training import CompressConfig, ConfigError
 from tests.byo_example import TwoBranch
-from tests.helpers import REPO
+from tests.helpers import REPO, assert_clean_failure, run_cli
 
 # One short epoch: enough to exercise every stage, not to learn.
 TINY = {"epochs": 1, "pgd_steps": 1, "batch_size": 32, "eval_samples": 32,
@@ -103,6 +103,10 @@ def test_export_without_the_module_says_what_to_pass(example, tmp_path):
     assert "\n" not in message
     with pytest.raises(ManifestError, match=r"model="):
         load_deployed_model(example["deployed"].dir)
+    run_dir = str(example["run"].dir.absolute())
+    result = run_cli(["export", run_dir, "--out", str(tmp_path / "d")], tmp_path)
+    assert_clean_failure(result)
+    assert "export_run(config, model=...)" in result.stderr
 
 
 @pytest.mark.parametrize("wrong, problem", [
@@ -121,13 +125,15 @@ def test_export_into_a_module_that_does_not_fit_is_one_clear_error(example, tmp_
 
 
 def test_dataloaders_resume_and_a_factory_spec(quick_robustness, tmp_path):
-    """DataLoaders stand in for Datasets; a stopped run resumes with the module passed again;
-    a module with a MODULE:FACTORY spec is recorded by the spec, which export rebuilds."""
+    """DataLoaders stand in for Datasets; a stopped channel run resumes with the module passed
+    again and exports into it; a module with a MODULE:FACTORY spec is recorded by the spec,
+    which export rebuilds alone."""
     quick_robustness.chdir(tmp_path)
     train, test = digits_sets(96, 48)
     loaders = {"train_data": DataLoader(train, batch_size=32, shuffle=True),
                "test_data": DataLoader(test, batch_size=100)}
-    config = CompressConfig(**{**TINY, "epochs": 2}, out="loaders", stop_after=1)
+    config = CompressConfig(**{**TINY, "epochs": 2}, granularity="channel", out="loaders",
+                            stop_after=1)
     stopped = dnr_deploy.compress(config, model=TwoBranch(10, 1), **loaders)
     assert stopped.summary == {"stopped_after_epoch": 1}
     with pytest.raises(ConfigError, match=r"compress\(config, model=\.\.\.\) to resume"):
@@ -137,6 +143,13 @@ def test_dataloaders_resume_and_a_factory_spec(quick_robustness, tmp_path):
     recorded = read_run_json(run.dir)
     assert recorded["model"]["name"] == "<module: tests.byo_example.TwoBranch>"
     assert recorded["timing"]["epochs"] == 2 and recorded["api_data"] == ["train", "test"]
+    deployed = export_run(ExportConfig(run_dir=str(run.dir), parity_samples=32),
+                          model=TwoBranch(10, 1))
+    assert deployed.manifest["macs"]["executed"] < deployed.manifest["macs"]["dense"]
+    x = torch.rand(8, 1, 8, 8)
+    loaded = load_deployed_model(deployed.dir, model=TwoBranch(10, 1))  # history replayed
+    ort = onnx_io.run_session(onnx_io.open_session(deployed.dir / "model.onnx"), x)
+    np.testing.assert_allclose(onnx_io.torch_logits(loaded, x), ort, atol=1e-4, rtol=0)
 
     spec = "tests.byo_example:two_branch"
     run = dnr_deploy.compress(CompressConfig(**TINY, model=spec, out="spec"),
