@@ -21,7 +21,7 @@ __all__ = ["CompressConfig", "ExportConfig", "Run", "__version__", "compress", "
 
 # Resolved on first use (PEP 562), so that `import dnr_deploy.summary` or a CLI's `--help` does
 # not pay for importing torch.
-_LAZY = {"compress": "dnr_deploy.trainer", "CompressConfig": "dnr_deploy.training",
+_LAZY = {"compress": "dnr_deploy.trainer", "CompressConfig": "dnr_deploy.compress_config",
          "Run": "dnr_deploy.training", "export_run": "dnr_deploy.export",
          "ExportConfig": "dnr_deploy.export"}
 

@@ -23,10 +23,9 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_compress_parser() -> argparse.ArgumentParser:
-    from dnr_deploy.data import DatasetName
-    from dnr_deploy.sparsity.masks import Granularity, Init
-    from dnr_deploy.sparsity.rewire import Redistribution
-    from dnr_deploy.training import CompressConfig, Method
+    # torch-free modules only: --help and argument errors answer before torch is imported
+    from dnr_deploy.compress_config import CompressConfig
+    from dnr_deploy.vocabulary import DatasetName, Granularity, Init, Method, Redistribution
 
     parser = OneLineParser(
         prog="dnr-compress",
@@ -50,18 +49,19 @@ def build_compress_parser() -> argparse.ArgumentParser:
 def compress_config_from(args: argparse.Namespace):
     """Defaults <- recipe <- flags. On --resume, `compress` itself fills every setting left at
     its default from the checkpoint (`training.merge_resume`), as it does for library calls."""
-    from dnr_deploy.training import CompressConfig
+    from dnr_deploy.compress_config import CompressConfig
 
     return config_from(args, CompressConfig)
 
 
 def compress_main(argv: list[str] | None = None) -> int:
+    args = build_compress_parser().parse_args(argv)  # before torch: --help answers at once
+
     from dnr_deploy.data import DataError
     from dnr_deploy.distributed import RankDisagreement
     from dnr_deploy.trainer import compress
     from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted
 
-    args = build_compress_parser().parse_args(argv)
     run = _guarded("dnr-compress", lambda: compress(compress_config_from(args)),
                    (ConfigError, DataError, CheckpointError, RecipeError),
                    (TrainingDiverged, RankDisagreement), (TrainingInterrupted,),
@@ -100,8 +100,8 @@ def print_run(run) -> None:
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    from dnr_deploy.export import ExportConfig, ExportFormat
-    from dnr_deploy.export.quantize import ReduceRange
+    from dnr_deploy.export_config import ExportConfig, ExportFormat
+    from dnr_deploy.vocabulary import ReduceRange
 
     parser = OneLineParser(
         prog="dnr-export",
@@ -121,17 +121,18 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def export_config_from(args: argparse.Namespace):
     """Defaults <- deployment profile <- flags."""
-    from dnr_deploy.export import ExportConfig
+    from dnr_deploy.export_config import ExportConfig
 
     return config_from(args, ExportConfig)
 
 
 def export_main(argv: list[str] | None = None) -> int:
+    args = build_export_parser().parse_args(argv)  # before torch: --help answers at once
+
     from dnr_deploy.data import DataError
     from dnr_deploy.deploydir.manifest import ManifestError, format_summary
     from dnr_deploy.export import ExportCheckFailed, ExportError, export_run
 
-    args = build_export_parser().parse_args(argv)
     result = _guarded("dnr-export", lambda: export_run(export_config_from(args)),
                       (ExportError, CheckpointError, DataError, RecipeError, ManifestError),
                       (ExportCheckFailed,), writing="the deploy dir")
@@ -208,10 +209,9 @@ def _show(result, as_json: bool, format_table) -> None:
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
-    from dnr_deploy.attacks import AttackName
-    from dnr_deploy.data import DatasetName
     from dnr_deploy.runtime.session import Provider
-    from dnr_deploy.runtime.verify import VerifyConfig
+    from dnr_deploy.verify_config import VerifyConfig
+    from dnr_deploy.vocabulary import AttackName, DatasetName
 
     parser = _deploy_dir_parser(
         "dnr-verify", "Clean and robust accuracy of the deployed artifact itself, scored by "
@@ -225,6 +225,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
 
 
 def verify_main(argv: list[str] | None = None) -> int:
+    args = vars(build_verify_parser().parse_args(argv))  # before torch: --help answers at once
     import warnings
 
     from dnr_deploy.data import DataError
@@ -236,7 +237,6 @@ def verify_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.runtime.verify import VerifyCheckFailed, VerifyConfig, VerifyError, verify
 
     prog = "dnr-verify"
-    args = vars(build_verify_parser().parse_args(argv))
     as_json = args.pop("json")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -7,19 +7,13 @@ Nothing here downloads: a missing folder is an error that says what to put there
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-
-class DatasetName(str, Enum):
-    DIGITS = "digits"
-    CIFAR10 = "cifar10"
-    CIFAR100 = "cifar100"
-    TINYIMAGENET = "tinyimagenet"
+from dnr_deploy.vocabulary import DatasetName
 
 
 @dataclass(frozen=True)

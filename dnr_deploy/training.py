@@ -7,7 +7,6 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -16,11 +15,13 @@ from torch import nn
 
 from dnr_deploy.attacks import pgd
 from dnr_deploy.checkpoint import CheckpointError
-from dnr_deploy.config import RecipeError, coerce, option
-from dnr_deploy.data import SPECS, parse_dataset
-from dnr_deploy.models import ModelSpecError, check_model_spec, create_model
+
+# the settings live in torch-free modules (fast --help); re-exported here, where they are used
+from dnr_deploy.compress_config import CompressConfig, ConfigError, Method  # noqa: F401
+from dnr_deploy.config import RecipeError, coerce
+from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity.groups import ChannelGraphError
-from dnr_deploy.sparsity.masks import Granularity, Init
+from dnr_deploy.sparsity.masks import Granularity
 from dnr_deploy.sparsity.policy import (
     ChannelDNR,
     DensePolicy,
@@ -29,22 +30,8 @@ from dnr_deploy.sparsity.policy import (
     StaticChannels,
     StaticSparse,
 )
-from dnr_deploy.sparsity.rewire import Redistribution
-from dnr_deploy.sparsity.schedule import RewireSchedule
 
 RUN_FORMAT = "dnr-deploy/run/1"
-
-
-class Method(str, Enum):
-    """How sparsity is reached; each is one policy plugged into the same training loop."""
-
-    DNR = "dnr"  # Dynamic Network Rewiring (this project's method)
-    STATIC = "static"  # random masks (single weights or channel units), never rewired
-    MAGNITUDE = "magnitude"  # dense half, global magnitude prune, fine-tune half
-
-
-class ConfigError(ValueError):
-    """A compress configuration that cannot run (bad value, wrong device, clash on resume)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -53,137 +40,6 @@ class TrainingDiverged(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """Ctrl-C during training; the last completed epoch's checkpoint is kept."""
-
-
-@dataclass
-class CompressConfig:
-    """Every setting of a compress run; the only place their defaults are written.
-
-    `eps`, `pgd_step_size` and `eval_pgd7_step_size` left as None take the dataset's threat
-    model (digits: eps 0.2; CIFAR and Tiny-ImageNet: eps 8/255, step 2/255, PGD-7 step 0.01).
-    """
-
-    model: str = option(
-        "small", 'architecture: small, resnet18, vgg16, torchvision:NAME or MODULE:FACTORY')
-    dataset: str = option(
-        "digits", 'dataset (digits is embedded; the others load from --data-dir)')
-    data_dir: str | None = option(None, 'local folder holding the dataset (never downloaded)')
-    granularity: str = option(
-        Granularity.IRREGULAR.value, 'prune single weights or whole output channels')
-    method: str = option(
-        Method.DNR.value,
-        'dnr (rewiring); static (random masks, never rewired); magnitude (dense half, '
-        'global magnitude prune, fine-tune half): the baselines, in the same loop and '
-        'epochs')
-    density: float = option(0.05, 'fraction of weights kept, in (0, 1]; 0.05 is 20x compression')
-    dense: bool = option(False, 'no pruning: plain PGD adversarial training (the baseline)')
-    # DNR's rewiring schedule, in optimizer steps and fractions of training (sparsity/schedule.py)
-    rewire_every: int = option(50, "optimizer steps between DNR's rewires")
-    prune_rate: float = option(
-        0.3, "fraction of each layer's active weights pruned at the first rewire (cosine to 0)")
-    rewire_until: float = option(
-        0.75, "fraction of training after which the topology is frozen")
-    redistribution: str = option(
-        Redistribution.MOMENTUM.value,
-        "momentum: the freed budget goes where the hybrid loss's momentum is (DNR); none: each "
-        "layer regrows what it pruned")
-    init: str = option(Init.ERK.value, "first masks: erk (Evci et al. 2020) or uniform")
-    explore_channels: bool = option(
-        False, "channel regrowth skips the units it just pruned (random off units instead)")
-    beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss')
-    epochs: int = option(20, 'training epochs')
-    batch_size: int = option(64, 'batch size')
-    lr: float = option(0.1, 'initial SGD learning rate (cosine decay)')
-    momentum: float = option(0.9, 'SGD momentum')
-    weight_decay: float = option(5e-4, 'L2 penalty (SGD weight decay)')
-    eps: float | None = option(None, "Linf radius in [0, 1] pixel units (default: the dataset's)")
-    pgd_steps: int = option(7, 'PGD steps when crafting training attacks')
-    pgd_step_size: float | None = option(
-        None, "PGD step for training attacks (default: the dataset's)")
-    eval_pgd7_step_size: float | None = option(
-        None, 'step of the final PGD-7 evaluation (the paper uses 0.01)')
-    attack_bn: str = option("eval", 'BatchNorm mode while crafting training attacks')
-    eval_samples: int | None = option(1000, 'test images scored after each epoch')
-    # first test images the final AutoAttack-grade ensemble scores (None: the dataset's choice,
-    robust_eval_samples: int | None = option(
-        None,
-        'first test images the final AutoAttack-grade ensemble scores (default: all of '
-        'digits, 1000 of the others)')
-    seed: int = option(0, 'random seed (masks, init, data order, attacks)')
-    device: str = option("cpu", 'where to train')
-    out: str | None = option(None, 'run dir to create (default: runs/<time>-<model>-...)')
-    resume: str | None = option(None, 'run dir or checkpoint to continue')
-    stop_after: int | None = option(
-        None, 'stop after this many epochs, leaving a resumable checkpoint')
-
-    def resolved(self) -> CompressConfig:
-        """A copy with dataset defaults filled in, after validating every field.
-
-        Raises:
-            ConfigError: a value out of range or unknown, with the allowed values.
-        """
-        try:
-            spec = SPECS[parse_dataset(self.dataset)]
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        try:
-            check_model_spec(self.model)
-        except ModelSpecError as err:
-            raise ConfigError(str(err)) from None
-        if self.granularity not in [g.value for g in Granularity]:
-            allowed = ", ".join(g.value for g in Granularity)
-            raise ConfigError(f"unknown granularity {self.granularity!r}; available: {allowed}")
-        if self.method not in [m.value for m in Method]:
-            allowed = ", ".join(m.value for m in Method)
-            raise ConfigError(f"unknown method {self.method!r}; available: {allowed}")
-        if self.method == Method.MAGNITUDE.value and \
-                self.granularity != Granularity.IRREGULAR.value:
-            raise ConfigError("--method magnitude prunes single weights: use "
-                              "--granularity irregular (or --method static for random channels)")
-        if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
-            raise ConfigError(
-                f"density must be in (0, 1] (the fraction of weights kept), got {self.density}"
-            )
-        try:
-            RewireSchedule(self.rewire_every, self.prune_rate, self.rewire_until)
-            Redistribution(self.redistribution)
-            Init(self.init)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
-        for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "robust_eval_samples",
-                     "stop_after"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        if not (0.0 < self.lr < math.inf):
-            raise ConfigError(f"lr must be positive and finite, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not 0.0 <= self.weight_decay < math.inf:
-            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
-        for name in ("pgd_step_size", "eval_pgd7_step_size"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ConfigError(f"{name} must be in (0, 1] (pixel units), got {value}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.attack_bn not in ("eval", "train"):
-            raise ConfigError(f"attack_bn must be 'eval' or 'train', got {self.attack_bn!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"unknown device {self.device!r}; available: cpu, cuda")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible to torch here")
-        eps = spec.eps if self.eps is None else self.eps
-        if not 0.0 < eps <= 1.0:
-            raise ConfigError(f"eps must be in (0, 1] (pixel units), got {eps}")
-        return dataclasses.replace(
-            self,
-            eps=eps,
-            pgd_step_size=self.pgd_step_size or spec.pgd_step_size * eps / spec.eps,
-            eval_pgd7_step_size=self.eval_pgd7_step_size or spec.eval_pgd7_step_size,
-        )
 
 
 def settings_from_checkpoint(saved: object, where: str) -> dict:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 
 import numpy as np
 import torch
@@ -23,28 +22,9 @@ import torch
 from dnr_deploy.attacks.apgd import apgd
 from dnr_deploy.attacks.pgd import Classifier, pgd, seeded_start_at
 from dnr_deploy.attacks.square import QueryFn, square_attack
+from dnr_deploy.vocabulary import AttackName  # noqa: F401  (re-exported)
 
 Progress = Callable[[str], None]
-
-
-class AttackName(str, Enum):
-    """What `dnr-verify --attack` and the evaluation accept."""
-
-    AUTOATTACK = "autoattack"  # the ensemble below
-    APGD_CE = "apgd-ce"
-    APGD_T = "apgd-t"
-    SQUARE = "square"
-    PGD = "pgd"  # PGD-20 at step eps/4 from a seeded random start: the project's old figure
-
-    def members(self) -> tuple[AttackName, ...]:
-        """The attacks this name runs, in order."""
-        if self is AttackName.AUTOATTACK:
-            return (AttackName.APGD_CE, AttackName.APGD_T, AttackName.SQUARE)
-        return (self,)
-
-    @property
-    def white_box(self) -> bool:
-        return self is not AttackName.SQUARE
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -22,93 +21,17 @@ import torch
 from torch import nn
 
 from dnr_deploy import checkpoint as ckpt
-from dnr_deploy.config import option
 from dnr_deploy.data import load_data, parse_dataset, test_subset
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export import channel, csr
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.export.errors import ExportCheckFailed, ExportError
-from dnr_deploy.export.quantize import ReduceRange
 from dnr_deploy.export.source import SourceRun, load_source
+from dnr_deploy.export_config import ExportConfig, ExportFormat  # noqa: F401  (re-exported)
 from dnr_deploy.files import FolderTaken, publish_folder
 from dnr_deploy.sizes import size_figures
 from dnr_deploy.sparsity import surgery
 from dnr_deploy.sparsity.masks import DENSE, Granularity
-
-
-class ExportFormat(str, Enum):
-    ONNX = "onnx"  # model.onnx plus the PyTorch-loadable weights
-    CSR = "csr"  # weights.csr.npz alone (irregular runs)
-
-
-@dataclass
-class ExportConfig:
-    """Every setting of an export; the only place their defaults are written."""
-
-    run_dir: str | None = None  # None: the latest run recorded in runs/LATEST
-    out: str | None = option(None, 'deploy dir to create (default: RUN_DIR/deploy)')
-    format: str = option(
-        ExportFormat.ONNX.value,
-        'onnx: model.onnx plus loadable weights (and the CSR bundle for irregular runs); '
-        'csr: the CSR bundle alone (irregular runs)')
-    baseline: bool = option(
-        False, 'also write baseline.onnx, the unpruned architecture, for side-by-side benchmarks')
-    force: bool = option(False, 'replace a non-empty --out')
-    parity_samples: int = option(512, 'test images for the parity checks')
-    data_dir: str | None = option(
-        None, "folder holding the run's dataset (default: the run's own --data-dir)")
-    opset: int = option(18, 'ONNX opset')
-    parity_atol: float = option(
-        1e-4, 'largest |logit difference| allowed between ONNX Runtime and PyTorch')
-    parity_rtol: float = option(
-        1e-6, "plus this fraction of the largest |logit|: float32 rounding grows with the "
-        "logits, which a barely trained network can push to 1e8")
-    shrink_atol: float = option(
-        1e-5, 'largest |logit difference| allowed between shrunk and masked network')
-    quantize: str | None = option(
-        None, 'int8: model.onnx becomes a static QDQ int8 graph (per-channel int8 weights, '
-        'uint8 activations calibrated on training images) and the float graph stays as '
-        'model.fp32.onnx; channel and dense runs')
-    calibration_images: int = option(256, 'training images that calibrate --quantize int8')
-    reduce_range: str = option(
-        ReduceRange.AUTO.value, "7-bit int8 weights: auto (on unless this CPU has VNNI, where "
-        "8-bit weights would saturate the fused kernels), on, off")
-    int8_atol: float = option(
-        0.25, "largest |logit difference| allowed between the deployed int8 session and "
-        "ONNX Runtime's reference int8 math")
-    int8_max_drop: float = option(
-        1.0, 'percentage points of clean accuracy int8 may lose against float on the parity '
-        'images before the export fails')
-
-    def validated(self) -> ExportConfig:
-        """Raises:
-            ExportError: an unknown format or a value out of range, with the allowed values."""
-        formats = [f.value for f in ExportFormat]
-        if self.format not in formats:
-            raise ExportError(f"unknown format {self.format!r}; available: {', '.join(formats)}")
-        if self.parity_samples < 1:
-            raise ExportError(f"parity_samples must be at least 1, got {self.parity_samples}")
-        if not 17 <= self.opset <= 23:
-            raise ExportError(f"opset must be in 17..23 (ONNX Runtime 1.18+), got {self.opset}")
-        if self.quantize not in (None, "int8"):
-            raise ExportError(f"unknown --quantize {self.quantize!r}; available: int8")
-        try:
-            ReduceRange(self.reduce_range)
-        except ValueError:
-            known = ", ".join(r.value for r in ReduceRange)
-            raise ExportError(f"unknown --reduce-range {self.reduce_range!r}; available: "
-                              f"{known}") from None
-        if self.calibration_images < 1:
-            raise ExportError(f"calibration_images must be at least 1, "
-                              f"got {self.calibration_images}")
-        if self.int8_max_drop < 0:
-            raise ExportError(f"int8_max_drop must be >= 0, got {self.int8_max_drop}")
-        if not 0 <= self.parity_rtol < 1:
-            raise ExportError(f"parity_rtol must be in [0, 1), got {self.parity_rtol}")
-        for name in ("parity_atol", "shrink_atol", "int8_atol"):
-            if not getattr(self, name) > 0:
-                raise ExportError(f"{name} must be positive, got {getattr(self, name)}")
-        return self
 
 
 @dataclass

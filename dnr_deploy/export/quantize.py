@@ -16,22 +16,14 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
 from dnr_deploy.deploydir.names import INPUT_NAME
+from dnr_deploy.vocabulary import ReduceRange  # noqa: F401  (re-exported)
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-
-
-class ReduceRange(str, Enum):
-    """What `--reduce-range` accepts."""
-
-    AUTO = "auto"  # on unless this CPU has VNNI
-    ON = "on"
-    OFF = "off"
 
 
 @dataclass(frozen=True)

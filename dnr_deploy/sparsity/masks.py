@@ -10,23 +10,17 @@ gradients, so SGD keeps a momentum for them that regrowth reads.
 from __future__ import annotations
 
 import math
-from enum import Enum
 
 import torch
 from torch import nn
+
+from dnr_deploy.vocabulary import Granularity, Init  # noqa: F401  (re-exported)
 
 Masks = dict[str, torch.Tensor]
 
 # Layer types whose weight is prunable. Both store (out, in, ...) with the output axis first,
 # which is all that irregular masks and output-channel units rely on.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
-
-
-class Granularity(str, Enum):
-    """What a run prunes: single weights or whole output channels."""
-
-    IRREGULAR = "irregular"
-    CHANNEL = "channel"
 
 
 DENSE = "dense"  # the granularity run.json and the manifest record for a run that prunes nothing
@@ -39,13 +33,6 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
         for name, module in model.named_modules()
         if isinstance(module, PRUNABLE_TYPES)
     }
-
-
-class Init(str, Enum):
-    """How a run's first masks spread the budget over layers."""
-
-    UNIFORM = "uniform"  # every layer at the target density
-    ERK = "erk"  # Erdos-Renyi-Kernel (Evci et al. 2020): small layers denser, large sparser
 
 
 def erk_shares(weights: dict[str, torch.Tensor], density: float) -> dict[str, float]:

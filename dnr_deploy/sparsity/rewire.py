@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from enum import Enum
 
 import torch
 
 from dnr_deploy.sparsity.masks import Masks, split_budget
-
-
-class Redistribution(str, Enum):
-    """How the weights freed by pruning are regrown across layers."""
-
-    MOMENTUM = "momentum"  # DNR: as the layers' momentum of the hybrid loss decides
-    NONE = "none"  # each layer regrows what it pruned (the ablation)
+from dnr_deploy.vocabulary import Redistribution  # noqa: F401  (re-exported)
 
 
 def normalized_momentum(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[str, float]:
