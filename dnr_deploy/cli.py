@@ -22,6 +22,24 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 
+def _add_output_flags(parser: argparse.ArgumentParser, json_help: str) -> None:
+    """--json and --quiet: CLI-only (a run records what it computed, not how it printed)."""
+    # SUPPRESS: absent unless typed, so config_from never sees them as settings
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=json_help)
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress on stderr (errors and warnings still print)")
+
+
+def _output_mode(args: argparse.Namespace) -> bool:
+    """Pop --json / --quiet off the parsed flags; silence progress for either. True: JSON."""
+    as_json, quiet = args.__dict__.pop("json", False), args.__dict__.pop("quiet", False)
+    if as_json or quiet:
+        from dnr_deploy.evaluation import silence_progress
+
+        silence_progress()
+    return as_json
+
+
 def build_compress_parser() -> argparse.ArgumentParser:
     # torch-free modules only: --help and argument errors answer before torch is imported
     from dnr_deploy.compress_config import CompressConfig
@@ -43,6 +61,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
         "method": [m.value for m in Method],
     }
     add_dataclass_flags(parser, CompressConfig, choices)
+    _add_output_flags(parser, "print run.json's summary as JSON instead of the lines")
     return parser
 
 
@@ -62,6 +81,7 @@ def compress_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.trainer import compress
     from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted
 
+    as_json = _output_mode(args)
     run = _guarded("dnr-compress", lambda: compress(compress_config_from(args)),
                    (ConfigError, DataError, CheckpointError, RecipeError),
                    (TrainingDiverged, RankDisagreement), (TrainingInterrupted,),
@@ -70,7 +90,12 @@ def compress_main(argv: list[str] | None = None) -> int:
                    "the run dir")
     if isinstance(run, int):
         return run
-    print_run(run)
+    if as_json:
+        import json
+
+        print(json.dumps({"run_dir": str(run.dir), **run.summary}, indent=2))
+    else:
+        print_run(run)
     return EXIT_OK
 
 
@@ -116,6 +141,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(parser, ExportConfig,
                         {"format": [f.value for f in ExportFormat], "quantize": ["int8"],
                          "reduce_range": [r.value for r in ReduceRange]}, skip=("run_dir",))
+    _add_output_flags(parser, "print the manifest as JSON instead of the summary")
     return parser
 
 
@@ -133,12 +159,18 @@ def export_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.deploydir.manifest import ManifestError, format_summary
     from dnr_deploy.export import ExportCheckFailed, ExportError, export_run
 
+    as_json = _output_mode(args)
     result = _guarded("dnr-export", lambda: export_run(export_config_from(args)),
                       (ExportError, CheckpointError, DataError, RecipeError, ManifestError),
                       (ExportCheckFailed,), writing="the deploy dir")
     if isinstance(result, int):
         return result
-    print(format_summary(result.dir, result.manifest))
+    if as_json:
+        import json
+
+        print(json.dumps({"deploy_dir": str(result.dir), **result.manifest}, indent=2))
+    else:
+        print(format_summary(result.dir, result.manifest))
     return EXIT_OK
 
 
@@ -146,8 +178,7 @@ def _deploy_dir_parser(prog: str, description: str) -> OneLineParser:
     parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("deploy_dir", nargs="?", default=argparse.SUPPRESS, metavar="DEPLOY_DIR",
                         help="deploy dir written by dnr-export (default: the latest run's)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the JSON result instead of the table")
+    _add_output_flags(parser, "print the JSON result instead of the table")
     return parser
 
 
@@ -172,8 +203,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.runtime.bench import BenchConfig, BenchError, bench, format_table
     from dnr_deploy.runtime.session import SessionError
 
-    args = vars(build_bench_parser().parse_args(argv))
-    as_json = args.pop("json")
+    parsed = build_bench_parser().parse_args(argv)
+    as_json = _output_mode(parsed)
+    args = vars(parsed)
     outcome = _guarded("dnr-bench", lambda: bench(BenchConfig(**args)),
                                (BenchError, DeployDirError, ManifestError, SessionError), ())
     if isinstance(outcome, int):
@@ -225,7 +257,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
 
 
 def verify_main(argv: list[str] | None = None) -> int:
-    args = vars(build_verify_parser().parse_args(argv))  # before torch: --help answers at once
+    parsed = build_verify_parser().parse_args(argv)  # before torch: --help answers at once
     import warnings
 
     from dnr_deploy.data import DataError
@@ -237,7 +269,8 @@ def verify_main(argv: list[str] | None = None) -> int:
     from dnr_deploy.runtime.verify import VerifyCheckFailed, VerifyConfig, VerifyError, verify
 
     prog = "dnr-verify"
-    as_json = args.pop("json")
+    as_json = _output_mode(parsed)
+    args = vars(parsed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outcome = _guarded(

@@ -93,9 +93,22 @@ def protocol(config: EnsembleConfig) -> dict:
 
 
 
+_silenced = False
+
+
+def silence_progress() -> None:
+    """No progress from here on in this process (the console scripts' --quiet and --json)."""
+    global _silenced
+    _silenced = True
+
+
+def progress_silenced() -> bool:
+    return _silenced
+
+
 def terminal_progress(prefix: str) -> Progress | None:
     """A printer of progress lines to stderr when it is a terminal, else None: logs and the
     one-line error contract of the console scripts stay free of progress chatter."""
-    if not sys.stderr.isatty():
+    if _silenced or not sys.stderr.isatty():
         return None
     return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)

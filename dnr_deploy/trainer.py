@@ -25,7 +25,13 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
 from dnr_deploy.data import DataBundle, load_data, test_subset
-from dnr_deploy.evaluation import evaluate, final_attacks, robust_evaluation, terminal_progress
+from dnr_deploy.evaluation import (
+    evaluate,
+    final_attacks,
+    progress_silenced,
+    robust_evaluation,
+    terminal_progress,
+)
 from dnr_deploy.report import deployment_figures, layer_labels, plot_layer_densities, plot_training
 from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
@@ -265,7 +271,7 @@ class Trainer:
         # mean something even when an epoch takes minutes.
         bar = tqdm(total=cfg.epochs * len(loader.dataset), unit="img", unit_scale=True,
                    initial=self.start_epoch * len(loader.dataset), dynamic_ncols=True,
-                   disable=not self.context.is_main)
+                   disable=not self.context.is_main or progress_silenced())
         self._progress = bar
         try:
             for epoch in range(self.start_epoch, end):
