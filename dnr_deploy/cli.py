@@ -34,7 +34,7 @@ def _output_mode(args: argparse.Namespace) -> bool:
     """Pop --json / --quiet off the parsed flags; silence progress for either. True: JSON."""
     as_json, quiet = args.__dict__.pop("json", False), args.__dict__.pop("quiet", False)
     if as_json or quiet:
-        from dnr_deploy.evaluation import silence_progress
+        from dnr_deploy.progress import silence_progress
 
         silence_progress()
     return as_json

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
@@ -18,6 +17,9 @@ from dnr_deploy.attacks import (
 )
 from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.attacks.ensemble import Progress
+
+# re-exported: the stages import progress from here or, where torch must not load, from progress
+from dnr_deploy.progress import progress_silenced, silence_progress, terminal_progress  # noqa: F401
 
 # (model, images, labels, index of the first image in the evaluated set) -> adversarial images
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -91,24 +93,3 @@ def protocol(config: EnsembleConfig) -> dict:
             "square_queries": config.square_queries, "square_p_init": config.square_p_init,
             "seed": config.seed}
 
-
-
-_silenced = False
-
-
-def silence_progress() -> None:
-    """No progress from here on in this process (the console scripts' --quiet and --json)."""
-    global _silenced
-    _silenced = True
-
-
-def progress_silenced() -> bool:
-    return _silenced
-
-
-def terminal_progress(prefix: str) -> Progress | None:
-    """A printer of progress lines to stderr when it is a terminal, else None: logs and the
-    one-line error contract of the console scripts stay free of progress chatter."""
-    if _silenced or not sys.stderr.isatty():
-        return None
-    return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)

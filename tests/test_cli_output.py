@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from dnr_deploy.cli import compress_main, export_main
-from dnr_deploy.evaluation import progress_silenced
+from dnr_deploy.progress import progress_silenced
 
 TINY = ["--epochs", "1", "--eval-samples", "50", "--robust-eval-samples", "8",
         "--pgd-steps", "1"]
@@ -14,7 +14,7 @@ TINY = ["--epochs", "1", "--eval-samples", "50", "--robust-eval-samples", "8",
 
 def test_compress_and_export_print_json_and_stay_quiet(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("dnr_deploy.evaluation._silenced", False)
+    monkeypatch.setattr("dnr_deploy.progress._silenced", False)
     assert compress_main([*TINY, "--out", "run", "--json"]) == 0
     out, err = capsys.readouterr()
     summary = json.loads(out)  # the whole of stdout is the document
@@ -23,7 +23,7 @@ def test_compress_and_export_print_json_and_stay_quiet(tmp_path, monkeypatch, ca
     assert "img/s" not in err and "%|" not in err  # no tqdm bar
     assert progress_silenced()
 
-    monkeypatch.setattr("dnr_deploy.evaluation._silenced", False)
+    monkeypatch.setattr("dnr_deploy.progress._silenced", False)
     assert export_main(["run", "--out", "deploy", "--json", "--parity-samples", "32"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["deploy_dir"].endswith("deploy")
@@ -32,7 +32,7 @@ def test_compress_and_export_print_json_and_stay_quiet(tmp_path, monkeypatch, ca
 
 def test_progress_shows_without_quiet(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("dnr_deploy.evaluation._silenced", False)
+    monkeypatch.setattr("dnr_deploy.progress._silenced", False)
     assert compress_main([*TINY, "--out", "loud"]) == 0
     out, err = capsys.readouterr()
     assert "run dir:" in out and "img" in err  # the bar is there unless silenced

@@ -29,6 +29,7 @@ from dnr_deploy.export.errors import ExportCheckFailed, ExportError
 from dnr_deploy.export.source import SourceRun, load_source
 from dnr_deploy.export_config import ExportConfig, ExportFormat  # noqa: F401  (re-exported)
 from dnr_deploy.files import FolderTaken, publish_folder
+from dnr_deploy.progress import terminal_progress
 from dnr_deploy.sizes import size_figures
 from dnr_deploy.sparsity import surgery
 from dnr_deploy.sparsity.masks import DENSE, Granularity
@@ -77,6 +78,9 @@ def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployRe
     x, y = test_subset(bundle, config.parity_samples) if bundle is not None else (None, None)
     reference = onnx_io.torch_logits(source.model, x) if needs_images else None
     out.parent.mkdir(parents=True, exist_ok=True)
+    say = terminal_progress("dnr-export: ") or (lambda line: None)
+    say(f"building the {_granularity_name(source)} artifacts and their parity gates "
+        f"({len(x) if x is not None else 0} test images)")
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         if source.granularity is Granularity.IRREGULAR:
@@ -84,9 +88,12 @@ def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployRe
         else:
             deployed, parity, extra = _build_dense_net(source, x, reference, work, config)
             if config.quantize:
+                say(f"int8: calibrating on {config.calibration_images} training images, "
+                    "then its two gates")
                 extra["quantization"] = _quantize(work, bundle, x, y, reference, config)
         if config.baseline:
             baseline = work / names.BASELINE_FILE
+            say("baseline.onnx and its parity gate")
             if not baseline.exists():  # an irregular build already kept its dense ONNX
                 _write_onnx(source.model, source.example, baseline, config)
             parity["baseline_vs_torch_max_abs"] = _gate(
@@ -95,6 +102,7 @@ def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployRe
             parity["n_images"] = len(x)
         figures = {**_size_figures(source, deployed), **extra, "parity": parity,
                    "export_seconds": round(time.perf_counter() - start, 3)}
+        say("manifest.json: hashing every file, then checking it as the later stages will")
         info = manifest.build_manifest(run_dir, source.run, figures, fmt.value, config.opset)
         manifest.write_manifest(work, info)
         manifest.load_manifest(work)  # what later stages will check, before anyone can see it

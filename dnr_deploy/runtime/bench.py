@@ -27,6 +27,7 @@ import numpy as np
 from dnr_deploy import deploydir
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.config import option
+from dnr_deploy.progress import terminal_progress
 from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.runtimes import (
     Runtime,
@@ -165,7 +166,11 @@ def bench(config: BenchConfig) -> BenchResult:
     if config.runtime == Runtime.SPARSE:
         runners["model"], runtime = _sparse_runner(deploy, config.threads, runners["model"],
                                                    inputs)
-    timed = {b: time_sessions(runners, x, config.warmup, config.runs) for b, x in inputs.items()}
+    say = terminal_progress("dnr-bench: ") or (lambda line: None)
+    timed = {}
+    for b, x in inputs.items():
+        say(f"batch {b}: {config.warmup} warm-up + {config.runs} timed calls of each model")
+        timed[b] = time_sessions(runners, x, config.warmup, config.runs)
     models = {t.label: {"file": t.shown or t.path.name, "path": str(t.path.resolve()),
                         "bytes": t.bytes, "params": t.params, "macs": t.macs,
                         "latency": {str(b): timed[b][t.label] for b in inputs}}
