@@ -111,15 +111,16 @@ def print_run(run) -> None:
           f" params {params['deployed']:,} / {params['dense']:,} ({params['compression']:.1f}x),"
           f" MACs {summary['macs']['reduction_executed']:.1f}x fewer executed, "
           f"{summary['macs']['reduction_nonzero']:.1f}x fewer nonzero")
-    print(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: clean {acc['clean']:.4f}, "
-          f"FGSM {acc['fgsm']:.4f}, PGD-7 {acc['pgd7']:.4f}, PGD-20 {acc['pgd20']:.4f}")
+    print(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: "
+          f"clean {100 * acc['clean']:.2f}%, FGSM {100 * acc['fgsm']:.2f}%, "
+          f"PGD-7 {100 * acc['pgd7']:.2f}%, PGD-20 {100 * acc['pgd20']:.2f}%")
     if summary.get("dense_convs"):
         dense = summary["dense_convs"]
         print(f"  {len(dense)} conv(s) left dense (coupling not one-to-one): "
               f"{', '.join(dense[:4])}{', ... (all in run.json)' if len(dense) > 4 else ''}")
     robustness = summary["robustness"]
     print(f"  AutoAttack-grade worst case (APGD-CE, APGD-T, Square) on the first "
-          f"{robustness['images']} test images: {acc['autoattack']:.4f}")
+          f"{robustness['images']} test images: {100 * acc['autoattack']:.2f}%")
     for warning in robustness["warnings"]:
         print(f"  warning: {warning}")
 

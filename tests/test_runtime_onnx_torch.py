@@ -18,6 +18,7 @@ from torch import nn
 from dnr_deploy.export.onnx import export_onnx, sparsify_initializers
 from dnr_deploy.models import create_model
 from dnr_deploy.runtime.onnx_torch import (
+    OPS,
     OnnxTorch,
     UnsupportedGraphError,
     load_onnx_torch,
@@ -212,6 +213,56 @@ def test_every_supported_op_matches_ort(tmp_path):
     with torch.no_grad():
         ours = graph(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(ours, run_logits(session, x), atol=1e-4, rtol=1e-5)
+
+
+def test_shuffle_ops_match_ort_in_values_and_gradients(tmp_path):
+    """ShuffleNet's channel split and shuffle: Split (by sizes and by num_outputs, uneven),
+    Transpose, Reshape and Concat, against ONNX Runtime; and the input gradient flows through
+    them as torch's own ops would give it (a wrong permutation moves it to other pixels)."""
+    shape = lambda *v: np.array(v, np.int64)  # noqa: E731
+    inits = {"sizes": shape(1, 3), "sizes8": shape(1, 7), "grouped": shape(0, 2, 2, 4, 4),
+             "flat": shape(0, 4, 4, 4), "out": shape(0, -1),
+             "k": np.random.default_rng(0).standard_normal((7 * 4 * 4, 4)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Split", ["input", "sizes"], ["keep", "rest"], axis=1),
+        helper.make_node("Reshape", ["input", "grouped"], ["g"]),
+        helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["t", "flat"], ["shuffled"]),
+        helper.make_node("Split", ["shuffled"], ["a", "b"], axis=3, num_outputs=2),
+        helper.make_node("Concat", ["b", "a"], ["rolled"], axis=3),
+        helper.make_node("Concat", ["keep", "rest", "rolled"], ["both"], axis=1),
+        helper.make_node("Split", ["both", "sizes8"], ["x1", "x7"], axis=1),
+        helper.make_node("Concat", ["x7", "x1"], ["cat"], axis=1),
+        helper.make_node("Transpose", ["cat"], ["tt"]),  # default: reverse every axis
+        helper.make_node("Transpose", ["tt"], ["back"]),
+        helper.make_node("Split", ["back", "sizes8"], ["unused", "used"], axis=1),
+        helper.make_node("Reshape", ["used", "out"], ["f"]),
+        helper.make_node("MatMul", ["f", "k"], ["logits"]),
+    ]
+    model = hand_graph(nodes, inits, [4, 4, 4])
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "shuffle.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(1).random((2, 4, 4, 4), dtype=np.float32)
+    ours = torch.from_numpy(x).requires_grad_()
+    logits = OnnxTorch(model)(ours)
+    session, _ = create_session(path)
+    np.testing.assert_allclose(logits.detach().numpy(), run_logits(session, x), atol=1e-5)
+
+    def by_hand(t: torch.Tensor) -> torch.Tensor:  # the same graph in torch
+        shuffled = t.reshape(2, 2, 2, 4, 4).transpose(1, 2).reshape(2, 4, 4, 4)
+        rolled = torch.cat([shuffled[..., 2:], shuffled[..., :2]], dim=3)
+        both = torch.cat([t, rolled], dim=1)
+        used = torch.cat([both[:, 1:], both[:, :1]], dim=1)[:, 1:]
+        return used.reshape(2, -1) @ torch.from_numpy(inits["k"])
+
+    reference = torch.from_numpy(x).requires_grad_()
+    by_hand(reference).sum().backward()
+    logits.sum().backward()
+    assert torch.allclose(ours.grad, reference.grad, atol=1e-5)
+    assert ours.grad.abs().sum() > 0
+    uneven = OPS["Split"]([torch.arange(5.0)], {"num_outputs": 3})  # ONNX's reference: 2, 2, 1
+    assert [len(t) for t in uneven] == [2, 2, 1]
 
 
 def test_unsupported_op_is_named():

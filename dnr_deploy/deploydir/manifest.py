@@ -239,7 +239,7 @@ def format_summary(deploy_dir: Path, manifest: dict) -> str:
     lines.append(f"  checks{where}: " + "; ".join(checks))
     acc, threat = manifest.get("accuracy") or {}, manifest.get("threat_model") or {}
     if acc:
-        figures = ", ".join(f"{key} {value:.4f}" for key, value in acc.items())
+        figures = ", ".join(f"{key} {100 * value:.2f}%" for key, value in acc.items())
         lines.append(f"  run accuracy ({threat.get('norm')} eps {threat.get('eps', 0):.4g}): "
                      f"{figures}")
     lines.append(f"  exported in {manifest['export_seconds']:.1f} s")

@@ -202,6 +202,25 @@ def _clip(inputs: list, attrs: dict) -> list:
 
 
 # op_type -> handler(inputs, attributes) -> outputs. Add an op here, with a test against ORT.
+def _split(inputs: list, attrs: dict) -> list:
+    """ONNX Split: sizes from the `split` input, else `num_outputs` chunks of ceil(size / n),
+    the last one what is left."""
+    x, axis = inputs[0], int(attrs.get("axis", 0))
+    if len(inputs) > 1 and inputs[1] is not None:
+        return list(torch.split(x, [int(s) for s in inputs[1].tolist()], dim=axis))
+    if "num_outputs" not in attrs:
+        raise UnsupportedGraphError("Split needs a `split` input or `num_outputs` (opset 18)")
+    chunks, size = int(attrs["num_outputs"]), x.shape[axis]
+    sizes = [-(-size // chunks)] * (chunks - 1)  # ONNX's reference: the rest goes last
+    return list(torch.split(x, [*sizes, size - sum(sizes)], dim=axis))
+
+
+def _transpose(inputs: list, attrs: dict) -> list:
+    x = inputs[0]
+    perm = [int(p) for p in attrs.get("perm", range(x.dim() - 1, -1, -1))]
+    return [x.permute(perm)]
+
+
 OPS: dict[str, Op] = {
     "Add": lambda i, a: [i[0] + i[1]],
     "Sub": lambda i, a: [i[0] - i[1]],
@@ -223,6 +242,9 @@ OPS: dict[str, Op] = {
     "GlobalAveragePool": lambda i, a: [i[0].mean(dim=(2, 3), keepdim=True)],
     "ReduceMean": _reduce_mean,
     "Reshape": _reshape,
+    "Concat": lambda i, a: [torch.cat([t for t in i if t is not None], dim=int(a["axis"]))],
+    "Split": _split,  # with Concat and Transpose: ShuffleNet's channel shuffle and split
+    "Transpose": _transpose,
     "Flatten": _flatten,
     "Gemm": _gemm,
     "MatMul": lambda i, a: [i[0] @ i[1]],
