@@ -70,6 +70,9 @@ class VerifyConfig:
         "ONNX Runtime on the clean images first); gradients always come from model.onnx")
     parity_atol: float = option(
         1e-4, 'largest |logit difference| allowed between the re-imported graph and ONNX Runtime')
+    parity_rtol: float = option(
+        1e-6, "plus this fraction of the largest |logit| (float32 rounding grows with the "
+        "logits; export's gate allows the same)")
     seed: int = option(0, "seed of the attacks' randomness")
     examples: int = option(8, 'images in the example grid')
     out: str | None = option(
@@ -101,6 +104,8 @@ class VerifyConfig:
             raise VerifyError(f"p_init must be in (0, 1], got {self.p_init}")
         if self.min_robust is not None and not 0 <= self.min_robust <= 100:
             raise VerifyError(f"min_robust is a percentage in [0, 100], got {self.min_robust}")
+        if not 0 <= self.parity_rtol < 1:
+            raise VerifyError(f"parity_rtol must be in [0, 1), got {self.parity_rtol}")
         if self.tolerance < 0 or self.parity_atol <= 0 or self.examples < 0:
             raise VerifyError("tolerance and examples must be >= 0 and parity_atol > 0")
         return self

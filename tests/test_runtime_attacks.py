@@ -121,3 +121,22 @@ def test_pgd_on_the_reimport_is_as_strong_as_on_the_network(digits_model, tmp_pa
     assert acc_art <= acc_net + 1 / len(y)
     assert acc_art < accuracy(run_logits(session, x.numpy()), y_np)  # it did attack
     assert (x_art - x).abs().max() <= eps + 1e-6
+
+
+def test_fidelity_limit_grows_with_the_logits():
+    """Verify's re-import check allows float32 rounding that grows with the logits (atol +
+    rtol x largest |logit|, export's rule), and still stops a real drift."""
+    from dnr_deploy.runtime.verify import VerifyConfig, _parity
+
+    x = torch.zeros(4, 3)
+    big = np.full((4, 2), 1e8, np.float32)
+    config = VerifyConfig()
+
+    def off_by(delta: float):
+        return lambda images: torch.from_numpy(big[: len(images)] + np.float32(delta))
+
+    assert _parity(off_by(8.0), x, big, config, "clean", 1e-4) == pytest.approx(8.0)
+    with pytest.raises(VerifyCheckFailed, match="largest"):
+        _parity(off_by(1e3), x, big, config, "clean", 1e-4)
+    with pytest.raises(VerifyCheckFailed):
+        _parity(off_by(8.0), x, big, VerifyConfig(parity_rtol=0.0), "clean", 1e-4)

@@ -183,7 +183,7 @@ def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
     if graph is not None:
         fidelity["adversarial_max_abs"] = _parity(graph, result.x_adv, adv_logits, config,
                                                   "adversarial", atol)
-        fidelity["atol"] = atol
+        fidelity["atol"], fidelity["rtol"] = atol, config.parity_rtol
     perturbation = check_perturbation(adv_np, x_np, eps)
     sanity = run_checks(graph, score, x, y, eps, result)
     pred_clean, pred_adv = clean_logits.argmax(1), adv_logits.argmax(1)
@@ -197,16 +197,20 @@ def _parity(graph, x: torch.Tensor, ort_logits: np.ndarray, config: VerifyConfig
     """Max |re-imported graph - ONNX Runtime| over the images.
 
     Raises:
-        VerifyCheckFailed: beyond `parity_atol`: the gradients would not be the artifact's.
+        VerifyCheckFailed: beyond `atol` + `parity_rtol` x the largest |logit|: the
+            gradients would not be the artifact's.
     """
     with torch.no_grad():
         ours = torch.cat([graph(x[b:b + config.batch_size])
                           for b in range(0, len(x), config.batch_size)]).numpy()
     diff = float(np.abs(ours.astype(np.float64) - ort_logits).max()) if len(ours) else 0.0
-    if not diff <= atol:
+    scale = float(np.abs(ort_logits).max()) if len(ours) else 0.0
+    limit = atol + config.parity_rtol * scale  # the same rule as export's parity gate
+    if not diff <= limit:
         raise VerifyCheckFailed(
             f"the PyTorch re-import of model.onnx differs from ONNX Runtime by {diff:.3g} "
-            f"(limit {atol:g}) on the {what} images: its gradients would not be "
+            f"(limit {limit:.3g}: {atol:g} + {config.parity_rtol:g} x largest |logit| "
+            f"{scale:.3g}) on the {what} images: its gradients would not be "
             "the artifact's, so verify stopped"
         )
     return diff
