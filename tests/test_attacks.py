@@ -43,3 +43,20 @@ def test_pgd_leaves_model_mode_and_parameter_grads_alone():
     pgd(model, x, y, eps=0.1, step_size=0.05, steps=2)
     assert model.training
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_square_reports_progress_while_images_resist():
+    """A long Square run is not silent: a line every 250 queries while images are left."""
+    import numpy as np
+
+    from dnr_deploy.attacks.square import square_attack
+
+    def stubborn(images: np.ndarray) -> np.ndarray:  # class 0 always wins by far
+        logits = np.zeros((len(images), 3), np.float32)
+        logits[:, 0] = 100.0
+        return logits
+
+    lines: list[str] = []
+    x = np.full((2, 1, 4, 4), 0.5, np.float32)
+    square_attack(stubborn, x, np.zeros(2, np.int64), 0.1, n_queries=600, progress=lines.append)
+    assert lines == ["251/600 queries, 2/2 images left", "501/600 queries, 2/2 images left"]

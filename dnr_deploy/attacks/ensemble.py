@@ -173,8 +173,11 @@ def _run_member(member: AttackName, model, score, x, y, x_np, y_np, eps: float,
     if member is AttackName.SQUARE:
         for begin in range(0, len(todo), config.batch_size):
             rows = todo[begin:begin + config.batch_size]
+            batch = f"square batch {begin // config.batch_size + 1}/" \
+                    f"{-(-len(todo) // config.batch_size)}: "
             found = square_attack(score, x_np[rows], y_np[rows], eps, config.square_queries,
-                                  config.square_p_init, config.seed * 1_000_003 + int(rows[0]))
+                                  config.square_p_init, config.seed * 1_000_003 + int(rows[0]),
+                                  progress and (lambda line, batch=batch: progress(batch + line)))
             _keep_breaks(result, rows, torch.from_numpy(found.x_adv), score, y_np)
         return len(todo)
     for restart in range(config.restarts if member is AttackName.APGD_CE else 1):
@@ -190,6 +193,10 @@ def _run_member(member: AttackName, model, score, x, y, x_np, y_np, eps: float,
                 x_adv = apgd(model, xb, yb, eps, config.apgd_steps,
                              seed=config.seed + 7919 * restart, indices=index).x_adv
             _keep_breaks(result, rows, x_adv, score, y_np)
+            if progress:
+                progress(f"{member.value} batch {begin // config.batch_size + 1}/"
+                         f"{-(-len(rows_left) // config.batch_size)}: robust "
+                         f"{100 * result.robust_accuracy:.2f}% so far")
     return len(todo)
 
 

@@ -58,7 +58,7 @@ def margin_loss(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def square_attack(
     query: QueryFn, x: np.ndarray, y: np.ndarray, eps: float, n_queries: int = 5000,
-    p_init: float = 0.8, seed: int = 0,
+    p_init: float = 0.8, seed: int = 0, progress: Callable[[str], None] | None = None,
 ) -> SquareResult:
     """Untargeted L-infinity Square Attack on a batch.
 
@@ -73,6 +73,7 @@ def square_attack(
         n_queries: query budget per image (the clean query included).
         p_init: initial fraction of the image one square covers.
         seed: seed of the attack's own generator.
+        progress: called with a short line every 250 queries (a long attack is not silent).
 
     Raises:
         ValueError: eps outside (0, 1], a budget below 2 queries, or p_init outside (0, 1].
@@ -102,6 +103,8 @@ def square_attack(
         todo = np.flatnonzero(margin > 0)
         if todo.size == 0:
             break
+        if progress and iteration % 250 == 249:
+            progress(f"{iteration + 2}/{n_queries} queries, {todo.size}/{len(x)} images left")
         x_new = _propose(x[todo], x_best[todo], eps32, p_selection(p_init, iteration, n_queries),
                          rng)
         candidate = margin_loss(query(x_new), y[todo])
