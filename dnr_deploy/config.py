@@ -68,7 +68,8 @@ def add_dataclass_flags(
         flag = "--" + field.name.replace("_", "-")
         kind = field_type(cls, field.name)
         text = field.metadata.get("help") or (help_text or {}).get(field.name, "")
-        if field.default not in (None, False) and "default" not in text:
+        # `is`, not `in (None, False)`: 0 == False would hide a default of 0 (--seed)
+        if field.default is not None and field.default is not False and "default" not in text:
             text += f" (default: {field.default})"
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)

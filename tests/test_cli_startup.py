@@ -53,3 +53,12 @@ def test_settings_are_the_same_classes_everywhere():
         vocabulary.Granularity, vocabulary.Init, vocabulary.Redistribution,
         vocabulary.DatasetName, vocabulary.Method, vocabulary.ReduceRange,
         vocabulary.AttackName)
+
+
+def test_help_shows_a_default_of_zero():
+    """A default of 0 is shown (0 == False once hid it); None and False never are."""
+    from dnr_deploy.cli import build_compress_parser
+
+    text = " ".join(build_compress_parser().format_help().split())
+    assert "(default: 0)" in text  # --seed
+    assert "(default: None)" not in text and "(default: False)" not in text
