@@ -5,18 +5,22 @@ models learn in one short epoch.
 
     .venv/bin/python benchmarks/torchvision_models.py                 # every classifier
     .venv/bin/python benchmarks/torchvision_models.py --models resnet18 mobilenet_v2
+
+Models run smallest first, and the results file is rewritten after each one, so an interrupted
+sweep resumes where it stopped (`--resume`; `--retry-failed` re-runs the rows that failed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torchvision
-from common import write_results
+from common import RESULTS, write_results
 
 from dnr_deploy import CompressConfig, compress
 from dnr_deploy.data import SPECS, DatasetName
@@ -66,6 +70,23 @@ def pipeline(name: str, granularity: str, folder: Path) -> dict:
     return row
 
 
+def parameter_count(name: str) -> int:
+    """Parameters of the 10-class model, counted without allocating them where possible."""
+    try:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    except Exception:  # some builders compute on tensors at build time; build them for real
+        model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    return sum(p.numel() for p in model.parameters())
+
+
+def finished(row: dict, granularities: list[str], retry_failed: bool) -> bool:
+    """Whether a model's earlier row answers this sweep (a build failure is final)."""
+    if not row.get("builds"):
+        return True
+    return all(g in row and (row[g]["passed"] or not retry_failed) for g in granularities)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+",
@@ -73,23 +94,36 @@ def main() -> None:
     parser.add_argument("--granularities", nargs="+", default=["irregular", "channel"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="torchvision_models")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of an earlier results file of this name")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="with --resume, run the granularities that failed again")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results: dict = {}
-    for name in args.models:
+    earlier = RESULTS / f"{args.name}.json"
+    if args.resume and earlier.exists():
+        results = json.loads(earlier.read_text())["models"]
+    sizes = {name: parameter_count(name) for name in args.models}
+    for name in sorted(args.models, key=sizes.__getitem__):
+        row = results.get(name, {})
+        if finished(row, args.granularities, args.retry_failed):
+            continue
         error = try_build(name)
-        results[name] = {"builds": error is None, "build_error": error}
+        row.update(builds=error is None, build_error=error, dense_params=sizes[name])
+        results[name] = row
         if error:
             print(f"{name:<22} does not build at 1x8x8: {error}", flush=True)
-            continue
-        for granularity in args.granularities:
+        for granularity in args.granularities if not error else []:
+            if granularity in row and (row[granularity]["passed"] or not args.retry_failed):
+                continue
             with tempfile.TemporaryDirectory() as tmp:
-                row = pipeline(name, granularity, Path(tmp))
-            results[name][granularity] = row
-            verdict = ("passed" if row["passed"]
-                       else f"failed at {row['failed_at']}: {row['error']}")
+                row[granularity] = pipeline(name, granularity, Path(tmp))
+            verdict = ("passed" if row[granularity]["passed"] else
+                       f"failed at {row[granularity]['failed_at']}: {row[granularity]['error']}")
             print(f"{name:<22} {granularity:<9} {verdict}", flush=True)
-    write_results(args.name, {"args": vars(args), "models": results})
+            write_results(args.name, {"args": vars(args), "models": results})
+        write_results(args.name, {"args": vars(args), "models": results})
 
 
 if __name__ == "__main__":
