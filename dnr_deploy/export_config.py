@@ -38,6 +38,10 @@ class ExportConfig:
     parity_rtol: float = option(
         1e-6, "plus this fraction of the largest |logit|: float32 rounding grows with the "
         "logits, which a barely trained network can push to 1e8")
+    parity_rounding_factor: float = option(
+        10.0, "or, if larger, this many times PyTorch's own float32 rounding on the parity "
+        "images (|float32 - float64| logits): rounding grows with a network's activations, "
+        "which can dwarf its logits")
     shrink_atol: float = option(
         1e-5, 'largest |logit difference| allowed between shrunk and masked network')
     quantize: str | None = option(
@@ -82,6 +86,9 @@ class ExportConfig:
             raise ExportError(f"int8_max_drop must be >= 0, got {self.int8_max_drop}")
         if not 0 <= self.parity_rtol < 1:
             raise ExportError(f"parity_rtol must be in [0, 1), got {self.parity_rtol}")
+        if not 0 <= self.parity_rounding_factor <= 1000:
+            raise ExportError("parity_rounding_factor must be in [0, 1000], got "
+                              f"{self.parity_rounding_factor}")
         for name in ("parity_atol", "shrink_atol", "int8_atol"):
             if not getattr(self, name) > 0:
                 raise ExportError(f"{name} must be positive, got {getattr(self, name)}")

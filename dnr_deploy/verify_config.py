@@ -73,6 +73,9 @@ class VerifyConfig:
     parity_rtol: float = option(
         1e-6, "plus this fraction of the largest |logit| (float32 rounding grows with the "
         "logits; export's gate allows the same)")
+    parity_rounding_factor: float = option(
+        10.0, "or, if larger, this many times the re-import's own float32 rounding "
+        "(|float32 - float64| logits), export's rule")
     seed: int = option(0, "seed of the attacks' randomness")
     examples: int = option(8, 'images in the example grid')
     out: str | None = option(
@@ -106,6 +109,9 @@ class VerifyConfig:
             raise VerifyError(f"min_robust is a percentage in [0, 100], got {self.min_robust}")
         if not 0 <= self.parity_rtol < 1:
             raise VerifyError(f"parity_rtol must be in [0, 1), got {self.parity_rtol}")
+        if not 0 <= self.parity_rounding_factor <= 1000:
+            raise VerifyError("parity_rounding_factor must be in [0, 1000], got "
+                              f"{self.parity_rounding_factor}")
         if self.tolerance < 0 or self.parity_atol <= 0 or self.examples < 0:
             raise VerifyError("tolerance and examples must be >= 0 and parity_atol > 0")
         return self

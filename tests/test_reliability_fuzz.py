@@ -125,7 +125,7 @@ def stubs(monkeypatch, tmp_path):
 def fast_build(monkeypatch, tmp_path):
     """Export builds a stand-in artifact in milliseconds; everything after the build (sizes,
     manifest, rename, summary) runs for real on the fuzzed run.json."""
-    def build(source, x, reference, work, *args):
+    def build(source, x, reference, limit, work, *args):
         (work / "model.onnx").write_bytes(b"stand-in")
         return source.model, {"onnx_vs_torch_max_abs": 0.0, "argmax_agree": len(x)}, {}
 

@@ -135,7 +135,7 @@ def test_fidelity_limit_grows_with_the_logits():
     def off_by(delta: float):
         return lambda images: torch.from_numpy(big[: len(images)] + np.float32(delta))
 
-    assert _parity(off_by(8.0), x, big, config, "clean", 1e-4) == pytest.approx(8.0)
+    assert _parity(off_by(8.0), x, big, config, "clean", 1e-4)[0] == pytest.approx(8.0)
     with pytest.raises(VerifyCheckFailed, match="largest"):
         _parity(off_by(1e3), x, big, config, "clean", 1e-4)
     with pytest.raises(VerifyCheckFailed):

@@ -29,6 +29,7 @@ from dnr_deploy.export.errors import ExportCheckFailed, ExportError
 from dnr_deploy.export.source import SourceRun, load_source
 from dnr_deploy.export_config import ExportConfig, ExportFormat  # noqa: F401  (re-exported)
 from dnr_deploy.files import FolderTaken, publish_folder
+from dnr_deploy.parity import ParityLimit, parity_limit
 from dnr_deploy.progress import terminal_progress
 from dnr_deploy.sizes import size_figures
 from dnr_deploy.sparsity import surgery
@@ -77,6 +78,8 @@ def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployRe
     bundle = _load_bundle(source.run, config) if needs_images else None
     x, y = test_subset(bundle, config.parity_samples) if bundle is not None else (None, None)
     reference = onnx_io.torch_logits(source.model, x) if needs_images else None
+    limit = parity_limit(source.model, x, reference, config.parity_atol, config.parity_rtol,
+                         config.parity_rounding_factor) if needs_images else None
     out.parent.mkdir(parents=True, exist_ok=True)
     say = terminal_progress("dnr-export: ") or (lambda line: None)
     say(f"building the {_granularity_name(source)} artifacts and their parity gates "
@@ -84,9 +87,10 @@ def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployRe
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         if source.granularity is Granularity.IRREGULAR:
-            deployed, parity, extra = _build_irregular(source, x, reference, work, fmt, config)
+            deployed, parity, extra = _build_irregular(source, x, reference, limit, work, fmt,
+                                                       config)
         else:
-            deployed, parity, extra = _build_dense_net(source, x, reference, work, config)
+            deployed, parity, extra = _build_dense_net(source, x, reference, limit, work, config)
             if config.quantize:
                 say(f"int8: calibrating on {config.calibration_images} training images, "
                     "then its two gates")
@@ -97,9 +101,10 @@ def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployRe
             if not baseline.exists():  # an irregular build already kept its dense ONNX
                 _write_onnx(source.model, source.example, baseline, config)
             parity["baseline_vs_torch_max_abs"] = _gate(
-                baseline, x, reference, config).max_abs
+                baseline, x, reference, limit).max_abs
         if needs_images:
             parity["n_images"] = len(x)
+            parity["limit"] = limit.record()
         figures = {**_size_figures(source, deployed), **extra, "parity": parity,
                    "export_seconds": round(time.perf_counter() - start, 3)}
         say("manifest.json: hashing every file, then checking it as the later stages will")
@@ -119,7 +124,7 @@ def _granularity_name(source: SourceRun) -> str:
     return source.granularity.value if source.granularity else DENSE
 
 
-def _build_dense_net(source, x, reference, work, config) -> tuple[nn.Module, dict, dict]:
+def _build_dense_net(source, x, reference, limit, work, config) -> tuple[nn.Module, dict, dict]:
     """Channel and dense runs: a dense network (shrunk for channel runs) as ONNX + weights."""
     if source.granularity is Granularity.CHANNEL:
         groups = list(source.layout.groups.values())
@@ -136,12 +141,13 @@ def _build_dense_net(source, x, reference, work, config) -> tuple[nn.Module, dic
         net, history, parity = source.model, [], {}
     channel.save_state(work, net, history)
     _write_onnx(net, source.example, work / names.MODEL_FILE, config)
-    result = _gate(work / names.MODEL_FILE, x, reference, config)
+    result = _gate(work / names.MODEL_FILE, x, reference, limit)
     parity.update(onnx_vs_torch_max_abs=result.max_abs, argmax_agree=result.argmax_agree)
     return net, parity, {}
 
 
-def _build_irregular(source, x, reference, work, fmt, config) -> tuple[nn.Module, dict, dict]:
+def _build_irregular(source, x, reference, limit, work, fmt,
+                     config) -> tuple[nn.Module, dict, dict]:
     """Irregular runs: the CSR bundle (round trip checked exactly), then the sparse ONNX."""
     header = {key: source.run[key] for key in ("model", "input_shape", "mean", "std")}
     state = source.model.state_dict()
@@ -160,7 +166,7 @@ def _build_irregular(source, x, reference, work, fmt, config) -> tuple[nn.Module
             shutil.copyfile(path, work / names.BASELINE_FILE)
         # The very last transformation: the exporter's optimizer would not keep sparse tensors.
         extra["sparse_initializers"] = onnx_io.sparsify_initializers(path, set(source.masks))
-        result = _gate(path, x, reference, config)
+        result = _gate(path, x, reference, limit)
         parity.update(onnx_vs_torch_max_abs=result.max_abs, argmax_agree=result.argmax_agree)
     return source.model, parity, extra
 
@@ -177,12 +183,12 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, config) -> 
 
 
 def _gate(path: Path, x: torch.Tensor, reference: np.ndarray,
-          config: ExportConfig) -> onnx_io.Parity:
+          limit: ParityLimit) -> onnx_io.Parity:
     """onnx.checker, then ONNX Runtime against the masked PyTorch network.
 
     Raises:
-        ExportCheckFailed: invalid ONNX, a logit further than parity_atol + parity_rtol x the
-            largest |logit|, or a different argmax.
+        ExportCheckFailed: invalid ONNX, a logit further than `limit` (`dnr_deploy.parity`),
+            or a different argmax.
     """
     import onnx
 
@@ -192,13 +198,10 @@ def _gate(path: Path, x: torch.Tensor, reference: np.ndarray,
         first = str(err).strip().splitlines()[0] if str(err).strip() else "invalid"
         raise ExportCheckFailed(f"{path.name} fails onnx.checker: {first}") from None
     result = onnx_io.compare_logits(reference, onnx_io.run_session(onnx_io.open_session(path), x))
-    scale = float(np.abs(reference).max()) if reference.size else 0.0
-    limit = config.parity_atol + config.parity_rtol * scale
-    if not result.passes(limit):
+    if not result.passes(limit.limit):
         raise ExportCheckFailed(
             f"parity gate failed for {path.name}: ONNX Runtime differs from PyTorch by up to "
-            f"{result.max_abs:.3g} (limit {limit:.3g}: {config.parity_atol:g} + "
-            f"{config.parity_rtol:g} x largest |logit| {scale:.3g}), same argmax on "
+            f"{result.max_abs:.3g} ({limit.describe()}), same argmax on "
             f"{result.argmax_agree}/{result.n_images} test images; nothing was written"
         )
     return result

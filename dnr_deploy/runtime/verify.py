@@ -26,6 +26,7 @@ from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.evaluation import protocol, terminal_progress
+from dnr_deploy.parity import ParityLimit, parity_limit
 from dnr_deploy.runtime import plots, verdict
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.runtimes import (
@@ -175,15 +176,15 @@ def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
     clean_logits = score(x_np)
     fidelity = {}
     if graph is not None:
-        fidelity["clean_max_abs"] = _parity(graph, x, clean_logits, config, "clean", atol)
+        fidelity["clean_max_abs"], _ = _parity(graph, x, clean_logits, config, "clean", atol)
     result = run_ensemble(graph, x, y, eps, config.ensemble(), score=score,
                           progress=terminal_progress("dnr-verify: "), transfer=transfer)
     adv_np = result.x_adv.numpy().astype(np.float32)
     adv_logits = score(adv_np)
     if graph is not None:
-        fidelity["adversarial_max_abs"] = _parity(graph, result.x_adv, adv_logits, config,
-                                                  "adversarial", atol)
-        fidelity["atol"], fidelity["rtol"] = atol, config.parity_rtol
+        fidelity["adversarial_max_abs"], limit = _parity(graph, result.x_adv, adv_logits,
+                                                         config, "adversarial", atol)
+        fidelity.update(limit.record())
     perturbation = check_perturbation(adv_np, x_np, eps)
     sanity = run_checks(graph, score, x, y, eps, result)
     pred_clean, pred_adv = clean_logits.argmax(1), adv_logits.argmax(1)
@@ -193,27 +194,27 @@ def _attack(session, graph, x: torch.Tensor, y: torch.Tensor, eps: float,
 
 
 def _parity(graph, x: torch.Tensor, ort_logits: np.ndarray, config: VerifyConfig,
-            what: str, atol: float) -> float:
-    """Max |re-imported graph - ONNX Runtime| over the images.
+            what: str, atol: float) -> tuple[float, ParityLimit]:
+    """Max |re-imported graph - ONNX Runtime| over the images, and the limit it was held to.
 
     Raises:
-        VerifyCheckFailed: beyond `atol` + `parity_rtol` x the largest |logit|: the
-            gradients would not be the artifact's.
+        VerifyCheckFailed: beyond the limit of `dnr_deploy.parity` (atol plus the larger of
+            rtol x the largest |logit| and the re-import's own float32 rounding x a factor):
+            the gradients would not be the artifact's.
     """
     with torch.no_grad():
         ours = torch.cat([graph(x[b:b + config.batch_size])
                           for b in range(0, len(x), config.batch_size)]).numpy()
     diff = float(np.abs(ours.astype(np.float64) - ort_logits).max()) if len(ours) else 0.0
-    scale = float(np.abs(ort_logits).max()) if len(ours) else 0.0
-    limit = atol + config.parity_rtol * scale  # the same rule as export's parity gate
-    if not diff <= limit:
+    limit = parity_limit(graph, x, ours, atol, config.parity_rtol, config.parity_rounding_factor,
+                         config.batch_size)  # the same rule as export's parity gate
+    if not diff <= limit.limit:
         raise VerifyCheckFailed(
             f"the PyTorch re-import of model.onnx differs from ONNX Runtime by {diff:.3g} "
-            f"(limit {limit:.3g}: {atol:g} + {config.parity_rtol:g} x largest |logit| "
-            f"{scale:.3g}) on the {what} images: its gradients would not be "
+            f"({limit.describe()}) on the {what} images: its gradients would not be "
             "the artifact's, so verify stopped"
         )
-    return diff
+    return diff, limit
 
 
 def _threat_model(manifest: dict, config: VerifyConfig) -> tuple[float, dict]:
