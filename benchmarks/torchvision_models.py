@@ -82,7 +82,9 @@ def parameter_count(name: str) -> int:
 
 def finished(row: dict, granularities: list[str], retry_failed: bool) -> bool:
     """Whether a model's earlier row answers this sweep (a build failure is final)."""
-    if not row.get("builds"):
+    if not row:
+        return False
+    if not row["builds"]:
         return True
     return all(g in row and (row[g]["passed"] or not retry_failed) for g in granularities)
 
