@@ -1,8 +1,9 @@
 """dnr-deploy: robust pruning by Dynamic Network Rewiring, and verified deployment of the result.
 
 `dnr_deploy.compress(CompressConfig(...))` does exactly what `dnr-compress` does, and
-`dnr_deploy.export_run(ExportConfig(...))` what `dnr-export` does; both also take a module
-(`model=`), and compress takes datasets (README, "Bring your own model").
+`dnr_deploy.export_run(ExportConfig(...))` what `dnr-export` does, `dnr_deploy.verify(
+VerifyConfig(...))` what `dnr-verify` does; compress and export also take a module (`model=`),
+and all three take datasets (README, "Bring your own model").
 """
 
 from __future__ import annotations
@@ -12,18 +13,21 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dnr_deploy.export import ExportConfig, export_run
+    from dnr_deploy.runtime.verify import VerifyConfig, verify
     from dnr_deploy.trainer import compress
     from dnr_deploy.training import CompressConfig, Run
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressConfig", "ExportConfig", "Run", "__version__", "compress", "export_run"]
+__all__ = ["CompressConfig", "ExportConfig", "Run", "VerifyConfig", "__version__", "compress",
+           "export_run", "verify"]
 
 # Resolved on first use (PEP 562), so that `import dnr_deploy.summary` or a CLI's `--help` does
 # not pay for importing torch.
 _LAZY = {"compress": "dnr_deploy.trainer", "CompressConfig": "dnr_deploy.compress_config",
          "Run": "dnr_deploy.training", "export_run": "dnr_deploy.export",
-         "ExportConfig": "dnr_deploy.export"}
+         "ExportConfig": "dnr_deploy.export", "verify": "dnr_deploy.runtime.verify",
+         "VerifyConfig": "dnr_deploy.verify_config"}
 
 
 def __getattr__(name: str):

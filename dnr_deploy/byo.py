@@ -7,9 +7,10 @@ that is a `MODULE:FACTORY` or `torchvision:NAME` spec building the same paramete
 Either way it sits behind the dataset's normalization, as every built model does.
 
 Data stand in for the splits of `config.dataset`, whose spec (image shape, class count,
-mean/std, threat model) the run records: export's parity gate and dnr-verify read that
-dataset's test split. A DataLoader is read for its dataset; batches and their order come from
-the config (seeded, so that a resumed run sees the same batches).
+mean/std, threat model) the run records. Export's parity gate and verify read that dataset's
+test split, or `test_data` given to `export_run` and `verify` again. A DataLoader is read for
+its dataset; batches and their order come from the config (seeded, so that a resumed run sees
+the same batches).
 """
 
 from __future__ import annotations
@@ -133,6 +134,17 @@ def with_data(config: CompressConfig, train_data: object, test_data: object,
     return DataBundle(splits["train"], splits["test"], spec, passed)
 
 
+def api_test_split(dataset: str, test_data: object) -> DataBundle:
+    """`test_data` as the test split of `dataset`, for export's parity gate and verify (the
+    spec checks its first item as compress does); no training split.
+
+    Raises:
+        DataError: as `with_data`, or an unknown dataset name.
+    """
+    spec = SPECS[parse_dataset(dataset)]
+    return DataBundle(None, _as_dataset(test_data, "test", spec, None), spec, ("test",))
+
+
 def check_distributed(context: DistContext, train_data: object, test_data: object) -> None:
     """Raises:
         ConfigError: a DataLoader under torchrun (its sampler would not shard the data)."""
@@ -141,7 +153,8 @@ def check_distributed(context: DistContext, train_data: object, test_data: objec
                           "reads its own shard of them, which a DataLoader's sampler would not")
 
 
-def _as_dataset(data: object, split: str, spec: DatasetSpec, config: CompressConfig) -> Dataset:
+def _as_dataset(data: object, split: str, spec: DatasetSpec,
+                config: CompressConfig | None) -> Dataset:
     name = f"{split}_data"
     if isinstance(data, DataLoader):
         if split == "train" and data.batch_size != config.batch_size:

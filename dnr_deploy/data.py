@@ -61,7 +61,7 @@ class DataError(ValueError):
 
 @dataclass
 class DataBundle:
-    train: Dataset
+    train: Dataset | None  # None: a test split alone (`byo.api_test_split`)
     test: Dataset
     spec: DatasetSpec
     from_api: tuple[str, ...] = ()  # splits passed to dnr_deploy.compress() (see byo.py)

@@ -95,6 +95,30 @@ def test_readme_example_compresses_exports_and_verifies(example):
     assert result.report["fidelity"]
 
 
+def test_export_and_verify_read_your_test_data(example, tmp_path):
+    """export_run's parity gates and verify take the user's test data instead of the named
+    dataset's test split; data of the wrong shape is one DataError, nothing written."""
+    _, mine = digits_sets(0, 40)
+    deployed = export_run(ExportConfig(run_dir=str(example["run"].dir), out=str(tmp_path / "d")),
+                          model=example["TwoBranch"](), test_data=mine)
+    assert deployed.manifest["parity"]["n_images"] == deployed.manifest["parity"][
+        "argmax_agree"] == 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VerifyWarning)
+        report = dnr_deploy.verify(VerifyConfig(deploy_dir=str(deployed.dir), attack="pgd",
+                                                steps=2, n=40, no_gate=True, examples=0),
+                                   test_data=DataLoader(mine, batch_size=8)).report
+    assert report["images"]["of"] == report["images"]["first"] == 40
+    assert report["images"]["split"] == "test_data (Python API)"
+    wrong = TensorDataset(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(DataError, match=r"test_data\[0\]'s image must be a float32 tensor"):
+        export_run(ExportConfig(run_dir=str(example["run"].dir), out=str(tmp_path / "e")),
+                   model=example["TwoBranch"](), test_data=wrong)
+    assert not (tmp_path / "e").exists()
+    with pytest.raises(DataError, match=r"test_data"):
+        dnr_deploy.verify(VerifyConfig(deploy_dir=str(deployed.dir)), test_data=wrong)
+
+
 def test_export_without_the_module_says_what_to_pass(example, tmp_path):
     with pytest.raises(ExportError, match=r"model=") as caught:
         export_run(ExportConfig(run_dir=str(example["run"].dir), out=str(tmp_path / "d")))

@@ -42,13 +42,18 @@ class DeployResult:
     manifest: dict
 
 
-def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployResult:
+def export_run(config: ExportConfig, model: nn.Module | None = None,
+               test_data: object = None) -> DeployResult:
     """Export the run `config` names into a checked deploy dir. `dnr-export` does exactly this.
 
     Args:
         model: the run's architecture as a module, into which the checkpoint is loaded (in
             place) instead of rebuilding run.json's model: needed for a run trained on a
             module passed to `dnr_deploy.compress(model=...)` (`load_source`).
+        test_data: a torch Dataset (or DataLoader) of the run dataset's image shape whose first
+            `parity_samples` images the parity gates use instead of the dataset's test split
+            (checked as `dnr_deploy.compress` checks it). int8 still calibrates on the dataset's
+            training split.
 
     Raises:
         ExportError, CheckpointError, DataError: bad input; nothing is written.
@@ -75,8 +80,10 @@ def export_run(config: ExportConfig, model: nn.Module | None = None) -> DeployRe
     _check_out(out, run_dir, config.force)
     # Test images for the parity gates (a CSR bundle alone is checked bit for bit instead).
     needs_images = fmt is ExportFormat.ONNX or config.baseline
-    bundle = _load_bundle(source.run, config) if needs_images else None
-    x, y = test_subset(bundle, config.parity_samples) if bundle is not None else (None, None)
+    bundle = _load_bundle(source.run, config) if needs_images and (
+        test_data is None or config.quantize) else None
+    images = _api_test_split(source.run, test_data) if test_data is not None else bundle
+    x, y = test_subset(images, config.parity_samples) if needs_images else (None, None)
     reference = onnx_io.torch_logits(source.model, x) if needs_images else None
     limit = parity_limit(source.model, x, reference, config.parity_atol, config.parity_rtol,
                          config.parity_rounding_factor) if needs_images else None
@@ -205,6 +212,12 @@ def _gate(path: Path, x: torch.Tensor, reference: np.ndarray,
             f"{result.argmax_agree}/{result.n_images} test images; nothing was written"
         )
     return result
+
+
+def _api_test_split(run: dict, test_data: object):
+    from dnr_deploy.byo import api_test_split
+
+    return api_test_split((run.get("config") or {}).get("dataset", ""), test_data)
 
 
 def _load_bundle(run: dict, config: ExportConfig):

@@ -88,8 +88,13 @@ def check_perturbation(x_adv: np.ndarray, x: np.ndarray, eps: float) -> dict:
     return figures
 
 
-def verify(config: VerifyConfig) -> VerifyResult:
+def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
     """Attack the deploy dir `config` names and gate on the result.
+
+    Args:
+        test_data: a torch Dataset (or DataLoader) of the deployed dataset's image shape to
+            attack instead of that dataset's test split (the Python API's way to verify on
+            your own images; checked as `dnr_deploy.compress` checks it).
 
     Raises:
         VerifyError, DeployDirError, ManifestError, SessionError, DataError,
@@ -103,7 +108,12 @@ def verify(config: VerifyConfig) -> VerifyResult:
         warnings.simplefilter("always")
         eps, threat = _threat_model(deploy.manifest, config)
         source = deploydir.find_dataset(deploy, config.dataset, config.data_dir)
-        bundle = load_data(source.dataset, source.data_dir)
+        if test_data is None:
+            bundle = load_data(source.dataset, source.data_dir)
+        else:
+            from dnr_deploy.byo import api_test_split
+
+            bundle = api_test_split(source.dataset, test_data)
         recorded = (deploy.manifest.get("robustness") or {}).get("images")
         x, y = test_subset(bundle, config.n or recorded)
         session, info = create_session(deploy.file(deploydir.MODEL_FILE), config.provider,
@@ -125,7 +135,8 @@ def verify(config: VerifyConfig) -> VerifyResult:
         warnings.warn(text, VerifyWarning, stacklevel=2)
     for caught_warning in caught:
         warnings.warn(caught_warning.message, stacklevel=2)
-    report = _report(deploy, config, eps, threat, source, len(bundle.test), outcome, info)
+    report = _report(deploy, config, eps, threat, source, len(bundle.test), outcome, info,
+                     api_images=test_data is not None)
     report["runtime"] = runtime
     report["warnings"] = messages
     report["seconds"] = round(time.perf_counter() - start, 3)
@@ -246,7 +257,7 @@ def _examples(x, x_adv, y, pred_clean, pred_adv, count: int) -> tuple | None:
 
 
 def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, total: int,
-            outcome: dict, info) -> dict:
+            outcome: dict, info, api_images: bool = False) -> dict:
     manifest, result = deploy.manifest, outcome["result"]
     attack = AttackName(config.attack)
     ensemble = config.ensemble()
@@ -265,7 +276,8 @@ def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, tota
                    "scored_by": "onnxruntime" if config.runtime == Runtime.ORT
                    else "dnr_deploy.runtime.sparse"},
         "threat_model": threat,
-        "images": {"dataset": source.dataset, "dataset_from": source.origin, "split": "test",
+        "images": {"dataset": source.dataset, "dataset_from": source.origin,
+                   "split": "test_data (Python API)" if api_images else "test",
                    "first": result.count, "of": total, "subset": result.count < total},
         "accuracy": accuracy,
         "stages": [asdict(stage) for stage in result.stages],
