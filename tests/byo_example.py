@@ -26,3 +26,19 @@ def two_branch(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
 
 def not_a_module(num_classes: int = 10, in_chans: int = 3) -> str:
     return "a string"
+
+
+class AuxiliaryHead(nn.Module):
+    """Returns (logits, auxiliary logits) in training mode, as GoogLeNet does."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor):
+        logits = self.head(x)
+        return (logits, logits) if self.training else logits
+
+
+def auxiliary_head(num_classes: int, in_chans: int) -> nn.Module:
+    return AuxiliaryHead(num_classes)

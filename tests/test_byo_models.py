@@ -176,6 +176,14 @@ def test_torchvision_stem_reads_the_dataset_channels():
     assert model(torch.rand(2, 1, 8, 8)).shape == (2, 10)
 
 
+def test_auxiliary_heads_are_built_without():
+    """GoogLeNet returns auxiliary logits in training mode unless built without them."""
+    model = create_model("torchvision:googlenet", 10, 3, [0.5] * 3, [0.25] * 3,
+                         input_shape=(3, 32, 32))
+    out = model.train()(torch.rand(2, 3, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+
+
 @pytest.mark.parametrize(("spec", "expected"), [
     ("torchvision:no_such_net", "torchvision.models.list_models()"),
     ("torchvision:vgg11", "cannot run at this dataset's input size 1x8x8"),
@@ -184,6 +192,7 @@ def test_torchvision_stem_reads_the_dataset_channels():
     ("tests.byo_example:not_a_module", "returned str, not an nn.Module"),
     ("tests.byo_example:", "torchvision:NAME or MODULE:FACTORY"),
     ("alexnet", "or torchvision:NAME, or MODULE:FACTORY"),
+    ("tests.byo_example:auxiliary_head", "returns tuple in training mode"),
 ])
 def test_bad_specs_are_one_line_exit_2_and_write_nothing(in_tmp, capsys, spec, expected):
     code = compress_main(["--model", spec, "--epochs", "1"])

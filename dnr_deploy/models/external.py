@@ -19,6 +19,9 @@ TORCHVISION_PREFIX = "torchvision:"
 MODULE_RECORD = "<module: {}>"
 
 
+AUX_HEADS = ("googlenet", "inception_v3")  # torchvision classifiers with auxiliary heads
+
+
 class ModelSpecError(ValueError):
     """A model spec that names nothing buildable, or a model that cannot run at the input size."""
 
@@ -103,8 +106,12 @@ def build_external(spec: str, num_classes: int, in_chans: int) -> nn.Module:
         import torchvision.models
 
         name = _torchvision_name(spec)
+        # GoogLeNet and Inception v3 return auxiliary logits in training mode, which neither
+        # the hybrid loss nor the exported graph has a place for: build them without.
+        extra = {"aux_logits": False} if name in AUX_HEADS else {}
         try:  # weights=None: never download; every run trains from scratch
-            body = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            body = torchvision.models.get_model(name, weights=None, num_classes=num_classes,
+                                                **extra)
         except (TypeError, ValueError) as err:
             raise ModelSpecError(f"torchvision model {name!r} cannot be built: {err}") from None
         return adapt_stem(body, in_chans, spec)
@@ -145,8 +152,9 @@ def adapt_stem(body: nn.Module, in_chans: int, spec: str) -> nn.Module:
 
 def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str,
                   num_classes: int | None = None) -> None:
-    """One zero batch through `model` in eval mode, so an architecture too deep for the
-    dataset's images fails at build time with its size, not mid-training.
+    """One zero batch through `model` in eval mode (and two in training mode), so an
+    architecture too deep for the dataset's images, or one whose training output is not a
+    logits tensor, fails at build time, not mid-training.
 
     Raises:
         ModelSpecError: the forward pass fails or gives other than (1, classes) logits
@@ -171,3 +179,29 @@ def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str,
     if num_classes is not None and out.shape[1] != num_classes:
         raise ModelSpecError(f"model {spec!r} gives {out.shape[1]} logits; the dataset has "
                              f"{num_classes} classes")
+    _check_training_output(model, input_shape, spec)
+
+
+def _check_training_output(model: nn.Module, input_shape: Sequence[int], spec: str) -> None:
+    """Training mode may return something else (GoogLeNet's auxiliary logits), which the
+    hybrid loss cannot take: say so before training. Two images, since batch norm needs more
+    than one value per channel; the running statistics are put back."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as err:  # any failure of a user's forward is the same bad input
+        raise ModelSpecError(
+            f"model {spec!r} runs in eval mode but fails in training mode: "
+            f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(buffers[name])
+    if not isinstance(out, torch.Tensor):
+        raise ModelSpecError(
+            f"model {spec!r} returns {type(out).__name__} in training mode, not one logits "
+            "tensor: build it without auxiliary outputs (for torchvision, aux_logits=False)")
