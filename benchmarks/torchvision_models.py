@@ -8,6 +8,11 @@ models learn in one short epoch.
 
 Models run smallest first, and the results file is rewritten after each one, so an interrupted
 sweep resumes where it stopped (`--resume`; `--retry-failed` re-runs the rows that failed).
+On two cores, two shards run side by side and `--merge` joins their files:
+
+    python torchvision_models.py --shard 0/2 --name tv_0 --resume &
+    python torchvision_models.py --shard 1/2 --name tv_1 --resume
+    python torchvision_models.py --merge tv_0 tv_1 --name torchvision_sweep
 """
 
 from __future__ import annotations
@@ -89,6 +94,22 @@ def finished(row: dict, granularities: list[str], retry_failed: bool) -> bool:
     return all(g in row and (row[g]["passed"] or not retry_failed) for g in granularities)
 
 
+def merge(names: list[str], name: str) -> None:
+    """One results file from the shards' files, with a line per model and granularity."""
+    models: dict = {}
+    for part in names:
+        models.update(json.loads((RESULTS / f"{part}.json").read_text())["models"])
+    for model, row in sorted(models.items(), key=lambda item: item[1]["dense_params"]):
+        for granularity in ("irregular", "channel"):
+            if granularity in row:
+                cell = row[granularity]
+                print(f"{model:<22} {granularity:<9} "
+                      f"{'passed' if cell['passed'] else 'failed at ' + cell['failed_at']}")
+        if not row["builds"]:
+            print(f"{model:<22} does not build at 1x8x8")
+    write_results(name, {"merged": names, "models": models})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+",
@@ -100,14 +121,22 @@ def main() -> None:
                         help="keep the rows of an earlier results file of this name")
     parser.add_argument("--retry-failed", action="store_true",
                         help="with --resume, run the granularities that failed again")
+    parser.add_argument("--shard", default="0/1",
+                        help="K/N: run the models whose place in size order is K modulo N")
+    parser.add_argument("--merge", nargs="+", metavar="NAME",
+                        help="join these results files into --name and run nothing")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.name)
+        return
     torch.set_num_threads(args.threads)
+    shard, shards = (int(part) for part in args.shard.split("/"))
     results: dict = {}
     earlier = RESULTS / f"{args.name}.json"
     if args.resume and earlier.exists():
         results = json.loads(earlier.read_text())["models"]
     sizes = {name: parameter_count(name) for name in args.models}
-    for name in sorted(args.models, key=sizes.__getitem__):
+    for name in sorted(args.models, key=sizes.__getitem__)[shard::shards]:
         row = results.get(name, {})
         if finished(row, args.granularities, args.retry_failed):
             continue
