@@ -9,7 +9,6 @@ Under torchrun every rank trains; only rank 0 evaluates, writes files and shows 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -20,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from dnr_deploy import byo
+from dnr_deploy import byo, run_dirs
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
@@ -37,7 +36,6 @@ from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
 from dnr_deploy.sparsity.schedule import RewireSchedule
 from dnr_deploy.training import (
-    RESUME_FIXED,
     RUN_FORMAT,
     CompressConfig,
     ConfigError,
@@ -49,7 +47,6 @@ from dnr_deploy.training import (
     build_policy,
     lr_at,
     merge_resume,
-    settings_from_checkpoint,
     train_one_epoch,
 )
 
@@ -74,13 +71,13 @@ def compress(config: CompressConfig, model: nn.Module | None = None,
         config = merge_resume(config, resume_state["config"], where)
     config = byo.resolve_config(config, model)
     if resume_state is not None:
-        _check_resume(config, resume_state["config"], where)
+        run_dirs.check_resume(config, resume_state["config"], where)
     bundle = byo.with_data(config, train_data, test_data, load_data)
     module = None if model is None else byo.training_model(model, config, bundle.spec)
     context = ddp.init_distributed(config.device)
     try:
         byo.check_distributed(context, train_data, test_data)
-        run_dir = _agree_on_run_dir(context, config)
+        run_dir = run_dirs.agree_on_run_dir(context, config)
         trainer = Trainer.create(config, bundle, context, resume_state, module)
         if context.is_main:
             ckpt.remember_latest(run_dir)
@@ -89,48 +86,6 @@ def compress(config: CompressConfig, model: nn.Module | None = None,
         return trainer.run(run_dir)
     finally:
         ddp.shutdown(context)
-
-
-def _check_resume(config: CompressConfig, saved: object, where: str) -> None:
-    settings = settings_from_checkpoint(saved, where)
-    saved_resolved = byo.resolve_recorded(CompressConfig(**settings))
-    for name in RESUME_FIXED:
-        saved_value, value = getattr(saved_resolved, name), getattr(config, name)
-        if saved_value != value:
-            raise ConfigError(
-                f"--resume: the checkpoint was trained with {name}={saved_value!r}, "
-                f"not {value!r}; drop that setting to continue it"
-            )
-
-
-def _agree_on_run_dir(context: ddp.DistContext, config: CompressConfig) -> Path:
-    """Rank 0 picks (and checks) the run dir; every rank gets its choice or its error."""
-    decision: Path | str
-    try:
-        decision = _run_dir(config) if context.is_main else Path()
-    except ConfigError as err:
-        decision = str(err)
-    decision = ddp.broadcast_object(context, decision)
-    if isinstance(decision, str):
-        raise ConfigError(decision)
-    return decision
-
-
-def _run_dir(config: CompressConfig) -> Path:
-    if config.resume:
-        return ckpt.resolve_checkpoint(config.resume).parent
-    if config.out:
-        out = Path(config.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise ConfigError(
-                f"--out {str(out)!r} exists and is not empty; use --resume to continue it"
-            )
-        return out
-    kind = DENSE if config.dense else config.granularity
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    model = re.sub(r"[^\w.-]+", "-", config.model).strip("-")  # MODULE:FACTORY, <module: X>
-    name = f"{stamp}-{model}-{config.dataset}-{kind}-d{config.density:g}-s{config.seed}"
-    return Path("runs") / name
 
 
 # Keys of a metrics row (metrics.jsonl) that the loop, the run summary and the plots read.
