@@ -22,8 +22,14 @@ from dnr_deploy.data import DataBundle
 from dnr_deploy.export import ExportConfig, export_run, load_deployed_model, load_source
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.models import ModelSpecError, check_model_spec, create_model
-from dnr_deploy.sparsity.groups import ChannelCouplingWarning, dense_convs, find_channel_groups
+from dnr_deploy.sparsity.groups import (
+    ChannelCouplingWarning,
+    ChannelLayout,
+    dense_convs,
+    find_channel_groups,
+)
 from dnr_deploy.sparsity.masks import prunable_weights
+from dnr_deploy.sparsity.surgery import shrink_model
 from dnr_deploy.trainer import compress
 from dnr_deploy.training import CompressConfig
 from tests.helpers import assert_clean_failure, run_cli
@@ -115,8 +121,7 @@ def test_torchvision_models_compress_and_export(few_images, name, granularity):
     check_export(run_dir, run, info, spec)
     if granularity == "channel":
         check_channel_run(run_dir, run, info)
-        depthwise = name == "mobilenet_v2"
-        assert bool(run["dense_convs"]) == depthwise  # resnet18: additions only
+        assert run["dense_convs"] == []  # additions, and mobilenet_v2's depthwise convs
 
 
 def test_the_two_branches_share_one_unit():
@@ -157,15 +162,34 @@ def test_concatenation_and_grouped_convs_stay_dense_with_a_warning():
     assert "groups=2" in message and "other than one-to-one" in message
 
 
-def test_mobilenet_v2_keeps_depthwise_convs_dense():
+def test_mobilenet_v2_depthwise_convs_join_their_producers_unit():
+    """Unit c of an inverted residual: expand conv c, its norm, depthwise filter c, its norm;
+    the projection reads it. Every conv is gated, none twice, and switching units off gives
+    exactly what the physically smaller network computes."""
     model = create_model("torchvision:mobilenet_v2", 10, 1, [0.5], [0.25], input_shape=(1, 8, 8))
-    with pytest.warns(ChannelCouplingWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChannelCouplingWarning)
         groups = find_channel_groups(model, EXAMPLE)
-    modules = dict(model.named_modules())
-    gated = [c for g in groups for c in g.convs + g.consumers]
-    assert all(getattr(modules[c], "groups", 1) == 1 for c in gated)  # Linear has none
-    assert len({c for g in groups for c in g.convs}) == sum(len(g.convs) for g in groups)
-    assert any(modules[c].groups > 1 for c in dense_convs(model, groups))
+    assert dense_convs(model, groups) == []
+    convs = [c for g in groups for c in g.convs]
+    assert len(set(convs)) == len(convs)
+    block = next(g for g in groups if g.name == "1.features.2.conv.0.0")
+    assert block.convs == ["1.features.2.conv.0.0", "1.features.2.conv.1.0"]
+    assert block.norms == ["1.features.2.conv.0.1", "1.features.2.conv.1.1"]
+    assert block.consumers == ["1.features.2.conv.2"]
+    # Half of every unit off, by zeroing its parameters as the masks do.
+    layout = ChannelLayout(model, groups)
+    masks = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in layout.param_masks(masks).items():
+            params[name].mul_(mask)
+    model.eval()
+    x = torch.rand(16, 1, 8, 8)
+    shrunk, _ = shrink_model(model, groups, masks, EXAMPLE)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in shrunk.parameters()) == layout.deployed_params(masks)
 
 
 def test_torchvision_stem_reads_the_dataset_channels():

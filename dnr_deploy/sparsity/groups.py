@@ -47,7 +47,10 @@ class ParamTerm(NamedTuple):
 
 
 # Which side of a layer a dependency touches, by torch-pruning's handler.
-_OUT_HANDLERS = {tp.prune_conv_out_channels: "convs", tp.prune_batchnorm_out_channels: "norms"}
+# A depthwise conv's output channel c reads only input channel c, so it belongs to the unit of
+# the conv that feeds it, as a filter of its own; its in and out handlers are one.
+_OUT_HANDLERS = {tp.prune_conv_out_channels: "convs", tp.prune_batchnorm_out_channels: "norms",
+                 tp.prune_depthwise_conv_out_channels: "convs"}
 _IN_HANDLERS = {tp.prune_conv_in_channels, tp.prune_linear_in_channels}
 _PARAMETER_HANDLERS = {tp.prune_parameter_out_channels, tp.prune_parameter_in_channels}
 
@@ -55,9 +58,11 @@ _PARAMETER_HANDLERS = {tp.prune_parameter_out_channels, tp.prune_parameter_in_ch
 def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[ChannelGroup]:
     """Every conv's output channels, merged where a residual addition ties them.
 
-    A group that couples channels other than one-to-one (concatenation, a flatten of a spatial
-    map, a depthwise or grouped conv, a layer type without a handler here) is left out: its
-    convs stay dense in channel mode, named by a warning and by `dense_convs`.
+    A depthwise conv joins the group of the conv that feeds it (its filter c is part of unit c,
+    as are the norm behind it and a squeeze-excitation's gate on those channels). A group that
+    couples channels other than one-to-one (concatenation, a flatten of a spatial map, a grouped
+    conv that is not depthwise, a layer type without a handler here) is left out: its convs stay
+    dense in channel mode, named by a warning and by `dense_convs`.
 
     Raises:
         ChannelGraphError: torch-pruning cannot trace the model's couplings at all (e.g. the
@@ -141,12 +146,17 @@ def _collect(group: ChannelGroup, pruning_group, names: dict) -> tuple[str | Non
 
 
 def _supported(module: nn.Module, handler) -> bool:
-    """Layers whose channel axes masks and export handle: dense Conv2d, BatchNorm2d, Linear."""
+    """Layers whose channel axes masks and export handle: Conv2d (dense or depthwise),
+    BatchNorm2d, Linear. Other grouped convs tie channels in blocks: left dense."""
     if handler not in _OUT_HANDLERS and handler not in _IN_HANDLERS:
         return False
     if type(module) is nn.Conv2d:
-        return module.groups == 1
+        return module.groups == 1 or _is_depthwise(module)
     return isinstance(module, (nn.BatchNorm2d, nn.Linear))
+
+
+def _is_depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups == conv.in_channels == conv.out_channels > 1
 
 
 def _width(module: nn.Module, side: str) -> int:
