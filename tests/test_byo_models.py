@@ -135,31 +135,59 @@ def test_the_two_branches_share_one_unit():
 
 
 class Concat(nn.Module):
-    """Two convs concatenated, read by a conv that feeds a grouped conv: only the last conv's
-    channels map one-to-one."""
+    """Two convs of different widths concatenated behind one batch norm (as in DenseNet), read
+    by a conv that feeds a grouped conv: a and b are units, each a stretch of bn and mix; the
+    grouped conv ties mix's channels in blocks, so mix and it stay dense."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
-        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(10)
+        self.mix = nn.Conv2d(10, 8, 3, padding=1)
         self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
         self.last = nn.Conv2d(8, 6, 1)
         self.fc = nn.Linear(6, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mix(torch.cat([self.a(x), self.b(x)], dim=1))
+        x = self.mix(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1))))
         x = self.last(self.grouped(x))
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def test_concatenation_and_grouped_convs_stay_dense_with_a_warning():
+def switch_off_and_shrink(model: nn.Module, groups: list, masks: dict) -> tuple:
+    """Zero the off units' parameters as training's masks do, and the physically smaller net."""
+    layout = ChannelLayout(model, groups)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in layout.param_masks(masks).items():
+            params[name].mul_(mask)
+    model.eval()
+    return layout, shrink_model(model, groups, masks, EXAMPLE)[0]
+
+
+def test_concatenated_convs_are_units_and_grouped_convs_stay_dense():
     model = Concat()
+    with torch.no_grad():  # running statistics and shifts far from 0 and 1: nothing cancels
+        model.bn.running_mean.uniform_(-1, 1), model.bn.bias.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
     with pytest.warns(ChannelCouplingWarning, match="not one-to-one") as caught:
         groups = find_channel_groups(model, EXAMPLE)
-    assert [g.convs for g in groups] == [["last"]]  # the only one-to-one group
-    assert dense_convs(model, groups) == ["a", "b", "mix", "grouped"]
-    message = str(caught[0].message)
-    assert "groups=2" in message and "other than one-to-one" in message
+    assert "groups=2" in str(caught[0].message)
+    by_name = {g.name: g for g in groups}
+    assert sorted(by_name) == ["a", "b", "last"]
+    assert dense_convs(model, groups) == ["mix", "grouped"]
+    assert (by_name["b"].norms, by_name["b"].consumers) == (["bn"], ["mix"])
+    assert (by_name["a"].span("bn"), by_name["b"].span("mix")) == (slice(0, 4), slice(4, 10))
+    masks = {"a": torch.tensor([True, False, True, False]),
+             "b": torch.tensor([False, True, True, False, False, True]),
+             "last": torch.tensor([True, True, False, True, True, True])}
+    layout, shrunk = switch_off_and_shrink(model, groups, masks)
+    assert (shrunk.bn.num_features, shrunk.mix.in_channels) == (5, 5)
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in shrunk.parameters()) == layout.deployed_params(masks)
+    assert layout.layer_densities(masks)["mix.weight"] == pytest.approx(5 / 10)
 
 
 def test_mobilenet_v2_depthwise_convs_join_their_producers_unit():
@@ -177,16 +205,9 @@ def test_mobilenet_v2_depthwise_convs_join_their_producers_unit():
     assert block.convs == ["1.features.2.conv.0.0", "1.features.2.conv.1.0"]
     assert block.norms == ["1.features.2.conv.0.1", "1.features.2.conv.1.1"]
     assert block.consumers == ["1.features.2.conv.2"]
-    # Half of every unit off, by zeroing its parameters as the masks do.
-    layout = ChannelLayout(model, groups)
-    masks = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in layout.param_masks(masks).items():
-            params[name].mul_(mask)
-    model.eval()
+    masks = {g.name: torch.arange(g.size) % 2 == 0 for g in groups}  # half of every unit
+    layout, shrunk = switch_off_and_shrink(model, groups, masks)
     x = torch.rand(16, 1, 8, 8)
-    shrunk, _ = shrink_model(model, groups, masks, EXAMPLE)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=0)
     assert sum(p.numel() for p in shrunk.parameters()) == layout.deployed_params(masks)

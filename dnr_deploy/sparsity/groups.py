@@ -26,23 +26,35 @@ ChannelMasks = dict[str, torch.Tensor]  # group name -> bool vector over its cha
 
 @dataclass
 class ChannelGroup:
-    """Output channels shared by `convs` (and normalized by `norms`), read by `consumers`."""
+    """Output channels shared by `convs` (and normalized by `norms`), read by `consumers`.
+
+    A norm or consumer behind a concatenation holds the group's channels as one stretch of its
+    own: `offsets` says where it starts (members not listed start at 0)."""
 
     name: str
     size: int
     convs: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
+    offsets: dict[str, int] = field(default_factory=dict)
+
+    def span(self, member: str) -> slice:
+        """The group's channels along `member`'s channel axis."""
+        start = self.offsets.get(member, 0)
+        return slice(start, start + self.size)
+
+
+# One stretch of a channel axis: owned by a group (name), or by none (None: never pruned).
+Part = tuple[str | None, int]
 
 
 class ParamTerm(NamedTuple):
-    """How one parameter shrinks: (out channels x in channels x entries per pair)."""
+    """How one parameter shrinks: (out channels x in channels x entries per pair), each axis
+    a sequence of stretches (several groups behind a concatenation)."""
 
     name: str
-    out_group: str | None  # group owning axis 0, or None if that axis is never pruned
-    in_group: str | None  # group owning axis 1 (weights only)
-    out_size: int
-    in_size: int
+    out_parts: tuple[Part, ...]  # axis 0
+    in_parts: tuple[Part, ...]  # axis 1 (weights only)
     per_pair: int
 
 
@@ -137,12 +149,26 @@ def _collect(group: ChannelGroup, pruning_group, names: dict) -> tuple[str | Non
                     f" with groups={target.groups}" if isinstance(target, nn.Conv2d) else "")
             continue
         side = _OUT_HANDLERS.get(handler, "consumers")
-        # equal indices are not enough: the first input of a concatenation keeps its indices
-        if sorted(int(i) for i in item.idxs) != root_idxs or _width(target, side) != group.size:
+        offset = _stretch_start(sorted(int(i) for i in item.idxs), root_idxs)
+        width = _width(target, side)
+        # a conv's outputs are the group's channels exactly; a norm or consumer behind a
+        # concatenation holds them as one stretch of its channels
+        if offset is None or (side == "convs" and width != group.size) \
+                or offset + group.size > width:
             reason = reason or f"{member} reads these channels other than one-to-one"
             continue
         getattr(group, side).append(member)
+        if offset or width != group.size:
+            group.offsets[member] = offset
     return reason, members
+
+
+def _stretch_start(idxs: list[int], root_idxs: list[int]) -> int | None:
+    """Where `idxs` start if they are the root's channels shifted by a constant, else None."""
+    if len(idxs) != len(root_idxs) or not idxs:
+        return None
+    start = idxs[0]
+    return start if idxs == [start + i for i in root_idxs] else None
 
 
 def _supported(module: nn.Module, handler) -> bool:
@@ -168,6 +194,21 @@ def _width(module: nn.Module, side: str) -> int:
     return module.out_channels if side != "consumers" else module.in_channels
 
 
+def _parts(member: str, size: int, groups: list[ChannelGroup]) -> tuple[Part, ...]:
+    """`member`'s channel axis of `size` as stretches: each group's, and None between them."""
+    parts: list[Part] = []
+    position = 0
+    for group in sorted(groups, key=lambda g: g.span(member).start):
+        span = group.span(member)
+        if span.start > position:
+            parts.append((None, span.start - position))
+        parts.append((group.name, group.size))
+        position = span.stop
+    if position < size:
+        parts.append((None, size - position))
+    return tuple(parts)
+
+
 def dense_convs(model: nn.Module, groups: list[ChannelGroup]) -> list[str]:
     """Convs that no channel unit gates: channel mode leaves them dense."""
     gated = {conv for g in groups for conv in g.convs}
@@ -180,18 +221,22 @@ class ChannelLayout:
     def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
         self.groups = {g.name: g for g in groups}
         modules = dict(model.named_modules())
-        self.out_group = {m: g.name for g in groups for m in g.convs + g.norms}
-        self.in_group = {m: g.name for g in groups for m in g.consumers}
+        out_side: dict[str, list[ChannelGroup]] = {}
+        in_side: dict[str, list[ChannelGroup]] = {}
+        for g in groups:
+            for member in g.convs + g.norms:
+                out_side.setdefault(member, []).append(g)
+            for member in g.consumers:
+                in_side.setdefault(member, []).append(g)
         self.param_terms: list[ParamTerm] = []  # enough to count the shrunk network exactly
         for mod_name, module in modules.items():
             for p_name, param in module.named_parameters(recurse=False):
-                out_g = self.out_group.get(mod_name)
-                in_g = self.in_group.get(mod_name) if param.dim() > 1 else None
                 per_pair = math.prod(param.shape[2:]) if param.dim() > 2 else 1
-                out_n = param.shape[0]
-                in_n = param.shape[1] if param.dim() > 1 else 1
+                out_parts = _parts(mod_name, param.shape[0], out_side.get(mod_name, []))
+                in_parts = _parts(mod_name, param.shape[1], in_side.get(mod_name, [])) \
+                    if param.dim() > 1 else ((None, 1),)
                 full_name = f"{mod_name}.{p_name}" if mod_name else p_name
-                self.param_terms.append(ParamTerm(full_name, out_g, in_g, out_n, in_n, per_pair))
+                self.param_terms.append(ParamTerm(full_name, out_parts, in_parts, per_pair))
         def params_of(module_names: list[str]) -> list[tuple[str, torch.Size]]:
             return [
                 (f"{m}.{p_name}", param.shape)
@@ -211,13 +256,15 @@ class ChannelLayout:
     def deployed_params(self, masks: ChannelMasks, prunable_only: bool = False) -> int:
         """Parameters of the network with every off unit physically removed."""
         active = self.active_counts(masks)
+
+        def kept(parts: tuple[Part, ...]) -> int:
+            return sum(active[group] if group else size for group, size in parts)
+
         total = 0
         for term in self.param_terms:
             if prunable_only and term.name not in self.prunable:
                 continue
-            out_k = active[term.out_group] if term.out_group else term.out_size
-            in_k = active[term.in_group] if term.in_group else term.in_size
-            total += out_k * in_k * term.per_pair
+            total += kept(term.out_parts) * kept(term.in_parts) * term.per_pair
         return total
 
     def dense_params(self, prunable_only: bool = False) -> int:
@@ -226,27 +273,29 @@ class ChannelLayout:
 
     def layer_densities(self, masks: ChannelMasks) -> dict[str, float]:
         """Fraction of each prunable weight that survives removal (out and in channels)."""
-        result = {}
-        for term in self.param_terms:
-            if term.name in self.prunable:
-                out_g, in_g = term.out_group, term.in_group
-                out_frac = masks[out_g].float().mean().item() if out_g else 1.0
-                in_frac = masks[in_g].float().mean().item() if in_g else 1.0
-                result[term.name] = out_frac * in_frac
-        return result
+        def fraction(parts: tuple[Part, ...]) -> float:
+            kept = sum(int(masks[group].sum()) if group else size for group, size in parts)
+            return kept / sum(size for _, size in parts)
+
+        return {term.name: fraction(term.out_parts) * fraction(term.in_parts)
+                for term in self.param_terms if term.name in self.prunable}
 
     def param_masks(self, masks: ChannelMasks) -> Masks:
         """Masks over each unit's own parameters (filters, biases, norm scale and shift).
 
         Consumer weights are left ungated: an off unit outputs exactly zero, so they multiply
-        zeros, and keeping them lets a regrown unit reconnect at once.
+        zeros, and keeping them lets a regrown unit reconnect at once. A norm behind a
+        concatenation is gated stretch by stretch, one per group it normalizes.
         """
         result: Masks = {}
         for group_name, members in self.unit_params.items():
-            on = masks[group_name]
+            group, on = self.groups[group_name], masks[group_name]
             for name, shape in members:
+                if name not in result:
+                    result[name] = torch.ones(shape, dtype=torch.bool)
                 view = on.view((-1,) + (1,) * (len(shape) - 1))
-                result[name] = view.expand(shape).clone()
+                result[name][group.span(name.rpartition(".")[0])] = view.expand(
+                    (group.size, *shape[1:]))
         return result
 
     def unit_rows(
@@ -254,7 +303,8 @@ class ChannelLayout:
     ) -> torch.Tensor:
         """One row per channel of the group: its entries of `tensors` (params or momenta),
         concatenated over the group's convs (and norms, unless `filters_only`)."""
-        size = self.groups[group_name].size
+        group = self.groups[group_name]
         members = self.filter_params if filters_only else self.unit_params
-        rows = [tensors[name].reshape(size, -1) for name, _ in members[group_name]]
+        rows = [tensors[name][group.span(name.rpartition(".")[0])].reshape(group.size, -1)
+                for name, _ in members[group_name]]
         return torch.cat(rows, dim=1)

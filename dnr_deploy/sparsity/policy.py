@@ -213,10 +213,11 @@ class ChannelDNR(DensePolicy):
         divides its filter's scale out, so the filter norm alone ranks nothing; gamma is what
         the channel actually contributes."""
         filters = self.layout.unit_rows(params, group_name, filters_only=True).norm(dim=1)
-        norms = self.layout.groups[group_name].norms
-        if not norms:
+        group = self.layout.groups[group_name]
+        if not group.norms:
             return filters
-        gamma = torch.stack([params[f"{n}.weight"].abs() for n in norms]).mean(dim=0)
+        gamma = torch.stack([params[f"{n}.weight"][group.span(n)].abs()
+                             for n in group.norms]).mean(dim=0)
         return filters * gamma
 
     @torch.no_grad()
@@ -238,7 +239,8 @@ class ChannelDNR(DensePolicy):
                 conv.weight[idx] = fresh.to(conv.weight.device)[idx]
             for norm_name in group.norms:
                 norm = modules[norm_name]
-                idx = on.nonzero().flatten().to(norm.weight.device)
+                start = group.span(norm_name).start  # behind a concatenation: its stretch
+                idx = (on.nonzero().flatten() + start).to(norm.weight.device)
                 norm.weight[idx], norm.bias[idx] = 1.0, 0.0
                 norm.running_mean[idx], norm.running_var[idx] = 0.0, 1.0
 
