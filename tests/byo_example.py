@@ -42,3 +42,23 @@ class AuxiliaryHead(nn.Module):
 
 def auxiliary_head(num_classes: int, in_chans: int) -> nn.Module:
     return AuxiliaryHead(num_classes)
+
+
+class Concatenated(nn.Module):
+    """Two branches of different widths concatenated behind one batch norm, as in DenseNet."""
+
+    def __init__(self, num_classes: int, in_chans: int) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(in_chans, 24, 3, padding=1)
+        self.b = nn.Conv2d(in_chans, 40, 1)
+        self.bn = nn.BatchNorm2d(64)
+        self.mix = nn.Conv2d(64, 32, 3, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mix(torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1))))
+        return self.fc(torch.relu(x).mean(dim=(2, 3)))
+
+
+def concatenated(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return Concatenated(num_classes, in_chans)

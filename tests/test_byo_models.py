@@ -112,6 +112,14 @@ def test_own_module_with_two_added_branches(few_images, granularity):
         assert run["density"]["achieved"] == pytest.approx(0.05, rel=0.01)
 
 
+def test_own_module_with_a_concatenation_in_channel_mode(few_images):
+    spec = "tests.byo_example:concatenated"
+    run_dir, run, info = compress_and_export(spec, "channel")
+    check_export(run_dir, run, info, spec)
+    assert run["dense_convs"] == []  # both concatenated convs are units
+    check_channel_run(run_dir, run, info)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("granularity", ["irregular", "channel"])
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
@@ -188,6 +196,38 @@ def test_concatenated_convs_are_units_and_grouped_convs_stay_dense():
         torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=0)
     assert sum(p.numel() for p in shrunk.parameters()) == layout.deployed_params(masks)
     assert layout.layer_densities(masks)["mix.weight"] == pytest.approx(5 / 10)
+
+
+def test_densenet121_every_conv_is_a_unit_through_its_concatenations():
+    """torchvision's DenseNet at CIFAR's size: every layer's conv is a stretch of the
+    concatenations (and of the norms) behind it; masked equals shrunk, params counted exactly."""
+    shape = (3, 32, 32)
+    model = create_model("torchvision:densenet121", 10, 3, [0.5] * 3, [0.25] * 3,
+                         input_shape=shape)
+    example = torch.zeros(1, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChannelCouplingWarning)
+        groups = find_channel_groups(model, example)
+    assert dense_convs(model, groups) == []
+    assert any(g.offsets for g in groups)
+    generator = torch.Generator().manual_seed(0)
+    masks = {g.name: torch.rand(g.size, generator=generator) < 0.6 for g in groups}
+    for mask in masks.values():
+        mask[0] = True
+    with torch.no_grad():  # statistics far from 0 and 1: an ungated stretch would show
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            norm.running_mean.uniform_(-1, 1), norm.bias.uniform_(-1, 1)
+    layout = ChannelLayout(model, groups)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in layout.param_masks(masks).items():
+            params[name].mul_(mask)
+    model.eval()
+    shrunk = shrink_model(model, groups, masks, example)[0]
+    x = torch.rand(4, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=0)
+    assert sum(p.numel() for p in shrunk.parameters()) == layout.deployed_params(masks)
 
 
 def test_mobilenet_v2_depthwise_convs_join_their_producers_unit():
