@@ -131,6 +131,24 @@ def test_parity_gate_scales_with_the_logits(fake_run, monkeypatch, capsys):
     assert "parity gate failed" in line and "largest |logit|" in line
 
 
+def test_a_network_whose_logits_overflow_is_not_exported(fake_run, monkeypatch, capsys):
+    """A one-epoch mnasnet0_5 in channel mode gave inf activations, then NaN logits, in eval
+    mode: export says so in one line (exit 1, a check that failed) and writes nothing."""
+    torch_real = onnx_io.torch_logits
+
+    def one_overflowing(model, x, **kwargs):
+        logits = torch_real(model, x, **kwargs)
+        logits[3, 1] = np.nan
+        return logits
+
+    monkeypatch.setattr(onnx_io, "torch_logits", one_overflowing)
+    out = fake_run.parent / "nan"
+    line = assert_one_line_error(*export([str(fake_run), "--out", str(out)], capsys)[::2],
+                                 expected=1)
+    assert "not finite (inf or NaN) on 1 of" in line and "nothing was written" in line
+    assert not out.exists()
+
+
 def test_csr_format_needs_an_irregular_run(tmp_path, capsys):
     run_dir = tmp_path / "run"
     write_fake_run(run_dir, "channel", density=0.3)

@@ -85,6 +85,8 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
     images = _api_test_split(source.run, test_data) if test_data is not None else bundle
     x, y = test_subset(images, config.parity_samples) if needs_images else (None, None)
     reference = onnx_io.torch_logits(source.model, x) if needs_images else None
+    if reference is not None:
+        _check_finite(reference)
     limit = parity_limit(source.model, x, reference, config.parity_atol, config.parity_rtol,
                          config.parity_rounding_factor) if needs_images else None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,6 +214,19 @@ def _gate(path: Path, x: torch.Tensor, reference: np.ndarray,
             f"{result.argmax_agree}/{result.n_images} test images; nothing was written"
         )
     return result
+
+
+def _check_finite(reference: np.ndarray) -> None:
+    """Raises:
+        ExportCheckFailed: the network's own logits overflow float32 on some test image, so
+            no artifact could match them and none is worth shipping."""
+    bad = int((~np.isfinite(reference).all(axis=1)).sum())
+    if bad:
+        raise ExportCheckFailed(
+            f"the trained network's logits are not finite (inf or NaN) on {bad} of "
+            f"{len(reference)} test images in eval mode: its activations overflow float32, "
+            "typical of a run too short for its batch-norm statistics; train longer or with a "
+            "lower --lr; nothing was written")
 
 
 def _api_test_split(run: dict, test_data: object):
