@@ -162,7 +162,8 @@ class Concat(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-def switch_off_and_shrink(model: nn.Module, groups: list, masks: dict) -> tuple:
+def switch_off_and_shrink(model: nn.Module, groups: list, masks: dict,
+                          example: torch.Tensor = EXAMPLE) -> tuple:
     """Zero the off units' parameters as training's masks do, and the physically smaller net."""
     layout = ChannelLayout(model, groups)
     params = dict(model.named_parameters())
@@ -170,7 +171,7 @@ def switch_off_and_shrink(model: nn.Module, groups: list, masks: dict) -> tuple:
         for name, mask in layout.param_masks(masks).items():
             params[name].mul_(mask)
     model.eval()
-    return layout, shrink_model(model, groups, masks, EXAMPLE)[0]
+    return layout, shrink_model(model, groups, masks, example)[0]
 
 
 def test_concatenated_convs_are_units_and_grouped_convs_stay_dense():
@@ -217,13 +218,7 @@ def test_densenet121_every_conv_is_a_unit_through_its_concatenations():
     with torch.no_grad():  # statistics far from 0 and 1: an ungated stretch would show
         for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
             norm.running_mean.uniform_(-1, 1), norm.bias.uniform_(-1, 1)
-    layout = ChannelLayout(model, groups)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in layout.param_masks(masks).items():
-            params[name].mul_(mask)
-    model.eval()
-    shrunk = shrink_model(model, groups, masks, example)[0]
+    layout, shrunk = switch_off_and_shrink(model, groups, masks, example)
     x = torch.rand(4, *shape)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=0)

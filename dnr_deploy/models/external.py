@@ -160,19 +160,10 @@ def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str,
         ModelSpecError: the forward pass fails or gives other than (1, classes) logits
             (`num_classes` of them, when given).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, *input_shape))
-    except Exception as err:  # any failure of a user's forward is the same bad input
-        size = "x".join(str(n) for n in input_shape)
-        raise ModelSpecError(
-            f"model {spec!r} cannot run at this dataset's input size {size} (channels x height x "
-            f"width): {type(err).__name__}: {' '.join(str(err).split())[:200]}"
-        ) from None
-    finally:
-        model.train(was_training)
+    size = "x".join(str(n) for n in input_shape)
+    out = _zeros_through(model, input_shape, 1, training=False, failure=(
+        f"model {spec!r} cannot run at this dataset's input size {size} (channels x height x "
+        "width)"))
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelSpecError(f"model {spec!r} must return (batch, classes) logits, got {got}")
@@ -186,22 +177,33 @@ def _check_training_output(model: nn.Module, input_shape: Sequence[int], spec: s
     """Training mode may return something else (GoogLeNet's auxiliary logits), which the
     hybrid loss cannot take: say so before training. Two images, since batch norm needs more
     than one value per channel; the running statistics are put back."""
+    out = _zeros_through(model, input_shape, 2, training=True, failure=(
+        f"model {spec!r} runs in eval mode but fails in training mode"))
+    if not isinstance(out, torch.Tensor):
+        raise ModelSpecError(
+            f"model {spec!r} returns {type(out).__name__} in training mode, not one logits "
+            "tensor: build it without auxiliary outputs (for torchvision, aux_logits=False)")
+
+
+def _zeros_through(model: nn.Module, input_shape: Sequence[int], batch: int, training: bool,
+                   failure: str) -> object:
+    """`model`'s output for a batch of zero images in the given mode; the model's mode and
+    buffers (batch-norm running statistics) are left as they were.
+
+    Raises:
+        ModelSpecError: `failure`, then the error's type and first words.
+    """
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     was_training = model.training
-    model.train()
+    model.train(training)
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
+            return model(torch.zeros(batch, *input_shape))
     except Exception as err:  # any failure of a user's forward is the same bad input
         raise ModelSpecError(
-            f"model {spec!r} runs in eval mode but fails in training mode: "
-            f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
+            f"{failure}: {type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
     finally:
         model.train(was_training)
         with torch.no_grad():
             for name, buffer in model.named_buffers():
                 buffer.copy_(buffers[name])
-    if not isinstance(out, torch.Tensor):
-        raise ModelSpecError(
-            f"model {spec!r} returns {type(out).__name__} in training mode, not one logits "
-            "tensor: build it without auxiliary outputs (for torchvision, aux_logits=False)")
