@@ -130,6 +130,11 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         trainer = cls(config, bundle, context, device, model, train_model, optimizer, policy)
+        steps = config.epochs * len(trainer.loader())
+        if config.start_density is not None and not trainer.schedule.rewires(steps):
+            raise ConfigError(f"start_density needs a rewire to reach the target density, and "
+                              f"{steps} steps with rewire_every {config.rewire_every} and "
+                              f"rewire_until {config.rewire_until} give none")
         if resume_state is not None:
             trainer.load(resume_state)
         return trainer
@@ -305,7 +310,8 @@ class Trainer:
         if fraction is None:
             return []
         started = time.perf_counter()
-        record = self.policy.rewire(self.model, self.optimizer, fraction)
+        record = self.policy.rewire(self.model, self.optimizer, fraction,
+                                    self.schedule.progress(step, total_steps))
         if not record:
             return []
         self._check_ranks_agree(f"the rewire after step {step}")

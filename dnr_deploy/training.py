@@ -85,7 +85,7 @@ def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressC
 # Fields that define what a checkpoint is; a resume must not change them.
 RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
                 "rewire_every", "prune_rate", "rewire_until", "redistribution", "init",
-                "explore_channels",
+                "explore_channels", "start_density",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
                 "pgd_step_size", "seed", "attack_bn")
 
@@ -202,7 +202,8 @@ def build_policy(
             raise ConfigError(f"model {config.model!r}: {err}") from None
     method = Method(config.method)
     if method is Method.DNR:
-        return IrregularDNR(model, config.density, generator, config.init, config.redistribution)
+        return IrregularDNR(model, config.density, generator, config.init, config.redistribution,
+                            config.start_density)
     if method is Method.STATIC:
         return StaticSparse(model, config.density, generator, config.init)
     return MagnitudePrune(model, config.density, generator)

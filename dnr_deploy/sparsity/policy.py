@@ -45,11 +45,12 @@ class DensePolicy:
         """Runs after every epoch but the last; returns figures worth logging."""
         return {}
 
-    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float
-               ) -> dict:
+    def rewire(self, model: nn.Module, optimizer: torch.optim.Optimizer, fraction: float,
+               progress: float = 1.0) -> dict:
         """Runs after the optimizer steps the rewiring schedule picks; `fraction` of each
-        layer's active weights is pruned and regrown. Returns what the rewire did (per-layer
-        densities and regrowth shares) for metrics.jsonl, {} for policies that never rewire."""
+        layer's active weights is pruned and regrown, and `progress` of the rewiring is done
+        after it (1.0 at the last). Returns what the rewire did (per-layer densities and
+        regrowth shares) for metrics.jsonl, {} for policies that never rewire."""
         return {}
 
     def deployed(self, model: nn.Module, example_input: torch.Tensor
@@ -125,15 +126,30 @@ class IrregularDNR(StaticSparse):
 
     def __init__(self, model: nn.Module, density: float, generator: torch.Generator,
                  init: str = "uniform",
-                 redistribution: str = Redistribution.MOMENTUM.value) -> None:
-        super().__init__(model, density, generator, init)
+                 redistribution: str = Redistribution.MOMENTUM.value,
+                 start_density: float | None = None) -> None:
+        super().__init__(model, start_density or density, generator, init)
         self.redistribution = redistribution
+        self.target, self.start = density, start_density
 
-    def rewire(self, model, optimizer, fraction):
+    def density_after(self, progress: float) -> float:
+        """The density a rewire ends at: the target, or with `start_density` a cubic from the
+        start to the target over the rewires (Zhu & Gupta 2017): fast early, gentle late."""
+        if self.start is None:
+            return self.target
+        return self.target + (self.start - self.target) * (1.0 - progress) ** 3
+
+    def rewire(self, model, optimizer, fraction, progress=1.0):
         cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
+        masks = cpu(self.masks)
+        weights = {n: w * masks[n] for n, w in cpu(self.weights).items()}
+        if self.start is not None and \
+                self.density_after(progress) < global_density(masks, list(masks)):
+            # the masked weights are zero, so one global threshold keeps the largest active
+            masks = global_magnitude_masks(weights, self.density_after(progress))
         rewired, shares = rewire_irregular(
-            cpu(self.weights), cpu(momenta_of(optimizer, self.weights)), cpu(self.masks),
-            fraction, self.redistribution)
+            weights, cpu(momenta_of(optimizer, self.weights)), masks, fraction,
+            self.redistribution)
         self.masks = self._to_device(rewired)
         # Regrown weights start at zero (they were masked), so the function is unchanged.
         apply_masks(model, self.masks)
@@ -190,7 +206,7 @@ class ChannelDNR(DensePolicy):
     def on_step_end(self, model: nn.Module) -> None:
         apply_masks(model, self.masks)
 
-    def rewire(self, model, optimizer, fraction):
+    def rewire(self, model, optimizer, fraction, progress=1.0):
         params = {n: p.detach().cpu() for n, p in self.params.items()}
         momenta = {n: m.cpu() for n, m in momenta_of(optimizer, self.params).items()}
         rows = self.layout.unit_rows
@@ -270,5 +286,5 @@ class StaticChannels(ChannelDNR):
     """Random channel units filled to the same parameter budget as DNR's, never rewired: the
     channel ablation that shows what rewiring buys."""
 
-    def rewire(self, model, optimizer, fraction):
+    def rewire(self, model, optimizer, fraction, progress=1.0):
         return {}

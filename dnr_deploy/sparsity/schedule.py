@@ -45,3 +45,9 @@ class RewireSchedule:
         """How many rewires a run of `total_steps` gets."""
         return sum(self.rate_at(s, total_steps) is not None
                    for s in range(self.every, total_steps + 1, self.every))
+
+    def progress(self, step: int, total_steps: int) -> float:
+        """How much of the rewiring is done after the rewire that follows `step`: k / K for the
+        k-th of K rewires (1.0 at the last), which a density schedule decays along."""
+        total = self.rewires(total_steps)
+        return min((step // self.every) / total, 1.0) if total else 1.0
