@@ -249,3 +249,19 @@ def test_paper_models_train_two_batches_at_32x32(name, granularity):
     density = policy.density()
     policy.rewire(model, optimizer, 0.5)
     assert policy.density() == pytest.approx(density, abs=0.005)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    (["--start-density", "0.05"], "start_density must be in (density, 1]"),
+    (["--start-density", "1.0", "--granularity", "channel"], "start_density is for --method dnr"),
+    (["--start-density", "1.0", "--epochs", "1", "--rewire-every", "100"],
+     "start_density needs a rewire"),
+])
+def test_start_density_bad_settings_are_one_line(tmp_path, monkeypatch, capsys, flags, expected):
+    from dnr_deploy.cli import compress_main
+
+    monkeypatch.chdir(tmp_path)
+    code = compress_main([*flags, "--out", "run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -166,3 +166,40 @@ def test_apply_masks_zeroes_exactly():
     apply_masks(layer, {"weight": mask})
     assert torch.count_nonzero(layer.weight[~mask]) == 0
     assert torch.count_nonzero(layer.weight[mask]) == 3
+
+
+def test_start_density_closes_in_on_the_target_by_global_magnitude():
+    """With start_density the masks begin dense and each rewire ends on the cubic schedule,
+    the first cut taking the smallest weights across layers; the last rewire lands exactly on
+    the target count, and masked weights stay zero throughout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4))
+    policy = IrregularDNR(model, 0.1, torch.Generator().manual_seed(1), start_density=1.0)
+    assert policy.density() == 1.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    params = dict(model.named_parameters())
+    total = sum(m.numel() for m in policy.masks.values())
+    for progress in (0.25, 0.5, 1.0):
+        x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 4, (16,))
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        policy.on_step_end(model)
+        if progress == 0.25:  # no regrowth (fraction ~0): exactly the largest |w| overall
+            magnitudes = torch.cat([params[n].detach().abs().flatten() for n in policy.masks])
+        policy.rewire(model, optimizer, 1e-9, progress)
+        expected = 0.1 + 0.9 * (1 - progress) ** 3
+        assert sum(int(m.sum()) for m in policy.masks.values()) == round(expected * total)
+        if progress == 0.25:
+            kept = torch.cat([policy.masks[n].flatten() for n in policy.masks])
+            assert magnitudes[kept].min() >= magnitudes[~kept].max()
+        for name, mask in policy.masks.items():
+            assert torch.count_nonzero(params[name][~mask]) == 0
+    assert policy.density() == pytest.approx(0.1, abs=1 / total)
+
+
+def test_schedule_progress_reaches_one_at_the_last_rewire():
+    schedule = RewireSchedule(every=50, initial=0.3, until=0.75)
+    assert schedule.rewires(460) == 6
+    assert schedule.progress(50, 460) == pytest.approx(1 / 6)
+    assert schedule.progress(300, 460) == 1.0
