@@ -49,7 +49,7 @@ def try_build(name: str) -> str | None:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *spec.input_shape))
     except Exception as err:  # every failure is a row of the table, not the end of the run
-        return f"{type(err).__name__}: {' '.join(str(err).split())[:160]}"
+        return f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
     return None
 
 

@@ -267,6 +267,7 @@ def test_auxiliary_heads_are_built_without():
 @pytest.mark.parametrize(("spec", "expected"), [
     ("torchvision:no_such_net", "torchvision.models.list_models()"),
     ("torchvision:vgg11", "cannot run at this dataset's input size 1x8x8"),
+    ("torchvision:squeezenet1_0", "the smallest it runs at is 32x32"),
     ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
     ("tests.byo_example:missing", "has no attribute 'missing'"),
     ("tests.byo_example:not_a_module", "returned str, not an nn.Module"),

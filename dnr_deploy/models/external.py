@@ -161,9 +161,17 @@ def check_runs_at(model: nn.Module, input_shape: Sequence[int], spec: str,
             (`num_classes` of them, when given).
     """
     size = "x".join(str(n) for n in input_shape)
-    out = _zeros_through(model, input_shape, 1, training=False, failure=(
-        f"model {spec!r} cannot run at this dataset's input size {size} (channels x height x "
-        "width)"))
+    try:
+        out = _zeros_through(model, input_shape, 1, training=False, failure=(
+            f"model {spec!r} cannot run at this dataset's input size {size} (channels x height "
+            "x width)"))
+    except ModelSpecError as err:
+        side = smallest_side(model, input_shape[0])
+        tried = "/".join(map(str, PROBE_SIDES))
+        needs = (f"; of the square sizes {tried}, the smallest it runs at is {side}x{side}: "
+                 "resize the images or use a dataset of that size" if side else
+                 f"; it runs at none of the square sizes {tried} either")
+        raise ModelSpecError(f"{err}{needs}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelSpecError(f"model {spec!r} must return (batch, classes) logits, got {got}")
@@ -183,6 +191,23 @@ def _check_training_output(model: nn.Module, input_shape: Sequence[int], spec: s
         raise ModelSpecError(
             f"model {spec!r} returns {type(out).__name__} in training mode, not one logits "
             "tensor: build it without auxiliary outputs (for torchvision, aux_logits=False)")
+
+
+# Square image sides tried when a model fails at the dataset's size: CIFAR's, Inception's
+# minimum, ImageNet's and Inception's native sizes among them.
+PROBE_SIDES = (16, 32, 64, 75, 96, 128, 224, 299)
+
+
+def smallest_side(model: nn.Module, in_chans: int) -> int | None:
+    """The smallest of `PROBE_SIDES` at which `model` runs in eval mode, or None: what to tell
+    a user whose images are too small for the architecture."""
+    for side in PROBE_SIDES:
+        try:
+            _zeros_through(model, (in_chans, side, side), 1, training=False, failure="")
+        except ModelSpecError:
+            continue
+        return side
+    return None
 
 
 def _zeros_through(model: nn.Module, input_shape: Sequence[int], batch: int, training: bool,
