@@ -28,6 +28,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 METHODS: dict[str, dict] = {
     "dense": {"dense": True},
     "dnr-irregular": {"method": "dnr", "granularity": "irregular"},
+    "dnr-gradual": {"method": "dnr", "granularity": "irregular", "start_density": 1.0},
     "dnr-channel": {"method": "dnr", "granularity": "channel"},
     "static": {"method": "static", "granularity": "irregular", "init": "uniform"},
     "static-erk": {"method": "static", "granularity": "irregular", "init": "erk"},

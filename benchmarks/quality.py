@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.05)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--name", help="results file name (default: quality_dDENSITY)")
     args = parser.parse_args()
     announce(args)
     table = {}
@@ -36,7 +37,7 @@ def main() -> None:
               f"{statistics.mean(pick('compression')):>6.1f}x "
               f"{statistics.mean(pick('mac_reduction')):>5.1f}x "
               f"{statistics.mean(pick('train_s_per_epoch')):>8.2f}")
-    write_results(f"quality_d{args.density:g}", {"args": vars(args), "rows": table})
+    write_results(args.name or f"quality_d{args.density:g}", {"args": vars(args), "rows": table})
 
 
 if __name__ == "__main__":
