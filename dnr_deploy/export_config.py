@@ -43,7 +43,8 @@ class ExportConfig:
         "images (|float32 - float64| logits): rounding grows with a network's activations, "
         "which can dwarf its logits")
     shrink_atol: float = option(
-        1e-5, 'largest |logit difference| allowed between shrunk and masked network')
+        1e-5, 'largest |logit difference| allowed between shrunk and masked network, plus '
+        'the larger of the parity rtol and rounding terms')
     quantize: str | None = option(
         None, 'int8: model.onnx becomes a static QDQ int8 graph (per-channel int8 weights, '
         'uint8 activations calibrated on training images) and the float graph stays as '
