@@ -98,19 +98,27 @@ def finished(row: dict, granularities: list[str], retry_failed: bool) -> bool:
 
 
 def merge(names: list[str], name: str) -> None:
-    """One results file from the shards' files, with a line per model and granularity."""
+    """One results file from the shards' files, and its table in markdown."""
     models: dict = {}
     for part in names:
         models.update(json.loads((RESULTS / f"{part}.json").read_text())["models"])
+    print("| model | params | irregular | channel |\n|---|---|---|---|")
     for model, row in sorted(models.items(), key=lambda item: item[1]["dense_params"]):
-        for granularity in ("irregular", "channel"):
-            if granularity in row:
-                cell = row[granularity]
-                print(f"{model:<22} {granularity:<9} "
-                      f"{'passed' if cell['passed'] else 'failed at ' + cell['failed_at']}")
-        if not row["builds"]:
-            print(f"{model:<22} does not build at 1x8x8")
+        cells = [_cell(row, g) for g in ("irregular", "channel")] if row["builds"] else \
+            ["does not build at 1x8x8", ""]
+        print(f"| {model} | {row['dense_params'] / 1e6:.1f}M | {cells[0]} | {cells[1]} |")
     write_results(name, {"merged": names, "models": models})
+
+
+def _cell(row: dict, granularity: str) -> str:
+    """passed (deployed params, dense convs) / failed at STAGE: the error's class / not run."""
+    cell = row.get(granularity)
+    if cell is None:
+        return "not run"
+    if not cell["passed"]:
+        return f"failed at {cell['failed_at']}: {cell['error'].split(':')[0]}"
+    dense = f", {cell['dense_convs']} convs dense" if cell.get("dense_convs") else ""
+    return f"passed ({cell['params']['compression']:.1f}x{dense})"
 
 
 def main() -> None:
