@@ -23,6 +23,7 @@ from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity.groups import ChannelGraphError
 from dnr_deploy.sparsity.masks import Granularity
 from dnr_deploy.sparsity.policy import (
+    ChannelBudgetError,
     ChannelDNR,
     DensePolicy,
     IrregularDNR,
@@ -198,7 +199,7 @@ def build_policy(
         try:
             return channel_policy(model, config.density, generator, example_input,
                                   config.explore_channels)
-        except ChannelGraphError as err:
+        except (ChannelGraphError, ChannelBudgetError) as err:
             raise ConfigError(f"model {config.model!r}: {err}") from None
     method = Method(config.method)
     if method is Method.DNR:

@@ -29,6 +29,7 @@ from dnr_deploy.sparsity.groups import (
     find_channel_groups,
 )
 from dnr_deploy.sparsity.masks import prunable_weights
+from dnr_deploy.sparsity.policy import ChannelBudgetError, ChannelDNR
 from dnr_deploy.sparsity.surgery import shrink_model
 from dnr_deploy.trainer import compress
 from dnr_deploy.training import CompressConfig
@@ -197,6 +198,16 @@ def test_concatenated_convs_are_units_and_grouped_convs_stay_dense():
         torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=0)
     assert sum(p.numel() for p in shrunk.parameters()) == layout.deployed_params(masks)
     assert layout.layer_densities(masks)["mix.weight"] == pytest.approx(5 / 10)
+
+
+def test_a_density_the_dense_convs_forbid_is_one_clear_error():
+    """RegNet's grouped convs stay dense; at 5% one channel per unit left its density at 17.5%,
+    silently, and training on one-channel residual streams diverged. Now: a clear error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ChannelCouplingWarning)
+        with pytest.raises(ChannelBudgetError, match=r"cannot reach density 0\.05 .* still 0\.388"):
+            ChannelDNR(Concat(), 0.05, torch.Generator().manual_seed(0), EXAMPLE)
+        ChannelDNR(Concat(), 0.6, torch.Generator().manual_seed(0), EXAMPLE)  # reachable
 
 
 def test_densenet121_every_conv_is_a_unit_through_its_concatenations():

@@ -177,6 +177,10 @@ class MagnitudePrune(StaticSparse):
         return {"pruned": 1.0}
 
 
+class ChannelBudgetError(ValueError):
+    """A channel density below what the model's unprunable convs allow."""
+
+
 class ChannelDNR(DensePolicy):
     """Whole output-channel units; the budget is the weight count of the shrunk network."""
 
@@ -192,12 +196,27 @@ class ChannelDNR(DensePolicy):
         self.params = dict(model.named_parameters())
         self.target = round(density * self.layout.dense_params(prunable_only=True))
         sizes = {name: g.size for name, g in self.layout.groups.items()}
+        self._check_reachable(density, sizes)
         self.channel_masks = random_channel_masks(sizes, self._count, self.target, generator)
         self._update_masks()
         apply_masks(model, self.masks)
 
     def _count(self, masks: ChannelMasks) -> int:
         return self.layout.deployed_params(masks, prunable_only=True)
+
+    def _check_reachable(self, density: float, sizes: dict[str, int]) -> None:
+        """Raises:
+            ChannelBudgetError: one channel on in every unit group already exceeds the target
+                (the convs channel mode leaves dense keep too many weights)."""
+        smallest = {name: torch.arange(size) == 0 for name, size in sizes.items()}
+        floor = self._count(smallest) / self.layout.dense_params(prunable_only=True)
+        if floor > density:
+            dense = len(self.layout.dense_conv_names)
+            raise ChannelBudgetError(
+                f"channel mode cannot reach density {density:g} on this model: with one channel "
+                f"left in every unit the density is still {floor:.3g}, because the {dense} "
+                "convs it must leave dense (grouped convs and what they tie) keep their weights; "
+                f"use --density {floor * 1.25:.2g} or more, or --granularity irregular")
 
     def _update_masks(self) -> None:
         masks = self.layout.param_masks(self.channel_masks)
