@@ -134,6 +134,8 @@ def main() -> None:
                         help="with --resume, run the granularities that failed again")
     parser.add_argument("--shard", default="0/1",
                         help="K/N: run the models whose place in size order is K modulo N")
+    parser.add_argument("--largest-first", action="store_true",
+                        help="run the models in descending size (a third worker from the top)")
     parser.add_argument("--merge", nargs="+", metavar="NAME",
                         help="join these results files into --name and run nothing")
     args = parser.parse_args()
@@ -147,7 +149,8 @@ def main() -> None:
     if args.resume and earlier.exists():
         results = json.loads(earlier.read_text())["models"]
     sizes = {name: parameter_count(name) for name in args.models}
-    for name in sorted(args.models, key=sizes.__getitem__)[shard::shards]:
+    order = sorted(args.models, key=sizes.__getitem__, reverse=args.largest_first)
+    for name in order[shard::shards]:
         row = results.get(name, {})
         if finished(row, args.granularities, args.retry_failed):
             continue
