@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -110,13 +111,31 @@ def merge(names: list[str], name: str) -> None:
     write_results(name, {"merged": names, "models": models})
 
 
+# The known failures, said briefly: (pattern in the error, what the table says).
+REASONS = (
+    (r"cannot trace", "torch-pruning cannot trace it"),
+    (r"still ([0-9.]+)", "one channel per unit is density {}: grouped convs stay dense"),
+    (r"not finite", "eval-mode logits overflow float32"),
+    (r"differs from PyTorch by up to ([0-9.e+-]+) \(limit ([0-9.e+-]+)",
+     "ONNX Runtime {} from PyTorch, limit {}"),
+)
+
+
+def _reason(error: str) -> str:
+    for pattern, text in REASONS:
+        found = re.search(pattern, error)
+        if found:
+            return text.format(*found.groups())
+    return error.split(":")[0]
+
+
 def _cell(row: dict, granularity: str) -> str:
     """passed (deployed params, dense convs) / failed at STAGE: the error's class / not run."""
     cell = row.get(granularity)
     if cell is None:
         return "not run"
     if not cell["passed"]:
-        return f"failed at {cell['failed_at']}: {cell['error'].split(':')[0]}"
+        return f"failed at {cell['failed_at']}: {_reason(cell['error'])}"
     dense = f", {cell['dense_convs']} convs dense" if cell.get("dense_convs") else ""
     return f"passed ({cell['params']['compression']:.1f}x{dense})"
 
