@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from enum import Enum
 
 from dnr_deploy.config import option
+from dnr_deploy.parity import (
+    PARITY_ATOL,
+    PARITY_RTOL,
+    ROUNDING_FACTOR,
+    check_parity_settings,
+)
 from dnr_deploy.vocabulary import ReduceRange
 
 
@@ -34,14 +40,14 @@ class ExportConfig:
         None, "folder holding the run's dataset (default: the run's own --data-dir)")
     opset: int = option(18, 'ONNX opset')
     parity_atol: float = option(
-        1e-4, 'largest |logit difference| allowed between ONNX Runtime and PyTorch')
+        PARITY_ATOL, 'largest |logit difference| allowed between ONNX Runtime and PyTorch')
     parity_rtol: float = option(
-        1e-6, "plus this fraction of the largest |logit|: float32 rounding grows with the "
+        PARITY_RTOL, "plus this fraction of the largest |logit|: float32 rounding grows with the "
         "logits, which a barely trained network can push to 1e8")
     parity_rounding_factor: float = option(
-        10.0, "or, if larger, this many times PyTorch's own float32 rounding on the parity "
-        "images (|float32 - float64| logits): rounding grows with a network's activations, "
-        "which can dwarf its logits")
+        ROUNDING_FACTOR, "or, if larger, this many times PyTorch's own float32 rounding on "
+        "the parity images (|float32 - float64| logits): rounding grows with a network's "
+        "activations, which can dwarf its logits")
     shrink_atol: float = option(
         1e-5, 'largest |logit difference| allowed between shrunk and masked network, plus '
         'the larger of the parity rtol and rounding terms')
@@ -85,11 +91,7 @@ class ExportConfig:
                               f"got {self.calibration_images}")
         if self.int8_max_drop < 0:
             raise ExportError(f"int8_max_drop must be >= 0, got {self.int8_max_drop}")
-        if not 0 <= self.parity_rtol < 1:
-            raise ExportError(f"parity_rtol must be in [0, 1), got {self.parity_rtol}")
-        if not 0 <= self.parity_rounding_factor <= 1000:
-            raise ExportError("parity_rounding_factor must be in [0, 1000], got "
-                              f"{self.parity_rounding_factor}")
+        check_parity_settings(self.parity_rtol, self.parity_rounding_factor, ExportError)
         for name in ("parity_atol", "shrink_atol", "int8_atol"):
             if not getattr(self, name) > 0:
                 raise ExportError(f"{name} must be positive, got {getattr(self, name)}")

@@ -15,10 +15,26 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from torch import nn
+if TYPE_CHECKING:  # numpy and torch load when a limit is measured: the settings modules that
+    import numpy as np  # read the defaults below must not import them (fast --help)
+    import torch
+    from torch import nn
+
+# The defaults of both checks: export's gate and verify's fidelity check hold one rule.
+PARITY_ATOL = 1e-4
+PARITY_RTOL = 1e-6
+ROUNDING_FACTOR = 10.0
+
+
+def check_parity_settings(rtol: float, rounding_factor: float, error: type[Exception]) -> None:
+    """Raises:
+        error: rtol outside [0, 1) or a rounding factor outside [0, 1000]."""
+    if not 0 <= rtol < 1:
+        raise error(f"parity_rtol must be in [0, 1), got {rtol}")
+    if not 0 <= rounding_factor <= 1000:
+        raise error(f"parity_rounding_factor must be in [0, 1000], got {rounding_factor}")
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,8 @@ class ParityLimit:
 def parity_limit(model: nn.Module, x: torch.Tensor, logits: np.ndarray, atol: float,
                  rtol: float, rounding_factor: float, batch_size: int = 256) -> ParityLimit:
     """The limit for comparisons against `logits`, `model`'s float32 logits of `x`."""
+    import numpy as np
+
     scale = float(np.abs(logits).max()) if logits.size else 0.0
     rounding = float64_gap(model, x, logits, batch_size) if rounding_factor > 0 else None
     return ParityLimit(atol, rtol, scale, rounding, rounding_factor)
@@ -60,6 +78,9 @@ def float64_gap(model: nn.Module, x: torch.Tensor, logits: np.ndarray,
     """Largest |`logits` - the same network's logits in float64| over `x`: how much float32
     rounding moves this network's outputs. None when a copy cannot run in float64 (a module
     that makes float32 tensors of its own); the limit then rests on `rtol` alone."""
+    import numpy as np
+    import torch
+
     if not logits.size:
         return 0.0
     try:

@@ -8,6 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dnr_deploy.config import option
+from dnr_deploy.parity import (
+    PARITY_ATOL,
+    PARITY_RTOL,
+    ROUNDING_FACTOR,
+    check_parity_settings,
+)
 from dnr_deploy.vocabulary import AttackName
 
 if TYPE_CHECKING:
@@ -69,12 +75,13 @@ class VerifyConfig:
         "weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked against "
         "ONNX Runtime on the clean images first); gradients always come from model.onnx")
     parity_atol: float = option(
-        1e-4, 'largest |logit difference| allowed between the re-imported graph and ONNX Runtime')
+        PARITY_ATOL,
+        'largest |logit difference| allowed between the re-imported graph and ONNX Runtime')
     parity_rtol: float = option(
-        1e-6, "plus this fraction of the largest |logit| (float32 rounding grows with the "
+        PARITY_RTOL, "plus this fraction of the largest |logit| (float32 rounding grows with the "
         "logits; export's gate allows the same)")
     parity_rounding_factor: float = option(
-        10.0, "or, if larger, this many times the re-import's own float32 rounding "
+        ROUNDING_FACTOR, "or, if larger, this many times the re-import's own float32 rounding "
         "(|float32 - float64| logits), export's rule")
     seed: int = option(0, "seed of the attacks' randomness")
     examples: int = option(8, 'images in the example grid')
@@ -107,11 +114,7 @@ class VerifyConfig:
             raise VerifyError(f"p_init must be in (0, 1], got {self.p_init}")
         if self.min_robust is not None and not 0 <= self.min_robust <= 100:
             raise VerifyError(f"min_robust is a percentage in [0, 100], got {self.min_robust}")
-        if not 0 <= self.parity_rtol < 1:
-            raise VerifyError(f"parity_rtol must be in [0, 1), got {self.parity_rtol}")
-        if not 0 <= self.parity_rounding_factor <= 1000:
-            raise VerifyError("parity_rounding_factor must be in [0, 1000], got "
-                              f"{self.parity_rounding_factor}")
+        check_parity_settings(self.parity_rtol, self.parity_rounding_factor, VerifyError)
         if self.tolerance < 0 or self.parity_atol <= 0 or self.examples < 0:
             raise VerifyError("tolerance and examples must be >= 0 and parity_atol > 0")
         return self

@@ -64,9 +64,6 @@ class VerifyResult:
     warnings: list[str] = field(default_factory=list)
 
 
-
-
-
 def check_perturbation(x_adv: np.ndarray, x: np.ndarray, eps: float) -> dict:
     """The measured largest |x_adv - x| and pixel range.
 

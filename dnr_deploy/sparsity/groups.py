@@ -221,7 +221,6 @@ class ChannelLayout:
     def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
         self.groups = {g.name: g for g in groups}
         modules = dict(model.named_modules())
-        self.dense_conv_names = dense_convs(model, groups)
         out_side: dict[str, list[ChannelGroup]] = {}
         in_side: dict[str, list[ChannelGroup]] = {}
         for g in groups:

@@ -10,7 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dnr_deploy.sparsity.groups import ChannelLayout, ChannelMasks, find_channel_groups
+from dnr_deploy.sparsity.groups import (
+    ChannelLayout,
+    ChannelMasks,
+    dense_convs,
+    find_channel_groups,
+)
 from dnr_deploy.sparsity.masks import (
     DENSE,
     Granularity,
@@ -141,12 +146,12 @@ class IrregularDNR(StaticSparse):
 
     def rewire(self, model, optimizer, fraction, progress=1.0):
         cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
-        masks = cpu(self.masks)
-        weights = {n: w * masks[n] for n, w in cpu(self.weights).items()}
-        if self.start is not None and \
-                self.density_after(progress) < global_density(masks, list(masks)):
-            # the masked weights are zero, so one global threshold keeps the largest active
-            masks = global_magnitude_masks(weights, self.density_after(progress))
+        masks, weights = cpu(self.masks), cpu(self.weights)
+        density = self.density_after(progress)
+        if self.start is not None and density < global_density(masks, list(masks)):
+            # masked weights are zero (re-zeroed after every step), so one global threshold
+            # keeps the largest active ones
+            masks = global_magnitude_masks(weights, density)
         rewired, shares = rewire_irregular(
             weights, cpu(momenta_of(optimizer, self.weights)), masks, fraction,
             self.redistribution)
@@ -196,7 +201,7 @@ class ChannelDNR(DensePolicy):
         self.params = dict(model.named_parameters())
         self.target = round(density * self.layout.dense_params(prunable_only=True))
         sizes = {name: g.size for name, g in self.layout.groups.items()}
-        self._check_reachable(density, sizes)
+        self._check_reachable(density, sizes, model)
         self.channel_masks = random_channel_masks(sizes, self._count, self.target, generator)
         self._update_masks()
         apply_masks(model, self.masks)
@@ -204,14 +209,14 @@ class ChannelDNR(DensePolicy):
     def _count(self, masks: ChannelMasks) -> int:
         return self.layout.deployed_params(masks, prunable_only=True)
 
-    def _check_reachable(self, density: float, sizes: dict[str, int]) -> None:
+    def _check_reachable(self, density: float, sizes: dict[str, int], model: nn.Module) -> None:
         """Raises:
             ChannelBudgetError: one channel on in every unit group already exceeds the target
                 (the convs channel mode leaves dense keep too many weights)."""
         smallest = {name: torch.arange(size) == 0 for name, size in sizes.items()}
         floor = self._count(smallest) / self.layout.dense_params(prunable_only=True)
         if floor > density:
-            dense = len(self.layout.dense_conv_names)
+            dense = len(dense_convs(model, list(self.layout.groups.values())))
             raise ChannelBudgetError(
                 f"channel mode cannot reach density {density:g} on this model: with one channel "
                 f"left in every unit the density is still {floor:.3g}, because the {dense} "
