@@ -53,10 +53,11 @@ class CompressConfig:
         "layer regrows what it pruned")
     init: str = option(Init.ERK.value, "first masks: erk (Evci et al. 2020) or uniform")
     start_density: float | None = option(
-        None, "irregular DNR: start at this density (1.0: dense) and close in on --density "
-        "along a cubic over the rewires, each first pruning the smallest weights globally, then "
-        "pruning and regrowing as usual (gradual pruning with regrowth: Zhu & Gupta 2017, "
-        "GraNet, Liu et al. 2021); default: start at --density")
+        None, "DNR: start at this density (1.0: dense) and close in on --density along a cubic "
+        "over the rewires, each first cutting the smallest weights globally (channel mode: the "
+        "same top fraction of units in every group by importance), then pruning and regrowing "
+        "as usual (gradual pruning with regrowth: Zhu & Gupta 2017, GraNet, Liu et al. 2021); "
+        "default: start at --density")
     explore_channels: bool = option(
         False, "channel regrowth skips the units it just pruned (random off units instead)")
     beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss')
@@ -123,9 +124,9 @@ class CompressConfig:
             if not self.density < self.start_density <= 1.0:
                 raise ConfigError(f"start_density must be in (density, 1], got "
                                   f"{self.start_density} with density {self.density}")
-            if (self.method, self.granularity, self.dense) != (
-                    Method.DNR.value, Granularity.IRREGULAR.value, False):
-                raise ConfigError("start_density is for --method dnr --granularity irregular")
+            if (self.method, self.dense) != (Method.DNR.value, False):
+                raise ConfigError("start_density is for --method dnr (the baselines' masks are "
+                                  "fixed or set once)")
         try:
             RewireSchedule(self.rewire_every, self.prune_rate, self.rewire_until)
             Redistribution(self.redistribution)

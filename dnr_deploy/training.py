@@ -198,7 +198,7 @@ def build_policy(
         channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
         try:
             return channel_policy(model, config.density, generator, example_input,
-                                  config.explore_channels)
+                                  config.explore_channels, config.start_density)
         except (ChannelGraphError, ChannelBudgetError) as err:
             raise ConfigError(f"model {config.model!r}: {err}") from None
     method = Method(config.method)

@@ -10,6 +10,7 @@ from torch import nn
 from dnr_deploy.models import create_model
 from dnr_deploy.sparsity.groups import ChannelLayout, find_channel_groups
 from dnr_deploy.sparsity.policy import ChannelDNR
+from dnr_deploy.sparsity.rewire import keep_top_fraction
 
 
 def make(name: str, chans: int, size: int) -> tuple[nn.Module, torch.Tensor]:
@@ -129,3 +130,37 @@ def test_channel_rewire_keeps_budget_and_ties():
     for conv in ("1.stem.0", "1.layers.0.conv2", "1.layers.1.conv2"):
         alive = params[f"{conv}.weight"].flatten(1).abs().sum(1) > 0
         assert torch.equal(alive, stem)
+
+
+
+def test_channel_dense_start_closes_in_on_the_budget():
+    """With start_density 1.0 every unit starts on; each rewire ends at or just under the cubic
+    schedule's parameter budget, and the last one lands on the target budget."""
+    model, example = make("small", 1, 8)
+    policy = ChannelDNR(model, 0.1, torch.Generator().manual_seed(0), example,
+                        start_density=1.0)
+    assert policy.density() == 1.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for progress in (0.25, 0.5, 1.0):
+        train_steps(model, policy, optimizer, example, steps=2)
+        policy.rewire(model, optimizer, 0.2, progress)
+        expected = 0.1 + 0.9 * (1 - progress) ** 3
+        assert expected - 0.02 < policy.density() <= expected
+    params = dict(model.named_parameters())
+    for conv, mask in policy.channel_masks.items():  # off units are zero
+        assert params[f"{conv}.weight"][~mask].abs().sum() == 0
+
+
+def test_keep_top_fraction_keeps_each_groups_most_important_units():
+    """The cut keeps the same fraction of every group's active units, the most important
+    ones and at least one, at the largest fraction whose count fits the budget."""
+    importance = {"a": torch.arange(10.0), "b": torch.arange(4.0).flip(0)}
+    masks = {"a": torch.ones(10, dtype=torch.bool), "b": torch.tensor([True, True, False, True])}
+    count = lambda m: 3 * int(m["a"].sum()) + 5 * int(m["b"].sum())  # noqa: E731
+    kept = keep_top_fraction(importance, masks, count, target=20)
+    # a third: 4 of a's 10 (its largest) and 1 of b's 3 active; 5 of a would cost 20 + 5
+    assert kept["a"].tolist() == [False] * 6 + [True] * 4
+    assert kept["b"].tolist() == [True, False, False, False]
+    assert count(kept) == 17
+    everything = keep_top_fraction(importance, masks, count, target=10**6)
+    assert all(torch.equal(everything[name], masks[name]) for name in masks)

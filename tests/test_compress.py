@@ -253,7 +253,7 @@ def test_paper_models_train_two_batches_at_32x32(name, granularity):
 
 @pytest.mark.parametrize(("flags", "expected"), [
     (["--start-density", "0.05"], "start_density must be in (density, 1]"),
-    (["--start-density", "1.0", "--granularity", "channel"], "start_density is for --method dnr"),
+    (["--start-density", "1.0", "--method", "static"], "start_density is for --method dnr"),
     (["--start-density", "1.0", "--epochs", "1", "--rewire-every", "100"],
      "start_density needs a rewire"),
 ])

@@ -29,10 +29,12 @@ from dnr_deploy.sparsity.masks import (
 )
 from dnr_deploy.sparsity.rewire import (
     Redistribution,
+    keep_top_fraction,
     random_channel_masks,
     rewire_channels,
     rewire_irregular,
 )
+from dnr_deploy.sparsity.schedule import cubic_density
 from dnr_deploy.sparsity.surgery import shrink_model
 
 
@@ -137,17 +139,10 @@ class IrregularDNR(StaticSparse):
         self.redistribution = redistribution
         self.target, self.start = density, start_density
 
-    def density_after(self, progress: float) -> float:
-        """The density a rewire ends at: the target, or with `start_density` a cubic from the
-        start to the target over the rewires (Zhu & Gupta 2017): fast early, gentle late."""
-        if self.start is None:
-            return self.target
-        return self.target + (self.start - self.target) * (1.0 - progress) ** 3
-
     def rewire(self, model, optimizer, fraction, progress=1.0):
         cpu = lambda tensors: {n: t.detach().cpu() for n, t in tensors.items()}  # noqa: E731
         masks, weights = cpu(self.masks), cpu(self.weights)
-        density = self.density_after(progress)
+        density = cubic_density(self.start, self.target, progress)
         if self.start is not None and density < global_density(masks, list(masks)):
             # masked weights are zero (re-zeroed after every step), so one global threshold
             # keeps the largest active ones
@@ -193,21 +188,26 @@ class ChannelDNR(DensePolicy):
 
     def __init__(
         self, model: nn.Module, density: float, generator: torch.Generator,
-        example_input: torch.Tensor, explore: bool = False,
+        example_input: torch.Tensor, explore: bool = False, start_density: float | None = None,
     ) -> None:
         self.generator = generator
         self.explore = explore
         self.layout = ChannelLayout(model, find_channel_groups(model, example_input))
         self.params = dict(model.named_parameters())
-        self.target = round(density * self.layout.dense_params(prunable_only=True))
+        self.density_target, self.start = density, start_density
         sizes = {name: g.size for name, g in self.layout.groups.items()}
         self._check_reachable(density, sizes, model)
-        self.channel_masks = random_channel_masks(sizes, self._count, self.target, generator)
+        self.channel_masks = random_channel_masks(
+            sizes, self._count, self._budget(start_density or density), generator)
         self._update_masks()
         apply_masks(model, self.masks)
 
     def _count(self, masks: ChannelMasks) -> int:
         return self.layout.deployed_params(masks, prunable_only=True)
+
+    def _budget(self, density: float) -> int:
+        """Parameters of the shrunk network's prunable layers at `density`."""
+        return round(density * self.layout.dense_params(prunable_only=True))
 
     def _check_reachable(self, density: float, sizes: dict[str, int], model: nn.Module) -> None:
         """Raises:
@@ -236,11 +236,17 @@ class ChannelDNR(DensePolicy):
         rows = self.layout.unit_rows
         importance = {g: self._importance(params, g) for g in self.layout.groups}
         momentum_rows = {g: rows(momenta, g, filters_only=False) for g in self.layout.groups}
+        budget = self._budget(cubic_density(self.start, self.density_target, progress))
+        masks = self.channel_masks
+        if self.start is not None and budget < self._count(masks):
+            # gradual channel pruning: every unit group keeps the same top fraction of its
+            # active units by importance, then momentum moves the budget between groups
+            masks = keep_top_fraction(importance, masks, self._count, budget)
         rewired, shares = rewire_channels(
-            importance, momentum_rows, self.channel_masks, fraction, self._count, self.target,
+            importance, momentum_rows, masks, fraction, self._count, budget,
             self.generator, self.explore,
         )
-        grown = {g: rewired[g] & ~self.channel_masks[g] for g in rewired}
+        grown = {g: rewired[g] & ~masks[g] for g in rewired}
         self.channel_masks = rewired
         self._reinitialize(model, grown)
         self._update_masks()

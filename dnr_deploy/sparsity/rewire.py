@@ -189,6 +189,39 @@ def rewire_channels(
     return fill_channels(pruned, candidates, shares, count_params, target), shares
 
 
+def keep_top_fraction(
+    importance: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    count_params: Callable[[dict[str, torch.Tensor]], int],
+    target: int,
+) -> dict[str, torch.Tensor]:
+    """Masks that keep, in every group, the same fraction of its active units (the most
+    important ones, at least one), that fraction the largest whose count fits in `target`.
+
+    Importance is compared within a group only: the scores of different layers are on scales
+    of their own (a global ranking would empty whole layers). The count falls as the fraction
+    does, so the fraction is found by bisection.
+    """
+    def kept(fraction: float) -> dict[str, torch.Tensor]:
+        result = {}
+        for name, mask in masks.items():
+            active = int(mask.sum())
+            drop = active - max(math.ceil(fraction * active), 1)
+            result[name] = prune_smallest(importance[name], mask, drop)
+        return result
+
+    low, high = 0.0, 1.0
+    if count_params(kept(high)) <= target:
+        return kept(high)
+    for _ in range(30):  # 2**-30 of a fraction: finer than one unit of any layer
+        middle = (low + high) / 2
+        if count_params(kept(middle)) <= target:
+            low = middle
+        else:
+            high = middle
+    return kept(low)
+
+
 def random_channel_masks(
     sizes: dict[str, int],
     count_params: Callable[[dict[str, torch.Tensor]], int],

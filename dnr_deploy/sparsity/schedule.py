@@ -51,3 +51,12 @@ class RewireSchedule:
         k-th of K rewires (1.0 at the last), which a density schedule decays along."""
         total = self.rewires(total_steps)
         return min((step // self.every) / total, 1.0) if total else 1.0
+
+
+def cubic_density(start: float | None, target: float, progress: float) -> float:
+    """The density a rewire ends at when masks start at `start` (None: at the target): a cubic
+    from the start to the target over the rewires (Zhu & Gupta 2017), fast early, gentle late,
+    exactly the target once `progress` reaches 1."""
+    if start is None:
+        return target
+    return target + (start - target) * (1.0 - progress) ** 3
