@@ -30,6 +30,7 @@ METHODS: dict[str, dict] = {
     "dnr-irregular": {"method": "dnr", "granularity": "irregular"},
     "dnr-gradual": {"method": "dnr", "granularity": "irregular", "start_density": 1.0},
     "dnr-channel": {"method": "dnr", "granularity": "channel"},
+    "dnr-channel-gradual": {"method": "dnr", "granularity": "channel", "start_density": 1.0},
     "static": {"method": "static", "granularity": "irregular", "init": "uniform"},
     "static-erk": {"method": "static", "granularity": "irregular", "init": "erk"},
     "static-channel": {"method": "static", "granularity": "channel"},
