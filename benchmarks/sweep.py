@@ -1,12 +1,17 @@
 """Compression sweep: clean, PGD-20 and AutoAttack-grade accuracy against compression for DNR,
 static random masks and magnitude prune-then-finetune on the embedded default; one plot.
-Densities in --multi-seed run every seed, the others the first seed only.
+Densities in --multi-seed run every seed, the others the first seed only. Rows that
+quality.py already measured (same method, density, seed and epochs) are read from its results
+files with --reuse instead of training again.
 
-    .venv/bin/python benchmarks/sweep.py --epochs 20 --threads 1
+    .venv/bin/python benchmarks/sweep.py --epochs 20 --threads 1 \
+        --reuse quality_d0.05 quality_d0.02 quality_d0.05_gradual quality_d0.02_gradual
 """
 
 from __future__ import annotations
 
+import json
+import re
 import statistics
 
 import matplotlib
@@ -32,9 +37,19 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["dnr-irregular", "static", "magnitude"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--multi-seed", type=float, nargs="*", default=[0.05, 0.02])
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="NAME",
+                        help="quality.py results files (benchmarks/results/NAME.json) whose rows "
+                             "stand in for runs of the same method, density, seed and epochs")
     args = parser.parse_args()
     announce(args)
-    rows = {m: {d: [row_of(trained_run(args.workdir, m, d, seed, args.epochs), None)
+    measured = reused_rows(args.reuse)
+
+    def row(method: str, density: float, seed: int) -> dict:
+        found = measured.get((method, density, seed, args.epochs))
+        return found or row_of(trained_run(args.workdir, method, density, seed, args.epochs),
+                               None)
+
+    rows = {m: {d: [row(m, d, seed)
                     for seed in (args.seeds if d in args.multi_seed else args.seeds[:1])]
                 for d in args.densities} for m in args.methods}
     print(f"\n{'method':<14} {'density':>8} {'params':>7} {'seeds':>5} {'clean':>12} "
@@ -48,6 +63,20 @@ def main() -> None:
     plot(rows)
     by_name = {m: {str(d): runs for d, runs in v.items()} for m, v in rows.items()}
     write_results("sweep", {"args": vars(args), "rows": by_name})
+
+
+def reused_rows(names: list[str]) -> dict[tuple[str, float, int, int], dict]:
+    """(method, density, seed, epochs) -> row, from quality.py's results files (a row's run
+    name says its seed and epochs: "dnr-gradual-d0.05-s1-e20")."""
+    found = {}
+    for name in names:
+        result = json.loads((RESULTS / f"{name}.json").read_text())
+        density = result["args"]["density"]
+        for method, rows in result["rows"].items():
+            for row in rows:
+                seed, epochs = re.search(r"-s(\d+)-e(\d+)$", row["run"]).groups()
+                found[(method, density, int(seed), int(epochs))] = row
+    return found
 
 
 def plot(rows: dict) -> None:

@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import METHODS, announce, base_parser, write_results
+from common import announce, base_parser, method_settings, write_results
 
 from dnr_deploy import CompressConfig, compress
 
@@ -25,11 +25,11 @@ def main() -> None:
     announce(args)
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in ("dense", "dnr-irregular", "dnr-channel", "magnitude"):
+        for method in ("dense", "dnr-irregular", "dnr-gradual", "dnr-channel", "magnitude"):
             started = time.perf_counter()
             summary = compress(CompressConfig(out=str(Path(tmp) / method), epochs=args.epochs,
-                                              density=args.density, eval_samples=360,
-                                              **METHODS[method])).summary
+                                              eval_samples=360,
+                                              **method_settings(method, args.density))).summary
             timing = summary["timing"]
             rows[method] = {
                 "train_s_per_epoch": timing["train_seconds_per_epoch"],

@@ -88,6 +88,16 @@ def compress(config: CompressConfig, model: nn.Module | None = None,
         ddp.shutdown(context)
 
 
+def epoch_loader(bundle: DataBundle, config: CompressConfig,
+                 context: ddp.DistContext) -> DataLoader:
+    """Each rank reads its shard of every global batch. The order depends only on (seed,
+    epoch), so a resumed run sees the same batches, and rank r's share of global batch i is
+    the same images whatever the world size."""
+    sampler = DistributedSampler(bundle.train, num_replicas=context.world_size,
+                                 rank=context.rank, shuffle=True, seed=config.seed)
+    return DataLoader(bundle.train, config.batch_size // context.world_size, sampler=sampler)
+
+
 # Keys of a metrics row (metrics.jsonl) that the loop, the run summary and the plots read.
 HISTORY_KEYS = ("epoch", "loss", "clean_acc", "pgd_acc", "density", "train_seconds",
                 "rewire_seconds")
@@ -118,6 +128,9 @@ class Trainer:
         # per-rank randomness then draw from seed + rank below.
         torch.manual_seed(config.seed)
         spec = bundle.spec
+        steps = config.epochs * len(epoch_loader(bundle, config, context))
+        schedule = RewireSchedule(config.rewire_every, config.prune_rate, config.rewire_until)
+        config = config.with_start_density(schedule.rewires(steps))
         model = (build_model(config, spec) if module is None else module).to(device)
         policy = build_policy(config, model, torch.zeros(1, *spec.input_shape, device=device))
         torch.manual_seed(config.seed + context.rank)
@@ -130,25 +143,12 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         trainer = cls(config, bundle, context, device, model, train_model, optimizer, policy)
-        steps = config.epochs * len(trainer.loader())
-        if config.start_density is not None and not trainer.schedule.rewires(steps):
-            raise ConfigError(f"start_density needs a rewire to reach the target density, and "
-                              f"{steps} steps with rewire_every {config.rewire_every} and "
-                              f"rewire_until {config.rewire_until} give none")
         if resume_state is not None:
             trainer.load(resume_state)
         return trainer
 
     def loader(self) -> DataLoader:
-        """Each rank reads its shard of every global batch. The order depends only on (seed,
-        epoch), so a resumed run sees the same batches, and rank r's share of global batch i
-        is the same images whatever the world size."""
-        sampler = DistributedSampler(
-            self.bundle.train, num_replicas=self.context.world_size, rank=self.context.rank,
-            shuffle=True, seed=self.config.seed,
-        )
-        return DataLoader(self.bundle.train, self.config.batch_size // self.context.world_size,
-                          sampler=sampler)
+        return epoch_loader(self.bundle, self.config, self.context)
 
     def state(self, epoch: int) -> dict:
         rng = {"torch_per_rank": ddp.gather_objects(self.context, torch.get_rng_state())}

@@ -194,17 +194,19 @@ def build_policy(
     if config.dense:
         return DensePolicy()
     generator = torch.Generator().manual_seed(config.seed + 1)
+    # a start at the target is the paper's sparse start: nothing to close in on
+    start = None if config.start_density in (None, config.density) else config.start_density
     if config.granularity == Granularity.CHANNEL.value:
         channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
         try:
             return channel_policy(model, config.density, generator, example_input,
-                                  config.explore_channels, config.start_density)
+                                  config.explore_channels, start)
         except (ChannelGraphError, ChannelBudgetError) as err:
             raise ConfigError(f"model {config.model!r}: {err}") from None
     method = Method(config.method)
     if method is Method.DNR:
         return IrregularDNR(model, config.density, generator, config.init, config.redistribution,
-                            config.start_density)
+                            start)
     if method is Method.STATIC:
         return StaticSparse(model, config.density, generator, config.init)
     return MagnitudePrune(model, config.density, generator)

@@ -252,10 +252,10 @@ def test_paper_models_train_two_batches_at_32x32(name, granularity):
 
 
 @pytest.mark.parametrize(("flags", "expected"), [
-    (["--start-density", "0.05"], "start_density must be in (density, 1]"),
+    (["--start-density", "0.04"], "start_density must be in [density, 1]"),
     (["--start-density", "1.0", "--method", "static"], "start_density is for --method dnr"),
     (["--start-density", "1.0", "--epochs", "1", "--rewire-every", "100"],
-     "start_density needs a rewire"),
+     "start_density 1 needs a rewire"),
 ])
 def test_start_density_bad_settings_are_one_line(tmp_path, monkeypatch, capsys, flags, expected):
     from dnr_deploy.cli import compress_main
@@ -265,3 +265,15 @@ def test_start_density_bad_settings_are_one_line(tmp_path, monkeypatch, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and expected in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_dnr_starts_dense_by_default_where_it_measured_better():
+    """Unset, irregular DNR starts dense when the run has a rewire to close in on the target;
+    channel DNR, a run with no rewire and the baselines start at the target (None)."""
+    assert CompressConfig().with_start_density(rewires=6).start_density == 1.0
+    assert CompressConfig().with_start_density(rewires=0).start_density is None
+    assert CompressConfig(granularity="channel").with_start_density(6).start_density is None
+    assert CompressConfig(method="static").with_start_density(6).start_density is None
+    assert CompressConfig(start_density=0.05).with_start_density(6).start_density == 0.05
+    with pytest.raises(ConfigError, match="needs a rewire"):
+        CompressConfig(start_density=0.5).with_start_density(rewires=0)
