@@ -13,7 +13,8 @@ Contract: `OnnxTorch(onnx.load(path))(x)` returns the logits ONNX Runtime would 
 buffer, not a parameter: attacks need input gradients only.
 
 Example: the `small` digits net exports to Sub, Div (the normalization), Conv x4 (BatchNorm
-folded in), Relu x4, MaxPool, ReduceMean (global pooling), Reshape, Gemm.
+folded in), Relu x4, MaxPool, ReduceMean (global pooling), Reshape, Gemm. Swin adds shape
+arithmetic (Shape, Gather, Slice, Range, Pad ...), LayerNormalization and Erf.
 """
 
 from __future__ import annotations
@@ -221,6 +222,120 @@ def _transpose(inputs: list, attrs: dict) -> list:
     return [x.permute(perm)]
 
 
+# Shape arithmetic and indexing: what the exporter writes for transformers (Swin's window
+# partition, padding and relative-position bias, its LayerNorm and GELU). Shapes are int64
+# tensors, as in ONNX; the graph's own arithmetic on them is ordinary tensor math.
+def _axes(inputs: list, attrs: dict, position: int) -> list[int] | None:
+    """Axes from the input at `position` (opset >= 13/18) or the `axes` attribute, or None."""
+    if len(inputs) > position and inputs[position] is not None:
+        return [int(a) for a in inputs[position].tolist()]
+    return [int(a) for a in attrs["axes"]] if "axes" in attrs else None
+
+
+def _shape(inputs: list, attrs: dict) -> list:
+    dims = list(inputs[0].shape)
+    start, end = int(attrs.get("start", 0)), attrs.get("end")
+    return [torch.tensor(dims[start:None if end is None else int(end)], dtype=torch.int64)]
+
+
+def _gather(inputs: list, attrs: dict) -> list:
+    """numpy.take(data, indices, axis): the indices' shape replaces the axis."""
+    data, indices = inputs[0], inputs[1].long()
+    axis = int(attrs.get("axis", 0)) % data.dim()
+    indices = torch.where(indices < 0, indices + data.shape[axis], indices)
+    picked = torch.index_select(data, axis, indices.reshape(-1).to(data.device))
+    return [picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1:]))]
+
+
+def _gather_nd(inputs: list, attrs: dict) -> list:
+    if int(attrs.get("batch_dims", 0)):
+        raise UnsupportedGraphError("GatherND with batch_dims > 0 is not supported")
+    data, indices = inputs[0], inputs[1].long()
+    return [data[tuple(indices.unbind(-1))]]
+
+
+def _slice(inputs: list, attrs: dict) -> list:
+    """numpy slicing per axis (negative and out-of-range bounds clamped, negative steps)."""
+    x = inputs[0]
+    starts, ends = inputs[1].tolist(), inputs[2].tolist()
+    axes = _axes(inputs, attrs, 3) or list(range(len(starts)))
+    steps = inputs[4].tolist() if len(inputs) > 4 and inputs[4] is not None else \
+        [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        # Python's range slicing clamps exactly as the ONNX spec says, negative steps included
+        kept = range(x.shape[axis])[slice(int(start), int(end), int(step))]
+        x = torch.index_select(x, axis, torch.tensor(list(kept), dtype=torch.long,
+                                                     device=x.device))
+    return [x]
+
+
+def _squeeze(inputs: list, attrs: dict) -> list:
+    axes = _axes(inputs, attrs, 1)
+    return [inputs[0].squeeze() if axes is None else inputs[0].squeeze(tuple(axes))]
+
+
+def _unsqueeze(inputs: list, attrs: dict) -> list:
+    x, axes = inputs[0], _axes(inputs, attrs, 1)
+    rank = x.dim() + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        x = x.unsqueeze(axis)
+    return [x]
+
+
+def _expand(inputs: list, attrs: dict) -> list:
+    """Bidirectional broadcast: a 1 in the shape keeps the input's dimension."""
+    shape = torch.broadcast_shapes(inputs[0].shape, tuple(int(s) for s in inputs[1].tolist()))
+    return [inputs[0].expand(shape)]
+
+
+def _range(inputs: list, attrs: dict) -> list:
+    start, limit, delta = (t.item() for t in inputs[:3])
+    return [torch.arange(start, limit, delta, dtype=inputs[0].dtype)]
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate",
+              "wrap": "circular"}
+
+
+def _pad(inputs: list, attrs: dict) -> list:
+    """ONNX pads [begin of each axis..., end of each axis...] -> F.pad's last-axis-first pairs."""
+    x, pads = inputs[0], [int(p) for p in inputs[1].tolist()]
+    mode = attrs.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    axes = _axes(inputs, attrs, 3) or list(range(x.dim()))
+    begin, end = [0] * x.dim(), [0] * x.dim()
+    for axis, before, after in zip(axes, pads[:len(axes)], pads[len(axes):], strict=True):
+        begin[axis % x.dim()], end[axis % x.dim()] = before, after
+    pairs = [p for axis in reversed(range(x.dim())) for p in (begin[axis], end[axis])]
+    while len(pairs) > 2 and pairs[-2:] == [0, 0]:  # F.pad: only the axes that change
+        pairs = pairs[:-2]
+    value = inputs[2].item() if len(inputs) > 2 and inputs[2] is not None else 0.0
+    if mode == "constant":
+        return [F.pad(x, pairs, value=value)]
+    return [F.pad(x, pairs, mode=_PAD_MODES[mode])]
+
+
+def _reduce_l2(inputs: list, attrs: dict) -> list:
+    x, axes = inputs[0], _axes(inputs, attrs, 1)
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return [x]
+        axes = list(range(x.dim()))
+    return [torch.linalg.vector_norm(x, 2, dim=axes, keepdim=bool(attrs.get("keepdims", 1)))]
+
+
+def _layer_norm(inputs: list, attrs: dict) -> list:
+    """Normalized over `axis` to the last axis; also the Mean and InvStdDev outputs."""
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    dims = list(range(int(attrs.get("axis", -1)) % x.dim(), x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    inv_std = torch.rsqrt(((x - mean) ** 2).mean(dim=dims, keepdim=True)
+                          + float(attrs.get("epsilon", 1e-5)))
+    y = (x - mean) * inv_std * scale
+    return [y if bias is None else y + bias, mean, inv_std]
+
+
 OPS: dict[str, Op] = {
     "Add": lambda i, a: [i[0] + i[1]],
     "Sub": lambda i, a: [i[0] - i[1]],
@@ -252,6 +367,18 @@ OPS: dict[str, Op] = {
     "Constant": _constant,
     "QuantizeLinear": _quantize_linear,
     "DequantizeLinear": _dequantize_linear,
+    "Erf": lambda i, a: [torch.erf(i[0])],  # exact GELU: x * (1 + erf(x / sqrt 2)) / 2
+    "LayerNormalization": _layer_norm,
+    "Shape": _shape,
+    "Gather": _gather,
+    "GatherND": _gather_nd,
+    "Slice": _slice,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _unsqueeze,
+    "Expand": _expand,
+    "Range": _range,
+    "Pad": _pad,
+    "ReduceL2": _reduce_l2,  # Swin v2's cosine attention (F.normalize)
 }
 
 # Attribute checks that a handler cannot express by itself: conditions ORT honours that the
