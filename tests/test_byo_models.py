@@ -205,9 +205,14 @@ def test_a_density_the_dense_convs_forbid_is_one_clear_error():
     silently, and training on one-channel residual streams diverged. Now: a clear error."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ChannelCouplingWarning)
-        with pytest.raises(ChannelBudgetError, match=r"cannot reach density 0\.05 .* still 0\.388"):
+        with pytest.raises(ChannelBudgetError, match=r"cannot reach density 0\.05 .* still "
+                           r"0\.388.* use --density 0\.49 or more"):
             ChannelDNR(Concat(), 0.05, torch.Generator().manual_seed(0), EXAMPLE)
         ChannelDNR(Concat(), 0.6, torch.Generator().manual_seed(0), EXAMPLE)  # reachable
+        # nearly all of it in a layer channel mode cannot prune: no density to suggest
+        mostly_linear = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(72, 300))
+        with pytest.raises(ChannelBudgetError, match=r"; use --granularity irregular$"):
+            ChannelDNR(mostly_linear, 0.05, torch.Generator().manual_seed(0), EXAMPLE)
 
 
 def test_densenet121_every_conv_is_a_unit_through_its_concatenations():

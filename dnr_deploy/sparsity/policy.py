@@ -217,11 +217,14 @@ class ChannelDNR(DensePolicy):
         floor = self._count(smallest) / self.layout.dense_params(prunable_only=True)
         if floor > density:
             dense = len(dense_convs(model, list(self.layout.groups.values())))
+            # a quarter above the floor leaves room to choose units; past 1 there is none
+            advice = (f"use --density {floor * 1.25:.2g} or more, or --granularity irregular"
+                      if floor * 1.25 <= 1.0 else "use --granularity irregular")
             raise ChannelBudgetError(
                 f"channel mode cannot reach density {density:g} on this model: with one channel "
                 f"left in every unit the density is still {floor:.3g}, because the {dense} "
-                "convs it must leave dense (grouped convs and what they tie) keep their weights; "
-                f"use --density {floor * 1.25:.2g} or more, or --granularity irregular")
+                "convs it must leave dense (grouped convs and what they tie) and its layers other "
+                f"than convs keep their weights; {advice}")
 
     def _update_masks(self) -> None:
         masks = self.layout.param_masks(self.channel_masks)
