@@ -34,7 +34,8 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--densities", type=float, nargs="+",
                         default=[0.5, 0.2, 0.1, 0.05, 0.02, 0.01])
-    parser.add_argument("--methods", nargs="+", default=["dnr-irregular", "static", "magnitude"])
+    parser.add_argument("--methods", nargs="+",
+                        default=["dnr-gradual", "dnr-irregular", "static", "magnitude"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--multi-seed", type=float, nargs="*", default=[0.05, 0.02])
     parser.add_argument("--reuse", nargs="*", default=[], metavar="NAME",
