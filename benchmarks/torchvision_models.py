@@ -37,13 +37,14 @@ from dnr_deploy.runtime.verify import VerifyConfig, verify
 
 # Two steps of 128 of the digits' training images, and the first 64 test images for the
 # evaluations, export's parity gates and verify: the pipeline end to end, not what a model learns
-# (a full epoch of the largest nets takes over 10 minutes a model on one core here; the rows
-# before this change, marked "1 epoch", trained all 1,437 images). At the default lr 0.1 several
-# nets end a short run with eval-mode activations that overflow float32 (batch-norm statistics
-# lag the weights); 0.01 keeps the check about the pipeline, not about how short a run may be.
-# The final AutoAttack-grade ensemble scores one image: on 16 it took over 15 minutes for a 25M
-# net here (Square's 5,000 queries, APGD-T's 9 x 100 steps), and robustness is not this sweep's
-# question; verify's short PGD still attacks the deployed artifact.
+# (one epoch of efficientnet_b1 took 6.5 minutes of training alone on a shared core here; the
+# rows before this change, marked "1 epoch", trained all 1,437 images). At the default lr 0.1
+# several nets end a short run with eval-mode activations that overflow float32 (batch-norm
+# statistics lag the weights); 0.01 keeps the check about the pipeline, not how short a run is.
+# The final AutoAttack-grade ensemble scores one image: with 16 (Square's 5,000 queries, APGD-T's
+# 9 x 100 steps) a 25M net had not left the stage after training (final evaluation, then
+# export) 18 minutes later, and robustness is not this sweep's question; verify's short PGD
+# still attacks the deployed artifact.
 SHORT_RUN = {"epochs": 1, "pgd_steps": 1, "eval_samples": 50, "robust_eval_samples": 1,
              "batch_size": 128, "lr": 0.01}
 TRAIN_IMAGES, TEST_IMAGES = 256, 64

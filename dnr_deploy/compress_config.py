@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from dnr_deploy.config import option
+from dnr_deploy.sparsity.schedule import RewireSchedule  # torch-free, as this module must be
 from dnr_deploy.vocabulary import Granularity, Init, Method, Redistribution
 
 __all__ = ["CompressConfig", "ConfigError", "Method"]
@@ -97,7 +98,6 @@ class CompressConfig:
 
         from dnr_deploy.data import SPECS, parse_dataset
         from dnr_deploy.models import ModelSpecError, check_model_spec
-        from dnr_deploy.sparsity.schedule import RewireSchedule
 
         try:
             spec = SPECS[parse_dataset(self.dataset)]
@@ -129,7 +129,7 @@ class CompressConfig:
                 raise ConfigError("start_density is for --method dnr (the baselines' masks are "
                                   "fixed or set once)")
         try:
-            RewireSchedule(self.rewire_every, self.prune_rate, self.rewire_until)
+            self.rewire_schedule()
             Redistribution(self.redistribution)
             Init(self.init)
         except ValueError as err:
@@ -168,6 +168,14 @@ class CompressConfig:
             pgd_step_size=self.pgd_step_size or spec.pgd_step_size * eps / spec.eps,
             eval_pgd7_step_size=self.eval_pgd7_step_size or spec.eval_pgd7_step_size,
         )
+
+    def rewire_schedule(self) -> RewireSchedule:
+        """When DNR rewires and how much.
+
+        Raises:
+            ValueError: a rewire setting out of range.
+        """
+        return RewireSchedule(self.rewire_every, self.prune_rate, self.rewire_until)
 
     def with_start_density(self, rewires: int) -> CompressConfig:
         """A copy with DNR's `start_density` decided for a run that gets `rewires` rewires.

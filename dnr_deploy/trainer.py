@@ -129,8 +129,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         spec = bundle.spec
         steps = config.epochs * len(epoch_loader(bundle, config, context))
-        schedule = RewireSchedule(config.rewire_every, config.prune_rate, config.rewire_until)
-        config = config.with_start_density(schedule.rewires(steps))
+        config = config.with_start_density(config.rewire_schedule().rewires(steps))
         model = (build_model(config, spec) if module is None else module).to(device)
         policy = build_policy(config, model, torch.zeros(1, *spec.input_shape, device=device))
         torch.manual_seed(config.seed + context.rank)
@@ -301,8 +300,7 @@ class Trainer:
     @cached_property
     def schedule(self) -> RewireSchedule:
         """When the policy rewires: a pure function of the optimizer step (built once)."""
-        cfg = self.config
-        return RewireSchedule(cfg.rewire_every, cfg.prune_rate, cfg.rewire_until)
+        return self.config.rewire_schedule()
 
     def _rewire_if_due(self, step: int, total_steps: int) -> list[dict]:
         """The rewire after optimizer step `step`, if the schedule has one: [its record]."""

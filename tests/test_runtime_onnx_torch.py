@@ -215,6 +215,19 @@ def test_every_supported_op_matches_ort(tmp_path):
     np.testing.assert_allclose(ours, run_logits(session, x), atol=1e-4, rtol=1e-5)
 
 
+def reimport_matching_ort(model: onnx.ModelProto, x: np.ndarray, path: Path
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks `model`, saves it to `path` and asserts the re-import's logits on `x` equal ONNX
+    Runtime's (atol 1e-5); returns the re-import's input (requiring grad) and its logits."""
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    ours = torch.from_numpy(x).requires_grad_()
+    logits = OnnxTorch(model)(ours)
+    session, _ = create_session(path)
+    np.testing.assert_allclose(logits.detach().numpy(), run_logits(session, x), atol=1e-5)
+    return ours, logits
+
+
 def test_shuffle_ops_match_ort_in_values_and_gradients(tmp_path):
     """ShuffleNet's channel split and shuffle: Split (by sizes and by num_outputs, uneven),
     Transpose, Reshape and Concat, against ONNX Runtime; and the input gradient flows through
@@ -239,15 +252,9 @@ def test_shuffle_ops_match_ort_in_values_and_gradients(tmp_path):
         helper.make_node("Reshape", ["used", "out"], ["f"]),
         helper.make_node("MatMul", ["f", "k"], ["logits"]),
     ]
-    model = hand_graph(nodes, inits, [4, 4, 4])
-    onnx.checker.check_model(model, full_check=True)
-    path = tmp_path / "shuffle.onnx"
-    onnx.save(model, str(path))
     x = np.random.default_rng(1).random((2, 4, 4, 4), dtype=np.float32)
-    ours = torch.from_numpy(x).requires_grad_()
-    logits = OnnxTorch(model)(ours)
-    session, _ = create_session(path)
-    np.testing.assert_allclose(logits.detach().numpy(), run_logits(session, x), atol=1e-5)
+    ours, logits = reimport_matching_ort(hand_graph(nodes, inits, [4, 4, 4]), x,
+                                         tmp_path / "shuffle.onnx")
 
     def by_hand(t: torch.Tensor) -> torch.Tensor:  # the same graph in torch
         shuffled = t.reshape(2, 2, 2, 4, 4).transpose(1, 2).reshape(2, 4, 4, 4)
@@ -306,15 +313,9 @@ def test_transformer_ops_match_ort_in_values_and_gradients(tmp_path):
         helper.make_node("ReduceMean", ["bias", "axes0"], ["bias1"], keepdims=0),  # 4
         helper.make_node("Add", ["mm", "bias1"], ["logits"]),
     ]
-    model = hand_graph(nodes, inits, [3, 4, 4])
-    onnx.checker.check_model(model, full_check=True)
-    path = tmp_path / "swin_ops.onnx"
-    onnx.save(model, str(path))
     x = np.random.default_rng(1).random((2, 3, 4, 4), dtype=np.float32)
-    ours = torch.from_numpy(x).requires_grad_()
-    logits = OnnxTorch(model)(ours)
-    session, _ = create_session(path)
-    np.testing.assert_allclose(logits.detach().numpy(), run_logits(session, x), atol=1e-5)
+    ours, logits = reimport_matching_ort(hand_graph(nodes, inits, [3, 4, 4]), x,
+                                         tmp_path / "swin_ops.onnx")
     logits.sum().backward()
     assert torch.isfinite(ours.grad).all() and ours.grad.abs().sum() > 0
     kept = OPS["Slice"]([torch.arange(6.0), torch.tensor([4]), torch.tensor([-100]),

@@ -97,16 +97,27 @@ def _average_pool(inputs: list, attrs: dict) -> list:
                          count_include_pad=bool(attrs.get("count_include_pad", 0)))]
 
 
+def _axes(inputs: list, attrs: dict, position: int) -> list[int] | None:
+    """Axes from the input at `position` (opset >= 13/18) or the `axes` attribute, or None."""
+    if len(inputs) > position and inputs[position] is not None:
+        return [int(a) for a in inputs[position].tolist()]
+    return [int(a) for a in attrs["axes"]] if "axes" in attrs else None
+
+
+def _reduced_axes(inputs: list, attrs: dict) -> list[int] | None:
+    """The axes a Reduce* op reduces (opset >= 18: the second input; older: the attribute);
+    none given means all of them, or no reduction at all with noop_with_empty_axes (None)."""
+    axes = _axes(inputs, attrs, 1)
+    if axes:
+        return axes
+    return None if attrs.get("noop_with_empty_axes", 0) else list(range(inputs[0].dim()))
+
+
 def _reduce_mean(inputs: list, attrs: dict) -> list:
-    x = inputs[0]
-    # opset >= 18 passes the axes as a second input; older opsets as an attribute
-    axes = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("axes")
-    if axes is None or (isinstance(axes, torch.Tensor) and axes.numel() == 0):
-        if attrs.get("noop_with_empty_axes", 0):
-            return [x]
-        axes = list(range(x.dim()))
-    dims = [int(a) for a in (axes.tolist() if isinstance(axes, torch.Tensor) else axes)]
-    return [x.mean(dim=dims, keepdim=bool(attrs.get("keepdims", 1)))]
+    axes = _reduced_axes(inputs, attrs)
+    if axes is None:
+        return [inputs[0]]
+    return [inputs[0].mean(dim=axes, keepdim=bool(attrs.get("keepdims", 1)))]
 
 
 def _reshape(inputs: list, attrs: dict) -> list:
@@ -225,13 +236,6 @@ def _transpose(inputs: list, attrs: dict) -> list:
 # Shape arithmetic and indexing: what the exporter writes for transformers (Swin's window
 # partition, padding and relative-position bias, its LayerNorm and GELU). Shapes are int64
 # tensors, as in ONNX; the graph's own arithmetic on them is ordinary tensor math.
-def _axes(inputs: list, attrs: dict, position: int) -> list[int] | None:
-    """Axes from the input at `position` (opset >= 13/18) or the `axes` attribute, or None."""
-    if len(inputs) > position and inputs[position] is not None:
-        return [int(a) for a in inputs[position].tolist()]
-    return [int(a) for a in attrs["axes"]] if "axes" in attrs else None
-
-
 def _shape(inputs: list, attrs: dict) -> list:
     dims = list(inputs[0].shape)
     start, end = int(attrs.get("start", 0)), attrs.get("end")
@@ -262,10 +266,15 @@ def _slice(inputs: list, attrs: dict) -> list:
     steps = inputs[4].tolist() if len(inputs) > 4 and inputs[4] is not None else \
         [1] * len(starts)
     for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        # Python's range slicing clamps exactly as the ONNX spec says, negative steps included
-        kept = range(x.shape[axis])[slice(int(start), int(end), int(step))]
-        x = torch.index_select(x, axis, torch.tensor(list(kept), dtype=torch.long,
-                                                     device=x.device))
+        # Python's slicing clamps exactly as the ONNX spec says; torch's views take positive
+        # steps only (the attack loop runs this every step), range() the negative ones
+        window = slice(int(start), int(end), int(step))
+        if window.step > 0:
+            x = x[(slice(None),) * (axis % x.dim()) + (window,)]
+            continue
+        kept = torch.tensor(list(range(x.shape[axis])[window]), dtype=torch.long,
+                            device=x.device)
+        x = torch.index_select(x, axis, kept)
     return [x]
 
 
@@ -316,12 +325,11 @@ def _pad(inputs: list, attrs: dict) -> list:
 
 
 def _reduce_l2(inputs: list, attrs: dict) -> list:
-    x, axes = inputs[0], _axes(inputs, attrs, 1)
-    if not axes:
-        if attrs.get("noop_with_empty_axes", 0):
-            return [x]
-        axes = list(range(x.dim()))
-    return [torch.linalg.vector_norm(x, 2, dim=axes, keepdim=bool(attrs.get("keepdims", 1)))]
+    axes = _reduced_axes(inputs, attrs)
+    if axes is None:
+        return [inputs[0]]
+    return [torch.linalg.vector_norm(inputs[0], 2, dim=axes,
+                                     keepdim=bool(attrs.get("keepdims", 1)))]
 
 
 def _layer_norm(inputs: list, attrs: dict) -> list:
