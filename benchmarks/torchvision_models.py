@@ -137,11 +137,16 @@ def merge(names: list[str], name: str) -> None:
     for model, row in sorted(models.items(), key=lambda item: item[1]["dense_params"]):
         cells = [_cell(row, g) for g in ("irregular", "channel")] if row["builds"] else \
             ["does not build at 1x8x8", ""]
-        trained = next((f"{row[g]['train_images']} images" for g in ("irregular", "channel")
-                        if "train_images" in row.get(g, {})), "1 epoch" if row["builds"] else "")
+        trained = " / ".join(dict.fromkeys(_trained_on(row.get(g)) for g in ("irregular", "channel")
+                                           if g in row))
         print(f"| {model} | {row['dense_params'] / 1e6:.1f}M | {trained} | {cells[0]} | "
               f"{cells[1]} |")
     write_results(name, {"merged": names, "models": models})
+
+
+def _trained_on(cell: dict) -> str:
+    """What a row trained on: rows from before the short protocol trained one whole epoch."""
+    return f"{cell['train_images']} images" if "train_images" in cell else "1 epoch"
 
 
 # The known failures, said briefly: (pattern in the error, what the table says).
