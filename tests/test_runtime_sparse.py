@@ -75,7 +75,9 @@ def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size
         got = conv(chw_n(x)).transpose(3, 0, 1, 2)
         want = F.conv2d(x, weight, bias, stride, padding)
         want = want.clamp(min=0) if relu else want
-        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        # the dense fallback's BLAS sums 288 terms per output in its own order: float32
+        # rounding of a few 1e-5 at outputs of size 20; the sparse cases sum a handful
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4 if conv.dense else 1e-5)
         assert conv.dense == (density > DENSE_THRESHOLD)
     small = SparseConv(np.ones((2, 1, 3, 3), np.float32), np.zeros(2, np.float32), 1, 1, False)
     assert not small.dense  # a tiny dense layer runs in the sparse kernel, below the minimum

@@ -1,9 +1,16 @@
 // Direct sparse convolution (Park et al., ICLR 2017) for the sparse runtime: see kernels.py for
-// the CHWN layout and the shifted-plane formulation. Each task keeps a tile of 8 * NV output
-// floats of one output channel in NV AVX2 registers while that channel's nonzeros stream past:
-// one broadcast, NV unaligned loads and NV FMAs per nonzero, no store until the row is done
-// (the numba kernel loads and stores the accumulator for every nonzero: about 2-3x slower here,
-// ISSUE13_NOTES.md). Plain C ABI, loaded with ctypes: no Python headers, no build-time numpy.
+// the CHWN layout and the shifted-plane formulation. Each task keeps a tile of up to 4 vectors
+// of 8 output floats of one output channel in AVX2 registers while that channel's nonzeros
+// stream past: one broadcast, up to 4 unaligned loads and FMAs per nonzero, no store until the
+// channel's nonzeros are done (the numba kernel loads and stores the accumulator for every
+// nonzero: about 2-3x slower here, docs/notes/issue13.md).
+//
+// A tile's vectors sit at positions the caller lists, so the stretch need not be contiguous:
+// where a row's pixels fill whole vectors, only pixels are listed and the garbage columns of
+// the shifted-plane formulation are never computed (half the work of a 2x2 layer, a third of a
+// 4x4 one), and the layer can write straight into the next layer's zero-bordered input planes.
+// The epilogue adds a residual (ResNet's shortcut) and applies ReLU, so an addition costs no
+// pass of its own. Plain C ABI, loaded with ctypes: no Python headers, no build-time numpy.
 #include <stdint.h>
 
 #include <algorithm>
@@ -15,39 +22,81 @@
 
 namespace {
 
+// One output channel's part of a task.
+struct Row {
+  const float* src;
+  const int64_t* off;  // the channel's nonzeros: input offsets and values
+  const float* val;
+  int64_t count;
+  float bias;
+  const float* res;  // residual row (same positions as the output), or null
+  int relu;
+  float* out;
+};
+
 #ifdef DNR_X86
+// One tile: NV vectors of 8 output floats, at pos[0 .. NV).
 template <int NV>
-__attribute__((target("avx2,fma"))) void row_tiles_avx2(
-    const float* src, const int64_t* off, const float* val, int64_t j0, int64_t j1, float bias,
-    int relu, int64_t s0, int64_t s1, float* out) {
-  for (int64_t s = s0; s < s1; s += 8 * NV) {
-    __m256 acc[NV];
-    for (int v = 0; v < NV; ++v) acc[v] = _mm256_set1_ps(bias);
-    for (int64_t j = j0; j < j1; ++j) {
-      const __m256 w = _mm256_set1_ps(val[j]);
-      const float* p = src + off[j] + s;
-      for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + 8 * v), acc[v]);
-    }
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(const Row& r,
+                                                                         const int32_t* pos) {
+  int32_t q[NV];
+  for (int v = 0; v < NV; ++v) q[v] = pos[v];
+  // two sets of accumulators, for even and odd nonzeros: an FMA takes 4 cycles and two issue
+  // a cycle, so 8 chains keep the units busy where 4 leave them half idle
+  __m256 acc[NV], alt[NV];
+  for (int v = 0; v < NV; ++v) {
+    acc[v] = _mm256_set1_ps(r.bias);
+    alt[v] = _mm256_setzero_ps();
+  }
+  const float* src = r.src;
+  const int64_t* off = r.off;
+  const float* val = r.val;
+  const int64_t count = r.count;
+  int64_t j = 0;
+  for (; j + 1 < count; j += 2) {
+    const __m256 w0 = _mm256_set1_ps(val[j]), w1 = _mm256_set1_ps(val[j + 1]);
+    const float* p0 = src + off[j];
+    const float* p1 = src + off[j + 1];
     for (int v = 0; v < NV; ++v) {
-      if (relu) acc[v] = _mm256_max_ps(acc[v], _mm256_setzero_ps());
-      _mm256_storeu_ps(out + s + 8 * v, acc[v]);
+      acc[v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p0 + q[v]), acc[v]);
+      alt[v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p1 + q[v]), alt[v]);
     }
   }
+  if (j < count) {
+    const __m256 w = _mm256_set1_ps(val[j]);
+    const float* p = src + off[j];
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + q[v]), acc[v]);
+  }
+  for (int v = 0; v < NV; ++v) {
+    __m256 a = _mm256_add_ps(acc[v], alt[v]);
+    if (r.res) a = _mm256_add_ps(a, _mm256_loadu_ps(r.res + q[v]));
+    if (r.relu) a = _mm256_max_ps(a, _mm256_setzero_ps());
+    _mm256_storeu_ps(r.out + q[v], a);
+  }
+}
+
+// `tiles` tiles of NV vectors each, at pos[0 .. NV * tiles).
+template <int NV>
+__attribute__((target("avx2,fma"))) void tiles_avx2(const Row& r, const int32_t* pos,
+                                                    int64_t tiles) {
+  for (int64_t t = 0; t < tiles; ++t, pos += NV) tile_avx2<NV>(r, pos);
 }
 #endif
 
 // Portable path (no AVX2): the same tiles, left to the compiler's vectoriser.
-void row_tiles_generic(const float* src, const int64_t* off, const float* val, int64_t j0,
-                       int64_t j1, float bias, int relu, int64_t s0, int64_t s1, float* out) {
-  for (int64_t s = s0; s < s1; s += 8) {
+void tile_generic(const Row& r, const int32_t* pos, int nv) {
+  for (int v = 0; v < nv; ++v) {
     float acc[8];
-    for (int i = 0; i < 8; ++i) acc[i] = bias;
-    for (int64_t j = j0; j < j1; ++j) {
-      const float w = val[j];
-      const float* p = src + off[j] + s;
+    for (int i = 0; i < 8; ++i) acc[i] = r.bias;
+    for (int64_t j = 0; j < r.count; ++j) {
+      const float w = r.val[j];
+      const float* p = r.src + r.off[j] + pos[v];
       for (int i = 0; i < 8; ++i) acc[i] += w * p[i];
     }
-    for (int i = 0; i < 8; ++i) out[s + i] = (relu && acc[i] < 0.0f) ? 0.0f : acc[i];
+    for (int i = 0; i < 8; ++i) {
+      float a = r.res ? acc[i] + r.res[pos[v] + i] : acc[i];
+      r.out[pos[v] + i] = (r.relu && a < 0.0f) ? 0.0f : a;
+    }
   }
 }
 
@@ -60,6 +109,27 @@ bool has_avx2() {
 #endif
 }
 
+// Tiles t0 .. t1 of one output channel: full tiles of 4 vectors, then the last, shorter one.
+void run_tiles(const Row& r, const int32_t* pos, int64_t npos, int64_t t0, int64_t t1,
+               bool avx2) {
+  const int64_t full = std::min(t1, npos / 4);
+#ifdef DNR_X86
+  if (avx2) {
+    if (full > t0) tiles_avx2<4>(r, pos + 4 * t0, full - t0);
+    if (t1 > full) {
+      const int64_t rest = npos - 4 * full;
+      const int32_t* last = pos + 4 * full;
+      if (rest == 3) tiles_avx2<3>(r, last, 1);
+      else if (rest == 2) tiles_avx2<2>(r, last, 1);
+      else if (rest == 1) tiles_avx2<1>(r, last, 1);
+    }
+    return;
+  }
+#endif
+  for (int64_t t = t0; t < t1; ++t)
+    tile_generic(r, pos + 4 * t, static_cast<int>(std::min<int64_t>(4, npos - 4 * t)));
+}
+
 }  // namespace
 
 extern "C" {
@@ -67,31 +137,68 @@ extern "C" {
 // 1 when the AVX2 + FMA path runs on this CPU, 0 for the portable one.
 int dnr_sparse_avx2() { return has_avx2() ? 1 : 0; }
 
-// out[o, :length] = bias[o] + sum_j val[j] * src[off[j] : off[j] + length] over row o's
-// nonzeros (indptr[o] <= j < indptr[o + 1]), then ReLU if `relu`. `length` is a multiple of
-// 8 * nv (nv in 1, 2, 4); `src` must hold off[j] + length floats for every j. Tasks are
-// (block of `block` floats, output channel), block-major, so the input a block reads stays
-// in cache across the output channels.
+// For each output channel o and each listed vector position q (pos[0 .. npos), in floats):
+//   out[o * out_stride + q + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
+//                                      + res[o * res_stride + q + i]),  i < 8,
+// over row o's nonzeros (indptr[o] <= j < indptr[o + 1]); `res` may be null (no residual).
+// Positions go 4 to a tile; tasks are (block of `block` tiles, output channel), block-major,
+// so the input a block reads stays in cache across the output channels. `src` must hold
+// off[j] + q + 8 floats for every j and q.
 void dnr_sparse_conv(const float* src, const int64_t* off, const int64_t* indptr,
-                     const float* val, const float* bias, int relu, int64_t rows,
-                     int64_t length, int64_t block, int nv, int threads, float* out) {
-  const int64_t nblocks = (length + block - 1) / block;
+                     const float* val, const float* bias, const int32_t* pos, int64_t npos,
+                     int64_t block, int64_t rows, int threads, float* out, int64_t out_stride,
+                     int relu, const float* res, int64_t res_stride) {
+  const int64_t tiles = (npos + 3) / 4, nblocks = (tiles + block - 1) / block;
   const bool avx2 = has_avx2();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t task = 0; task < rows * nblocks; ++task) {
     const int64_t blk = task / rows, o = task % rows;
-    const int64_t s0 = blk * block, s1 = std::min(length, s0 + block);
-    float* row = out + o * length;
-    const int64_t j0 = indptr[o], j1 = indptr[o + 1];
+    const int64_t j0 = indptr[o];
+    const Row r{src, off + j0, val + j0, indptr[o + 1] - j0, bias[o],
+                res ? res + o * res_stride : nullptr, relu, out + o * out_stride};
+    run_tiles(r, pos, npos, blk * block, std::min(tiles, (blk + 1) * block), avx2);
+  }
+}
+
+// out[c * oc + i * orow + j * batch + n] = the max over the k x k window of
+// x[c * xc + (i * k + a) * xrow + (j * k + b) * batch + n], for i < ho, j < wo, n < batch:
+// CHWN in and out, each side with its own channel and row strides (floats), so the input can
+// be a layer's output with garbage columns and the output the next layer's padded planes.
+void dnr_max_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64_t ho,
+                  int64_t wo, int64_t batch, int64_t k, float* out, int64_t oc, int64_t orow) {
 #ifdef DNR_X86
-    if (avx2) {
-      if (nv == 4) row_tiles_avx2<4>(src, off, val, j0, j1, bias[o], relu, s0, s1, row);
-      else if (nv == 2) row_tiles_avx2<2>(src, off, val, j0, j1, bias[o], relu, s0, s1, row);
-      else row_tiles_avx2<1>(src, off, val, j0, j1, bias[o], relu, s0, s1, row);
-      continue;
-    }
+  if (k == 2 && batch % 4 == 0) {  // VGG's pools on chunks of 4 images: 4 floats a vector
+    for (int64_t c = 0; c < chans; ++c)
+      for (int64_t i = 0; i < ho; ++i) {
+        float* o = out + c * oc + i * orow;
+        const float* top = x + c * xc + 2 * i * xrow;
+        const float* bottom = top + xrow;
+        for (int64_t j = 0; j < wo; ++j)
+          for (int64_t n = 0; n < batch; n += 4) {
+            const int64_t a = 2 * j * batch + n, b = a + batch;
+            const __m128 m = _mm_max_ps(_mm_max_ps(_mm_loadu_ps(top + a), _mm_loadu_ps(top + b)),
+                                        _mm_max_ps(_mm_loadu_ps(bottom + a),
+                                                   _mm_loadu_ps(bottom + b)));
+            _mm_storeu_ps(o + j * batch + n, m);
+          }
+      }
+    return;
+  }
 #endif
-    row_tiles_generic(src, off, val, j0, j1, bias[o], relu, s0, s1, row);
+  for (int64_t c = 0; c < chans; ++c) {
+    for (int64_t i = 0; i < ho; ++i) {
+      float* o = out + c * oc + i * orow;
+      const float* top = x + c * xc + i * k * xrow;
+      for (int64_t j = 0; j < wo; ++j)
+        for (int64_t n = 0; n < batch; ++n) o[j * batch + n] = top[j * k * batch + n];
+      for (int64_t a = 0; a < k; ++a) {
+        const float* line = top + a * xrow;
+        for (int64_t b = 0; b < k; ++b)
+          for (int64_t j = 0; j < wo; ++j)
+            for (int64_t n = 0; n < batch; ++n)
+              o[j * batch + n] = std::max(o[j * batch + n], line[(j * k + b) * batch + n]);
+      }
+    }
   }
 }
 

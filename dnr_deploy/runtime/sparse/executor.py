@@ -28,6 +28,7 @@ from dnr_deploy.models.registry import Normalize
 from dnr_deploy.runtime.sparse import kernels, native
 from dnr_deploy.runtime.sparse.plan import (
     DENSE_THRESHOLD,
+    MaxPool,
     SparseConv,
     SparseLinear,
     UnsupportedLayerError,
@@ -49,20 +50,14 @@ def _flatten(x: np.ndarray) -> np.ndarray:
     return x if x.ndim == 2 else np.ascontiguousarray(x).reshape(-1, x.shape[-1])
 
 
-def _max_pool(pool: nn.MaxPool2d) -> Callable:
+def _max_pool(pool: nn.MaxPool2d) -> MaxPool:
     size = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
     stride = pool.stride if isinstance(pool.stride, int) else pool.stride[0]
     if stride != size or pool.padding not in (0, (0, 0)) or pool.dilation not in (1, (1, 1)) \
             or pool.ceil_mode:
         raise UnsupportedLayerError(f"the sparse runtime pools k x k windows with stride k and "
                                     f"no padding; got {pool}; use --runtime ort")
-
-    def run(x: np.ndarray) -> np.ndarray:
-        c, h, w, n = x.shape
-        out = np.empty((c, h // size, w // size, n), np.float32)
-        kernels.max_pool(x, size, out)
-        return out
-    return run
+    return MaxPool(size)
 
 
 def _avg_pool(pool: nn.AdaptiveAvgPool2d) -> Callable:
@@ -148,7 +143,7 @@ class SparseModel:
         for node, step, inputs in self.steps:
             args = [values[i] if isinstance(i, fx.Node) else x for i in inputs]
             values[node] = step(*args, threads=threads) \
-                if isinstance(step, (SparseConv, SparseLinear)) else step(*args)
+                if isinstance(step, (SparseConv, SparseLinear, MaxPool)) else step(*args)
         logits = values[self.output]
         return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
 
@@ -179,29 +174,38 @@ def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 
     traced = fx.GraphModule(model, _Tracer().trace(model))
     modules = dict(traced.named_modules())
     shapes = _input_sizes(traced, input_shape)
-    steps, alias, layers = [], {}, []
+    steps, alias, layers, pending = [], {}, [], {}
+    resolve = lambda a: alias.get(a, a) if isinstance(a, fx.Node) else a  # noqa: E731
     for node in traced.graph.nodes:
         if node.op == "placeholder":
             continue
         if node.op == "output":
-            output = alias.get(node.args[0], node.args[0])
+            output = resolve(node.args[0])
             break
+        if node in pending:  # a conv whose fused chain ends here (after its residual's input)
+            conv, step, inputs = pending.pop(node)
+            steps.append((conv, step, [_input(resolve(a)) for a in inputs]))
+            continue
         if node in alias:
             continue
-        inputs = [alias.get(a, a) if isinstance(a, fx.Node) else a for a in node.args]
+        inputs = [resolve(a) for a in node.args]
         if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
-            last, norm, relu = _fusable(node, modules)
+            last, norm, residual, relu = _fusable(node, modules, claimed=alias)
             step = conv_layer(modules[node.target], norm, relu, dense_threshold)
             layers.append((step, shapes[node]))
-            for fused in (n for n in _chain(node, last)):
+            for fused in _chain(node, last):
                 alias[fused] = node
-        elif node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+            pending[last] = (node, step, inputs[:1] + ([residual] if residual else []))
+            if last is node:
+                steps.append((node, step, [_input(a) for a in pending.pop(last)[2]]))
+            continue
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
             step = linear_layer(modules[node.target], dense_threshold)
             layers.append((step, None))
         else:
             step = _simple_step(node, modules)
-        tensors = [a for a in inputs if isinstance(a, fx.Node)]
-        steps.append((node, step, [None if a.op == "placeholder" else a for a in tensors]))
+        steps.append((node, step, [_input(a) for a in inputs if isinstance(a, fx.Node)]))
+    _link_convs(steps)
     return SparseModel(steps, output, layers, threads)
 
 
@@ -236,20 +240,56 @@ def _simple_step(node: fx.Node, modules: dict) -> Callable:
     return step
 
 
-def _fusable(conv: fx.Node, modules: dict) -> tuple[fx.Node, nn.BatchNorm2d | None, bool]:
-    """The last node of conv -> [BatchNorm2d] -> [ReLU] when each link has one user."""
-    last, norm, relu = conv, None, False
-    user = _only_user(last)
+def _fusable(conv: fx.Node, modules: dict, claimed: dict
+             ) -> tuple[fx.Node, nn.BatchNorm2d | None, fx.Node | None, bool]:
+    """The last node of conv -> [BatchNorm2d] -> [+ residual] -> [ReLU] when each link has one
+    user and no other conv's chain took it (both sides of an addition can end in a conv),
+    with the norm, the residual's node and whether a ReLU ends it."""
+    last, norm, residual, relu = conv, None, None, False
+
+    def next_user(node: fx.Node) -> fx.Node | None:
+        user = _only_user(node)
+        return None if user in claimed else user
+
+    user = next_user(last)
     if user is not None and user.op == "call_module" and \
             isinstance(modules[user.target], nn.BatchNorm2d):
         last, norm = user, modules[user.target]
-        user = _only_user(last)
+        user = next_user(last)
+    if user is not None and user.op == "call_function" and \
+            user.target in (operator.add, torch.add) and len(user.args) == 2 and \
+            not user.kwargs and all(isinstance(a, fx.Node) for a in user.args) and \
+            user.args[0] is not user.args[1]:
+        residual = user.args[1] if user.args[0] is last else user.args[0]
+        last = user
+        user = next_user(last)
     if user is not None and ((user.op == "call_module" and
                               isinstance(modules[user.target], nn.ReLU)) or
                              (user.op == "call_function" and
                               user.target in (torch.relu, torch.nn.functional.relu))):
         last, relu = user, True
-    return last, norm, relu
+    return last, norm, residual, relu
+
+
+def _input(node: fx.Node) -> fx.Node | None:
+    """A step's input: a node's value, or None for the model's input."""
+    return None if node.op == "placeholder" else node
+
+
+def _link_convs(steps: list) -> None:
+    """Let a conv or pool write straight into the planes of a stride-1 conv that reads its
+    output, and widen a conv whose output another conv adds as its residual (SparseConv's
+    `into` and `match`)."""
+    producers = {node: step for node, step, _ in steps if isinstance(step, (SparseConv, MaxPool))}
+    for _, step, inputs in steps:
+        if not isinstance(step, SparseConv):
+            continue
+        source = producers.get(inputs[0])
+        if source is not None and source.into is None and step.stride == 1:
+            source.into = step
+        shortcut = producers.get(inputs[1]) if len(inputs) > 1 else None
+        if isinstance(shortcut, SparseConv) and shortcut.into is None:
+            shortcut.match = step
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:

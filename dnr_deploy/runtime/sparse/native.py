@@ -33,10 +33,12 @@ if _LIB is not None:
     # raw pointers: ndpointer's per-argument checks cost microseconds a call, and a batch-1
     # VGG16 makes 13 calls; `native_conv` checks dtypes and contiguity once instead
     _PTR = ctypes.c_void_p
-    _LIB.dnr_sparse_conv.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, ctypes.c_int, ctypes.c_int64,
-                                     ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-                                     _PTR]
+    _I64 = ctypes.c_int64
+    _LIB.dnr_sparse_conv.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64,
+                                     ctypes.c_int, _PTR, _I64, ctypes.c_int, _PTR, _I64]
     _LIB.dnr_sparse_conv.restype = None
+    _LIB.dnr_max_pool.argtypes = [_PTR, *[_I64] * 7, _PTR, _I64, _I64]
+    _LIB.dnr_max_pool.restype = None
     _LIB.dnr_sparse_avx2.restype = ctypes.c_int
 
 
@@ -48,18 +50,39 @@ def kernel_name() -> str:
 
 
 def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: np.ndarray,
-              bias: np.ndarray, relu: bool, block: int, vectors: int, threads: int,
-              out: np.ndarray) -> Callable[[], None]:
-    """A call of the kernel on these arrays, bound once: out (rows, length) = the sparse
-    convolution of _kernels.cpp; length % (8 * vectors) == 0. The caller keeps the arrays
-    alive as long as the call."""
-    arrays = (src, offsets, indptr, values, bias, out)
+              bias: np.ndarray, positions: np.ndarray, block: int, threads: int, out: np.ndarray,
+              out_stride: int) -> Callable[[int, int | None, int], None]:
+    """The kernel of _kernels.cpp bound to these arrays; call it with (relu, residual address
+    or None, residual row stride in floats). Output row o's vectors of 8 floats start at
+    out[o * out_stride + q] for q in `positions` (out is 1-D: a layer's own buffer, or the next
+    layer's input planes from their first interior pixel on). The caller keeps the arrays
+    alive."""
+    arrays = (src, offsets, indptr, values, bias, positions, out)
     if any(not a.flags.c_contiguous for a in arrays) or out.dtype != np.float32 or \
-            src.dtype != np.float32 or offsets.dtype != np.int64 or indptr.dtype != np.int64:
-        raise TypeError("the sparse kernel takes C-contiguous float32 / int64 arrays")
-    rows, length = out.shape
-    return functools.partial(_LIB.dnr_sparse_conv, *(a.ctypes.data for a in arrays[:5]),
-                             int(relu), rows, length, block, vectors, threads, out.ctypes.data)
+            src.dtype != np.float32 or offsets.dtype != np.int64 or indptr.dtype != np.int64 \
+            or positions.dtype != np.int32:
+        raise TypeError("the sparse kernel takes C-contiguous float32 / int64 / int32 arrays")
+    rows = len(indptr) - 1
+    if len(positions) == 0 or (rows - 1) * out_stride + positions.max() + 8 > out.size or \
+            offsets.max(initial=0) + positions.max() + 8 > src.size:
+        raise ValueError("the sparse kernel would read or write past its buffers")
+    return functools.partial(_LIB.dnr_sparse_conv, *(a.ctypes.data for a in arrays[:6]),
+                             len(positions), block, rows, threads, out.ctypes.data, out_stride)
+
+
+def max_pool(x: np.ndarray, size: int, out: np.ndarray) -> None:
+    """out (C, H // size, W // size, N) = the max over size x size windows of x (C, H, W, N),
+    both CHWN float32 with (width, batch) contiguous and any channel and row strides."""
+    chans, out_h, out_w, batch = out.shape
+    inner = (batch * 4, 4)
+    if x.dtype != np.float32 or out.dtype != np.float32 or x.strides[2:] != inner or \
+            out.strides[2:] != inner or x.shape[0] != chans or x.shape[3] != batch or \
+            x.shape[1] < out_h * size or x.shape[2] < out_w * size:
+        raise ValueError("max_pool takes CHWN float32 views with (width, batch) contiguous")
+    _LIB.dnr_max_pool(x.__array_interface__["data"][0], chans, x.strides[0] // 4,
+                      x.strides[1] // 4, out_h, out_w, batch, size,
+                      out.__array_interface__["data"][0], out.strides[0] // 4,
+                      out.strides[1] // 4)
 
 
 available = _LIB is not None

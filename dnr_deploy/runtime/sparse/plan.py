@@ -3,8 +3,10 @@ stored as CSR and run by the kernels in `kernels.py` (or densely above a density
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
@@ -28,6 +30,12 @@ DENSE_MIN_WEIGHTS = 4096
 PARALLEL_MIN_MACS = 4_000_000
 
 
+def _pixels_fill_vectors(g: Geometry) -> bool:
+    """Whether each output row's pixels are whole AVX2 vectors of 8 floats (then the kernel
+    computes pixels only, no garbage columns)."""
+    return g.wo * g.batch % 8 == 0
+
+
 class UnsupportedLayerError(ValueError):
     """A layer or setting the sparse runtime has no kernel for (named, with the fix)."""
 
@@ -48,11 +56,42 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None,
     return weight.float().numpy(), bias.float().numpy()
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """Where one call of a conv reads and writes: its input padded (and, for stride > 1,
+    split into polyphase planes) to `hq` x `wq`, and its output as a stretch of `ho` rows of
+    `wq` columns of `batch` floats, of which the first `wo` columns are pixels and the rest
+    garbage (computed, then dropped or zeroed)."""
+
+    ho: int
+    wo: int
+    hq: int
+    wq: int
+    batch: int
+
+    @property
+    def plane(self) -> int:
+        return self.hq * self.wq * self.batch
+
+    @property
+    def length(self) -> int:
+        return self.ho * self.wq * self.batch
+
+
 class SparseConv:
-    """A Conv2d (+ folded BatchNorm2d, + optional ReLU) on CHWN activations.
+    """A Conv2d (+ folded BatchNorm2d, + optional residual addition, + optional ReLU) on CHWN
+    activations.
 
     Example: a 3x3, stride-2 conv with a nonzero at (o=0, c=5, kh=2, kw=1) reads polyphase plane
     (2 % 2, 1 % 2) = (0, 1) of channel 5, shifted by 2 // 2 = 1 row and 1 // 2 = 0 columns.
+
+    Two links the executor sets, both of which only save copies:
+    - `into`: the stride-1 conv that consumes this one's output. The kernel then writes
+      straight into that conv's zero-bordered input planes, zeroing the garbage columns (they
+      fall exactly on the borders when the consumer pads by half the garbage width).
+    - `match`: the conv that adds this one's output as its residual (a ResNet projection
+      shortcut). This conv's planes are widened to that conv's width, so both outputs are laid
+      out alike and the addition happens in the consumer's epilogue.
     """
 
     def __init__(self, weight: np.ndarray, bias: np.ndarray, stride: int, padding: int,
@@ -81,8 +120,24 @@ class SparseConv:
         self.drow = (row // stride).astype(np.int64)
         self.dcol = (col // stride).astype(np.int64)
         self.nonzeros = int(np.count_nonzero(matrix))
+        self.into: SparseConv | None = None
+        self.match: SparseConv | None = None
         self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
         self._jobs: dict[tuple, dict] = {}
+
+    @property
+    def native(self) -> bool:
+        """Whether the compiled kernel runs this layer (it alone writes into other buffers)."""
+        return native.available and not self.dense
+
+    def geometry(self, shape: tuple, width: int = 0) -> Geometry:
+        """The planes and stretch of a call on CHWN inputs of `shape`, at least `width` wide."""
+        _, height, width_in, batch = shape
+        _, _, kh, kw = self.shape
+        s, p = self.stride, self.padding
+        hp, wp = height + 2 * p, width_in + 2 * p
+        return Geometry(ho=(hp - kh) // s + 1, wo=(wp - kw) // s + 1, hq=-(-hp // s),
+                        wq=max(-(-wp // s), width), batch=batch)
 
     def offsets(self, plane: int, wq: int, batch: int) -> np.ndarray:
         """Start of each nonzero's shifted stretch in the plane buffer (cached per shape)."""
@@ -91,6 +146,23 @@ class SparseConv:
             self._offsets[key] = np.ascontiguousarray(
                 self.phase_chan * plane + (self.drow * wq + self.dcol) * batch, dtype=np.int64)
         return self._offsets[key]
+
+    def _target(self, natural: Geometry, threads: int) -> tuple[dict | None, int]:
+        """(the job of the conv whose planes this call writes into, or None; the plane width
+        to use). Builds the linked conv's job (for its actual geometry) if it has none yet."""
+        out_shape = (self.shape[0], natural.ho, natural.wo, natural.batch)
+        # only a layer that computes no garbage columns may write into another's planes:
+        # they would land on its zero borders
+        if self.into is not None and self.into.stride == 1 and _pixels_fill_vectors(natural):
+            into = self.into._job(out_shape, threads)
+            if natural.wq <= into["geometry"].wq:
+                return into, into["geometry"].wq
+        if self.match is not None and self.match.stride == 1:
+            # the consumer's input has our output's size if it keeps the size (3x3 pad 1,
+            # 1x1 pad 0); if not, its epilogue cannot take our layout and adds it afterwards
+            shape = (self.match.shape[1], natural.ho, natural.wo, natural.batch)
+            return None, self.match._job(shape, threads)["geometry"].wq
+        return None, 0
 
     def _job(self, shape: tuple, threads: int) -> dict:
         """Everything a call on inputs of `shape` needs, made once and kept per calling thread:
@@ -102,71 +174,144 @@ class SparseConv:
         chans, height, width, batch = shape
         out_chans, _, kh, kw = self.shape
         s, p = self.stride, self.padding
-        hp, wp = height + 2 * p, width + 2 * p
-        ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
-        hq, wq = -(-hp // s), -(-wp // s)
-        plane, length = hq * wq * batch, ho * wq * batch
-        # tiles of 8, 16 or 32 floats (1, 2 or 4 AVX2 registers): the stretch is padded to one
-        vectors = 1 if length <= 8 else 2 if length <= 16 else 4
-        padded_length = -(-length // (8 * vectors)) * 8 * vectors
-        # slack: the garbage columns of the last row of the last plane, and the padding of the
-        # stretch to whole tiles, read past its end
-        src = np.zeros(s * s * chans * plane + (kw + 1) * batch + padded_length - length + 32,
-                       np.float32)
-        job = {"src": src, "planes": src[:s * s * chans * plane].reshape(s * s, chans, hq, wq,
-                                                                           batch),
-               "plane": plane, "wq": wq, "length": length, "shape": (ho, wo)}
-        if native.available and not self.dense:
-            out = np.empty((out_chans, padded_length), np.float32)
-            # blocks of the stretch sized so that the input a block reads (one stretch per
-            # input channel and phase) stays near 256 KiB, L2's half on Zen 3
-            block = max(8 * vectors, (65536 // (chans * s * s)) // (8 * vectors) * 8 * vectors)
-            offsets = self.offsets(plane, wq, batch)
-            # OpenMP inside a layer only when its work pays for waking a thread: on a loaded
-            # machine each parallel region can wait a scheduler slice for a late worker
-            work = self.nonzeros * length
-            team = threads if work >= PARALLEL_MIN_MACS else 1
-            job["native"] = native.conv_call(src, offsets, self.indptr, self.values, self.bias,
-                                             self.relu, block, vectors, team, out)
-            job["keep"] = offsets
-            job["view"] = np.ndarray((out_chans, ho, wq, batch), np.float32, out,  # the padded
-                                     strides=(out.strides[0], wq * batch * 4, batch * 4, 4)  # tails
-                                     )[:, :, :wo]  # and garbage columns skipped, no copy
+        into, wide = self._target(self.geometry(shape), threads) if self.native else (None, 0)
+        g = self.geometry(shape, wide)
+        # slack: the garbage columns of the last row of the last plane, and a last vector of
+        # 8 floats (or the padding of the stretch to whole vectors) read past its end
+        src = np.zeros(s * s * chans * g.plane + (kw + 1) * batch + 64, np.float32)
+        planes = src[:s * s * chans * g.plane].reshape(s * s, chans, g.hq, g.wq, batch)
+        job = {"src": src, "planes": planes, "geometry": g,
+               "interior": planes[0, :, p:p + height, p:p + width] if s == 1 else None}
         self._jobs[key] = job
+        if not self.native:
+            return job
+        if _pixels_fill_vectors(g):  # the pixels' vectors only, row by row
+            per_row = g.wo * batch // 8
+            positions = (np.arange(g.ho)[:, None] * g.wq * batch +
+                         8 * np.arange(per_row)[None, :]).reshape(-1)
+            out_length = g.length
+        else:  # the whole stretch, garbage columns and the padding to whole vectors included
+            positions = 8 * np.arange(-(-g.length // 8))
+            out_length = len(positions) * 8
+        positions = positions.astype(np.int32)
+        if into is not None:  # straight into the consumer's planes
+            start = (self.into.padding * g.wq + self.into.padding) * batch
+            out, out_stride = into["src"][start:], into["geometry"].plane
+            job["view"] = into["interior"]
+        else:
+            out_stride = out_length
+            out = np.empty(out_chans * out_length, np.float32)
+            job["view"] = np.ndarray((out_chans, g.ho, g.wq, batch), np.float32, out,  # the
+                                     strides=(out_length * 4, g.wq * batch * 4, batch * 4, 4)
+                                     )[:, :, :g.wo]  # garbage columns skipped, no copy
+        # blocks of tiles (4 vectors of 8 floats) sized so that the input a block reads (one
+        # stretch per input channel and phase) stays near 256 KiB, L2's half on Zen 3
+        block = max(1, 65536 // (chans * s * s) // 32)
+        offsets = self.offsets(g.plane, g.wq, batch)
+        # OpenMP inside a layer only when its work pays for waking a thread: on a loaded
+        # machine each parallel region can wait a scheduler slice for a late worker
+        team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
+        call = native.conv_call(src, offsets, self.indptr, self.values, self.bias, positions,
+                                block, team, out, out_stride)
+        job.update(call=call, run=functools.partial(call, int(self.relu), None, 0),
+                   keep=(offsets, positions, out), residual=None)
         return job
 
-    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None,
+                 threads: int = 1) -> np.ndarray:
+        """relu(conv(x) + residual) (relu if this layer has one), CHWN in and out."""
         chans, height, width, batch = x.shape
         job = self._job(x.shape, threads)
         s, p, planes = self.stride, self.padding, job["planes"]
-        if s == 1:
-            planes[0, :, p:p + height, p:p + width] = x
-        else:  # only the phases some tap reads (a 1x1 stride-2 conv reads one of four)
-            kernels.split_phases(x, s, p, self.used_phases, planes)
-        if "native" in job:
-            job["native"]()
+        if x is not job["interior"]:  # not already written there by the layer before
+            if s == 1:
+                planes[0, :, p:p + height, p:p + width] = x
+            else:  # only the phases some tap reads (a 1x1 stride-2 conv reads one of four)
+                kernels.split_phases(x, s, p, self.used_phases, planes)
+        if "call" in job:
+            if residual is None:
+                job["run"]()
+            elif self._bind_residual(job, residual):
+                job["residual"][1]()
+            else:  # a residual laid out otherwise: added after the kernel
+                job["call"](0, None, 0)
+                view = job["view"]
+                np.add(view, residual, out=view)
+                if self.relu:
+                    np.maximum(view, 0.0, out=view)
             return job["view"]
-        src, plane, wq, length = job["src"], job["plane"], job["wq"], job["length"]
-        (ho, wo), out_chans = job["shape"], self.shape[0]
-        out = np.empty((out_chans, length), np.float32)
+        return self._call_numba_or_dense(job, residual)
+
+    def _bind_residual(self, job: dict, residual: np.ndarray) -> bool:
+        """Whether the kernel can add `residual` itself: it must be laid out as the output
+        stretch (same row pitch, batch innermost). Bound once per residual array."""
+        if job["residual"] is not None and job["residual"][0] is residual:
+            return True
+        g, view = job["geometry"], job["view"]
+        pitch = (g.wq * g.batch * 4, g.batch * 4, 4)
+        if residual.shape != view.shape or residual.dtype != np.float32 or \
+                residual.strides[1:] != pitch or residual.strides[0] % 4:
+            return False
+        address = residual.__array_interface__["data"][0]
+        job["residual"] = (residual, functools.partial(job["call"], int(self.relu), address,
+                                                       residual.strides[0] // 4))
+        return True
+
+    def _call_numba_or_dense(self, job: dict, residual: np.ndarray | None) -> np.ndarray:
+        g, src, out_chans = job["geometry"], job["src"], self.shape[0]
+        relu = self.relu and residual is None
+        out = np.empty((out_chans, g.length), np.float32)
         if self.dense:
-            cols = np.empty((len(self.phase_chan), length), np.float32)
-            kernels.gather_columns(src, plane, wq, batch, self.phase_chan, self.drow, self.dcol,
-                                   length, cols)
+            cols = np.empty((len(self.phase_chan), g.length), np.float32)
+            kernels.gather_columns(src, g.plane, g.wq, g.batch, self.phase_chan, self.drow,
+                                   self.dcol, g.length, cols)
             np.matmul(self.matrix, cols, out=out)
             out += self.bias[:, None]
-            if self.relu:
+            if relu:
                 np.maximum(out, 0.0, out=out)
         else:
-            kernels.sparse_conv(src, plane, wq, batch, self.indptr, self.phase_chan, self.drow,
-                                self.dcol, self.values, self.bias, self.relu, out)
-        return out.reshape(out_chans, ho, wq, batch)[:, :, :wo]
+            kernels.sparse_conv(src, g.plane, g.wq, g.batch, self.indptr, self.phase_chan,
+                                self.drow, self.dcol, self.values, self.bias, relu, out)
+        view = out.reshape(out_chans, g.ho, g.wq, g.batch)[:, :, :g.wo]
+        if residual is not None:
+            np.add(view, residual, out=view)
+            if self.relu:
+                np.maximum(view, 0.0, out=view)
+        return view
 
     def macs(self, height: int, width: int) -> tuple[int, int]:
         """(dense, nonzero) multiply-adds per image at this input size."""
         s, p, (_, _, kh, kw) = self.stride, self.padding, self.shape
         pixels = ((height + 2 * p - kh) // s + 1) * ((width + 2 * p - kw) // s + 1)
         return math.prod(self.shape) * pixels, self.nonzeros * pixels
+
+
+class MaxPool:
+    """k x k max pooling with stride k on CHWN activations; like SparseConv it can write
+    straight into the input planes of the stride-1 conv that reads its output (`into`)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.into: SparseConv | None = None
+        self._outputs: dict[tuple, np.ndarray] = {}
+
+    def _output(self, shape: tuple, threads: int) -> np.ndarray:
+        key = (shape, threads, threading.get_ident())
+        if key not in self._outputs:
+            if self.into is not None and self.into.stride == 1 and native.available:
+                self._outputs[key] = self.into._job(shape, threads)["interior"]
+            else:
+                self._outputs[key] = np.empty(shape, np.float32)
+        return self._outputs[key]
+
+    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        c, h, w, n = x.shape
+        out = self._output((c, h // self.size, w // self.size, n), threads)
+        if native.available:
+            native.max_pool(x, self.size, out)
+        else:
+            kernels.max_pool(x, self.size, out)
+        return out
 
 
 class SparseLinear:
