@@ -202,4 +202,30 @@ void dnr_max_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64
   }
 }
 
+// planes[(a * stride + b) * chans + c][i][j][n] = x[c][stride * i + a - pad][stride * j + b - pad][n]
+// for the phases with used[a * stride + b] (planes of hq x wq pixels of batch floats each);
+// cells that fall in the padding are left as they are (zero). x is CHWN with (width, batch)
+// contiguous and the given channel and row strides (floats).
+void dnr_split_phases(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64_t height,
+                      int64_t width, int64_t batch, int64_t stride, int64_t pad,
+                      const uint8_t* used, float* planes, int64_t hq, int64_t wq) {
+  const int64_t plane = hq * wq * batch;
+  for (int64_t a = 0; a < stride; ++a)
+    for (int64_t b = 0; b < stride; ++b) {
+      if (!used[a * stride + b]) continue;
+      // the plane columns j whose source column stride * j + b - pad lies inside the image
+      const int64_t j0 = std::max<int64_t>(0, (pad - b + stride - 1) / stride);
+      const int64_t j1 = std::min<int64_t>(wq, (width - 1 + pad - b) / stride + 1);
+      for (int64_t c = 0; c < chans; ++c)
+        for (int64_t i = 0; i < hq; ++i) {
+          const int64_t h = stride * i + a - pad;
+          if (h < 0 || h >= height) continue;
+          const float* line = x + c * xc + h * xrow + (stride * j0 + b - pad) * batch;
+          float* o = planes + ((a * stride + b) * chans + c) * plane + (i * wq + j0) * batch;
+          for (int64_t j = j0; j < j1; ++j, line += stride * batch, o += batch)
+            for (int64_t n = 0; n < batch; ++n) o[n] = line[n];
+        }
+    }
+}
+
 }  // extern "C"

@@ -39,6 +39,8 @@ if _LIB is not None:
     _LIB.dnr_sparse_conv.restype = None
     _LIB.dnr_max_pool.argtypes = [_PTR, *[_I64] * 7, _PTR, _I64, _I64]
     _LIB.dnr_max_pool.restype = None
+    _LIB.dnr_split_phases.argtypes = [_PTR, *[_I64] * 8, _PTR, _PTR, _I64, _I64]
+    _LIB.dnr_split_phases.restype = None
     _LIB.dnr_sparse_avx2.restype = ctypes.c_int
 
 
@@ -83,6 +85,21 @@ def max_pool(x: np.ndarray, size: int, out: np.ndarray) -> None:
                       x.strides[1] // 4, out_h, out_w, batch, size,
                       out.__array_interface__["data"][0], out.strides[0] // 4,
                       out.strides[1] // 4)
+
+
+def split_phases(x: np.ndarray, stride: int, pad: int, used: np.ndarray,
+                 planes: np.ndarray) -> None:
+    """kernels.split_phases in C++: x (C, H, W, N) CHWN float32 with (width, batch)
+    contiguous into planes (stride**2, C, hq, wq, N), C-contiguous; `used` is uint8 or bool."""
+    chans, height, width, batch = x.shape
+    _, _, hq, wq, _ = planes.shape
+    if x.dtype != np.float32 or x.strides[2:] != (batch * 4, 4) or \
+            not planes.flags.c_contiguous or planes.shape[1] != chans or \
+            planes.shape[4] != batch or used.dtype.itemsize != 1 or not used.flags.c_contiguous:
+        raise ValueError("split_phases takes a CHWN float32 view and C-contiguous planes")
+    _LIB.dnr_split_phases(x.__array_interface__["data"][0], chans, x.strides[0] // 4,
+                          x.strides[1] // 4, height, width, batch, stride, pad,
+                          used.ctypes.data, planes.ctypes.data, hq, wq)
 
 
 available = _LIB is not None

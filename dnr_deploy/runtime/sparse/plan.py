@@ -226,7 +226,9 @@ class SparseConv:
         if x is not job["interior"]:  # not already written there by the layer before
             if s == 1:
                 planes[0, :, p:p + height, p:p + width] = x
-            else:  # only the phases some tap reads (a 1x1 stride-2 conv reads one of four)
+            elif self.native:  # only the phases some tap reads (a 1x1 stride-2 conv: 1 of 4)
+                native.split_phases(x, s, p, self.used_phases, planes)
+            else:
                 kernels.split_phases(x, s, p, self.used_phases, planes)
         if "call" in job:
             if residual is None:
