@@ -25,7 +25,7 @@ namespace {
 // One output channel's part of a task.
 struct Row {
   const float* src;
-  const int64_t* off;  // the channel's nonzeros: input offsets and values
+  const int32_t* off;  // the channel's nonzeros: input offsets and values
   const float* val;
   int64_t count;
   float bias;
@@ -39,17 +39,19 @@ struct Row {
 template <int NV>
 __attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(const Row& r,
                                                                          const int32_t* pos) {
+  // an FMA takes 4 cycles and two issue a cycle, so 8 independent chains keep the units
+  // busy: a tile of fewer than 8 vectors takes even and odd nonzeros in two sets of chains
+  constexpr bool kTwoSets = NV <= 4;
+  constexpr int kSets = kTwoSets ? 2 : 1;
   int32_t q[NV];
   for (int v = 0; v < NV; ++v) q[v] = pos[v];
-  // two sets of accumulators, for even and odd nonzeros: an FMA takes 4 cycles and two issue
-  // a cycle, so 8 chains keep the units busy where 4 leave them half idle
-  __m256 acc[NV], alt[NV];
+  __m256 acc[kSets][NV];
   for (int v = 0; v < NV; ++v) {
-    acc[v] = _mm256_set1_ps(r.bias);
-    alt[v] = _mm256_setzero_ps();
+    acc[0][v] = _mm256_set1_ps(r.bias);
+    if (kTwoSets) acc[kSets - 1][v] = _mm256_setzero_ps();
   }
   const float* src = r.src;
-  const int64_t* off = r.off;
+  const int32_t* off = r.off;
   const float* val = r.val;
   const int64_t count = r.count;
   int64_t j = 0;
@@ -58,17 +60,18 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(const R
     const float* p0 = src + off[j];
     const float* p1 = src + off[j + 1];
     for (int v = 0; v < NV; ++v) {
-      acc[v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p0 + q[v]), acc[v]);
-      alt[v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p1 + q[v]), alt[v]);
+      acc[0][v] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p0 + q[v]), acc[0][v]);
+      acc[kSets - 1][v] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p1 + q[v]), acc[kSets - 1][v]);
     }
   }
   if (j < count) {
     const __m256 w = _mm256_set1_ps(val[j]);
     const float* p = src + off[j];
-    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + q[v]), acc[v]);
+    for (int v = 0; v < NV; ++v)
+      acc[0][v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + q[v]), acc[0][v]);
   }
   for (int v = 0; v < NV; ++v) {
-    __m256 a = _mm256_add_ps(acc[v], alt[v]);
+    __m256 a = kTwoSets ? _mm256_add_ps(acc[0][v], acc[kSets - 1][v]) : acc[0][v];
     if (r.res) a = _mm256_add_ps(a, _mm256_loadu_ps(r.res + q[v]));
     if (r.relu) a = _mm256_max_ps(a, _mm256_setzero_ps());
     _mm256_storeu_ps(r.out + q[v], a);
@@ -109,25 +112,33 @@ bool has_avx2() {
 #endif
 }
 
-// Tiles t0 .. t1 of one output channel: full tiles of 4 vectors, then the last, shorter one.
+constexpr int kTile = 8;  // vectors a tile: 8 FMAs for each nonzero's two scalar loads
+
+// Tiles t0 .. t1 of one output channel: full tiles, then the last, shorter one.
 void run_tiles(const Row& r, const int32_t* pos, int64_t npos, int64_t t0, int64_t t1,
                bool avx2) {
-  const int64_t full = std::min(t1, npos / 4);
+  const int64_t full = std::min(t1, npos / kTile);
 #ifdef DNR_X86
   if (avx2) {
-    if (full > t0) tiles_avx2<4>(r, pos + 4 * t0, full - t0);
+    if (full > t0) tiles_avx2<kTile>(r, pos + kTile * t0, full - t0);
     if (t1 > full) {
-      const int64_t rest = npos - 4 * full;
-      const int32_t* last = pos + 4 * full;
-      if (rest == 3) tiles_avx2<3>(r, last, 1);
-      else if (rest == 2) tiles_avx2<2>(r, last, 1);
-      else if (rest == 1) tiles_avx2<1>(r, last, 1);
+      const int32_t* last = pos + kTile * full;
+      switch (npos - kTile * full) {
+        case 7: tiles_avx2<7>(r, last, 1); break;
+        case 6: tiles_avx2<6>(r, last, 1); break;
+        case 5: tiles_avx2<5>(r, last, 1); break;
+        case 4: tiles_avx2<4>(r, last, 1); break;
+        case 3: tiles_avx2<3>(r, last, 1); break;
+        case 2: tiles_avx2<2>(r, last, 1); break;
+        case 1: tiles_avx2<1>(r, last, 1); break;
+        default: break;
+      }
     }
     return;
   }
 #endif
   for (int64_t t = t0; t < t1; ++t)
-    tile_generic(r, pos + 4 * t, static_cast<int>(std::min<int64_t>(4, npos - 4 * t)));
+    tile_generic(r, pos + kTile * t, static_cast<int>(std::min<int64_t>(kTile, npos - kTile * t)));
 }
 
 }  // namespace
@@ -141,14 +152,14 @@ int dnr_sparse_avx2() { return has_avx2() ? 1 : 0; }
 //   out[o * out_stride + q + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
 //                                      + res[o * res_stride + q + i]),  i < 8,
 // over row o's nonzeros (indptr[o] <= j < indptr[o + 1]); `res` may be null (no residual).
-// Positions go 4 to a tile; tasks are (block of `block` tiles, output channel), block-major,
+// Positions go 8 to a tile; tasks are (block of `block` tiles, output channel), block-major,
 // so the input a block reads stays in cache across the output channels. `src` must hold
 // off[j] + q + 8 floats for every j and q.
-void dnr_sparse_conv(const float* src, const int64_t* off, const int64_t* indptr,
+void dnr_sparse_conv(const float* src, const int32_t* off, const int64_t* indptr,
                      const float* val, const float* bias, const int32_t* pos, int64_t npos,
                      int64_t block, int64_t rows, int threads, float* out, int64_t out_stride,
                      int relu, const float* res, int64_t res_stride) {
-  const int64_t tiles = (npos + 3) / 4, nblocks = (tiles + block - 1) / block;
+  const int64_t tiles = (npos + kTile - 1) / kTile, nblocks = (tiles + block - 1) / block;
   const bool avx2 = has_avx2();
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t task = 0; task < rows * nblocks; ++task) {

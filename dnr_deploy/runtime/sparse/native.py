@@ -61,7 +61,7 @@ def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: 
     alive."""
     arrays = (src, offsets, indptr, values, bias, positions, out)
     if any(not a.flags.c_contiguous for a in arrays) or out.dtype != np.float32 or \
-            src.dtype != np.float32 or offsets.dtype != np.int64 or indptr.dtype != np.int64 \
+            src.dtype != np.float32 or offsets.dtype != np.int32 or indptr.dtype != np.int64 \
             or positions.dtype != np.int32:
         raise TypeError("the sparse kernel takes C-contiguous float32 / int64 / int32 arrays")
     rows = len(indptr) - 1

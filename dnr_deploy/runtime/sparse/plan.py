@@ -204,10 +204,15 @@ class SparseConv:
             job["view"] = np.ndarray((out_chans, g.ho, g.wq, batch), np.float32, out,  # the
                                      strides=(out_length * 4, g.wq * batch * 4, batch * 4, 4)
                                      )[:, :, :g.wo]  # garbage columns skipped, no copy
-        # blocks of tiles (4 vectors of 8 floats) sized so that the input a block reads (one
+        # blocks of tiles (8 vectors of 8 floats) sized so that the input a block reads (one
         # stretch per input channel and phase) stays near 256 KiB, L2's half on Zen 3
-        block = max(1, 65536 // (chans * s * s) // 32)
-        offsets = self.offsets(g.plane, g.wq, batch)
+        block = max(1, 65536 // (chans * s * s) // 64)
+        # int32 offsets: 8 bytes a nonzero with its value instead of 12, which the deep
+        # layers stream from L3 for every chunk of images
+        if src.size >= 2 ** 31:
+            raise UnsupportedLayerError(f"inputs of shape {shape} are too large for the sparse "
+                                        "kernel's 32-bit offsets; use --runtime ort")
+        offsets = self.offsets(g.plane, g.wq, batch).astype(np.int32)
         # OpenMP inside a layer only when its work pays for waking a thread: on a loaded
         # machine each parallel region can wait a scheduler slice for a late worker
         team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
