@@ -196,20 +196,35 @@ void dnr_max_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64
     return;
   }
 #endif
-  for (int64_t c = 0; c < chans; ++c) {
+  for (int64_t c = 0; c < chans; ++c)
     for (int64_t i = 0; i < ho; ++i) {
       float* o = out + c * oc + i * orow;
       const float* top = x + c * xc + i * k * xrow;
       for (int64_t j = 0; j < wo; ++j)
-        for (int64_t n = 0; n < batch; ++n) o[j * batch + n] = top[j * k * batch + n];
-      for (int64_t a = 0; a < k; ++a) {
-        const float* line = top + a * xrow;
-        for (int64_t b = 0; b < k; ++b)
-          for (int64_t j = 0; j < wo; ++j)
-            for (int64_t n = 0; n < batch; ++n)
-              o[j * batch + n] = std::max(o[j * batch + n], line[(j * k + b) * batch + n]);
-      }
+        for (int64_t n = 0; n < batch; ++n) {
+          const float* window = top + j * k * batch + n;
+          float m = window[0];
+          for (int64_t a = 0; a < k; ++a)
+            for (int64_t b = 0; b < k; ++b) m = std::max(m, window[a * xrow + b * batch]);
+          o[j * batch + n] = m;
+        }
     }
+}
+
+// out[c * batch + n] = the mean of x[c * xc + h * xrow + w * batch + n] over h < height,
+// w < width: global average pooling of a CHWN view (garbage columns skipped).
+void dnr_global_avg_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow,
+                         int64_t height, int64_t width, int64_t batch, float* out) {
+  const float scale = 1.0f / static_cast<float>(height * width);
+  for (int64_t c = 0; c < chans; ++c) {
+    float* o = out + c * batch;
+    for (int64_t n = 0; n < batch; ++n) o[n] = 0.0f;
+    for (int64_t h = 0; h < height; ++h) {
+      const float* line = x + c * xc + h * xrow;
+      for (int64_t w = 0; w < width; ++w)
+        for (int64_t n = 0; n < batch; ++n) o[n] += line[w * batch + n];
+    }
+    for (int64_t n = 0; n < batch; ++n) o[n] *= scale;
   }
 }
 

@@ -25,9 +25,10 @@ from torch import fx, nn
 from dnr_deploy.deploydir import manifest, names
 from dnr_deploy.export.loader import load_deployed_model
 from dnr_deploy.models.registry import Normalize
-from dnr_deploy.runtime.sparse import kernels, native
+from dnr_deploy.runtime.sparse import native
 from dnr_deploy.runtime.sparse.plan import (
     DENSE_THRESHOLD,
+    GlobalAvgPool,
     MaxPool,
     SparseConv,
     SparseLinear,
@@ -60,21 +61,37 @@ def _max_pool(pool: nn.MaxPool2d) -> MaxPool:
     return MaxPool(size)
 
 
-def _avg_pool(pool: nn.AdaptiveAvgPool2d) -> Callable:
+def _avg_pool(pool: nn.AdaptiveAvgPool2d) -> GlobalAvgPool:
     if pool.output_size not in (1, (1, 1)):
         raise UnsupportedLayerError(f"the sparse runtime pools globally only; got {pool}")
-
-    def run(x: np.ndarray) -> np.ndarray:
-        out = np.empty((x.shape[0], x.shape[3]), np.float32)
-        kernels.global_avg_pool(x, out)
-        return out.reshape(x.shape[0], 1, 1, x.shape[3])
-    return run
+    return GlobalAvgPool()
 
 
-def _normalize(module: Normalize) -> Callable:
-    mean = module.mean.detach().numpy().reshape(-1, 1, 1, 1)
-    std = module.std.detach().numpy().reshape(-1, 1, 1, 1)
-    return lambda x: (x - mean) / std
+class _Normalize:
+    """(x - mean) / std per channel, for a Normalize that no conv could take over."""
+
+    def __init__(self, module: Normalize) -> None:
+        self.mean = module.mean.detach().numpy().reshape(-1)
+        self.std = module.std.detach().numpy().reshape(-1)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean[:, None, None, None]) / self.std[:, None, None, None]
+
+
+def _fold_normalization(steps: list) -> list:
+    """Steps without the Normalize whose every reader is a conv (it takes the affine map
+    over: SparseConv.fold_input_normalization)."""
+    for index, (node, step, inputs) in enumerate(steps):
+        if not isinstance(step, _Normalize):
+            continue
+        readers = [(i, s) for i, (_, s, ins) in enumerate(steps) if node in ins]
+        if readers and all(isinstance(s, SparseConv) and steps[i][2] == [node]
+                           for i, s in readers):
+            for i, conv in readers:
+                conv.fold_input_normalization(step.mean, step.std)
+                steps[i] = (steps[i][0], conv, list(inputs))
+            return steps[:index] + steps[index + 1:]
+    return steps
 
 
 def _batch_norm(norm: nn.BatchNorm2d) -> Callable:
@@ -86,7 +103,7 @@ def _batch_norm(norm: nn.BatchNorm2d) -> Callable:
 
 # Module type -> builder of a numpy step (Conv2d and Linear are built with their fusions).
 MODULE_STEPS: dict[type, Callable[[nn.Module], Callable]] = {
-    Normalize: _normalize,
+    Normalize: _Normalize,
     nn.ReLU: lambda _: _relu,
     nn.Identity: lambda _: (lambda x: x),
     nn.Dropout: lambda _: (lambda x: x),
@@ -99,6 +116,10 @@ FUNCTION_STEPS: dict[object, Callable] = {
     operator.add: np.add, torch.add: np.add, torch.relu: _relu,
     torch.nn.functional.relu: _relu, torch.flatten: _flatten,
 }
+
+
+# steps that take the thread count (they keep per-thread buffers or split work over threads)
+LAYER_STEPS = (SparseConv, SparseLinear, MaxPool, GlobalAvgPool)
 
 
 class SparseModel:
@@ -143,7 +164,7 @@ class SparseModel:
         for node, step, inputs in self.steps:
             args = [values[i] if isinstance(i, fx.Node) else x for i in inputs]
             values[node] = step(*args, threads=threads) \
-                if isinstance(step, (SparseConv, SparseLinear, MaxPool)) else step(*args)
+                if isinstance(step, LAYER_STEPS) else step(*args)
         logits = values[self.output]
         return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
 
@@ -205,6 +226,7 @@ def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 
         else:
             step = _simple_step(node, modules)
         steps.append((node, step, [_input(a) for a in inputs if isinstance(a, fx.Node)]))
+    steps = _fold_normalization(steps)
     _link_convs(steps)
     return SparseModel(steps, output, layers, threads)
 

@@ -41,6 +41,8 @@ if _LIB is not None:
     _LIB.dnr_max_pool.restype = None
     _LIB.dnr_split_phases.argtypes = [_PTR, *[_I64] * 8, _PTR, _PTR, _I64, _I64]
     _LIB.dnr_split_phases.restype = None
+    _LIB.dnr_global_avg_pool.argtypes = [_PTR, *[_I64] * 6, _PTR]
+    _LIB.dnr_global_avg_pool.restype = None
     _LIB.dnr_sparse_avx2.restype = ctypes.c_int
 
 
@@ -72,19 +74,40 @@ def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: 
                              len(positions), block, rows, threads, out.ctypes.data, out_stride)
 
 
-def max_pool(x: np.ndarray, size: int, out: np.ndarray) -> None:
+def _address(x: np.ndarray) -> int:
+    return x.__array_interface__["data"][0]
+
+
+def _check_chwn(*views: np.ndarray) -> None:
+    for x in views:
+        if x.dtype != np.float32 or x.ndim != 4 or x.strides[2:] != (x.shape[3] * 4, 4) or \
+                x.strides[0] % 4 or x.strides[1] % 4:
+            raise ValueError("the pooling kernels take CHWN float32 views whose (width, batch) "
+                             "are contiguous")
+
+
+def max_pool_call(x: np.ndarray, size: int, out: np.ndarray) -> Callable[[], None]:
     """out (C, H // size, W // size, N) = the max over size x size windows of x (C, H, W, N),
-    both CHWN float32 with (width, batch) contiguous and any channel and row strides."""
+    bound once: both are CHWN views with any channel and row strides. The caller keeps x and
+    out alive."""
+    _check_chwn(x, out)
     chans, out_h, out_w, batch = out.shape
-    inner = (batch * 4, 4)
-    if x.dtype != np.float32 or out.dtype != np.float32 or x.strides[2:] != inner or \
-            out.strides[2:] != inner or x.shape[0] != chans or x.shape[3] != batch or \
-            x.shape[1] < out_h * size or x.shape[2] < out_w * size:
-        raise ValueError("max_pool takes CHWN float32 views with (width, batch) contiguous")
-    _LIB.dnr_max_pool(x.__array_interface__["data"][0], chans, x.strides[0] // 4,
-                      x.strides[1] // 4, out_h, out_w, batch, size,
-                      out.__array_interface__["data"][0], out.strides[0] // 4,
-                      out.strides[1] // 4)
+    if x.shape[0] != chans or x.shape[3] != batch or x.shape[1] < out_h * size or \
+            x.shape[2] < out_w * size:
+        raise ValueError(f"max_pool: {x.shape} does not pool to {out.shape}")
+    return functools.partial(_LIB.dnr_max_pool, _address(x), chans, x.strides[0] // 4,
+                             x.strides[1] // 4, out_h, out_w, batch, size, _address(out),
+                             out.strides[0] // 4, out.strides[1] // 4)
+
+
+def global_avg_pool_call(x: np.ndarray, out: np.ndarray) -> Callable[[], None]:
+    """out (C, N) C-contiguous = the mean of the CHWN view x over H and W, bound once."""
+    _check_chwn(x)
+    chans, height, width, batch = x.shape
+    if out.shape != (chans, batch) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"global_avg_pool: {x.shape} does not pool to {out.shape}")
+    return functools.partial(_LIB.dnr_global_avg_pool, _address(x), chans, x.strides[0] // 4,
+                             x.strides[1] // 4, height, width, batch, _address(out))
 
 
 def split_phases(x: np.ndarray, stride: int, pad: int, used: np.ndarray,
@@ -97,7 +120,7 @@ def split_phases(x: np.ndarray, stride: int, pad: int, used: np.ndarray,
             not planes.flags.c_contiguous or planes.shape[1] != chans or \
             planes.shape[4] != batch or used.dtype.itemsize != 1 or not used.flags.c_contiguous:
         raise ValueError("split_phases takes a CHWN float32 view and C-contiguous planes")
-    _LIB.dnr_split_phases(x.__array_interface__["data"][0], chans, x.strides[0] // 4,
+    _LIB.dnr_split_phases(_address(x), chans, x.strides[0] // 4,
                           x.strides[1] // 4, height, width, batch, stride, pad,
                           used.ctypes.data, planes.ctypes.data, hq, wq)
 
