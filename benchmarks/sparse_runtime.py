@@ -42,7 +42,7 @@ def masked_model(name: str, density: float) -> torch.nn.Module:
 
 
 def bench_model(name: str, densities: list[float], batches: list[int], threads: list[int],
-                runs: int, folder: Path) -> dict:
+                runs: int, turn: int, folder: Path) -> dict:
     dense_path = folder / f"{name}.onnx"
     export_onnx(masked_model(name, 1.0), torch.zeros(1, *SHAPE), dense_path, opset=18)
     rng = np.random.default_rng(0)
@@ -62,7 +62,7 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
             session = create_session(dense_path, "cpu", t)[0]
             for batch, x in inputs.items():
                 n = runs if batch == 1 else max(runs // 3, 5)
-                timed = time_sessions({"ort_dense": session, "sparse": sparse}, x, 3, n)
+                timed = time_sessions({"ort_dense": session, "sparse": sparse}, x, 3, n, turn)
                 speedup = timed["ort_dense"]["p50_ms"] / timed["sparse"]["p50_ms"]
                 row = {"density": density, "threads": t, "batch": batch, "runs": n,
                        "ort_dense_p50_ms": timed["ort_dense"]["p50_ms"],
@@ -86,13 +86,16 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--turn", type=int, default=1,
+                        help="timed calls a runtime makes in a row (after one untimed call) "
+                             "before the other takes over; 1: they alternate call by call")
     parser.add_argument("--name", default="sparse_runtime")
     args = parser.parse_args()
     data = {"args": vars(args), "machine": machine_info(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             data["models"][name] = bench_model(name, args.densities, args.batches, args.threads,
-                                               args.runs, Path(tmp))
+                                               args.runs, args.turn, Path(tmp))
     print(write_results(args.name, data))
 
 

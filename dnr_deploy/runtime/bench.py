@@ -114,25 +114,32 @@ class _Target:
     shown: str = ""  # how the table names it (another deploy dir's model.onnx needs its folder)
 
 
-def time_sessions(sessions: dict, x: np.ndarray, warmup: int, runs: int) -> dict[str, dict]:
+def time_sessions(sessions: dict, x: np.ndarray, warmup: int, runs: int,
+                  turn: int = 1) -> dict[str, dict]:
     """Latency statistics of each session on `x`, after `warmup` untimed calls each.
 
-    The sessions take turns call by call (the order flips every round), so a slow spell of the
-    machine (another process, frequency scaling) lands on every model alike instead of on
-    whichever happened to be timed then.
+    The sessions take turns (the order flips every round), so a slow spell of the machine
+    (another process, frequency scaling) lands on every model alike instead of on whichever
+    happened to be timed then. A turn is one call, or with `turn` > 1 that many timed calls
+    after one untimed one: then each session is timed with its own weights in cache, as when
+    it is deployed alone, instead of right after the other evicted them (which costs a model
+    whose weights fit the caches, such as a sparse one, and not one whose weights never do).
     """
     feed = {deploydir.INPUT_NAME: x}
     labels = list(sessions)
     for label in labels:
         for _ in range(warmup):
             sessions[label].run([deploydir.OUTPUT_NAME], feed)
-    times = {label: np.empty(runs) for label in labels}
-    for index in range(runs):
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for index in range(-(-runs // turn)):
         for label in labels if index % 2 == 0 else labels[::-1]:
-            begin = time.perf_counter_ns()
-            sessions[label].run([deploydir.OUTPUT_NAME], feed)
-            times[label][index] = (time.perf_counter_ns() - begin) / 1e6
-    return {label: _stats(values, len(x)) for label, values in times.items()}
+            if turn > 1:
+                sessions[label].run([deploydir.OUTPUT_NAME], feed)
+            for _ in range(min(turn, runs - index * turn)):
+                begin = time.perf_counter_ns()
+                sessions[label].run([deploydir.OUTPUT_NAME], feed)
+                times[label].append((time.perf_counter_ns() - begin) / 1e6)
+    return {label: _stats(np.array(values), len(x)) for label, values in times.items()}
 
 
 def _stats(times_ms: np.ndarray, batch: int) -> dict:
