@@ -17,6 +17,7 @@ from dnr_deploy.cli import bench_main, verify_main
 from dnr_deploy.export import ExportConfig, export_run
 from dnr_deploy.export.onnx import export_onnx
 from dnr_deploy.models import create_model
+from dnr_deploy.runtime.bench import time_sessions
 from dnr_deploy.runtime.runtimes import PARITY_ATOL
 from dnr_deploy.runtime.session import create_session, run_logits
 from dnr_deploy.runtime.sparse import (
@@ -123,6 +124,91 @@ def test_paper_architectures_at_5_percent_match_onnx_runtime(name, tmp_path):
     macs = sparse.macs([3, 32, 32])
     assert 0.04 < macs["nonzero"] / macs["dense"] < 0.06
     assert not any(layer.dense for layer, _ in sparse.layers)
+
+
+def test_resnet_plan_fuses_additions_and_writes_into_the_next_planes():
+    """The plan the batch-16 speed rests on: every residual addition and its ReLU run in a
+    conv's epilogue, stride-1 convs read planes the layer before wrote into (no copy), and
+    each projection shortcut is laid out like the conv that adds it."""
+    model = create_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3).eval()
+    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
+    apply_masks(model, random_masks(weights, 0.05, torch.Generator().manual_seed(0)))
+    sparse = build_sparse_model(model, [3, 32, 32])
+    convs = [step for _, step, _ in sparse.steps if isinstance(step, SparseConv)]
+    assert len(convs) == len(sparse.layers) - 1 == 20  # 17 3x3, 3 shortcuts; the classifier
+    assert len(sparse.steps) == len(convs) + 3  # + pool, flatten, fc, and nothing else
+    with_residual = [inputs for _, step, inputs in sparse.steps
+                     if isinstance(step, SparseConv) and len(inputs) == 2]
+    assert len(with_residual) == 8  # every block's conv2
+    # the stem and every conv1 into the next conv; a block's conv2 into the next block's
+    # conv1 where that has stride 1 (4 of 7)
+    assert sum(conv.into is not None for conv in convs) == 1 + 8 + 4
+    assert sum(conv.match is not None for conv in convs) == 3
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    sparse(x)
+    for conv in (c for c in convs if c.into is not None):
+        (job,) = conv._jobs.values()
+        (consumer,) = conv.into._jobs.values()
+        assert job["view"] is consumer["interior"]  # written in place: the consumer copies not
+    bound = [job for conv in convs for job in conv._jobs.values() if job["residual"]]
+    assert len(bound) == 8  # the kernel adds each residual itself (same layout)
+
+
+def test_residual_of_another_layout_is_added_after_the_kernel():
+    """conv(x) + x on the model's input: x has no padded pitch, so the addition falls back
+    to numpy after the kernel; the result must not change."""
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x) + x)
+
+    torch.manual_seed(0)
+    model = Residual().eval()
+    with torch.no_grad():
+        model.conv.weight *= torch.rand_like(model.conv.weight) < 0.2
+    sparse = build_sparse_model(model, [8, 6, 6])
+    assert len(sparse.steps) == 1  # conv, add and relu in one step
+    x = np.random.default_rng(0).standard_normal((3, 8, 6, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    # a model without a classifier comes back as its CHWN output flattened per channel
+    np.testing.assert_allclose(sparse(x), want.transpose(1, 2, 3, 0).reshape(8, -1).T,
+                               atol=1e-5)
+    (job,) = sparse.steps[0][1]._jobs.values()
+    assert job["residual"] is None  # not bound: the numpy addition ran
+
+
+def test_normalization_is_folded_into_the_first_conv(irregular_deploy):
+    """The digits net's Normalize becomes the first conv's weights, bias and padding value
+    (its mean): no step of its own, same logits (test_fake_run_matches_onnx_runtime)."""
+    sparse = load_sparse(irregular_deploy)
+    first = sparse.steps[0][1]
+    assert isinstance(first, SparseConv) and first.border is not None
+    assert sparse.steps[0][2] == [None]  # it reads the images themselves
+
+
+def test_time_sessions_takes_turns_and_times_exactly_runs_calls():
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run(self, names, feed):
+            calls.append(self.name)
+
+    timed = time_sessions({"a": Fake("a"), "b": Fake("b")}, np.zeros((2, 1)), 1, 7, turn=3)
+    assert all(len(stats) and timed[k]["p50_ms"] >= 0 for k, stats in timed.items())
+    # warm-up, then turns of 1 untimed + 3 timed calls (the last turn 1 timed), order flipping
+    assert calls == ["a", "b"] + ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4 + ["a", "a"] + \
+        ["b", "b"]
+    plain: list[str] = []
+    calls = plain
+    time_sessions({"a": Fake("a"), "b": Fake("b")}, np.zeros((2, 1)), 0, 3)
+    assert plain == ["a", "b", "b", "a", "a", "b"]
 
 
 def test_unsupported_op_is_named():

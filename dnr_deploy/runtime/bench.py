@@ -66,6 +66,11 @@ class BenchConfig:
         "against ONNX Runtime before timing); the baseline always runs in ONNX Runtime")
     warmup: int = option(10, 'untimed calls before timing each batch size')
     runs: int = option(100, 'timed calls per batch size')
+    turn: int = option(
+        1, 'timed calls each model makes in a row (after one untimed call) before the other '
+        'takes over; 1 alternates call by call. Use 5 or so with --runtime sparse and 2+ '
+        'threads: right after ONNX Runtime, whose worker threads keep spinning and whose '
+        'weights evict the caches, the sparse model is timed at half its speed')
     seed: int = option(0, 'seed of the random input images')
     out: str | None = option(
         None, 'folder for bench.json and the plot (default: DEPLOY_DIR/reports)')
@@ -90,9 +95,10 @@ class BenchConfig:
         except ValueError as err:
             raise BenchError(str(err)) from None
         self.batch_sizes()
-        if self.threads < 1 or self.runs < 1 or self.warmup < 0:
-            raise BenchError(f"need threads >= 1, runs >= 1, warmup >= 0; got threads "
-                             f"{self.threads}, runs {self.runs}, warmup {self.warmup}")
+        if self.threads < 1 or self.runs < 1 or self.warmup < 0 or self.turn < 1:
+            raise BenchError(f"need threads >= 1, runs >= 1, warmup >= 0, turn >= 1; got "
+                             f"threads {self.threads}, runs {self.runs}, warmup {self.warmup}, "
+                             f"turn {self.turn}")
         return self
 
 
@@ -177,7 +183,7 @@ def bench(config: BenchConfig) -> BenchResult:
     timed = {}
     for b, x in inputs.items():
         say(f"batch {b}: {config.warmup} warm-up + {config.runs} timed calls of each model")
-        timed[b] = time_sessions(runners, x, config.warmup, config.runs)
+        timed[b] = time_sessions(runners, x, config.warmup, config.runs, config.turn)
     models = {t.label: {"file": t.shown or t.path.name, "path": str(t.path.resolve()),
                         "bytes": t.bytes, "params": t.params, "macs": t.macs,
                         "latency": {str(b): timed[b][t.label] for b in inputs}}

@@ -105,8 +105,6 @@ def _batch_norm(norm: nn.BatchNorm2d) -> Callable:
 MODULE_STEPS: dict[type, Callable[[nn.Module], Callable]] = {
     Normalize: _Normalize,
     nn.ReLU: lambda _: _relu,
-    nn.Identity: lambda _: (lambda x: x),
-    nn.Dropout: lambda _: (lambda x: x),
     nn.Flatten: lambda m: _flatten if (m.start_dim, m.end_dim) == (1, -1) else None,
     nn.MaxPool2d: _max_pool,
     nn.AdaptiveAvgPool2d: _avg_pool,
@@ -210,6 +208,10 @@ def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 
         if node in alias:
             continue
         inputs = [resolve(a) for a in node.args]
+        if node.op == "call_module" and type(modules[node.target]) in (nn.Identity, nn.Dropout) \
+                and not node.kwargs:  # no step: its readers read its input (eval mode)
+            alias[node] = inputs[0]
+            continue
         if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
             last, norm, residual, relu = _fusable(node, modules, claimed=alias)
             step = conv_layer(modules[node.target], norm, relu, dense_threshold)
