@@ -139,6 +139,12 @@ class SparseModel:
         self._blas = ThreadpoolController() if any(layer.dense for layer, _ in layers) \
             else None
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        # what _forward walks: the steps, each with whether it takes the thread count
+        self._plan = [(node, step, inputs, isinstance(step, LAYER_STEPS))
+                      for node, step, inputs in steps]
+        self._convs_read_input = all(isinstance(step, SparseConv) and step.stride == 1 and
+                                     inputs[0] is None and None not in inputs[1:]
+                                     for _, step, inputs in steps if None in inputs)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
@@ -157,12 +163,15 @@ class SparseModel:
         return np.concatenate(logits) if len(logits) > 1 else logits[0]
 
     def _forward(self, images: np.ndarray, threads: int) -> np.ndarray:
-        x = np.ascontiguousarray(images.transpose(1, 2, 3, 0))
-        values: dict = {}
-        for node, step, inputs in self.steps:
-            args = [values[i] if isinstance(i, fx.Node) else x for i in inputs]
-            values[node] = step(*args, threads=threads) \
-                if isinstance(step, LAYER_STEPS) else step(*args)
+        # a conv copies its input into its own planes anyway: the images' transposed view
+        # will do for it; other steps get batch-innermost memory
+        x = images.transpose(1, 2, 3, 0)
+        if not self._convs_read_input:
+            x = np.ascontiguousarray(x)
+        values: dict = {None: x}
+        for node, step, inputs, takes_threads in self._plan:
+            args = [values[i] for i in inputs]
+            values[node] = step(*args, threads=threads) if takes_threads else step(*args)
         logits = values[self.output]
         return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
 

@@ -34,8 +34,7 @@ if _LIB is not None:
     # VGG16 makes 13 calls; `native_conv` checks dtypes and contiguity once instead
     _PTR = ctypes.c_void_p
     _I64 = ctypes.c_int64
-    _LIB.dnr_sparse_conv.argtypes = [_PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64,
-                                     ctypes.c_int, _PTR, _I64, ctypes.c_int, _PTR, _I64]
+    _LIB.dnr_sparse_conv.argtypes = [_PTR]
     _LIB.dnr_sparse_conv.restype = None
     _LIB.dnr_max_pool.argtypes = [_PTR, *[_I64] * 7, _PTR, _I64, _I64]
     _LIB.dnr_max_pool.restype = None
@@ -53,11 +52,22 @@ def kernel_name() -> str:
     return "cpp-avx2" if _LIB.dnr_sparse_avx2() else "cpp"
 
 
+class ConvArgs(ctypes.Structure):
+    """_kernels.cpp's ConvArgs: one call's arguments, converted once."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("src", "off", "indptr", "val", "bias",
+                                                      "pos")] + \
+        [(name, ctypes.c_int64) for name in ("npos", "block", "rows", "threads", "relu")] + \
+        [("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("res", ctypes.c_void_p),
+         ("res_stride", ctypes.c_int64)]
+
+
 def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: np.ndarray,
               bias: np.ndarray, positions: np.ndarray, block: int, threads: int, out: np.ndarray,
-              out_stride: int) -> Callable[[int, int | None, int], None]:
-    """The kernel of _kernels.cpp bound to these arrays; call it with (relu, residual address
-    or None, residual row stride in floats). Output row o's vectors of 8 floats start at
+              out_stride: int, relu: bool, residual: tuple[int, int] | None = None
+              ) -> Callable[[], None]:
+    """The kernel of _kernels.cpp bound to these arrays, `residual` given as (address, row
+    stride in floats) or None. Output row o's vectors of 8 floats start at
     out[o * out_stride + q] for q in `positions` (out is 1-D: a layer's own buffer, or the next
     layer's input planes from their first interior pixel on). The caller keeps the arrays
     alive."""
@@ -70,8 +80,12 @@ def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: 
     if len(positions) == 0 or (rows - 1) * out_stride + positions.max() + 8 > out.size or \
             offsets.max(initial=0) + positions.max() + 8 > src.size:
         raise ValueError("the sparse kernel would read or write past its buffers")
-    return functools.partial(_LIB.dnr_sparse_conv, *(a.ctypes.data for a in arrays[:6]),
-                             len(positions), block, rows, threads, out.ctypes.data, out_stride)
+    res, res_stride = residual or (None, 0)
+    args = ConvArgs(*(a.ctypes.data for a in arrays[:6]), len(positions), block, rows, threads,
+                    int(relu), out.ctypes.data, out_stride, res, res_stride)
+    call = functools.partial(_LIB.dnr_sparse_conv, ctypes.addressof(args))
+    call.struct = args  # the struct lives as long as the call
+    return call
 
 
 def _address(x: np.ndarray) -> int:

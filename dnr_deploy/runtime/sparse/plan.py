@@ -240,10 +240,10 @@ class SparseConv:
         # OpenMP inside a layer only when its work pays for waking a thread: on a loaded
         # machine each parallel region can wait a scheduler slice for a late worker
         team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
-        call = native.conv_call(src, offsets, self.indptr, self.values, self.bias, positions,
-                                block, team, out, out_stride)
-        job.update(call=call, run=functools.partial(call, int(self.relu), None, 0),
-                   keep=(offsets, positions, out), residual=None)
+        bind = functools.partial(native.conv_call, src, offsets, self.indptr, self.values,
+                                 self.bias, positions, block, team, out, out_stride)
+        job.update(bind=bind, run=bind(self.relu), keep=(offsets, positions, out),
+                   residual=None)
         return job
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None,
@@ -259,13 +259,13 @@ class SparseConv:
                 native.split_phases(x, s, p, self.used_phases, planes)
             else:
                 kernels.split_phases(x, s, p, self.used_phases, planes)
-        if "call" in job:
+        if "run" in job:
             if residual is None:
                 job["run"]()
             elif self._bind_residual(job, residual):
                 job["residual"][1]()
             else:  # a residual laid out otherwise: added after the kernel
-                job["call"](0, None, 0)
+                job.setdefault("without_relu", job["bind"](False))()
                 view = job["view"]
                 np.add(view, residual, out=view)
                 if self.relu:
@@ -284,8 +284,7 @@ class SparseConv:
                 residual.strides[1:] != pitch or residual.strides[0] % 4:
             return False
         address = residual.__array_interface__["data"][0]
-        job["residual"] = (residual, functools.partial(job["call"], int(self.relu), address,
-                                                       residual.strides[0] // 4))
+        job["residual"] = (residual, job["bind"](self.relu, (address, residual.strides[0] // 4)))
         return True
 
     def _call_numba_or_dense(self, job: dict, residual: np.ndarray | None) -> np.ndarray:
