@@ -1,13 +1,16 @@
 """The sparse runtime against ONNX Runtime dense: VGG16 and ResNet-18 (CIFAR variants, 32x32)
-at several densities with random irregular masks (DNR's initial masks; latency does not depend
-on which weights survive, only on how many), per batch size and thread count. Both runtimes
-get the same thread count and take turns call by call (dnr-bench's `time_sessions`).
+and the embedded default's small net (1x8x8) at several densities with random irregular masks
+(DNR's initial masks; latency does not depend on which weights survive, only on how many), per
+batch size and thread count. Both runtimes get the same thread count and take turns
+(dnr-bench's `time_sessions`; `--turn 5`: five timed calls after an untimed one, so each is
+timed with its own weights in cache, as deployed alone).
 
 speedup = ORT dense p50 / sparse p50; bound = dense MACs / nonzero MACs (conv + linear: what a
 perfect sparse kernel could gain); efficiency = speedup / bound. Parity with the masked PyTorch
 model (max |logit difference|, argmax) is checked before timing.
 
-    .venv/bin/python benchmarks/sparse_runtime.py --densities 0.05 --batches 1 16 64
+    .venv/bin/python benchmarks/sparse_runtime.py --densities 0.05 --batches 1 16 64 --turn 5
+    .venv/bin/python benchmarks/sparse_runtime.py --models small --name sparse_runtime_small_net
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from dnr_deploy.runtime.sparse import build_sparse_model
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
 
 SHAPE = [3, 32, 32]
+SHAPES = {"vgg16": SHAPE, "resnet18": SHAPE, "small": [1, 8, 8]}  # small: the digits' size
 
 
 def masked_model(name: str, density: float) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = create_model(name, 10, 3, [0.5] * 3, [0.25] * 3).eval()
+    chans = SHAPES[name][0]
+    model = create_model(name, 10, chans, [0.5] * chans, [0.25] * chans).eval()
     if density < 1:
         weights = prunable_weights(model)
         masks = random_masks({n: w.detach() for n, w in weights.items()}, density,
@@ -43,16 +48,17 @@ def masked_model(name: str, density: float) -> torch.nn.Module:
 
 def bench_model(name: str, densities: list[float], batches: list[int], threads: list[int],
                 runs: int, turn: int, folder: Path) -> dict:
+    shape = SHAPES[name]
     dense_path = folder / f"{name}.onnx"
-    export_onnx(masked_model(name, 1.0), torch.zeros(1, *SHAPE), dense_path, opset=18)
+    export_onnx(masked_model(name, 1.0), torch.zeros(1, *shape), dense_path, opset=18)
     rng = np.random.default_rng(0)
-    inputs = {b: rng.random((b, *SHAPE), dtype=np.float32) for b in batches}
+    inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in batches}
     rows = {}
     for density in densities:
         model = masked_model(name, density)
         for t in threads:
-            sparse = build_sparse_model(model, SHAPE, threads=t)
-            macs = sparse.macs(SHAPE)
+            sparse = build_sparse_model(model, shape, threads=t)
+            macs = sparse.macs(shape)
             bound = macs["dense"] / macs["nonzero"]
             with torch.no_grad():
                 ref = model(torch.from_numpy(inputs[batches[0]])).numpy()
@@ -81,7 +87,8 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18"])
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18"],
+                        choices=sorted(SHAPES))
     parser.add_argument("--densities", type=float, nargs="+", default=[0.2, 0.1, 0.05, 0.02])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])

@@ -125,12 +125,15 @@ class SparseModel:
 
     A batch runs in chunks of `CHUNK` images: with batch innermost, a 3x3 conv reads three
     input rows of every channel per output row (C x 3 x W x N floats), which leaves L2 beyond
-    a few images (ISSUE13_NOTES.md: VGG16 at 5% runs 17.6 GMAC/s at 4 images, 11 at 16). With
-    `threads` > 1 the chunks are shared among threads (one thread per chunk, no barrier per
-    layer); a single chunk splits its large layers over OpenMP threads instead.
+    a few images (docs/notes/issue13.md). With `threads` > 1 the chunks of a large model are
+    shared among threads (one thread per chunk, no barrier per layer); a single chunk, or the
+    chunks of a small model, split their layers over OpenMP threads instead (handing a chunk to
+    a Python thread costs tens of microseconds: the default net at batch 16 took 0.28 ms so and
+    0.16 ms with OpenMP inside its layers).
     """
 
     CHUNK = 4
+    POOL_MIN_MACS = 8_000_000  # nonzero multiply-adds a chunk needs to go to a thread of its own
 
     def __init__(self, steps: list, output: fx.Node, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
@@ -138,7 +141,9 @@ class SparseModel:
         # than a small net's whole call), so it is done once, and only when needed
         self._blas = ThreadpoolController() if any(layer.dense for layer, _ in layers) \
             else None
-        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        chunk_macs = self.macs([])["nonzero"] * self.CHUNK
+        self._pool = ThreadPoolExecutor(threads) \
+            if threads > 1 and chunk_macs >= self.POOL_MIN_MACS else None
         # what _forward walks: the steps, each with whether it takes the thread count
         self._plan = [(node, step, inputs, isinstance(step, LAYER_STEPS))
                       for node, step, inputs in steps]
@@ -180,7 +185,8 @@ class SparseModel:
         return [self(feed[names.INPUT_NAME])]
 
     def macs(self, input_shape: list[int]) -> dict:
-        """Dense and nonzero multiply-adds per image of the conv and linear layers."""
+        """Dense and nonzero multiply-adds per image of the conv and linear layers (at the
+        input size the model was built for; `input_shape` is that size, kept for callers)."""
         dense = nonzero = 0
         for layer, size in self.layers:
             d, z = layer.macs(*size) if isinstance(layer, SparseConv) else layer.macs()

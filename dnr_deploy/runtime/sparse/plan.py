@@ -28,7 +28,9 @@ DENSE_THRESHOLD = 0.5
 DENSE_MIN_WEIGHTS = 4096
 # A layer call splits over OpenMP threads only from this many multiply-adds (nonzeros x output
 # floats, garbage columns included): below it, waking a second thread costs more than it saves.
-PARALLEL_MIN_MACS = 4_000_000
+# Measured at 2 threads, 5% density (benchmarks/sparse_runtime.py --turn 5): lowering it from
+# 4M to 200k took VGG16 at batch 1 from 1.29 to 0.64 ms and ResNet-18 from 1.44 to 1.04 ms.
+PARALLEL_MIN_MACS = 100_000
 
 
 def _pixels_fill_vectors(g: Geometry) -> bool:
