@@ -1,9 +1,9 @@
 // Direct sparse convolution (Park et al., ICLR 2017) for the sparse runtime: see kernels.py for
-// the CHWN layout and the shifted-plane formulation. Each task keeps a tile of up to 4 vectors
+// the CHWN layout and the shifted-plane formulation. Each task keeps a tile of up to 8 vectors
 // of 8 output floats of one output channel in AVX2 registers while that channel's nonzeros
-// stream past: one broadcast, up to 4 unaligned loads and FMAs per nonzero, no store until the
-// channel's nonzeros are done (the numba kernel loads and stores the accumulator for every
-// nonzero: about 2-3x slower here, docs/notes/issue13.md).
+// stream past: one broadcast, one offset and up to 8 unaligned loads and FMAs per nonzero, no
+// store until the channel's nonzeros are done (the numba kernel loads and stores the
+// accumulator for every nonzero: about 2-3x slower here, docs/notes/issue13.md).
 //
 // A tile's vectors sit at positions the caller lists, so the stretch need not be contiguous:
 // where a row's pixels fill whole vectors, only pixels are listed and the garbage columns of
@@ -11,6 +11,8 @@
 // 4x4 one), and the layer can write straight into the next layer's zero-bordered input planes.
 // The epilogue adds a residual (ResNet's shortcut) and applies ReLU, so an addition costs no
 // pass of its own. Plain C ABI, loaded with ctypes: no Python headers, no build-time numpy.
+// Pooling and the polyphase split live here too: numba's dispatch of a strided array cost
+// 5-10 us a call, as much as a small net's whole layer.
 #include <stdint.h>
 
 #include <algorithm>

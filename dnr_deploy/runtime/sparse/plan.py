@@ -17,10 +17,10 @@ from torch import nn
 from dnr_deploy.runtime.sparse import kernels, native
 
 # Above this fraction of nonzero weights a layer runs as im2col + BLAS instead of the sparse
-# kernel. Measured on the 2-core Zen 3 machine, 3x3 convs of 64, 256 and 512 channels at batch
-# 4 (ISSUE13_NOTES.md): the sparse kernel was faster at every density tried up to 0.5, so the
-# fallback is kept for layers that are nearly dense (DNR keeps some layers so).
-DENSE_THRESHOLD = 0.5
+# kernel. Measured with benchmarks/sparse_threshold.py (3x3 convs of VGG16's sizes, batch 4,
+# 1 thread): the sparse kernel is faster up to 0.7-0.8 at 8x8 to 32x32 and at every density
+# at 4x4, where im2col costs most; so the fallback is for layers DNR keeps nearly dense.
+DENSE_THRESHOLD = 0.8
 # ... and only when it holds this many weights: a tiny dense layer (the default net's first conv,
 # 288 weights, or its 10x128 classifier, both kept dense by DNR) runs faster in the sparse
 # kernel than through an im2col gather, a BLAS call and the BLAS thread limit around each call

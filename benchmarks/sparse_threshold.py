@@ -1,0 +1,65 @@
+"""Where the sparse runtime's dense fallback pays: one 3x3 conv layer (VGG16's sizes, batch 4,
+1 thread) in the sparse kernel against im2col + BLAS, at densities from 0.2 to 1.0.
+
+Prints and records sparse time / dense time (below 1: the sparse kernel is faster); the best
+of 7 rounds of 5 calls each, so a slow spell of the machine does not decide it.
+DENSE_THRESHOLD in dnr_deploy/runtime/sparse/plan.py is read off this table.
+
+    .venv/bin/python benchmarks/sparse_threshold.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from common import write_results
+from threadpoolctl import threadpool_limits
+
+from dnr_deploy.runtime.bench import machine_info
+from dnr_deploy.runtime.sparse.plan import SparseConv
+
+LAYERS = ((64, 32), (128, 16), (256, 8), (512, 4))  # (channels in and out, input size)
+
+
+def best_seconds(conv: SparseConv, x: np.ndarray, rounds: int = 7, calls: int = 5) -> float:
+    for _ in range(3):
+        conv(x)
+    times = []
+    for _ in range(rounds):
+        begin = time.perf_counter()
+        for _ in range(calls):
+            conv(x)
+        times.append((time.perf_counter() - begin) / calls)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--densities", type=float, nargs="+",
+                        default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    parser.add_argument("--name", default="sparse_threshold")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = {}
+    with threadpool_limits(1):
+        for chans, size in LAYERS:
+            x = rng.standard_normal((chans, size, size, 4)).astype(np.float32)
+            ratios = {}
+            for density in args.densities:
+                weight = rng.standard_normal((chans, chans, 3, 3)).astype(np.float32)
+                weight *= rng.random(weight.shape) < density
+                bias = np.zeros(chans, np.float32)
+                sparse = SparseConv(weight, bias, 1, 1, True, dense_threshold=1.0)
+                dense = SparseConv(weight, bias, 1, 1, True, dense_threshold=0.0)
+                ratios[f"{density:g}"] = best_seconds(sparse, x) / best_seconds(dense, x)
+            label = f"{chans}x{chans} 3x3 at {size}x{size}"
+            rows[label] = ratios
+            print(f"{label:<24} sparse / dense time: " +
+                  "  ".join(f"{d}: {r:.2f}" for d, r in ratios.items()), flush=True)
+    write_results(args.name, {"args": vars(args), "machine": machine_info(), "layers": rows})
+
+
+if __name__ == "__main__":
+    main()
