@@ -57,6 +57,7 @@ def chw_n(x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("native_kernel", [True, False], ids=["cpp", "numba"])
 @pytest.mark.parametrize("kernel,stride,padding,density,batch,size", [
     (3, 1, 1, 0.1, 1, 8), (3, 2, 1, 0.1, 3, 9), (1, 2, 0, 0.2, 2, 8), (3, 1, 0, 0.05, 5, 6),
+    (3, 1, 1, 0.1, 8, 8), (3, 2, 1, 0.1, 8, 8),  # 8 images: AVX-512's 16-float vectors
     (3, 1, 1, 0.95, 2, 5),  # dense fallback (above DENSE_THRESHOLD)
 ])
 def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size,
@@ -107,15 +108,20 @@ def test_fake_run_matches_onnx_runtime(irregular_deploy):
         assert (sparse.argmax(1) == ort.argmax(1)).all()
 
 
+@pytest.mark.parametrize("wide", [True, False], ids=["avx512", "avx2"])
 @pytest.mark.parametrize("name", ["vgg16", "resnet18"])
-def test_paper_architectures_at_5_percent_match_onnx_runtime(name, tmp_path):
+def test_paper_architectures_at_5_percent_match_onnx_runtime(name, wide, tmp_path, monkeypatch):
+    if wide and not native.wide_vectors():
+        pytest.skip("this CPU has no AVX-512")
+    monkeypatch.setattr(native, "wide_vectors", lambda: wide)
     torch.manual_seed(0)
     model = create_model(name, 10, 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
     randomize_norms(model, torch.Generator().manual_seed(0))
     weights = {n: w.detach() for n, w in prunable_weights(model).items()}
     apply_masks(model, random_masks(weights, 0.05, torch.Generator().manual_seed(0)))
     export_onnx(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", opset=18)
-    x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    # 9 images: a chunk of 8 (16-float vectors with AVX-512) or two of 4, then a single one
+    x = np.random.default_rng(0).random((9, 3, 32, 32), dtype=np.float32)
     ort = run_logits(create_session(tmp_path / "m.onnx")[0], x)
     sparse = build_sparse_model(model, [3, 32, 32])
     got = sparse(x)
@@ -230,7 +236,7 @@ def test_bench_runtime_sparse_round_trip(irregular_deploy, tmp_path, capsys):
     runtime = report["runtime"]
     assert runtime["name"] == "sparse" and runtime["threads"] == 1
     assert runtime["parity"]["max_abs"] <= PARITY_ATOL and runtime["parity"]["same_argmax"]
-    assert runtime["kernel"] in ("cpp-avx2", "cpp", "numba")
+    assert runtime["kernel"] in ("cpp-avx512", "cpp-avx2", "cpp", "numba")
     assert set(report["models"]["model"]["latency"]) == {"1", "4"}
     assert report["comparison"]["sparse_kernel_mac_ratio"] > 1
     plain = call(bench_main, [str(irregular_deploy), "--runs", "2", "--warmup", "0",

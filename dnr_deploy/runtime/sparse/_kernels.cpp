@@ -1,6 +1,6 @@
 // Direct sparse convolution (Park et al., ICLR 2017) for the sparse runtime: see kernels.py for
 // the CHWN layout and the shifted-plane formulation. Each task keeps a tile of up to 8 vectors
-// of 8 output floats of one output channel in AVX2 registers while that channel's nonzeros
+// of 8 (AVX2) or 16 (AVX-512) output floats of one output channel in registers while its nonzeros
 // stream past: one broadcast, one offset and up to 8 unaligned loads and FMAs per nonzero, no
 // store until the channel's nonzeros are done (the numba kernel loads and stores the
 // accumulator for every nonzero: about 2-3x slower here, docs/notes/issue13.md).
@@ -23,6 +23,8 @@
 #endif
 
 namespace {
+
+constexpr int kTile = 8;  // vectors a tile: 8 FMAs for each nonzero's two scalar loads
 
 // One output channel's part of a task.
 struct Row {
@@ -86,21 +88,73 @@ __attribute__((target("avx2,fma"))) void tiles_avx2(const Row& r, const int32_t*
                                                     int64_t tiles) {
   for (int64_t t = 0; t < tiles; ++t, pos += NV) tile_avx2<NV>(r, pos);
 }
+
+// The same tile in AVX-512 (16 floats a vector), for chunks of 8 images, whose pixels pair up
+// into 16-float vectors. A copy of tile_avx2 with the wider intrinsics: GCC's target attribute
+// cannot be a template parameter, and a shared template without one inlines into neither.
+template <int NV>
+__attribute__((target("avx512f"), always_inline)) inline void tile_avx512(const Row& r,
+                                                                           const int32_t* pos) {
+  constexpr bool kTwoSets = NV <= 4;
+  constexpr int kSets = kTwoSets ? 2 : 1;
+  int32_t q[NV];
+  for (int v = 0; v < NV; ++v) q[v] = pos[v];
+  __m512 acc[kSets][NV];
+  for (int v = 0; v < NV; ++v) {
+    acc[0][v] = _mm512_set1_ps(r.bias);
+    if (kTwoSets) acc[kSets - 1][v] = _mm512_setzero_ps();
+  }
+  const float* src = r.src;
+  const int32_t* off = r.off;
+  const float* val = r.val;
+  const int64_t count = r.count;
+  int64_t j = 0;
+  for (; j + 1 < count; j += 2) {
+    const __m512 w0 = _mm512_set1_ps(val[j]), w1 = _mm512_set1_ps(val[j + 1]);
+    const float* p0 = src + off[j];
+    const float* p1 = src + off[j + 1];
+    for (int v = 0; v < NV; ++v) {
+      acc[0][v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(p0 + q[v]), acc[0][v]);
+      acc[kSets - 1][v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(p1 + q[v]), acc[kSets - 1][v]);
+    }
+  }
+  if (j < count) {
+    const __m512 w = _mm512_set1_ps(val[j]);
+    const float* p = src + off[j];
+    for (int v = 0; v < NV; ++v)
+      acc[0][v] = _mm512_fmadd_ps(w, _mm512_loadu_ps(p + q[v]), acc[0][v]);
+  }
+  for (int v = 0; v < NV; ++v) {
+    __m512 a = kTwoSets ? _mm512_add_ps(acc[0][v], acc[kSets - 1][v]) : acc[0][v];
+    if (r.res) a = _mm512_add_ps(a, _mm512_loadu_ps(r.res + q[v]));
+    if (r.relu) a = _mm512_max_ps(a, _mm512_setzero_ps());
+    _mm512_storeu_ps(r.out + q[v], a);
+  }
+}
+
+template <int NV>
+__attribute__((target("avx512f"))) void tiles_avx512(const Row& r, const int32_t* pos,
+                                                     int64_t tiles) {
+  for (int64_t t = 0; t < tiles; ++t, pos += NV) tile_avx512<NV>(r, pos);
+}
 #endif
 
 // Portable path (no AVX2): the same tiles, left to the compiler's vectoriser.
-void tile_generic(const Row& r, const int32_t* pos, int nv) {
+void tile_generic(const Row& r, const int32_t* pos, int nv, int width) {
   for (int v = 0; v < nv; ++v) {
-    float acc[8];
-    for (int i = 0; i < 8; ++i) acc[i] = r.bias;
-    for (int64_t j = 0; j < r.count; ++j) {
-      const float w = r.val[j];
-      const float* p = r.src + r.off[j] + pos[v];
-      for (int i = 0; i < 8; ++i) acc[i] += w * p[i];
-    }
-    for (int i = 0; i < 8; ++i) {
-      float a = r.res ? acc[i] + r.res[pos[v] + i] : acc[i];
-      r.out[pos[v] + i] = (r.relu && a < 0.0f) ? 0.0f : a;
+    for (int h = 0; h < width; h += 8) {
+      const int64_t q = pos[v] + h;
+      float acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = r.bias;
+      for (int64_t j = 0; j < r.count; ++j) {
+        const float w = r.val[j];
+        const float* p = r.src + r.off[j] + q;
+        for (int i = 0; i < 8; ++i) acc[i] += w * p[i];
+      }
+      for (int i = 0; i < 8; ++i) {
+        float a = r.res ? acc[i] + r.res[q + i] : acc[i];
+        r.out[q + i] = (r.relu && a < 0.0f) ? 0.0f : a;
+      }
     }
   }
 }
@@ -114,33 +168,70 @@ bool has_avx2() {
 #endif
 }
 
-constexpr int kTile = 8;  // vectors a tile: 8 FMAs for each nonzero's two scalar loads
+bool has_avx512() {
+#ifdef DNR_X86
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// Which instruction set runs a call with vectors of `width` floats (8 or 16).
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+Isa pick_isa(int64_t width) {
+  if (width == 16 && has_avx512()) return Isa::kAvx512;
+  if (width == 8 && has_avx2()) return Isa::kAvx2;
+  return Isa::kGeneric;
+}
+
+
+// The last, shorter tile of a channel: `rest` (1 .. kTile - 1) vectors.
+template <template <int> class Tiles>
+void last_tile(const Row& r, const int32_t* last, int64_t rest) {
+  switch (rest) {
+    case 7: Tiles<7>::run(r, last); break;
+    case 6: Tiles<6>::run(r, last); break;
+    case 5: Tiles<5>::run(r, last); break;
+    case 4: Tiles<4>::run(r, last); break;
+    case 3: Tiles<3>::run(r, last); break;
+    case 2: Tiles<2>::run(r, last); break;
+    case 1: Tiles<1>::run(r, last); break;
+    default: break;
+  }
+}
+
+#ifdef DNR_X86
+template <int NV>
+struct OneAvx2 {
+  static void run(const Row& r, const int32_t* pos) { tiles_avx2<NV>(r, pos, 1); }
+};
+template <int NV>
+struct OneAvx512 {
+  static void run(const Row& r, const int32_t* pos) { tiles_avx512<NV>(r, pos, 1); }
+};
+#endif
 
 // Tiles t0 .. t1 of one output channel: full tiles, then the last, shorter one.
-void run_tiles(const Row& r, const int32_t* pos, int64_t npos, int64_t t0, int64_t t1,
-               bool avx2) {
+void run_tiles(const Row& r, const int32_t* pos, int64_t npos, int64_t t0, int64_t t1, Isa isa,
+               int width) {
   const int64_t full = std::min(t1, npos / kTile);
 #ifdef DNR_X86
-  if (avx2) {
+  if (isa == Isa::kAvx512) {
+    if (full > t0) tiles_avx512<kTile>(r, pos + kTile * t0, full - t0);
+    if (t1 > full) last_tile<OneAvx512>(r, pos + kTile * full, npos - kTile * full);
+    return;
+  }
+  if (isa == Isa::kAvx2) {
     if (full > t0) tiles_avx2<kTile>(r, pos + kTile * t0, full - t0);
-    if (t1 > full) {
-      const int32_t* last = pos + kTile * full;
-      switch (npos - kTile * full) {
-        case 7: tiles_avx2<7>(r, last, 1); break;
-        case 6: tiles_avx2<6>(r, last, 1); break;
-        case 5: tiles_avx2<5>(r, last, 1); break;
-        case 4: tiles_avx2<4>(r, last, 1); break;
-        case 3: tiles_avx2<3>(r, last, 1); break;
-        case 2: tiles_avx2<2>(r, last, 1); break;
-        case 1: tiles_avx2<1>(r, last, 1); break;
-        default: break;
-      }
-    }
+    if (t1 > full) last_tile<OneAvx2>(r, pos + kTile * full, npos - kTile * full);
     return;
   }
 #endif
   for (int64_t t = t0; t < t1; ++t)
-    tile_generic(r, pos + kTile * t, static_cast<int>(std::min<int64_t>(kTile, npos - kTile * t)));
+    tile_generic(r, pos + kTile * t, static_cast<int>(std::min<int64_t>(kTile, npos - kTile * t)),
+                 width);
 }
 
 }  // namespace
@@ -149,6 +240,9 @@ extern "C" {
 
 // 1 when the AVX2 + FMA path runs on this CPU, 0 for the portable one.
 int dnr_sparse_avx2() { return has_avx2() ? 1 : 0; }
+
+// 1 when the AVX-512 path runs on this CPU (the caller may then pass 16-float vectors).
+int dnr_sparse_avx512() { return has_avx512() ? 1 : 0; }
 
 // The arguments of one convolution call, in one struct: ctypes converts each argument of a
 // call anew (about 0.15 us each), which for 15 arguments was a fifth of a small layer's time.
@@ -168,19 +262,21 @@ struct ConvArgs {
   int64_t out_stride;
   const float* res;
   int64_t res_stride;
+  int64_t width;  // floats a listed vector position covers: 8 (AVX2) or 16 (AVX-512)
 };
 
 // For each output channel o and each listed vector position q (pos[0 .. npos), in floats):
 //   out[o * out_stride + q + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
-//                                      + res[o * res_stride + q + i]),  i < 8,
+//                                      + res[o * res_stride + q + i]),  i < width,
 // over row o's nonzeros (indptr[o] <= j < indptr[o + 1]); `res` may be null (no residual).
 // Positions go 8 to a tile; tasks are (block of `block` tiles, output channel), block-major,
 // so the input a block reads stays in cache across the output channels. `src` must hold
-// off[j] + q + 8 floats for every j and q.
+// off[j] + q + width floats for every j and q.
 void dnr_sparse_conv(const ConvArgs* a) {
   const int64_t tiles = (a->npos + kTile - 1) / kTile;
   const int64_t nblocks = (tiles + a->block - 1) / a->block;
-  const bool avx2 = has_avx2();
+  const Isa isa = pick_isa(a->width);
+  const int width = static_cast<int>(a->width);
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(a->threads))
   for (int64_t task = 0; task < a->rows * nblocks; ++task) {
     const int64_t blk = task / a->rows, o = task % a->rows;
@@ -188,7 +284,8 @@ void dnr_sparse_conv(const ConvArgs* a) {
     const Row r{a->src, a->off + j0, a->val + j0, a->indptr[o + 1] - j0, a->bias[o],
                 a->res ? a->res + o * a->res_stride : nullptr, static_cast<int>(a->relu),
                 a->out + o * a->out_stride};
-    run_tiles(r, a->pos, a->npos, blk * a->block, std::min(tiles, (blk + 1) * a->block), avx2);
+    run_tiles(r, a->pos, a->npos, blk * a->block, std::min(tiles, (blk + 1) * a->block), isa,
+              width);
   }
 }
 

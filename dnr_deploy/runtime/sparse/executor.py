@@ -123,16 +123,18 @@ LAYER_STEPS = (SparseConv, SparseLinear, MaxPool, GlobalAvgPool)
 class SparseModel:
     """The traced steps of one model; call it on float32 NCHW images to get (N, classes).
 
-    A batch runs in chunks of `CHUNK` images: with batch innermost, a 3x3 conv reads three
-    input rows of every channel per output row (C x 3 x W x N floats), which leaves L2 beyond
-    a few images (docs/notes/issue13.md). With `threads` > 1 the chunks of a large model are
-    shared among threads (one thread per chunk, no barrier per layer); a single chunk, or the
-    chunks of a small model, split their layers over OpenMP threads instead (handing a chunk to
-    a Python thread costs tens of microseconds: the default net at batch 16 took 0.28 ms so and
-    0.16 ms with OpenMP inside its layers).
+    A batch runs in chunks of `CHUNK` images (`WIDE_CHUNK` with AVX-512): with batch
+    innermost, a 3x3 conv reads three input rows of every channel per output row
+    (C x 3 x W x N floats), which leaves L2 beyond a few images (docs/notes/issue13.md).
+    With `threads` > 1 the chunks of a large model are shared among threads (one thread per
+    chunk, no barrier per layer); a single chunk, or the chunks of a small model, split their
+    layers over OpenMP threads instead (handing a chunk to a Python thread costs tens of
+    microseconds: the default net at batch 16 took 0.28 ms so and 0.16 ms with OpenMP inside
+    its layers).
     """
 
     CHUNK = 4
+    WIDE_CHUNK = 8  # with AVX-512: 8 images fill a 16-float vector with two pixels
     POOL_MIN_MACS = 8_000_000  # nonzero multiply-adds a chunk needs to go to a thread of its own
 
     def __init__(self, steps: list, output: fx.Node, layers: list, threads: int = 1) -> None:
@@ -141,7 +143,8 @@ class SparseModel:
         # than a small net's whole call), so it is done once, and only when needed
         self._blas = ThreadpoolController() if any(layer.dense for layer, _ in layers) \
             else None
-        chunk_macs = self.macs([])["nonzero"] * self.CHUNK
+        self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
+        chunk_macs = self.macs([])["nonzero"] * self.chunk
         self._pool = ThreadPoolExecutor(threads) \
             if threads > 1 and chunk_macs >= self.POOL_MIN_MACS else None
         # what _forward walks: the steps, each with whether it takes the thread count
@@ -157,7 +160,7 @@ class SparseModel:
             numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
         limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
             else contextlib.nullcontext()
-        chunks = [images[i:i + self.CHUNK] for i in range(0, len(images), self.CHUNK)]
+        chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
         if not chunks:  # no images: no logits, of the right width
             return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
         with limit:

@@ -43,12 +43,16 @@ if _LIB is not None:
     _LIB.dnr_global_avg_pool.argtypes = [_PTR, *[_I64] * 6, _PTR]
     _LIB.dnr_global_avg_pool.restype = None
     _LIB.dnr_sparse_avx2.restype = ctypes.c_int
+    _LIB.dnr_sparse_avx512.restype = ctypes.c_int
 
 
 def kernel_name() -> str:
-    """Which convolution kernel runs: "cpp-avx2", "cpp" (portable) or "numba"."""
+    """Which convolution kernel runs: "cpp-avx512" (16-float vectors where a chunk of 8 images
+    fills them, AVX2 elsewhere), "cpp-avx2", "cpp" (portable) or "numba"."""
     if _LIB is None:
         return "numba"
+    if _LIB.dnr_sparse_avx512():
+        return "cpp-avx512"
     return "cpp-avx2" if _LIB.dnr_sparse_avx2() else "cpp"
 
 
@@ -59,15 +63,15 @@ class ConvArgs(ctypes.Structure):
                                                       "pos")] + \
         [(name, ctypes.c_int64) for name in ("npos", "block", "rows", "threads", "relu")] + \
         [("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("res", ctypes.c_void_p),
-         ("res_stride", ctypes.c_int64)]
+         ("res_stride", ctypes.c_int64), ("width", ctypes.c_int64)]
 
 
 def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: np.ndarray,
-              bias: np.ndarray, positions: np.ndarray, block: int, threads: int, out: np.ndarray,
-              out_stride: int, relu: bool, residual: tuple[int, int] | None = None
+              bias: np.ndarray, positions: np.ndarray, width: int, block: int, threads: int,
+              out: np.ndarray, out_stride: int, relu: bool, residual: tuple[int, int] | None = None
               ) -> Callable[[], None]:
     """The kernel of _kernels.cpp bound to these arrays, `residual` given as (address, row
-    stride in floats) or None. Output row o's vectors of 8 floats start at
+    stride in floats) or None. Output row o's vectors of `width` (8 or 16) floats start at
     out[o * out_stride + q] for q in `positions` (out is 1-D: a layer's own buffer, or the next
     layer's input planes from their first interior pixel on). The caller keeps the arrays
     alive."""
@@ -77,12 +81,13 @@ def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: 
             or positions.dtype != np.int32:
         raise TypeError("the sparse kernel takes C-contiguous float32 / int64 / int32 arrays")
     rows = len(indptr) - 1
-    if len(positions) == 0 or (rows - 1) * out_stride + positions.max() + 8 > out.size or \
-            offsets.max(initial=0) + positions.max() + 8 > src.size:
+    if width not in (8, 16) or len(positions) == 0 or \
+            (rows - 1) * out_stride + positions.max() + width > out.size or \
+            offsets.max(initial=0) + positions.max() + width > src.size:
         raise ValueError("the sparse kernel would read or write past its buffers")
     res, res_stride = residual or (None, 0)
     args = ConvArgs(*(a.ctypes.data for a in arrays[:6]), len(positions), block, rows, threads,
-                    int(relu), out.ctypes.data, out_stride, res, res_stride)
+                    int(relu), out.ctypes.data, out_stride, res, res_stride, width)
     call = functools.partial(_LIB.dnr_sparse_conv, ctypes.addressof(args))
     call.struct = args  # the struct lives as long as the call
     return call
@@ -137,6 +142,11 @@ def split_phases(x: np.ndarray, stride: int, pad: int, used: np.ndarray,
     _LIB.dnr_split_phases(_address(x), chans, x.strides[0] // 4,
                           x.strides[1] // 4, height, width, batch, stride, pad,
                           used.ctypes.data, planes.ctypes.data, hq, wq)
+
+
+def wide_vectors() -> bool:
+    """Whether the kernel can take 16-float vectors (AVX-512) on this CPU."""
+    return _LIB is not None and bool(_LIB.dnr_sparse_avx512())
 
 
 available = _LIB is not None

@@ -202,7 +202,10 @@ class SparseConv:
         g = self.geometry(shape, wide)
         # slack: the garbage columns of the last row of the last plane, and a last vector of
         # 8 floats (or the padding of the stretch to whole vectors) read past its end
-        src = np.zeros(s * s * chans * g.plane + (kw + 1) * batch + 64, np.float32)
+        size = s * s * chans * g.plane + (kw + 1) * batch + 64
+        raw = np.zeros(size + 16, np.float32)  # aligned to 64 bytes: with 8 images a pixel is
+        shift = (-(raw.ctypes.data // 4)) % 16  # 32 bytes, so no 16-float load of a pixel pair
+        src = raw[shift:shift + size]  # straddles more than one cache line boundary
         planes = src[:s * s * chans * g.plane].reshape(s * s, chans, g.hq, g.wq, batch)
         if self.border is not None:
             planes[:] = self.border[None, :, None, None, None]
@@ -211,14 +214,21 @@ class SparseConv:
         self._jobs[key] = job
         if not self.native:
             return job
+        # 16-float vectors (AVX-512) on a chunk of 8 images where a row's pixels fill them:
+        # measured at batch 16, 5% density, 1 thread, against 8-float vectors on chunks of 4:
+        # VGG16 8.5-9.0 ms instead of 11.6-13.6, ResNet-18 16.5-17.4 instead of 20.0-23.3
+        # (benchmarks/sparse_runtime.py --turn 5); on fewer images (batch 1) the wide loads
+        # straddle cache lines and gain nothing
+        width = 16 if native.wide_vectors() and batch % 8 == 0 and g.wo * batch % 16 == 0 \
+            else 8
         if _pixels_fill_vectors(g):  # the pixels' vectors only, row by row
-            per_row = g.wo * batch // 8
+            per_row = g.wo * batch // width
             positions = (np.arange(g.ho)[:, None] * g.wq * batch +
-                         8 * np.arange(per_row)[None, :]).reshape(-1)
+                         width * np.arange(per_row)[None, :]).reshape(-1)
             out_length = g.length
         else:  # the whole stretch, garbage columns and the padding to whole vectors included
-            positions = 8 * np.arange(-(-g.length // 8))
-            out_length = len(positions) * 8
+            positions = width * np.arange(-(-g.length // width))
+            out_length = len(positions) * width
         positions = positions.astype(np.int32)
         if into is not None:  # straight into the consumer's planes
             start = (self.into.padding * g.wq + self.into.padding) * batch
@@ -232,7 +242,7 @@ class SparseConv:
                                      )[:, :, :g.wo]  # garbage columns skipped, no copy
         # blocks of tiles (8 vectors of 8 floats) sized so that the input a block reads (one
         # stretch per input channel and phase) stays near 256 KiB, L2's half on Zen 3
-        block = max(1, 65536 // (chans * s * s) // 64)
+        block = max(1, 65536 // (chans * s * s) // (8 * width))
         # int32 offsets: 8 bytes a nonzero with its value instead of 12, which the deep
         # layers stream from L3 for every chunk of images
         if src.size >= 2 ** 31:
@@ -243,7 +253,7 @@ class SparseConv:
         # machine each parallel region can wait a scheduler slice for a late worker
         team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
         bind = functools.partial(native.conv_call, src, offsets, self.indptr, self.values,
-                                 self.bias, positions, block, team, out, out_stride)
+                                 self.bias, positions, width, block, team, out, out_stride)
         job.update(bind=bind, run=bind(self.relu), keep=(offsets, positions, out),
                    residual=None)
         return job
