@@ -236,9 +236,11 @@ def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 
             layers.append((step, shapes[node]))
             for fused in _chain(node, last):
                 alias[fused] = node
-            pending[last] = (node, step, inputs[:1] + ([residual] if residual else []))
+            reads = inputs[:1] + ([residual] if residual else [])
             if last is node:
-                steps.append((node, step, [_input(a) for a in pending.pop(last)[2]]))
+                steps.append((node, step, [_input(a) for a in reads]))
+            else:  # emitted where the chain ends: a residual may be computed after the conv
+                pending[last] = (node, step, reads)
             continue
         if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
             step = linear_layer(modules[node.target], dense_threshold)
