@@ -97,7 +97,12 @@ def test_batch_norm_folding_keeps_zeros():
                                norm(F.conv2d(x, weight, padding=1)).detach().numpy(), atol=1e-5)
 
 
-def test_fake_run_matches_onnx_runtime(irregular_deploy):
+@pytest.mark.parametrize("native_kernel", [True, False], ids=["cpp", "numba"])
+def test_fake_run_matches_onnx_runtime(irregular_deploy, native_kernel, monkeypatch):
+    """The whole default net, in the C++ kernels or (as without a compiler) in numba's."""
+    if native_kernel and not native.available:
+        pytest.skip("the C++ kernel is not built (python setup.py build_ext --inplace)")
+    monkeypatch.setattr(native, "available", native_kernel)
     x = np.random.default_rng(0).random((7, 1, 8, 8), dtype=np.float32)
     session, _ = create_session(irregular_deploy / "model.onnx")
     ort = run_logits(session, x)
