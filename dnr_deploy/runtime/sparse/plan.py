@@ -241,7 +241,7 @@ class SparseConv:
                                      strides=(out_length * 4, g.wq * batch * 4, batch * 4, 4)
                                      )[:, :, :g.wo]  # garbage columns skipped, no copy
         # blocks of tiles (8 vectors of 8 floats) sized so that the input a block reads (one
-        # stretch per input channel and phase) stays near 256 KiB, L2's half on Zen 3
+        # stretch per input channel and phase) stays near 256 KiB, a quarter of L2 here
         block = max(1, 65536 // (chans * s * s) // (8 * width))
         # int32 offsets: 8 bytes a nonzero with its value instead of 12, which the deep
         # layers stream from L3 for every chunk of images
