@@ -240,7 +240,7 @@ class SparseConv:
             job["view"] = np.ndarray((out_chans, g.ho, g.wq, batch), np.float32, out,  # the
                                      strides=(out_length * 4, g.wq * batch * 4, batch * 4, 4)
                                      )[:, :, :g.wo]  # garbage columns skipped, no copy
-        # blocks of tiles (8 vectors of 8 floats) sized so that the input a block reads (one
+        # blocks of tiles (8 vectors of 8 or 16 floats) sized so that the input a block reads (one
         # stretch per input channel and phase) stays near 256 KiB, a quarter of L2 here
         block = max(1, 65536 // (chans * s * s) // (8 * width))
         # int32 offsets: 8 bytes a nonzero with its value instead of 12, which the deep
