@@ -101,8 +101,8 @@ def _check_chwn(*views: np.ndarray) -> None:
     for x in views:
         if x.dtype != np.float32 or x.ndim != 4 or x.strides[2:] != (x.shape[3] * 4, 4) or \
                 x.strides[0] % 4 or x.strides[1] % 4:
-            raise ValueError("the pooling kernels take CHWN float32 views whose (width, batch) "
-                             "are contiguous")
+            raise ValueError("the pooling and split kernels take CHWN float32 views whose "
+                             "(width, batch) are contiguous")
 
 
 def max_pool_call(x: np.ndarray, size: int, out: np.ndarray) -> Callable[[], None]:
@@ -133,12 +133,12 @@ def split_phases(x: np.ndarray, stride: int, pad: int, used: np.ndarray,
                  planes: np.ndarray) -> None:
     """kernels.split_phases in C++: x (C, H, W, N) CHWN float32 with (width, batch)
     contiguous into planes (stride**2, C, hq, wq, N), C-contiguous; `used` is uint8 or bool."""
+    _check_chwn(x)
     chans, height, width, batch = x.shape
     _, _, hq, wq, _ = planes.shape
-    if x.dtype != np.float32 or x.strides[2:] != (batch * 4, 4) or \
-            not planes.flags.c_contiguous or planes.shape[1] != chans or \
+    if not planes.flags.c_contiguous or planes.shape[1] != chans or \
             planes.shape[4] != batch or used.dtype.itemsize != 1 or not used.flags.c_contiguous:
-        raise ValueError("split_phases takes a CHWN float32 view and C-contiguous planes")
+        raise ValueError("split_phases takes C-contiguous planes of x's channels and batch")
     _LIB.dnr_split_phases(_address(x), chans, x.strides[0] // 4,
                           x.strides[1] // 4, height, width, batch, stride, pad,
                           used.ctypes.data, planes.ctypes.data, hq, wq)

@@ -30,6 +30,7 @@ DENSE_MIN_WEIGHTS = 4096
 # floats, garbage columns included): below it, waking a second thread costs more than it saves.
 # Measured at 2 threads, 5% density (benchmarks/sparse_runtime.py --turn 5): lowering it from
 # 4M to 200k took VGG16 at batch 1 from 1.29 to 0.64 ms and ResNet-18 from 1.44 to 1.04 ms.
+# The published grid ran with 100k; 100k against 200k was not compared.
 PARALLEL_MIN_MACS = 100_000
 
 
@@ -64,7 +65,8 @@ class Geometry:
     """Where one call of a conv reads and writes: its input padded (and, for stride > 1,
     split into polyphase planes) to `hq` x `wq`, and its output as a stretch of `ho` rows of
     `wq` columns of `batch` floats, of which the first `wo` columns are pixels and the rest
-    garbage (computed, then dropped or zeroed)."""
+    garbage (never computed where a row's pixels fill whole vectors, else computed and
+    dropped)."""
 
     ho: int
     wo: int
@@ -89,9 +91,9 @@ class SparseConv:
     (2 % 2, 1 % 2) = (0, 1) of channel 5, shifted by 2 // 2 = 1 row and 1 // 2 = 0 columns.
 
     Two links the executor sets, both of which only save copies:
-    - `into`: the stride-1 conv that consumes this one's output. The kernel then writes
-      straight into that conv's zero-bordered input planes, zeroing the garbage columns (they
-      fall exactly on the borders when the consumer pads by half the garbage width).
+    - `into`: the stride-1 conv that consumes this one's output. Where this layer computes
+      pixels only (no garbage columns), the kernel writes straight into that conv's
+      zero-bordered input planes, leaving their borders untouched.
     - `match`: the conv that adds this one's output as its residual (a ResNet projection
       shortcut). This conv's planes are widened to that conv's width, so both outputs are laid
       out alike and the addition happens in the consumer's epilogue.
