@@ -20,8 +20,15 @@ import torch_pruning as tp
 from torch import nn
 
 from dnr_deploy.sparsity.masks import PRUNABLE_TYPES, Masks
+from dnr_deploy.sparsity.memory_guard import MemoryBudgetExceeded, memory_budget
 
 ChannelMasks = dict[str, torch.Tensor]  # group name -> bool vector over its channels
+
+# What one group's index propagation may add to the process before its convs are left dense.
+# Measured at 8x8 (peak resident growth of each get_pruning_group call): at most 2.9 MiB for
+# any group of resnet152, efficientnet_b7, efficientnet_v2_l, regnet_y_32gf and
+# mobilenet_v3_large; swin_v2_t's one group grew to 10.9 GB in 268 s before it finished.
+PROPAGATION_BUDGET_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -98,8 +105,13 @@ def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[C
             continue
         group = ChannelGroup(name=name, size=module.out_channels)
         try:
-            pruning_group = graph.get_pruning_group(
-                module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
+            with memory_budget(PROPAGATION_BUDGET_BYTES):
+                pruning_group = graph.get_pruning_group(
+                    module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
+        except MemoryBudgetExceeded as err:
+            seen.add(name)
+            skipped[name] = f"torch-pruning's index propagation {err}"
+            continue
         except Exception as err:  # an op torch-pruning traced but cannot map: leave it dense
             seen.add(name)
             skipped[name] = f"torch-pruning cannot map it: {type(err).__name__}"
@@ -115,9 +127,10 @@ def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[C
     if skipped:
         listed = "; ".join(f"{conv} ({why})" for conv, why in list(skipped.items())[:3])
         more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
-        warnings.warn(f"channel mode keeps {len(skipped)} conv group(s) dense, their coupling "
-                      f"is not one-to-one: {listed}{more} (run.json's dense_convs lists every "
-                      "dense conv)", ChannelCouplingWarning, stacklevel=2)
+        warnings.warn(f"channel mode keeps {len(skipped)} conv group(s) dense (a coupling that "
+                      f"is not one-to-one, or that torch-pruning cannot map): {listed}{more} "
+                      "(run.json's dense_convs lists every dense conv)", ChannelCouplingWarning,
+                      stacklevel=2)
     return groups
 
 
