@@ -163,6 +163,19 @@ def test_no_run_dir_and_no_latest_run(tmp_path, monkeypatch, capsys):
     assert "dnr-compress" in line
 
 
+def test_a_dense_network_over_the_onnx_limit_is_refused_in_one_line(tmp_path, monkeypatch,
+                                                                    capsys):
+    from dnr_deploy.export import deploy as deploy_module
+
+    monkeypatch.setattr(deploy_module, "ONNX_WEIGHT_LIMIT_BYTES", 10_000)
+    run_dir = tmp_path / "run"
+    write_fake_run(run_dir, "channel", density=0.3)
+    code, _, err = export([str(run_dir), "--parity-samples", "16"], capsys)
+    line = assert_one_line_error(code, err)
+    assert "at most 2 GiB" in line
+    assert not (run_dir / "deploy").exists() and not list(run_dir.glob(".deploy*"))
+
+
 @pytest.mark.parametrize("granularity", ["channel", "dense"])
 def test_dense_network_runs_export_and_load(granularity, tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -152,3 +152,26 @@ def test_loader_refuses_a_tampered_file(tmp_path):
         load_deployed_model(out)
     with pytest.raises(manifest.ManifestError, match="not a deploy dir"):
         load_deployed_model(tmp_path)
+
+
+def test_weights_over_the_onnx_limit_go_through_external_data_and_come_back_sparse(
+        tmp_path, monkeypatch):
+    """Over protobuf's 2 GiB (here: a limit lowered below the small net's weights) the dense
+    export writes external data, and the sparse fold puts the nonzeros back into one file."""
+    from dnr_deploy.export import deploy as deploy_module
+
+    monkeypatch.setattr(deploy_module, "ONNX_WEIGHT_LIMIT_BYTES", 10_000)
+    run_dir = tmp_path / "run"
+    write_fake_run(run_dir, "irregular")
+    export_run(ExportConfig(run_dir=str(run_dir), parity_samples=32))
+    deploy = run_dir / "deploy"
+    assert sorted(p.name for p in deploy.iterdir()) == [
+        "manifest.json", "model.onnx", "weights.csr.npz"]  # no external data file left
+    model = onnx.load(str(deploy / "model.onnx"), load_external_data=False)
+    assert model.graph.sparse_initializer
+    assert all(init.data_location != onnx.TensorProto.EXTERNAL
+               for init in model.graph.initializer)
+    x, _ = data.test_subset(data.load_data("digits"), 32)
+    masked = load_source(run_dir).model
+    ort_out = onnx_io.run_session(onnx_io.open_session(deploy / "model.onnx"), x)
+    assert onnx_io.compare_logits(onnx_io.torch_logits(masked, x), ort_out).passes(1e-4)

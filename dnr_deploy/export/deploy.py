@@ -174,11 +174,14 @@ def _build_irregular(source, x, reference, limit, work, fmt,
     extra: dict = {}
     if fmt is ExportFormat.ONNX:
         path = work / names.MODEL_FILE
-        _write_onnx(source.model, source.example, path, config)
-        if config.baseline:  # the same network with dense initializers: the baseline
+        external = _write_onnx(source.model, source.example, path, config, sparsified=True)
+        if config.baseline and not external:  # the same network, dense initializers
             shutil.copyfile(path, work / names.BASELINE_FILE)
         # The very last transformation: the exporter's optimizer would not keep sparse tensors.
-        extra["sparse_initializers"] = onnx_io.sparsify_initializers(path, set(source.masks))
+        try:
+            extra["sparse_initializers"] = onnx_io.sparsify_initializers(path, set(source.masks))
+        except ValueError as err:
+            raise ExportError(f"{path.name} is {err}; train at a lower density") from None
         result = _gate(path, x, reference, limit)
         parity.update(onnx_vs_torch_max_abs=result.max_abs, argmax_agree=result.argmax_agree)
     return source.model, parity, extra
@@ -191,8 +194,31 @@ def _size_figures(source: SourceRun, deployed: nn.Module) -> dict:
                         source.masks if irregular else None)
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, config) -> None:
-    onnx_io.export_onnx(model, example, path, config.opset)
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, config,
+                sparsified: bool = False) -> bool:
+    """Export `model` to `path`; True if its weights went to external data first.
+
+    A deploy dir holds self-contained ONNX files, which protobuf caps at 2 GiB. Weights over
+    that (torchvision's regnet_y_128gf: 2.6 GB) can only ship as sparse initializers, so an
+    irregular export (`sparsified`) writes them as external data and `sparsify_initializers`
+    folds the nonzeros back in; a dense network that large is refused.
+
+    Raises:
+        ExportError: a dense network whose weights exceed the limit.
+    """
+    size = onnx_io.tensor_bytes(model)
+    external = size > ONNX_WEIGHT_LIMIT_BYTES
+    if external and not sparsified:
+        raise ExportError(
+            f"{path.name} would hold {size / 2**30:.2f} GiB of weights, and an ONNX file holds "
+            "at most 2 GiB without external data, which deploy dirs do not use; export a "
+            "channel run of lower density or an irregular run (sparse weights)")
+    onnx_io.export_onnx(model, example, path, config.opset, external_data=external)
+    return external
+
+
+# The weights a self-contained ONNX file can take: protobuf's limit less room for the graph.
+ONNX_WEIGHT_LIMIT_BYTES = onnx_io.PROTOBUF_LIMIT_BYTES - 2**27
 
 
 def _gate(path: Path, x: torch.Tensor, reference: np.ndarray,

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 from torch import nn
 
 from dnr_deploy.deploydir.names import INPUT_NAME, OUTPUT_NAME
@@ -35,8 +36,21 @@ class Parity:
         return asdict(self)
 
 
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, opset: int) -> None:
-    """Write `model` (in eval mode) as one self-contained ONNX file with a dynamic batch axis.
+# protobuf's hard limit on one message, so on an ONNX file that keeps its weights inside it
+PROTOBUF_LIMIT_BYTES = 2**31 - 1
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers an ONNX export stores as initializers."""
+    return sum(t.numel() * t.element_size()
+               for t in (*model.parameters(), *model.buffers()))
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, opset: int,
+                external_data: bool = False) -> None:
+    """Write `model` (in eval mode) as an ONNX file with a dynamic batch axis: self-contained,
+    or with `external_data` its weights in `<path>.data` beside it (over protobuf's 2 GiB; an
+    irregular export then folds them back in as sparse initializers).
 
     The dynamo exporter fixes the batch at the example's size unless told otherwise, and
     torch.export specializes a size-1 dimension, so the example is repeated to a batch of 2.
@@ -48,13 +62,14 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: Path, opset
     model.eval()
     try:
         program = torch.onnx.export(
-            model, (example,), None, dynamo=True, external_data=False, opset_version=opset,
+            model, (example,), None, dynamo=True, external_data=external_data,
+            opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
         )
     finally:
         model.train(was_training)
-    program.save(str(path), external_data=False)
+    program.save(str(path), external_data=external_data)
 
 
 def sparsify_initializers(path: Path, names: set[str]) -> dict[str, int]:
@@ -69,7 +84,11 @@ def sparsify_initializers(path: Path, names: set[str]) -> dict[str, int]:
     Returns:
         Counts: "sparse" initializers converted, "kept_dense" named ones left dense, "nonzeros".
     """
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    external_files = {entry.value for init in model.graph.initializer
+                      if init.data_location == TensorProto.EXTERNAL
+                      for entry in init.external_data if entry.key == "location"}
+    load_external_data_for_model(model, str(path.parent))
     kept, sparse = [], []
     counts = {"sparse": 0, "kept_dense": 0, "nonzeros": 0}
     for init in model.graph.initializer:
@@ -84,12 +103,17 @@ def sparsify_initializers(path: Path, names: set[str]) -> dict[str, int]:
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
     model.graph.sparse_initializer.extend(sparse)
+    if model.ByteSize() > PROTOBUF_LIMIT_BYTES:
+        raise ValueError(f"{model.ByteSize() / 2**30:.2f} GiB even with sparse weights, over "
+                         "the 2 GiB an ONNX file holds without external data")
     tmp = path.with_name(f".{path.name}.sparse.tmp")
     try:
         onnx.save(model, str(tmp))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    for name in external_files:  # now inside the file
+        (path.parent / name).unlink(missing_ok=True)
     return counts
 
 
