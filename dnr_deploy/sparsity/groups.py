@@ -81,7 +81,8 @@ def find_channel_groups(model: nn.Module, example_input: torch.Tensor) -> list[C
     as are the norm behind it and a squeeze-excitation's gate on those channels). A group that
     couples channels other than one-to-one (concatenation, a flatten of a spatial map, a grouped
     conv that is not depthwise, a layer type without a handler here) is left out: its convs stay
-    dense in channel mode, named by a warning and by `dense_convs`.
+    dense in channel mode, named by a warning and by `dense_convs`. So is a group whose index
+    propagation grows the process past `PROPAGATION_BUDGET_BYTES` (Swin V2's patch embedding).
 
     Raises:
         ChannelGraphError: torch-pruning cannot trace the model's couplings at all (e.g. the
