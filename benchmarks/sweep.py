@@ -53,14 +53,15 @@ def main() -> None:
     rows = {m: {d: [row(m, d, seed)
                     for seed in (args.seeds if d in args.multi_seed else args.seeds[:1])]
                 for d in args.densities} for m in args.methods}
-    print(f"\n{'method':<14} {'density':>8} {'params':>7} {'seeds':>5} {'clean':>12} "
-          f"{'PGD-20':>12} {'AutoAttack':>12}")
+    print("\n| method | density | compression (params) | seeds | clean | PGD-20 | "
+          "AutoAttack-grade | MAC reduction (nonzero) |\n|---|---|---|---|---|---|---|---|")
     for method, by_density in rows.items():
         for density, runs in by_density.items():
             pick = lambda key, runs=runs: [r[key] for r in runs]  # noqa: E731
-            print(f"{method:<14} {density:>8g} {statistics.mean(pick('compression')):>6.1f}x "
-                  f"{len(runs):>5} {mean_std(pick('clean')):>12} {mean_std(pick('pgd20')):>12} "
-                  f"{mean_std(pick('autoattack')):>12}")
+            print(f"| {method} | {density:g} | {statistics.mean(pick('compression')):.1f}x | "
+                  f"{len(runs)} | {mean_std(pick('clean'))} | {mean_std(pick('pgd20'))} | "
+                  f"**{mean_std(pick('autoattack'))}** | "
+                  f"{statistics.mean(pick('mac_reduction')):.1f}x |")
     plot(rows)
     by_name = {m: {str(d): runs for d, runs in v.items()} for m, v in rows.items()}
     write_results("sweep", {"args": vars(args), "rows": by_name})

@@ -152,6 +152,8 @@ def _trained_on(cell: dict) -> str:
 # The known failures, said briefly: (pattern in the error, what the table says).
 REASONS = (
     (r"cannot trace", "torch-pruning cannot trace it"),
+    (r"still 1\b", "refused: no conv is a unit, the weights are in linear layers (irregular "
+     "mode instead)"),
     (r"still ([0-9.]+)", "one channel per unit is density {}: grouped convs stay dense"),
     (r"not finite", "eval-mode logits overflow float32"),
     (r"differs from PyTorch by up to ([0-9.e+-]+) \(limit ([0-9.e+-]+)",
