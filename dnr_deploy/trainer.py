@@ -8,6 +8,7 @@ Under torchrun every rank trains; only rank 0 evaluates, writes files and shows 
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,14 @@ def compress(config: CompressConfig, model: nn.Module | None = None,
              train_data: object = None, test_data: object = None) -> Run:
     """Train one DNR run as `config` says and write its run dir. The CLI does exactly this.
 
+    Its memory is freed when it returns, for an export or a second run in the same process.
+    Frames of the first SGD construction (a lazy import inside torch) and of matplotlib's
+    tight_layout stay referenced from a reference cycle, and through their callers' frames the
+    trainer, model, gradients and momentum do too, until the cyclic collector runs (tensor
+    bytes never trigger it). Found with gc.get_referrers; measured on regnet_y_16gf in channel
+    mode: collecting frees 1.4x the model's size before the export. regnet_y_128gf (2.55 GB of
+    weights) was killed at 23.6 GB after its channel training without it.
+
     Args:
         model: an nn.Module trained (in place) instead of one built from `config.model`.
         train_data, test_data: Datasets or DataLoaders in place of `config.dataset`'s splits.
@@ -65,6 +74,13 @@ def compress(config: CompressConfig, model: nn.Module | None = None,
         TrainingDiverged, TrainingInterrupted: the run stopped; its last checkpoint is kept.
         RankDisagreement: under torchrun, ranks ended a rewire with different masks.
     """
+    run = _compress(config, model, train_data, test_data)
+    gc.collect()
+    return run
+
+
+def _compress(config: CompressConfig, model: nn.Module | None, train_data: object,
+              test_data: object) -> Run:
     resume_state = ckpt.load_checkpoint(config.resume) if config.resume else None
     where = f"checkpoint {str(config.resume)!r}"
     if resume_state is not None:
