@@ -27,7 +27,7 @@ ChannelMasks = dict[str, torch.Tensor]  # group name -> bool vector over its cha
 # What one group's index propagation may add to the process before its convs are left dense.
 # Measured at 8x8 (peak resident growth of each get_pruning_group call): at most 2.9 MiB for
 # any group of resnet152, efficientnet_b7, efficientnet_v2_l, regnet_y_32gf and
-# mobilenet_v3_large; swin_v2_t's one group grew to 10.9 GB in 268 s before it finished.
+# mobilenet_v3_large; swin_v2_t's one group took 268 s and peaked at 10.9 GB.
 PROPAGATION_BUDGET_BYTES = 2 * 2**30
 
 
