@@ -161,9 +161,17 @@ def test_weights_over_the_onnx_limit_go_through_external_data_and_come_back_spar
     from dnr_deploy.export import deploy as deploy_module
 
     monkeypatch.setattr(deploy_module, "ONNX_WEIGHT_LIMIT_BYTES", 10_000)
+    written, real_export = [], onnx_io.export_onnx
+
+    def recording_export(*args, **kwargs):
+        written.append(kwargs.get("external_data"))
+        real_export(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_io, "export_onnx", recording_export)
     run_dir = tmp_path / "run"
     write_fake_run(run_dir, "irregular")
     export_run(ExportConfig(run_dir=str(run_dir), parity_samples=32))
+    assert written == [True]  # the external-data path ran, not the ordinary one
     deploy = run_dir / "deploy"
     assert sorted(p.name for p in deploy.iterdir()) == [
         "manifest.json", "model.onnx", "weights.csr.npz"]  # no external data file left

@@ -194,6 +194,10 @@ def _size_figures(source: SourceRun, deployed: nn.Module) -> dict:
                         source.masks if irregular else None)
 
 
+# The weights a self-contained ONNX file can take: protobuf's limit less room for the graph.
+ONNX_WEIGHT_LIMIT_BYTES = onnx_io.PROTOBUF_LIMIT_BYTES - 2**27
+
+
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, config,
                 sparsified: bool = False) -> bool:
     """Export `model` to `path`; True if its weights went to external data first.
@@ -216,9 +220,6 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, config,
     onnx_io.export_onnx(model, example, path, config.opset, external_data=external)
     return external
 
-
-# The weights a self-contained ONNX file can take: protobuf's limit less room for the graph.
-ONNX_WEIGHT_LIMIT_BYTES = onnx_io.PROTOBUF_LIMIT_BYTES - 2**27
 
 
 def _gate(path: Path, x: torch.Tensor, reference: np.ndarray,
