@@ -33,6 +33,9 @@ METHODS: dict[str, dict] = {
     "dnr-gradual": {"method": "dnr", "granularity": "irregular", "start_density": 1.0},
     "dnr-channel": {"method": "dnr", "granularity": "channel", "start_density": "target"},
     "dnr-channel-gradual": {"method": "dnr", "granularity": "channel", "start_density": 1.0},
+    # regrowth shares weighted by what a group's units cost in the shrunk net (channel_shares)
+    "dnr-channel-cost": {"method": "dnr", "granularity": "channel", "start_density": "target",
+                         "channel_shares": "cost"},
     "static": {"method": "static", "granularity": "irregular", "init": "uniform"},
     "static-erk": {"method": "static", "granularity": "irregular", "init": "erk"},
     "static-channel": {"method": "static", "granularity": "channel"},

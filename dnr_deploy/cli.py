@@ -43,7 +43,14 @@ def _output_mode(args: argparse.Namespace) -> bool:
 def build_compress_parser() -> argparse.ArgumentParser:
     # torch-free modules only: --help and argument errors answer before torch is imported
     from dnr_deploy.compress_config import CompressConfig
-    from dnr_deploy.vocabulary import DatasetName, Granularity, Init, Method, Redistribution
+    from dnr_deploy.vocabulary import (
+        ChannelShares,
+        DatasetName,
+        Granularity,
+        Init,
+        Method,
+        Redistribution,
+    )
 
     parser = OneLineParser(
         prog="dnr-compress",
@@ -53,6 +60,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML recipe; flags given here win over it")
     choices = {
         "redistribution": [r.value for r in Redistribution],
+        "channel_shares": [c.value for c in ChannelShares],
         "init": [i.value for i in Init],
         "dataset": [d.value for d in DatasetName],
         "granularity": [g.value for g in Granularity],

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from dnr_deploy.config import option
 from dnr_deploy.sparsity.schedule import RewireSchedule  # torch-free, as this module must be
-from dnr_deploy.vocabulary import Granularity, Init, Method, Redistribution
+from dnr_deploy.vocabulary import ChannelShares, Granularity, Init, Method, Redistribution
 
 __all__ = ["CompressConfig", "ConfigError", "Method"]
 
@@ -60,6 +60,11 @@ class CompressConfig:
         "(gradual pruning with regrowth: Zhu & Gupta 2017, GraNet, Liu et al. 2021); equal to "
         "--density: start sparse, as the DNR paper does; default: 1.0 (dense) for irregular DNR "
         "when the run has a rewire, else --density")
+    channel_shares: str = option(
+        ChannelShares.SIZE.value,
+        "channel mode's split of the freed budget: each group's normalized momentum times "
+        "size (its dense rows) or cost (the parameters its active units take in the shrunk "
+        "network)")
     explore_channels: bool = option(
         False, "channel regrowth skips the units it just pruned (random off units instead)")
     beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss')
@@ -131,6 +136,7 @@ class CompressConfig:
         try:
             self.rewire_schedule()
             Redistribution(self.redistribution)
+            ChannelShares(self.channel_shares)
             Init(self.init)
         except ValueError as err:
             raise ConfigError(str(err)) from None

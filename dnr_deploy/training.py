@@ -86,7 +86,7 @@ def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressC
 # Fields that define what a checkpoint is; a resume must not change them.
 RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
                 "rewire_every", "prune_rate", "rewire_until", "redistribution", "init",
-                "explore_channels", "start_density",
+                "explore_channels", "channel_shares", "start_density",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
                 "pgd_step_size", "seed", "attack_bn")
 
@@ -200,7 +200,7 @@ def build_policy(
         channel_policy = StaticChannels if config.method == Method.STATIC.value else ChannelDNR
         try:
             return channel_policy(model, config.density, generator, example_input,
-                                  config.explore_channels, start)
+                                  config.explore_channels, start, config.channel_shares)
         except (ChannelGraphError, ChannelBudgetError) as err:
             raise ConfigError(f"model {config.model!r}: {err}") from None
     method = Method(config.method)

@@ -29,6 +29,13 @@ class Redistribution(str, Enum):
     NONE = "none"  # each layer regrows what it pruned (the ablation)
 
 
+class ChannelShares(str, Enum):
+    """How channel mode weighs each unit group's momentum when it splits the freed budget."""
+
+    SIZE = "size"  # times the group's dense rows (its filters and consumer slices, all units)
+    COST = "cost"  # times what its active units cost in the shrunk network
+
+
 class DatasetName(str, Enum):
     DIGITS = "digits"
     CIFAR10 = "cifar10"

@@ -164,3 +164,25 @@ def test_keep_top_fraction_keeps_each_groups_most_important_units():
     assert count(kept) == 17
     everything = keep_top_fraction(importance, masks, count, target=10**6)
     assert all(torch.equal(everything[name], masks[name]) for name in masks)
+
+
+def test_channel_shares_option_reaches_the_rewire():
+    """--channel-shares cost: the rewire splits the budget by what units cost in the shrunk net,
+    so the first conv (9-weight filters, but a slice of every unit of the next conv) gets more
+    than its dense rows would give it, and the budget still holds."""
+    from dnr_deploy.training import CompressConfig, ConfigError, build_policy
+
+    records = {}
+    for shares_by in ("size", "cost"):
+        config = CompressConfig(granularity="channel", channel_shares=shares_by).resolved()
+        model, example = make("small", 1, 8)
+        torch.manual_seed(0)
+        policy = build_policy(config, model, example)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        train_steps(model, policy, optimizer, example, steps=3)
+        records[shares_by] = policy.rewire(model, optimizer, 0.5)["regrowth_shares"]
+        assert 0.045 < policy.density() <= 0.05
+    first = next(iter(records["cost"]))
+    assert records["cost"][first] > records["size"][first]
+    with pytest.raises(ConfigError, match="ChannelShares"):
+        CompressConfig(granularity="channel", channel_shares="flops").resolved()

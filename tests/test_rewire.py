@@ -9,6 +9,7 @@ from torch import nn
 from dnr_deploy.sparsity.masks import apply_masks, erk_shares, random_masks, split_budget
 from dnr_deploy.sparsity.policy import IrregularDNR
 from dnr_deploy.sparsity.rewire import (
+    channel_cost_shares,
     normalized_momentum,
     prune_smallest,
     regrow_largest,
@@ -103,6 +104,26 @@ def test_regrowth_shares_account_for_layer_size():
     momenta = {"small": torch.full((10,), 0.2), "large": torch.full((90,), 0.2)}
     assert normalized_momentum(momenta, masks) == pytest.approx({"small": 0.5, "large": 0.5})
     assert regrowth_shares(momenta, masks) == pytest.approx({"small": 0.1, "large": 0.9})
+
+
+def test_channel_cost_shares_price_a_unit_with_its_consumer_slices():
+    """Two unit groups in a chain: a 3x3 conv on one input channel (a), a 3x3 conv on a (b),
+    a 10-way linear on b. A unit of a costs its 9 weights plus 9 in each active unit of b,
+    which the dense-row size (9 per unit of a) leaves out."""
+    def count(masks):
+        a, b = int(masks["a"].sum()), int(masks["b"].sum())
+        return 9 * a + 9 * a * b + 10 * b
+
+    masks = {"a": torch.tensor([True, True, False, False]),
+             "b": torch.tensor([True, True, True, False])}
+    rows = {"a": torch.full((4, 9), 0.1), "b": torch.full((4, 9 * 4), 0.1)}
+    # equal momentum per weight: each group's share is what its active units cost
+    cost_a, cost_b = 2 * (9 + 9 * 3), 3 * (9 * 2 + 10)
+    assert channel_cost_shares(rows, masks, count) == pytest.approx(
+        {"a": cost_a / (cost_a + cost_b), "b": cost_b / (cost_a + cost_b)})
+    rows["a"] *= 3  # a's weights pushed 3x harder: its share grows by that factor
+    shares = channel_cost_shares(rows, masks, count)
+    assert shares["a"] == pytest.approx(3 * cost_a / (3 * cost_a + cost_b))
 
 
 def test_nearly_dense_layer_with_high_momentum_is_not_pruned():

@@ -28,6 +28,7 @@ from dnr_deploy.sparsity.masks import (
     random_masks,
 )
 from dnr_deploy.sparsity.rewire import (
+    ChannelShares,
     Redistribution,
     keep_top_fraction,
     random_channel_masks,
@@ -189,9 +190,10 @@ class ChannelDNR(DensePolicy):
     def __init__(
         self, model: nn.Module, density: float, generator: torch.Generator,
         example_input: torch.Tensor, explore: bool = False, start_density: float | None = None,
+        shares_by: str = ChannelShares.SIZE.value,
     ) -> None:
         self.generator = generator
-        self.explore = explore
+        self.explore, self.shares_by = explore, shares_by
         self.layout = ChannelLayout(model, find_channel_groups(model, example_input))
         self.params = dict(model.named_parameters())
         self.density_target, self.start = density, start_density
@@ -247,7 +249,7 @@ class ChannelDNR(DensePolicy):
             masks = keep_top_fraction(importance, masks, self._count, budget)
         rewired, shares = rewire_channels(
             importance, momentum_rows, masks, fraction, self._count, budget,
-            self.generator, self.explore,
+            self.generator, self.explore, self.shares_by,
         )
         grown = {g: rewired[g] & ~masks[g] for g in rewired}
         self.channel_masks = rewired

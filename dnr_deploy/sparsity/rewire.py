@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from dnr_deploy.sparsity.masks import Masks, split_budget
-from dnr_deploy.vocabulary import Redistribution  # noqa: F401  (re-exported)
+from dnr_deploy.vocabulary import ChannelShares, Redistribution  # noqa: F401  (re-exported)
 
 
 def normalized_momentum(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[str, float]:
@@ -149,6 +149,35 @@ def fill_channels(
     return masks
 
 
+def channel_cost_shares(
+    momentum_rows: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    count_params: Callable[[dict[str, torch.Tensor]], int],
+) -> dict[str, float]:
+    """Each unit group's share of the freed budget: its normalized momentum times the
+    parameters its active units cost in the shrunk network.
+
+    A unit costs its own filter and a slice of every consumer, so its price depends on the
+    neighbours' widths: the first conv's filters hold 9 weights, but each of its units also
+    costs a 9-weight slice of every active unit of the next conv. Weighted by dense rows
+    instead ("size"), such a group is undercounted and narrows (measured: conv1 at 10 of 32
+    units). Weighted by cost, equal momentum keeps the allocation and momentum moves it.
+    """
+    row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
+    means = normalized_momentum(momentum_rows, row_masks)
+    count = count_params(masks)
+    demand = {}
+    for name, mask in masks.items():
+        active = mask.nonzero().flatten()
+        one_fewer = {**masks, name: mask.clone()}
+        one_fewer[name][active[0]] = False
+        demand[name] = means[name] * len(active) * max(count - count_params(one_fewer), 1)
+    total = sum(demand.values())
+    if total <= 0:
+        return {name: 1.0 / len(demand) for name in demand}
+    return {name: value / total for name, value in demand.items()}
+
+
 def rewire_channels(
     importance: dict[str, torch.Tensor],
     momentum_rows: dict[str, torch.Tensor],
@@ -158,21 +187,26 @@ def rewire_channels(
     target: int,
     generator: torch.Generator,
     explore: bool = False,
+    shares_by: str = ChannelShares.SIZE.value,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One DNR rewire over channel units (`importance`: one score per channel of a group;
     rows: one row of momenta per channel).
 
     Prune: each group drops the fraction `fraction` of its active units of smallest
     importance (the caller's batch-norm-aware score), always keeping one so the network stays
-    connected. Regrow: the freed parameter budget is split by size-aware momentum shares and
+    connected. Regrow: the freed parameter budget is split by size-aware momentum shares
+    (`shares_by`: `regrowth_shares` over the groups' dense rows, or `channel_cost_shares`) and
     filled with inactive units of largest momentum norm. An off unit sits behind a ReLU at
     exactly zero, so its momentum only decays: regrowth mostly re-enables the units it just
     pruned (kept with their weights). With `explore`, those are excluded and the regrown units
     are off ones, ordered at random (seeded) where their momenta tie at zero, restarting as fresh
     channels.
     """
-    row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
-    shares = regrowth_shares(momentum_rows, row_masks)
+    if ChannelShares(shares_by) is ChannelShares.COST:
+        shares = channel_cost_shares(momentum_rows, masks, count_params)
+    else:
+        row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
+        shares = regrowth_shares(momentum_rows, row_masks)
     pruned = {}
     for name, mask in masks.items():
         active = int(mask.sum())
