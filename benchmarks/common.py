@@ -33,9 +33,10 @@ METHODS: dict[str, dict] = {
     "dnr-gradual": {"method": "dnr", "granularity": "irregular", "start_density": 1.0},
     "dnr-channel": {"method": "dnr", "granularity": "channel", "start_density": "target"},
     "dnr-channel-gradual": {"method": "dnr", "granularity": "channel", "start_density": 1.0},
-    # regrowth shares weighted by what a group's units cost in the shrunk net (channel_shares)
-    "dnr-channel-cost": {"method": "dnr", "granularity": "channel", "start_density": "target",
-                         "channel_shares": "cost"},
+    # the channel default before stop 23: regrowth shares by the groups' dense rows; the
+    # dnr-channel runs cached before then are these (their run.json has no channel_shares)
+    "dnr-channel-size": {"method": "dnr", "granularity": "channel", "start_density": "target",
+                         "channel_shares": "size"},
     "static": {"method": "static", "granularity": "irregular", "init": "uniform"},
     "static-erk": {"method": "static", "granularity": "irregular", "init": "erk"},
     "static-channel": {"method": "static", "granularity": "channel"},

@@ -2,7 +2,10 @@
 
 Clean, PGD-20 and AutoAttack-grade robust accuracy (mean +/- std over seeds), achieved
 compression, MAC reduction and training seconds per epoch, all from the same training loop and
-epoch budget; per-layer densities (final, and at every rewire) go into the JSON.
+epoch budget; per-layer densities (final, and at every rewire) go into the JSON. With several
+seeds, each method is also compared with the first seed for seed on the ensemble: runs of one
+seed share the initial weights, the data order and the test images, so the paired difference
+is far less noisy than the two means.
 
     .venv/bin/python benchmarks/quality.py --seeds 0 1 2 --epochs 20 --threads 1
 """
@@ -37,7 +40,35 @@ def main() -> None:
               f"{statistics.mean(pick('compression')):>6.1f}x "
               f"{statistics.mean(pick('mac_reduction')):>5.1f}x "
               f"{statistics.mean(pick('train_s_per_epoch')):>8.2f}")
-    write_results(args.name or f"quality_d{args.density:g}", {"args": vars(args), "rows": table})
+    paired = paired_differences(table)
+    for method, figures in paired.items():
+        print(f"{method} minus {args.methods[0]}, ensemble, seed for seed: "
+              f"{' '.join(f'{100 * d:+.1f}' for d in figures['differences'])}; mean "
+              f"{100 * figures['mean']:+.2f} +/- {100 * figures['standard_error']:.2f} (standard "
+              f"error), ahead on {figures['seeds_ahead']}, tied on {figures['seeds_tied']} of "
+              f"{len(figures['differences'])}")
+    write_results(args.name or f"quality_d{args.density:g}",
+                  {"args": vars(args), "rows": table, "paired_vs_first": paired})
+
+
+def paired_differences(table: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each later method's ensemble accuracy minus the first method's, seed for seed."""
+    methods = list(table)
+    reference = [row["autoattack"] for row in table[methods[0]]]
+    result = {}
+    for method in methods[1:]:
+        differences = [row["autoattack"] - ref
+                       for row, ref in zip(table[method], reference, strict=True)]
+        if len(differences) < 2:
+            continue
+        result[method] = {
+            "differences": differences,
+            "mean": statistics.mean(differences),
+            "standard_error": statistics.stdev(differences) / len(differences) ** 0.5,
+            "seeds_ahead": sum(d > 0 for d in differences),
+            "seeds_tied": sum(d == 0 for d in differences),
+        }
+    return result
 
 
 if __name__ == "__main__":

@@ -61,10 +61,10 @@ class CompressConfig:
         "--density: start sparse, as the DNR paper does; default: 1.0 (dense) for irregular DNR "
         "when the run has a rewire, else --density")
     channel_shares: str = option(
-        ChannelShares.SIZE.value,
+        ChannelShares.COST.value,
         "channel mode's split of the freed budget: each group's normalized momentum times "
-        "size (its dense rows) or cost (the parameters its active units take in the shrunk "
-        "network)")
+        "cost (the parameters its active units take in the shrunk network) or size (its dense "
+        "rows: the default before it was measured behind static random channels)")
     explore_channels: bool = option(
         False, "channel regrowth skips the units it just pruned (random off units instead)")
     beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss')

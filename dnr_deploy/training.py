@@ -34,6 +34,10 @@ from dnr_deploy.sparsity.policy import (
 
 RUN_FORMAT = "dnr-deploy/run/1"
 
+# Settings added after checkpoints were already written, with the behaviour those checkpoints
+# were trained with: a default that changed with the new field must not change an old run.
+BEFORE_FIELD_EXISTED = {"channel_shares": "size"}
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
@@ -55,10 +59,11 @@ def settings_from_checkpoint(saved: object, where: str) -> dict:
                               "not a dnr-compress checkpoint")
     known = {f.name for f in dataclasses.fields(CompressConfig)}
     try:
-        return {name: coerce(CompressConfig, name, value, where)
-                for name, value in saved.items() if name in known}
+        recorded = {name: coerce(CompressConfig, name, value, where)
+                    for name, value in saved.items() if name in known}
     except RecipeError as err:
         raise CheckpointError(str(err)) from None
+    return {**BEFORE_FIELD_EXISTED, **recorded}
 
 
 def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressConfig:

@@ -32,8 +32,8 @@ class Redistribution(str, Enum):
 class ChannelShares(str, Enum):
     """How channel mode weighs each unit group's momentum when it splits the freed budget."""
 
+    COST = "cost"  # times what its active units cost in the shrunk network (the default)
     SIZE = "size"  # times the group's dense rows (its filters and consumer slices, all units)
-    COST = "cost"  # times what its active units cost in the shrunk network
 
 
 class DatasetName(str, Enum):

@@ -277,3 +277,16 @@ def test_dnr_starts_dense_by_default_where_it_measured_better():
     assert CompressConfig(start_density=0.05).with_start_density(6).start_density == 0.05
     with pytest.raises(ConfigError, match="needs a rewire"):
         CompressConfig(start_density=0.5).with_start_density(rewires=0)
+
+
+def test_a_checkpoint_from_before_channel_shares_resumes_with_size_shares():
+    """Channel runs checkpointed before --channel-shares existed regrew by size; the default is
+    now cost, and a resume must continue such a run as it was trained."""
+    from dnr_deploy.training import merge_resume
+
+    old = {k: v for k, v in vars(CompressConfig(granularity="channel")).items()
+           if k != "channel_shares"}
+    assert merge_resume(CompressConfig(resume="run"), old, "old").channel_shares == "size"
+    new = {**old, "channel_shares": "cost"}
+    assert merge_resume(CompressConfig(resume="run"), new, "new").channel_shares == "cost"
+    assert CompressConfig().channel_shares == "cost"

@@ -190,7 +190,7 @@ class ChannelDNR(DensePolicy):
     def __init__(
         self, model: nn.Module, density: float, generator: torch.Generator,
         example_input: torch.Tensor, explore: bool = False, start_density: float | None = None,
-        shares_by: str = ChannelShares.SIZE.value,
+        shares_by: str = ChannelShares.COST.value,
     ) -> None:
         self.generator = generator
         self.explore, self.shares_by = explore, shares_by

@@ -187,7 +187,7 @@ def rewire_channels(
     target: int,
     generator: torch.Generator,
     explore: bool = False,
-    shares_by: str = ChannelShares.SIZE.value,
+    shares_by: str = ChannelShares.COST.value,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One DNR rewire over channel units (`importance`: one score per channel of a group;
     rows: one row of momenta per channel).
