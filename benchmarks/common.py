@@ -149,6 +149,38 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.1f} +/- {100 * statistics.stdev(values):.1f}"
 
 
+def paired_differences(table: dict[str, list[dict]]) -> dict[str, dict]:
+    """Each later method's ensemble accuracy minus the first method's, seed for seed (runs of
+    one seed share initial weights, data order and test images, so the paired difference is
+    far less noisy than the two means)."""
+    methods = list(table)
+    reference = [row["autoattack"] for row in table[methods[0]]]
+    result = {}
+    for method in methods[1:]:
+        differences = [row["autoattack"] - ref
+                       for row, ref in zip(table[method], reference, strict=True)]
+        if len(differences) < 2:
+            continue
+        result[method] = {
+            "differences": differences,
+            "mean": statistics.mean(differences),
+            "standard_error": statistics.stdev(differences) / len(differences) ** 0.5,
+            "seeds_ahead": sum(d > 0 for d in differences),
+            "seeds_tied": sum(d == 0 for d in differences),
+        }
+    return result
+
+
+
+def print_paired(paired: dict[str, dict], reference: str) -> None:
+    for method, figures in paired.items():
+        print(f"{method} minus {reference}, ensemble, seed for seed: "
+              f"{' '.join(f'{100 * d:+.1f}' for d in figures['differences'])}; mean "
+              f"{100 * figures['mean']:+.2f} +/- {100 * figures['standard_error']:.2f} (standard "
+              f"error), ahead on {figures['seeds_ahead']}, tied on {figures['seeds_tied']} of "
+              f"{len(figures['differences'])}")
+
+
 def _relative_paths(value):
     """`value` with every absolute path inside the repository made relative to it: results
     files travel between machines, a machine's own paths do not."""

@@ -14,7 +14,17 @@ from __future__ import annotations
 
 import statistics
 
-from common import METHODS, announce, base_parser, mean_std, row_of, trained_run, write_results
+from common import (
+    METHODS,
+    announce,
+    base_parser,
+    mean_std,
+    paired_differences,
+    print_paired,
+    row_of,
+    trained_run,
+    write_results,
+)
 
 
 def main() -> None:
@@ -41,34 +51,9 @@ def main() -> None:
               f"{statistics.mean(pick('mac_reduction')):>5.1f}x "
               f"{statistics.mean(pick('train_s_per_epoch')):>8.2f}")
     paired = paired_differences(table)
-    for method, figures in paired.items():
-        print(f"{method} minus {args.methods[0]}, ensemble, seed for seed: "
-              f"{' '.join(f'{100 * d:+.1f}' for d in figures['differences'])}; mean "
-              f"{100 * figures['mean']:+.2f} +/- {100 * figures['standard_error']:.2f} (standard "
-              f"error), ahead on {figures['seeds_ahead']}, tied on {figures['seeds_tied']} of "
-              f"{len(figures['differences'])}")
+    print_paired(paired, args.methods[0])
     write_results(args.name or f"quality_d{args.density:g}",
                   {"args": vars(args), "rows": table, "paired_vs_first": paired})
-
-
-def paired_differences(table: dict[str, list[dict]]) -> dict[str, dict]:
-    """Each later method's ensemble accuracy minus the first method's, seed for seed."""
-    methods = list(table)
-    reference = [row["autoattack"] for row in table[methods[0]]]
-    result = {}
-    for method in methods[1:]:
-        differences = [row["autoattack"] - ref
-                       for row, ref in zip(table[method], reference, strict=True)]
-        if len(differences) < 2:
-            continue
-        result[method] = {
-            "differences": differences,
-            "mean": statistics.mean(differences),
-            "standard_error": statistics.stdev(differences) / len(differences) ** 0.5,
-            "seeds_ahead": sum(d > 0 for d in differences),
-            "seeds_tied": sum(d == 0 for d in differences),
-        }
-    return result
 
 
 if __name__ == "__main__":
