@@ -32,11 +32,15 @@ METHODS: dict[str, dict] = {
     "dnr-irregular": {"method": "dnr", "granularity": "irregular", "start_density": "target"},
     "dnr-gradual": {"method": "dnr", "granularity": "irregular", "start_density": 1.0},
     "dnr-channel": {"method": "dnr", "granularity": "channel", "start_density": "target"},
-    "dnr-channel-gradual": {"method": "dnr", "granularity": "channel", "start_density": 1.0},
-    # the channel default before stop 23: regrowth shares by the groups' dense rows; the
-    # dnr-channel runs cached before then are these (their run.json has no channel_shares)
+    "dnr-channel-gradual": {"method": "dnr", "granularity": "channel", "start_density": 1.0,
+                            "rewire_until": 0.75},
+    # the channel default before stop 23: regrowth shares by the groups' dense rows, topology
+    # frozen at 75%; the dnr-channel runs cached before then are these
     "dnr-channel-size": {"method": "dnr", "granularity": "channel", "start_density": "target",
-                         "channel_shares": "size"},
+                         "channel_shares": "size", "rewire_until": 0.75},
+    # the default's cost shares with the topology frozen at 75% (the default until 0.35 won)
+    "dnr-channel-until0.75": {"method": "dnr", "granularity": "channel",
+                              "start_density": "target", "rewire_until": 0.75},
     "static": {"method": "static", "granularity": "irregular", "init": "uniform"},
     "static-erk": {"method": "static", "granularity": "irregular", "init": "erk"},
     "static-channel": {"method": "static", "granularity": "channel"},

@@ -290,3 +290,13 @@ def test_a_checkpoint_from_before_channel_shares_resumes_with_size_shares():
     new = {**old, "channel_shares": "cost"}
     assert merge_resume(CompressConfig(resume="run"), new, "new").channel_shares == "cost"
     assert CompressConfig().channel_shares == "cost"
+
+
+def test_rewire_until_defaults_by_granularity():
+    """Channel DNR settles its widths early and rewiring on costs robustness (README Results),
+    so its topology freezes at 35% of training; irregular DNR's at 75%. A value given wins,
+    and resolving records the number, so run.json says which was used."""
+    assert CompressConfig().resolved().rewire_until == 0.75
+    assert CompressConfig(granularity="channel").resolved().rewire_until == 0.35
+    assert CompressConfig(granularity="channel", rewire_until=0.75).resolved().rewire_until == 0.75
+    assert CompressConfig(granularity="channel").rewire_schedule().until == 0.35
