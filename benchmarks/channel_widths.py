@@ -12,7 +12,6 @@ rewiring during training buys, and compares both seed for seed with the cached r
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 from unittest import mock
@@ -21,10 +20,10 @@ import torch
 from common import (
     announce,
     base_parser,
-    mean_std,
     method_settings,
     paired_differences,
     print_paired,
+    print_summary,
     row_of,
     trained_run,
     write_results,
@@ -80,12 +79,7 @@ def main() -> None:
                                None) for s in args.seeds],
     }
     print(f"\n{args.epochs} epochs, seeds {args.seeds} (accuracy in %)")
-    for method, rows in table.items():
-        print(f"{method:<32} clean {mean_std([r['clean'] for r in rows]):>12}  PGD-20 "
-              f"{mean_std([r['pgd20'] for r in rows]):>12}  ensemble "
-              f"{mean_std([r['autoattack'] for r in rows]):>12}  params "
-              f"{statistics.mean(r['compression'] for r in rows):.1f}x  MACs "
-              f"{statistics.mean(r['mac_reduction'] for r in rows):.1f}x")
+    print_summary(table)
     paired = paired_differences(table)
     print_paired(paired, "static-channel")
     write_results(args.name, {"args": vars(args), "rows": table, "paired_vs_first": paired})

@@ -175,6 +175,20 @@ def paired_differences(table: dict[str, list[dict]]) -> dict[str, dict]:
     return result
 
 
+def print_summary(table: dict[str, list[dict]]) -> None:
+    """One line per method: accuracies (mean +/- std over seeds), compression, seconds/epoch."""
+    width = max(15, *(len(method) for method in table))
+    print(f"{'method':<{width}} {'clean':>12} {'PGD-20':>12} {'AutoAttack':>12} {'params':>7} "
+          f"{'MACs':>6} {'s/epoch':>8}")
+    for method, rows in table.items():
+        column = {key: [row[key] for row in rows] for key in (
+            "clean", "pgd20", "autoattack", "compression", "mac_reduction", "train_s_per_epoch")}
+        print(f"{method:<{width}} {mean_std(column['clean']):>12} "
+              f"{mean_std(column['pgd20']):>12} {mean_std(column['autoattack']):>12} "
+              f"{statistics.mean(column['compression']):>6.1f}x "
+              f"{statistics.mean(column['mac_reduction']):>5.1f}x "
+              f"{statistics.mean(column['train_s_per_epoch']):>8.2f}")
+
 
 def print_paired(paired: dict[str, dict], reference: str) -> None:
     for method, figures in paired.items():

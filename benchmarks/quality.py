@@ -12,15 +12,13 @@ is far less noisy than the two means.
 
 from __future__ import annotations
 
-import statistics
-
 from common import (
     METHODS,
     announce,
     base_parser,
-    mean_std,
     paired_differences,
     print_paired,
+    print_summary,
     row_of,
     trained_run,
     write_results,
@@ -41,15 +39,7 @@ def main() -> None:
                        args.square_queries) for seed in args.seeds]
         table[method] = rows
     print(f"\ndensity {args.density}, {args.epochs} epochs, seeds {args.seeds} (accuracy in %)")
-    print(f"{'method':<15} {'clean':>12} {'PGD-20':>12} {'AutoAttack':>12} {'params':>7} "
-          f"{'MACs':>6} {'s/epoch':>8}")
-    for method, rows in table.items():
-        pick = lambda key, rows=rows: [r[key] for r in rows]  # noqa: E731
-        print(f"{method:<15} {mean_std(pick('clean')):>12} {mean_std(pick('pgd20')):>12} "
-              f"{mean_std(pick('autoattack')):>12} "
-              f"{statistics.mean(pick('compression')):>6.1f}x "
-              f"{statistics.mean(pick('mac_reduction')):>5.1f}x "
-              f"{statistics.mean(pick('train_s_per_epoch')):>8.2f}")
+    print_summary(table)
     paired = paired_differences(table)
     print_paired(paired, args.methods[0])
     write_results(args.name or f"quality_d{args.density:g}",

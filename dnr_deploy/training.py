@@ -31,12 +31,13 @@ from dnr_deploy.sparsity.policy import (
     StaticChannels,
     StaticSparse,
 )
+from dnr_deploy.vocabulary import ChannelShares
 
 RUN_FORMAT = "dnr-deploy/run/1"
 
 # Settings added after checkpoints were already written, with the behaviour those checkpoints
 # were trained with: a default that changed with the new field must not change an old run.
-BEFORE_FIELD_EXISTED = {"channel_shares": "size"}
+BEFORE_FIELD_EXISTED = {"channel_shares": ChannelShares.SIZE.value}
 
 
 class TrainingDiverged(RuntimeError):

@@ -175,8 +175,8 @@ def test_channel_shares_option_reaches_the_rewire():
     records = {}
     for shares_by in ("size", "cost"):
         config = CompressConfig(granularity="channel", channel_shares=shares_by).resolved()
+        torch.manual_seed(0)  # the same network for both splits
         model, example = make("small", 1, 8)
-        torch.manual_seed(0)
         policy = build_policy(config, model, example)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         train_steps(model, policy, optimizer, example, steps=3)

@@ -18,6 +18,15 @@ from dnr_deploy.sparsity.masks import Masks, split_budget
 from dnr_deploy.vocabulary import ChannelShares, Redistribution  # noqa: F401  (re-exported)
 
 
+def normalized(values: dict[str, float]) -> dict[str, float]:
+    """`values` divided by their sum; uniform when nothing is positive (e.g. every momentum is
+    zero before the first step)."""
+    total = sum(values.values())
+    if total <= 0:
+        return {name: 1.0 / len(values) for name in values}
+    return {name: value / total for name, value in values.items()}
+
+
 def normalized_momentum(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[str, float]:
     """Mean |momentum| over each layer's active weights, divided by the sum over layers.
 
@@ -28,10 +37,7 @@ def normalized_momentum(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[
     for name, mask in masks.items():
         active = momenta[name].abs()[mask]
         means[name] = active.mean().item() if active.numel() else 0.0
-    total = sum(means.values())
-    if total <= 0:
-        return {name: 1.0 / len(means) for name in means}
-    return {name: value / total for name, value in means.items()}
+    return normalized(means)
 
 
 def prune_smallest(weight: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -70,11 +76,7 @@ def regrowth_shares(momenta: dict[str, torch.Tensor], masks: Masks) -> dict[str,
     momentum moves it: the layers whose weights the loss pushes on harder gain.
     """
     means = normalized_momentum(momenta, masks)
-    demand = {name: means[name] * mask.numel() for name, mask in masks.items()}
-    total = sum(demand.values())
-    if total <= 0:
-        return {name: 1.0 / len(demand) for name in demand}
-    return {name: value / total for name, value in demand.items()}
+    return normalized({name: means[name] * mask.numel() for name, mask in masks.items()})
 
 
 def rewire_irregular(
@@ -149,6 +151,13 @@ def fill_channels(
     return masks
 
 
+def unit_row_masks(
+    momentum_rows: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Each unit's on/off spread over its row of parameters, to weigh rows as weights."""
+    return {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
+
+
 def channel_cost_shares(
     momentum_rows: dict[str, torch.Tensor],
     masks: dict[str, torch.Tensor],
@@ -163,8 +172,7 @@ def channel_cost_shares(
     instead ("size"), such a group is undercounted and narrows (measured: conv1 at 10 of 32
     units). Weighted by cost, equal momentum keeps the allocation and momentum moves it.
     """
-    row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
-    means = normalized_momentum(momentum_rows, row_masks)
+    means = normalized_momentum(momentum_rows, unit_row_masks(momentum_rows, masks))
     count = count_params(masks)
     demand = {}
     for name, mask in masks.items():
@@ -172,10 +180,7 @@ def channel_cost_shares(
         one_fewer = {**masks, name: mask.clone()}
         one_fewer[name][active[0]] = False
         demand[name] = means[name] * len(active) * max(count - count_params(one_fewer), 1)
-    total = sum(demand.values())
-    if total <= 0:
-        return {name: 1.0 / len(demand) for name in demand}
-    return {name: value / total for name, value in demand.items()}
+    return normalized(demand)
 
 
 def rewire_channels(
@@ -205,8 +210,7 @@ def rewire_channels(
     if ChannelShares(shares_by) is ChannelShares.COST:
         shares = channel_cost_shares(momentum_rows, masks, count_params)
     else:
-        row_masks = {g: m.view(-1, 1).expand_as(momentum_rows[g]) for g, m in masks.items()}
-        shares = regrowth_shares(momentum_rows, row_masks)
+        shares = regrowth_shares(momentum_rows, unit_row_masks(momentum_rows, masks))
     pruned = {}
     for name, mask in masks.items():
         active = int(mask.sum())
@@ -269,6 +273,5 @@ def random_channel_masks(
         masks[name] = torch.zeros(size, dtype=torch.bool)
         masks[name][order[0]] = True  # every group keeps at least one unit
         candidates[name] = order[1:]
-    total = sum(sizes.values())
-    shares = {name: size / total for name, size in sizes.items()}
+    shares = normalized(dict(sizes))
     return fill_channels(masks, candidates, shares, count_params, target)
