@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all test-fast lint clean
+.PHONY: setup demo test test-all test-fast lint docs clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ test-all: lint
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
+
+# The pages no one types: docs/cli.md from the parsers, docs/results.md and README.md's
+# results block from benchmarks/results/*.json (tests/test_docs_generated.py checks them).
+docs: setup
+	$(BIN)/python docs/generate.py all
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
