@@ -218,5 +218,5 @@ def write_results(name: str, data: dict) -> Path:
     data = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
             **_relative_paths(data)}
     path.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"raw numbers: {path.relative_to(RESULTS.parents[1])}")  # pasted into the README
+    print(f"raw numbers: {path.relative_to(RESULTS.parents[1])}")  # docs/generate.py renders it
     return path

@@ -3,7 +3,7 @@
 `dnr_deploy.compress(CompressConfig(...))` does exactly what `dnr-compress` does, and
 `dnr_deploy.export_run(ExportConfig(...))` what `dnr-export` does, `dnr_deploy.verify(
 VerifyConfig(...))` what `dnr-verify` does; compress and export also take a module (`model=`),
-and all three take datasets (README, "Bring your own model").
+and all three take datasets (README, "Your own model and data").
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from dnr_deploy.vocabulary import ChannelShares, Granularity, Init, Method, Redi
 __all__ = ["CompressConfig", "ConfigError", "Method"]
 
 
-# --rewire-until's defaults, measured best on the digits (README Results): channel DNR from its
+# --rewire-until's defaults, measured best on the digits (docs/results.md): channel DNR from its
 # sparse start settles its widths early, and rewiring on after that costs robustness
 REWIRE_UNTIL = {Granularity.IRREGULAR.value: 0.75, Granularity.CHANNEL.value: 0.35}
 
@@ -196,10 +196,10 @@ class CompressConfig:
     def with_start_density(self, rewires: int) -> CompressConfig:
         """A copy with DNR's `start_density` decided for a run that gets `rewires` rewires.
 
-        Unset means dense (1.0) for irregular DNR, the start measured best (README Results:
-        54.5 vs 48.3 on the ensemble at density 0.05, 45.1 vs 41.5 at 0.02, 3 seeds each),
+        Unset means dense (1.0) for irregular DNR, the start measured best (docs/decisions/
+        2026-11-25-irregular-dense-start.md; figures in docs/results.md),
         unless the run is too short to rewire. Channel DNR starts at the target: its dense
-        start measured worse (README Results). Starting at the target is the paper's DNR; the
+        start measured worse (docs/results.md). Starting at the target is the paper's DNR; the
         field then stays None.
 
         Raises:

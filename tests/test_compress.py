@@ -293,7 +293,7 @@ def test_a_checkpoint_from_before_channel_shares_resumes_with_size_shares():
 
 
 def test_rewire_until_defaults_by_granularity():
-    """Channel DNR settles its widths early and rewiring on costs robustness (README Results),
+    """Channel DNR settles its widths early and rewiring on costs robustness (docs/results.md),
     so its topology freezes at 35% of training; irregular DNR's at 75%. A value given wins,
     and resolving records the number, so run.json says which was used."""
     assert CompressConfig().resolved().rewire_until == 0.75
