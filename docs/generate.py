@@ -80,6 +80,7 @@ def render_results() -> str:
                              "quality_d0.02_gradual"),
         page.sweep_section(),
         page.pilot_section(),
+        page.issue11_pilots_section(),
         page.robustness_section(),
         page.tunability_section(),
         page.training_cost_section(),

@@ -267,3 +267,24 @@ def training_cost_section() -> str:
         "only slow an epoch down.", "",
         table(["method", "fastest epoch s", "vs dense", "median epoch s", "rewire s/epoch"],
               rows)]) + "\n"
+
+
+def issue11_pilots_section() -> str:
+    data = load("issue11_pilots")
+    keys = ("method", "granularity", "init", "prune_rate", "rewire_every", "rewire_until")
+    rows = []
+    for name, run in data["runs"].items():
+        settings, accuracy = run["settings"], run["accuracy"]
+        flags = " ".join(f"{key}={settings[key]}" for key in keys if key in settings)
+        layers = " / ".join(f"{value:.3g}" for value in run["layer_densities"].values())
+        rows.append([name, run["source"], settings["density"], settings["seed"], flags,
+                     pct(accuracy["clean"]), pct(accuracy["pgd20"]),
+                     pct(accuracy["autoattack"]), layers])
+    return "\n".join([
+        "### Issue 11's pilot runs (single runs, per seed)", "",
+        f"`{data['command']}`; raw rows in `benchmarks/results/issue11_pilots.json`. Source "
+        "`wt11`: the issue branch's runs; `main runs11`: runs of the quality benchmark read "
+        "back. Notes: [decisions/2026-11-22-issue11-schedule-notes.md]"
+        "(decisions/2026-11-22-issue11-schedule-notes.md).", "",
+        table(["run", "source", "density", "seed", "settings", "clean", "PGD-20",
+               "AutoAttack-grade", "final layer densities (conv1 ... fc)"], rows)]) + "\n"
