@@ -10,7 +10,14 @@ from dataclasses import dataclass
 
 from dnr_deploy.config import option
 from dnr_deploy.sparsity.schedule import RewireSchedule  # torch-free, as this module must be
-from dnr_deploy.vocabulary import ChannelShares, Granularity, Init, Method, Redistribution
+from dnr_deploy.vocabulary import (
+    ChannelShares,
+    Granularity,
+    Init,
+    Loss,
+    Method,
+    Redistribution,
+)
 
 __all__ = ["CompressConfig", "ConfigError", "Method"]
 
@@ -34,7 +41,8 @@ class CompressConfig:
     """
 
     model: str = option(
-        "small", 'architecture: small, resnet18, vgg16, torchvision:NAME or MODULE:FACTORY')
+        "small", "architecture: small (small:K widens it K-fold), resnet18, vgg16, "
+        "torchvision:NAME or MODULE:FACTORY")
     dataset: str = option(
         "digits", 'dataset (digits is embedded; the others load from --data-dir)')
     data_dir: str | None = option(None, 'local folder holding the dataset (never downloaded)')
@@ -74,6 +82,13 @@ class CompressConfig:
     explore_channels: bool = option(
         False, "channel regrowth skips the units it just pruned (random off units instead)")
     beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss')
+    loss: str = option(
+        Loss.HYBRID.value,
+        "training objective: hybrid (the DNR paper's beta-weighted clean + PGD cross-entropy) "
+        "or trades (clean cross-entropy + --trades-beta times the KL divergence to an "
+        "attack that maximizes it; Zhang et al. 2019, as HYDRA prunes with)")
+    trades_beta: float = option(
+        6.0, "TRADES: weight of the robustness (KL) term; the paper's CIFAR choice is 6")
     epochs: int = option(20, 'training epochs')
     batch_size: int = option(64, 'batch size')
     lr: float = option(0.1, 'initial SGD learning rate (cosine decay)')
@@ -148,6 +163,13 @@ class CompressConfig:
             raise ConfigError(str(err)) from None
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
+        try:
+            Loss(self.loss)
+        except ValueError:
+            allowed = ", ".join(v.value for v in Loss)
+            raise ConfigError(f"unknown loss {self.loss!r}; available: {allowed}") from None
+        if not 0.0 <= self.trades_beta <= 1000.0:
+            raise ConfigError(f"trades_beta must be in [0, 1000], got {self.trades_beta}")
         for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "robust_eval_samples",
                      "stop_after"):
             value = getattr(self, name)

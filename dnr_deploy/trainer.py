@@ -40,11 +40,11 @@ from dnr_deploy.training import (
     RUN_FORMAT,
     CompressConfig,
     ConfigError,
-    HybridObjective,
     Run,
     TrainingDiverged,
     TrainingInterrupted,
     build_model,
+    build_objective,
     build_policy,
     lr_at,
     merge_resume,
@@ -293,7 +293,7 @@ class Trainer:
             rewires.extend(self._rewire_if_due(epoch * len(loader) + batch + 1,
                                                cfg.epochs * len(loader)))
 
-        losses = train_one_epoch(self.train_model, loader, self.optimizer, HybridObjective(cfg),
+        losses = train_one_epoch(self.train_model, loader, self.optimizer, build_objective(cfg),
                                  self.policy, self.device, attack_model, after_step)
         losses = ddp.mean_across_ranks(self.context, losses, self.device)
         rewire_seconds = sum(r.pop("seconds") for r in rewires)

@@ -31,13 +31,14 @@ from dnr_deploy.sparsity.policy import (
     StaticChannels,
     StaticSparse,
 )
-from dnr_deploy.vocabulary import ChannelShares
+from dnr_deploy.vocabulary import ChannelShares, Loss
 
 RUN_FORMAT = "dnr-deploy/run/1"
 
 # Settings added after checkpoints were already written, with the behaviour those checkpoints
 # were trained with: a default that changed with the new field must not change an old run.
-BEFORE_FIELD_EXISTED = {"channel_shares": ChannelShares.SIZE.value}
+BEFORE_FIELD_EXISTED = {"channel_shares": ChannelShares.SIZE.value,
+                        "loss": Loss.HYBRID.value}
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,6 +92,7 @@ def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressC
 
 # Fields that define what a checkpoint is; a resume must not change them.
 RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense", "beta",
+                "loss", "trades_beta",
                 "rewire_every", "prune_rate", "rewire_until", "redistribution", "init",
                 "explore_channels", "channel_shares", "start_density",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
@@ -137,11 +139,53 @@ class HybridObjective:
         return {"loss": loss, "loss_clean": loss_clean, "loss_adv": loss_adv, "logits": logits}
 
 
+class TradesObjective:
+    """TRADES (Zhang et al. 2019): `CE(f(x), y) + trades_beta * KL(f(x_adv) || f(x))`, where
+    x_adv maximizes that KL inside the eps ball by PGD from x + 0.001 * N(0, 1), with the
+    training attack's steps and step size. Returned as {"loss", "loss_clean", "loss_adv"}
+    (loss_adv is the KL term) so the loop and logs treat it like the hybrid loss.
+    """
+
+    def __init__(self, config: CompressConfig) -> None:
+        self.config = config
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+        attack_model: nn.Module | None = None,
+    ) -> dict:
+        cfg = self.config
+        attacker = model if attack_model is None else attack_model
+        attacker.train(cfg.attack_bn == "train")
+        with torch.no_grad():
+            target = F.softmax(attacker(x), dim=1)
+        x_adv = (x + 0.001 * torch.randn_like(x)).clamp_(0.0, 1.0)
+        for _ in range(cfg.pgd_steps):
+            x_adv.requires_grad_(True)
+            divergence = F.kl_div(F.log_softmax(attacker(x_adv), dim=1), target,
+                                  reduction="sum")
+            (grad,) = torch.autograd.grad(divergence, x_adv)
+            with torch.no_grad():
+                x_adv = x_adv + cfg.pgd_step_size * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - cfg.eps), x + cfg.eps).clamp_(0.0, 1.0)
+        attacker.train()
+        logits = model(x)
+        loss_clean = F.cross_entropy(logits, y)
+        loss_kl = F.kl_div(F.log_softmax(model(x_adv.detach()), dim=1),
+                           F.softmax(logits, dim=1), reduction="batchmean")
+        loss = loss_clean + cfg.trades_beta * loss_kl
+        return {"loss": loss, "loss_clean": loss_clean, "loss_adv": loss_kl, "logits": logits}
+
+
+def build_objective(config: CompressConfig) -> HybridObjective | TradesObjective:
+    """The objective `config.loss` names."""
+    return TradesObjective(config) if config.loss == Loss.TRADES.value else HybridObjective(config)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
-    objective: HybridObjective,
+    objective: HybridObjective | TradesObjective,
     policy: DensePolicy,
     device: torch.device,
     attack_model: nn.Module | None = None,

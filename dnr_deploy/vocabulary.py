@@ -36,6 +36,13 @@ class ChannelShares(str, Enum):
     SIZE = "size"  # times the group's dense rows (its filters and consumer slices, all units)
 
 
+class Loss(str, Enum):
+    """The adversarial training objective."""
+
+    HYBRID = "hybrid"  # beta * CE(clean) + (1 - beta) * CE(PGD): the DNR paper's
+    TRADES = "trades"  # CE(clean) + trades_beta * KL(f(x_adv) || f(x)) (Zhang et al. 2019)
+
+
 class DatasetName(str, Enum):
     DIGITS = "digits"
     CIFAR10 = "cifar10"

@@ -8,6 +8,7 @@ user's own code: the same trust as `python -c "import MODULE"`.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -26,9 +27,15 @@ class ModelSpecError(ValueError):
     """A model spec that names nothing buildable, or a model that cannot run at the input size."""
 
 
+# `NAME:K`: a built-in name at width multiplier K (registry.py). A digits-only part after the
+# colon can never be a Python attribute, so it cannot be mistaken for MODULE:FACTORY.
+WIDTH_SPEC = re.compile(r"([A-Za-z_]\w*):(\d+)")
+
+
 def is_external_spec(spec: str) -> bool:
-    """Built-in names never hold a colon; every external spec does."""
-    return ":" in spec
+    """Built-in names (with or without `:WIDTH`) import nothing; every other spec with a colon
+    names a module or a torchvision builder."""
+    return ":" in spec and WIDTH_SPEC.fullmatch(spec) is None
 
 
 def module_record(module: nn.Module) -> str:

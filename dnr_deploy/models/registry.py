@@ -3,6 +3,7 @@ can rebuild the architecture without unpickling code."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from dnr_deploy.models.external import (
+    WIDTH_SPEC,
     ModelSpecError,
     build_external,
     check_external_spec,
@@ -54,11 +56,41 @@ def check_model_spec(spec: str) -> None:
         )
     if is_external_spec(spec):
         check_external_spec(spec)
+    elif WIDTH_SPEC.fullmatch(spec):
+        split_width(spec)
     elif spec not in _MODELS:
         raise ModelSpecError(
             f"unknown model {spec!r}; available: {', '.join(list_models())}, or "
             "torchvision:NAME, or MODULE:FACTORY"
         )
+
+
+MAX_WIDTH = 64  # small:64 has ~1e9 weights: past that no CPU here trains it
+
+
+def split_width(spec: str) -> tuple[str, int]:
+    """`small:4` -> ("small", 4); a plain registry name -> (name, 1). The width multiplies
+    every hidden layer's channels; it is part of the spec string, so run.json, the manifest
+    and every later stage carry it with no extra field.
+
+    Raises:
+        ModelSpecError: an unknown name, a builder without a width, or a width out of range.
+    """
+    match = WIDTH_SPEC.fullmatch(spec)
+    if match is None:
+        return spec, 1
+    name, width = match.group(1), int(match.group(2))
+    if name not in _MODELS:
+        raise ModelSpecError(f"unknown model {name!r} in {spec!r}; available: "
+                             f"{', '.join(list_models())}")
+    if "width" not in inspect.signature(_MODELS[name]).parameters:
+        widened = [m for m in list_models()
+                   if "width" in inspect.signature(_MODELS[m]).parameters]
+        raise ModelSpecError(f"model {name!r} takes no width multiplier ({spec!r}); "
+                             f"these do: {', '.join(widened)}")
+    if not 1 <= width <= MAX_WIDTH:
+        raise ModelSpecError(f"width in {spec!r} must be in [1, {MAX_WIDTH}], got {width}")
+    return name, width
 
 
 def create_model(
@@ -79,7 +111,9 @@ def create_model(
     if is_external_spec(name):
         body = build_external(name, num_classes, in_chans)
     else:
-        body = _MODELS[name](num_classes=num_classes, in_chans=in_chans)
+        builder_name, width = split_width(name)
+        kwargs = {} if width == 1 else {"width": width}
+        body = _MODELS[builder_name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     model = nn.Sequential(Normalize(mean, std), body)
     if input_shape is not None:
         check_runs_at(model, input_shape, name)
