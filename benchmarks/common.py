@@ -125,6 +125,7 @@ def row_of(run_dir: Path, square_queries: int | None) -> dict:
         "autoattack": summary["accuracy"].get("autoattack"),
         "density": summary["density"]["achieved"],
         "compression": summary["params"]["compression"],
+        "params_dense": summary["params"]["dense"],
         "mac_reduction": summary["macs"].get("reduction_nonzero",
                                              summary["macs"].get("reduction")),
         "train_s_per_epoch": summary["timing"]["train_seconds_per_epoch"],

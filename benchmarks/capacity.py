@@ -1,0 +1,143 @@
+"""Capacity by compression: how much AutoAttack-grade robustness DNR gives up at each
+compression, for the default net at several widths (`small:K`), against dense PGD-AT of the
+same width, with static and magnitude pruning beside DNR at --multi-seed densities; optionally
+TRADES (--trades) at those densities. Independent runs train in --jobs processes (one thread
+each); every run is cached under --workdir by its settings, so a rerun only adds what is new.
+
+    .venv/bin/python benchmarks/capacity.py --widths 1 2 --jobs 2
+"""
+
+from __future__ import annotations
+
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from common import RESULTS, announce, base_parser, row_of, trained_run, write_results  # noqa: E402
+
+Job = tuple[str, str, float, int, int, dict]  # workdir, method, density, seed, epochs, extra
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--densities", type=float, nargs="+",
+                        default=[0.5, 0.2, 0.1, 0.05, 0.02])
+    parser.add_argument("--methods", nargs="+", default=["dnr-gradual", "static", "magnitude"],
+                        help="pruning methods (benchmarks/common.py METHODS); dense is always run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--multi-seed", type=float, nargs="*", default=[0.05],
+                        help="densities run at every seed, and the only ones the baselines run at")
+    parser.add_argument("--trades", action="store_true",
+                        help="also DNR with --loss trades at the --multi-seed densities")
+    parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    parser.set_defaults(workdir=str(RESULTS / "runs_capacity"), threads=1)
+    args = parser.parse_args()
+    announce(args)
+    jobs = plan(args)
+    print(f"{len(jobs)} runs (cached ones are read back)", flush=True)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(train_and_score, jobs))
+    table = tabulate(jobs, rows)
+    print_table(table, args.multi_seed)
+    plot(table)
+    write_results("capacity", {"args": vars(args), "rows": table})
+
+
+def spec(width: int) -> dict:
+    """The run settings that select width K (none for the default net: its cache names hold)."""
+    return {} if width == 1 else {"model": f"small:{width}"}
+
+
+def plan(args) -> list[Job]:
+    """Every run the table needs, widest last (a failure shows before the long runs)."""
+    jobs: list[Job] = []
+    for width in args.widths:
+        for seed in args.seeds:
+            jobs.append((args.workdir, "dense", 1.0, seed, args.epochs, spec(width)))
+        for density in args.densities:
+            seeds = args.seeds if density in args.multi_seed else args.seeds[:1]
+            methods = args.methods if density in args.multi_seed else args.methods[:1]
+            for method in methods:
+                jobs += [(args.workdir, method, density, s, args.epochs, spec(width))
+                         for s in seeds]
+            if args.trades and density in args.multi_seed:
+                jobs += [(args.workdir, args.methods[0], density, s, args.epochs,
+                          {**spec(width), "loss": "trades"}) for s in seeds]
+    return jobs
+
+
+def train_and_score(job: Job) -> dict:
+    """One run's row (a worker process: one thread, so two jobs share the two cores)."""
+    torch.set_num_threads(1)
+    workdir, method, density, seed, epochs, extra = job
+    return row_of(trained_run(workdir, method, density, seed, epochs, **extra), None)
+
+
+def tabulate(jobs: list[Job], rows: list[dict]) -> dict:
+    """width -> method label -> density -> rows (one per seed)."""
+    table: dict = {}
+    for (_, method, density, _, _, extra), row in zip(jobs, rows, strict=True):
+        width = int(extra.get("model", "small:1").split(":")[1])
+        label = method if extra.get("loss") != "trades" else f"{method}+trades"
+        table.setdefault(str(width), {}).setdefault(label, {}).setdefault(
+            f"{density:g}", []).append(row)
+    return table
+
+
+def mean(rows: list[dict], key: str) -> float:
+    return statistics.mean(row[key] for row in rows)
+
+
+def print_table(table: dict, multi_seed: list[float]) -> None:
+    print("\n| width | params (dense) | s/epoch (dense) | method | density | compression | "
+          "seeds | clean | PGD-20 | AutoAttack-grade | vs dense (AA points) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for width, methods in table.items():
+        dense = methods["dense"]["1"]
+        dense_aa = mean(dense, "autoattack")
+        params = f"{dense[0]['params_dense']:,}"
+        for method, by_density in methods.items():
+            for density, rows in by_density.items():
+                aa = [row["autoattack"] for row in rows]
+                spread = f" +/- {100 * statistics.stdev(aa):.1f}" if len(aa) > 1 else ""
+                print(f"| {width} | {params} | {mean(dense, 'train_s_per_epoch'):.1f} | "
+                      f"{method} | {density} | {mean(rows, 'compression'):.1f}x | {len(rows)} | "
+                      f"{100 * mean(rows, 'clean'):.1f} | {100 * mean(rows, 'pgd20'):.1f} | "
+                      f"**{100 * statistics.mean(aa):.1f}{spread}** | "
+                      f"{100 * (statistics.mean(aa) - dense_aa):+.1f} |")
+
+
+def plot(table: dict) -> None:
+    """AutoAttack-grade points lost against dense PGD-AT of the same width, by compression."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for width, methods in table.items():
+        dense_aa = mean(methods["dense"]["1"], "autoattack")
+        for method, by_density in methods.items():
+            if method == "dense":
+                continue
+            points = sorted((mean(rows, "compression"), 100 * (mean(rows, "autoattack")
+                                                                - dense_aa))
+                            for rows in by_density.values())
+            style = "o-" if method.startswith("dnr") and len(points) > 1 else "s"
+            ax.plot(*zip(*points, strict=True), style, label=f"width {width}, {method}")
+    ax.axhline(-1.5, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("compression (dense params / deployed params)")
+    ax.set_ylabel("AutoAttack-grade accuracy minus dense (points)")
+    ax.set_title("robustness lost to compression, by width (digits, eps 0.2)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = RESULTS / "capacity.png"
+    fig.savefig(out, dpi=110)
+    print(f"plot: {Path(out).relative_to(RESULTS.parents[1])}")
+
+
+if __name__ == "__main__":
+    main()
