@@ -180,6 +180,11 @@ def export_main(argv: list[str] | None = None) -> int:
         print(json.dumps({"deploy_dir": str(result.dir), **result.manifest}, indent=2))
     else:
         print(format_summary(result.dir, result.manifest))
+        from dnr_deploy.deploydir.names import SIGNATURE_FILE
+
+        if (result.dir / SIGNATURE_FILE).is_file():  # a fresh folder: signed by this export
+            print(f"  signed without a verdict: {SIGNATURE_FILE} (dnr-verify --sign adds the "
+                  "gate's)")
     return EXIT_OK
 
 
@@ -215,8 +220,9 @@ def bench_main(argv: list[str] | None = None) -> int:
     parsed = build_bench_parser().parse_args(argv)
     as_json = _output_mode(parsed)
     args = vars(parsed)
-    outcome = _guarded("dnr-bench", lambda: bench(BenchConfig(**args)),
-                               (BenchError, DeployDirError, ManifestError, SessionError), ())
+    outcome = _noting("dnr-bench", lambda: _guarded(
+        "dnr-bench", lambda: bench(BenchConfig(**args)),
+        (BenchError, DeployDirError, ManifestError, SessionError), ()))
     if isinstance(outcome, int):
         return outcome
     _show(outcome, as_json, format_table)
@@ -240,6 +246,30 @@ def _guarded(prog: str, action, bad_input: tuple, check_failed: tuple,
         return fail(prog, on_ctrl_c, EXIT_INTERRUPTED)
     except OSError as err:  # e.g. --out on a read-only or full disk
         return fail(prog, f"cannot write {writing}: {err}", EXIT_BAD_INPUT)
+
+
+def _noting(prog: str, run):
+    """`run()`, with each signature notice (`deploydir.SignatureNotice`: unsigned, or signed
+    but not checked) printed once, one line on stderr, and only when the stage succeeded: a
+    refused deploy dir gets its one error line alone."""
+    import warnings
+
+    from dnr_deploy.deploydir.signing import SignatureNotice
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SignatureNotice)
+        outcome = run()
+    notes: list[str] = []
+    for warning in caught:
+        if not issubclass(warning.category, SignatureNotice):
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+        elif str(warning.message) not in notes:
+            notes.append(str(warning.message))
+    if not isinstance(outcome, int):
+        for text in notes:
+            print(f"{prog}: note: {text}", file=sys.stderr)
+    return outcome
 
 
 def _show(result, as_json: bool, format_table) -> None:
@@ -288,11 +318,18 @@ def verify_main(argv: list[str] | None = None) -> int:
              DataError), (VerifyCheckFailed,))
     if isinstance(outcome, int):
         return outcome
+    from dnr_deploy.deploydir.signing import SignatureNotice
+
     reported = set(outcome.warnings)  # already in the table and verify.json
     for warning in caught:
         if str(warning.message) not in reported:
-            print(f"{prog}: warning: {warning.message}", file=sys.stderr)
+            reported.add(str(warning.message))  # the sparse runtime's loader repeats notices
+            kind = "note" if issubclass(warning.category, SignatureNotice) else "warning"
+            print(f"{prog}: {kind}: {warning.message}", file=sys.stderr)
     _show(outcome, as_json, format_table)
+    if outcome.signature is not None and not as_json:
+        print(f"  signed: {outcome.signature} (the verdict in verify.json beside it, and "
+              "every file)")
     if not outcome.passed:
         return fail(prog, outcome.report["comparison"]["reasons"][0], EXIT_CHECK_FAILED)
     return EXIT_OK
@@ -317,8 +354,9 @@ def report_main(argv: list[str] | None = None) -> int:
 
     args = vars(build_report_parser().parse_args(argv))
     as_json = args.pop("json")
-    outcome = _guarded("dnr-report", lambda: report(ReportConfig(**args)), (ReportError,), (),
-                       writing="the HTML page")
+    outcome = _noting("dnr-report", lambda: _guarded(
+        "dnr-report", lambda: report(ReportConfig(**args)), (ReportError,), (),
+        writing="the HTML page"))
     if isinstance(outcome, int):
         return outcome
     summary, page = outcome

@@ -17,6 +17,7 @@ from pathlib import Path
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.config import option
 from dnr_deploy.deploydir import names
+from dnr_deploy.deploydir.signing import SignatureError, check_signature
 from dnr_deploy.files import read_json_object, write_atomic
 from dnr_deploy.runtime.verdict import stage_label
 
@@ -37,6 +38,10 @@ class ReportConfig:
     html: str | None = option(
         None, 'where to write the HTML page (default: RUN_DIR/report.html, or '
         'DEPLOY_DIR/reports/report.html for a deploy dir on its own)')
+    verify_key: str | None = option(
+        None, "public key (PEM) whose private key must have signed the deploy dir (model.sig "
+        "over every file): a missing or invalid signature, or any file changed or added after "
+        "signing, is refused (exit 2)")
 
 
 @dataclass
@@ -63,17 +68,22 @@ class Summary:
 
 def report(config: ReportConfig) -> tuple[Summary, Path]:
     """What `dnr-report` does: the summary, and the HTML page written from it."""
-    summary = summarize(config.path)
+    summary = summarize(config.path, config.verify_key)
     return summary, write_html(summary, config.html)
 
 
-def summarize(path: str | Path | None) -> Summary:
+def summarize(path: str | Path | None, verify_key: str | Path | None = None) -> Summary:
     """Find the run and deploy dir behind `path` and read what each stage recorded.
 
+    `verify_key`: the deploy dir's signature must verify with it (`deploydir.signing`);
+    without it, one `SignatureNotice` says the deploy dir is unsigned or was not checked.
+
     Raises:
-        ReportError: `path` is neither, or a JSON file in it cannot be read.
+        ReportError: `path` is neither, a JSON file in it cannot be read, or (with
+            `verify_key`) the deploy dir has no valid signature.
     """
     run_dir, deploy_dir = _locate(Path(path) if path else _latest())
+    signature = _signature(deploy_dir, verify_key) if deploy_dir is not None else None
     sections: list[Section] = []
     plots: list[tuple[str, Path]] = []
     if run_dir is not None:
@@ -82,6 +92,7 @@ def summarize(path: str | Path | None) -> Summary:
     if deploy_dir is not None:
         manifest = _read(deploy_dir / names.MANIFEST_NAME, "a manifest")
         sections.append(_deploy_section(deploy_dir, manifest))
+        sections[-1].add("signature", signature["status"])
         reports = deploy_dir / names.REPORTS_DIR
         if (reports / BENCH_JSON).is_file():
             sections.append(_bench_section(_read(reports / BENCH_JSON, "a bench.json")))
@@ -160,6 +171,13 @@ def _locate(path: Path) -> tuple[Path | None, Path | None]:
         raise ReportError(f"{str(path)!r} is a run that has not finished (no run.json yet)")
     raise ReportError(f"{str(path)!r} is neither a run dir (run.json) nor a deploy dir "
                       f"({names.MANIFEST_NAME})")
+
+
+def _signature(deploy_dir: Path, verify_key: str | Path | None) -> dict:
+    try:
+        return check_signature(deploy_dir, verify_key)
+    except SignatureError as err:
+        raise ReportError(str(err)) from None
 
 
 def _read(file: Path, what: str) -> dict:

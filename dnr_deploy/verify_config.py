@@ -87,6 +87,14 @@ class VerifyConfig:
     examples: int = option(8, 'images in the example grid')
     out: str | None = option(
         None, 'folder for verify.json and the examples (default: DEPLOY_DIR/reports)')
+    sign: str | None = option(
+        None, "private key (PEM, elliptic curve) to sign the deploy dir with once the gate "
+        "passed: writes DEPLOY_DIR/verify.json, the verified claim, and DEPLOY_DIR/model.sig "
+        "over it and every file; a failed gate signs nothing")
+    verify_key: str | None = option(
+        None, "public key (PEM) whose private key must have signed the deploy dir (model.sig "
+        "over every file): a missing or invalid signature, or any file changed or added after "
+        "signing, is refused (exit 2)")
 
     def validated(self) -> VerifyConfig:
         """Raises:

@@ -1,5 +1,6 @@
 """The deploy dir contract: its names (`names`), its manifest (`manifest`: build, write, load,
-check every file's sha256) and opening one for bench and verify (`opening`)."""
+check every file's sha256), its signature (`signing`: model-signing, key-based) and opening one
+for bench and verify (`opening`)."""
 
 from dnr_deploy.deploydir.manifest import (
     ManifestError,
@@ -10,6 +11,7 @@ from dnr_deploy.deploydir.manifest import (
 )
 from dnr_deploy.deploydir.names import (
     BASELINE_FILE,
+    CLAIM_FILE,
     CSR_FILE,
     DEFAULT_OUT,
     FP32_MODEL_FILE,
@@ -19,6 +21,7 @@ from dnr_deploy.deploydir.names import (
     MODEL_FILE,
     OUTPUT_NAME,
     REPORTS_DIR,
+    SIGNATURE_FILE,
     WEIGHTS_FILE,
 )
 from dnr_deploy.deploydir.opening import (
@@ -31,12 +34,19 @@ from dnr_deploy.deploydir.opening import (
     reports_dir,
     resolve_deploy_dir,
 )
+from dnr_deploy.deploydir.signing import (
+    SignatureError,
+    SignatureNotice,
+    check_signature,
+    sign_deploy_dir,
+    verify_signature,
+)
 
 __all__ = [
-    "BASELINE_FILE", "CSR_FILE", "DEFAULT_OUT", "FP32_MODEL_FILE", "HISTORY_FILE", "INPUT_NAME",
-    "MANIFEST_NAME", "MODEL_FILE", "OUTPUT_NAME", "REPORTS_DIR", "WEIGHTS_FILE", "DataSource",
-    "DeployDir", "DeployDirError", "ManifestError", "SourceRunWarning", "build_manifest",
-    "find_dataset",
-    "load_manifest", "open_deploy_dir", "reports_dir", "resolve_deploy_dir", "verify_files",
-    "write_manifest",
+    "BASELINE_FILE", "CLAIM_FILE", "CSR_FILE", "DEFAULT_OUT", "FP32_MODEL_FILE", "HISTORY_FILE",
+    "INPUT_NAME", "MANIFEST_NAME", "MODEL_FILE", "OUTPUT_NAME", "REPORTS_DIR", "SIGNATURE_FILE",
+    "WEIGHTS_FILE", "DataSource", "DeployDir", "DeployDirError", "ManifestError",
+    "SignatureError", "SignatureNotice", "SourceRunWarning", "build_manifest", "check_signature",
+    "find_dataset", "load_manifest", "open_deploy_dir", "reports_dir", "resolve_deploy_dir",
+    "sign_deploy_dir", "verify_files", "verify_signature", "write_manifest",
 ]

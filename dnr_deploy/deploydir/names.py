@@ -10,6 +10,8 @@ CSR_FILE = "weights.csr.npz"  # irregular runs: scipy CSR per prunable layer
 WEIGHTS_FILE = "weights.npz"  # channel and dense runs: state dict of the shrunk network
 HISTORY_FILE = "pruning_history.json"  # channel runs: torch-pruning's history, replayed at load
 REPORTS_DIR = "reports"  # bench.json, verify.json, plots: outputs, never listed as artifacts
+SIGNATURE_FILE = "model.sig"  # model-signing bundle over every file but itself and REPORTS_DIR
+CLAIM_FILE = "verify.json"  # dnr-verify --sign: the gate's verdict, signed with the artifacts
 DEFAULT_OUT = "deploy"  # dnr-export writes RUN_DIR/deploy unless told otherwise
 
 INPUT_NAME = "input"  # float32 NCHW images in [0, 1]

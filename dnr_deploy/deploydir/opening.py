@@ -15,6 +15,7 @@ from pathlib import Path
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.deploydir.manifest import ManifestError, load_manifest, verify_files
 from dnr_deploy.deploydir.names import DEFAULT_OUT, REPORTS_DIR
+from dnr_deploy.deploydir.signing import check_signature
 
 
 class DeployDirError(ValueError):
@@ -31,6 +32,7 @@ class DeployDir:
 
     path: Path
     manifest: dict
+    signature: dict | None = None  # `signing.check_signature`'s finding, for reports
 
     def file(self, name: str) -> Path:
         """Raises:
@@ -64,21 +66,26 @@ def resolve_deploy_dir(path: str | Path | None) -> Path:
     return candidate
 
 
-def open_deploy_dir(path: str | Path | None) -> DeployDir:
-    """Load the manifest and check every listed file against its sha256, before any loading.
+def open_deploy_dir(path: str | Path | None, verify_key: str | Path | None = None) -> DeployDir:
+    """Check the signature (with `verify_key`; else one notice), load the manifest and check
+    every listed file against its sha256, before any loading.
 
     Raises:
         DeployDirError: no such folder.
         ManifestError: no or unreadable manifest, or a file missing or changed after export.
+        SignatureError (a ManifestError): with `verify_key`, no valid signature over every file.
     """
     folder = resolve_deploy_dir(path)
     if not folder.exists():
         raise DeployDirError(f"deploy dir {str(folder)!r} does not exist")
+    # a key: the signature first, so nothing unsigned is even parsed; no key: the notice
+    # once the dir is otherwise accepted (a refused dir gets its one error line alone)
+    signature = check_signature(folder, verify_key) if verify_key is not None else None
     manifest = load_manifest(folder)
     if not isinstance(manifest.get("files"), dict):
         raise ManifestError(f"{str(folder)!r}: manifest 'files' is not a table; re-export the run")
     verify_files(folder, manifest)
-    return DeployDir(folder, manifest)
+    return DeployDir(folder, manifest, signature or check_signature(folder, None))
 
 
 def reports_dir(deploy: DeployDir, out: str | None) -> Path:

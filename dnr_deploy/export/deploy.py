@@ -23,7 +23,7 @@ from torch import nn
 
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.data import load_data, parse_dataset, test_subset
-from dnr_deploy.deploydir import manifest, names
+from dnr_deploy.deploydir import manifest, names, signing
 from dnr_deploy.export import channel, csr
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.export.errors import ExportCheckFailed, ExportError
@@ -58,6 +58,7 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
 
     Raises:
         ExportError, CheckpointError, DataError: bad input; nothing is written.
+        SignatureError: `config.sign` is not a usable private key; nothing is written.
         ExportCheckFailed: a parity gate or artifact check failed; nothing is written.
     """
     start = time.perf_counter()
@@ -79,6 +80,8 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
     # Absolute, so "--out ." names a folder and the temporary sibling lands beside it.
     out = (Path(config.out) if config.out else run_dir / names.DEFAULT_OUT).absolute()
     _check_out(out, run_dir, config.force)
+    if config.sign:  # a bad key fails before minutes of building
+        signing.check_private_key(config.sign, out)
     # Test images for the parity gates (a CSR bundle alone is checked bit for bit instead).
     needs_images = fmt is ExportFormat.ONNX or config.baseline
     bundle = _load_bundle(source.run, config) if needs_images and (
@@ -121,6 +124,9 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
         info = manifest.build_manifest(run_dir, source.run, figures, fmt.value, config.opset)
         manifest.write_manifest(work, info)
         manifest.load_manifest(work)  # what later stages will check, before anyone can see it
+        if config.sign:  # no verdict inside: dnr-verify --sign adds it
+            say("model.sig: signing every file (without a verdict)")
+            signing.sign_deploy_dir(work, config.sign)
         try:
             publish_folder(work, out, config.force)
         except FolderTaken as err:

@@ -8,14 +8,15 @@ import torch
 from torch import nn
 
 from dnr_deploy.byo import wrap_module
-from dnr_deploy.deploydir import manifest, names
+from dnr_deploy.deploydir import manifest, names, signing
 from dnr_deploy.export import channel, csr
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
 
 
 def load_deployed_model(deploy_dir: str | Path, verify: bool = True,
-                        model: nn.Module | None = None) -> nn.Module:
+                        model: nn.Module | None = None,
+                        verify_key: str | Path | None = None) -> nn.Module:
     """A PyTorch model (eval mode) rebuilt from a deploy dir, with nothing unpickled.
 
     Irregular runs load from the CSR bundle; channel and dense runs replay the pruning history
@@ -23,17 +24,26 @@ def load_deployed_model(deploy_dir: str | Path, verify: bool = True,
     the one way for a run trained on a module passed to `dnr_deploy.compress`), then load the
     state dict.
 
+    `verify_key`: a public key (PEM); the deploy dir must carry a valid signature from its
+    private key over every file (`dnr_deploy.deploydir.signing`). Without it, one
+    `SignatureNotice` says the dir is unsigned or its signature was not checked.
+
     Raises:
         ManifestError: not a deploy dir, a file that fails its sha256 (when `verify`), or
             weights that do not fit the recorded architecture.
+        SignatureError (a ManifestError): with `verify_key`, no valid signature.
     """
     deploy_dir = Path(deploy_dir)
+    if verify_key is not None:
+        signing.check_signature(deploy_dir, verify_key)
     info = manifest.load_manifest(deploy_dir)
     files = info["files"]
     needed = [names.CSR_FILE] if names.CSR_FILE in files else [names.WEIGHTS_FILE,
                                                                names.HISTORY_FILE]
     if verify:
         manifest.verify_files(deploy_dir, info, needed)
+    if verify_key is None:
+        signing.check_signature(deploy_dir, None)
     spec = info["model"]
     chans = spec["in_chans"]
     if len(info.get("mean") or []) != chans or len(info.get("std") or []) != chans:

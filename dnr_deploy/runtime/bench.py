@@ -74,6 +74,10 @@ class BenchConfig:
     seed: int = option(0, 'seed of the random input images')
     out: str | None = option(
         None, 'folder for bench.json and the plot (default: DEPLOY_DIR/reports)')
+    verify_key: str | None = option(
+        None, "public key (PEM) whose private key must have signed the deploy dir (model.sig "
+        "over every file): a missing or invalid signature, or any file changed or added after "
+        "signing, is refused (exit 2)")
 
     def batch_sizes(self) -> list[int]:
         """Raises:
@@ -163,11 +167,11 @@ def bench(config: BenchConfig) -> BenchResult:
             checked against the manifest's sha256 before any is loaded); nothing is written.
     """
     config = config.validated()
-    deploy = deploydir.open_deploy_dir(config.deploy_dir)
+    deploy = deploydir.open_deploy_dir(config.deploy_dir, config.verify_key)
     targets = [_model_target(deploy)]
     if deploy.has(deploydir.FP32_MODEL_FILE):  # an int8 model.onnx: time its float original
         targets.append(_model_target(deploy, deploydir.FP32_MODEL_FILE, "float"))
-    baseline = _baseline_target(deploy, config.baseline)
+    baseline = _baseline_target(deploy, config.baseline, config.verify_key)
     if baseline is not None:
         targets.append(baseline)
     shape = [int(n) for n in deploy.manifest["input_shape"]]
@@ -178,7 +182,7 @@ def bench(config: BenchConfig) -> BenchResult:
     runtime = {"name": Runtime.ORT.value}
     if config.runtime == Runtime.SPARSE:
         runners["model"], runtime = _sparse_runner(deploy, config.threads, runners["model"],
-                                                   inputs)
+                                                   inputs, config.verify_key)
     say = terminal_progress("dnr-bench: ") or (lambda line: None)
     timed = {}
     for b, x in inputs.items():
@@ -197,6 +201,7 @@ def bench(config: BenchConfig) -> BenchResult:
         "comparison": _compare(models, deploy.manifest) if baseline is not None else None,
         "int8_vs_float": _int8_vs_float(models) if "float" in models else None,
         "runtime": runtime,
+        "signature": deploy.signature,
         "session": sessions[targets[0].label][1].as_dict(),
         "machine": machine_info(),
         "config": asdict(config),
@@ -209,10 +214,10 @@ def bench(config: BenchConfig) -> BenchResult:
 
 
 def _sparse_runner(deploy: deploydir.DeployDir, threads: int, session,
-                   inputs: dict[int, np.ndarray]) -> tuple:
+                   inputs: dict[int, np.ndarray], verify_key: str | None = None) -> tuple:
     """The sparse runtime's model, once its logits match ONNX Runtime's on every input."""
     try:
-        model = open_sparse(deploy.path, threads)
+        model = open_sparse(deploy.path, threads, verify_key)
         parity = [check_parity(model(x), run_logits(session, x), f"the batch-{b} inputs")
                   for b, x in inputs.items()]
     except RuntimeChoiceError as err:
@@ -232,8 +237,10 @@ def _model_target(deploy: deploydir.DeployDir, name: str = deploydir.MODEL_FILE,
                    (manifest.get("macs") or {}).get("executed"))
 
 
-def _baseline_target(deploy: deploydir.DeployDir, other: str | None) -> _Target | None:
-    """The deploy dir's own baseline.onnx, or the model.onnx of the deploy dir `other`."""
+def _baseline_target(deploy: deploydir.DeployDir, other: str | None,
+                     verify_key: str | None = None) -> _Target | None:
+    """The deploy dir's own baseline.onnx, or the model.onnx of the deploy dir `other` (held
+    to the same `verify_key`: it is loaded into ONNX Runtime too)."""
     if other is None:
         if not deploy.has(deploydir.BASELINE_FILE):
             return None
@@ -245,7 +252,7 @@ def _baseline_target(deploy: deploydir.DeployDir, other: str | None) -> _Target 
     if not Path(other).is_dir():
         raise BenchError(f"--baseline {other!r} is not a folder; name another deploy dir "
                          "(e.g. the export of a --dense run)")
-    base = deploydir.open_deploy_dir(other)
+    base = deploydir.open_deploy_dir(other, verify_key)
     if list(base.manifest["input_shape"]) != list(deploy.manifest["input_shape"]):
         raise BenchError(f"--baseline {other!r} takes {base.manifest['input_shape']} inputs, the "
                          f"deployed model {deploy.manifest['input_shape']}")

@@ -47,7 +47,7 @@ def parse_placement(runtime: str, provider: str) -> Runtime:
     return chosen
 
 
-def open_sparse(deploy_dir: str | Path, threads: int):
+def open_sparse(deploy_dir: str | Path, threads: int, verify_key: str | Path | None = None):
     """The sparse runtime's model of an irregular deploy dir.
 
     Raises:
@@ -57,7 +57,7 @@ def open_sparse(deploy_dir: str | Path, threads: int):
     from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError, load_sparse
 
     try:
-        return load_sparse(deploy_dir, threads=threads)
+        return load_sparse(deploy_dir, threads=threads, verify_key=verify_key)
     except (NotIrregularError, UnsupportedLayerError) as err:
         raise RuntimeChoiceError(f"--runtime sparse: {err}") from None
 

@@ -25,6 +25,7 @@ from dnr_deploy.attacks import AttackName, run_ensemble
 from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.data import load_data, test_subset
+from dnr_deploy.deploydir import signing
 from dnr_deploy.evaluation import protocol, terminal_progress
 from dnr_deploy.parity import ParityLimit, parity_limit
 from dnr_deploy.runtime import plots, verdict
@@ -62,6 +63,7 @@ class VerifyResult:
     out_dir: Path
     passed: bool
     warnings: list[str] = field(default_factory=list)
+    signature: Path | None = None  # --sign and a passed gate: DEPLOY_DIR/model.sig
 
 
 def check_perturbation(x_adv: np.ndarray, x: np.ndarray, eps: float) -> dict:
@@ -93,14 +95,22 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
             attack instead of that dataset's test split (the Python API's way to verify on
             your own images; checked as `dnr_deploy.compress` checks it).
 
+    With `config.sign` and a passed gate, the report also goes to DEPLOY_DIR/verify.json and
+    the deploy dir is signed over it and every file (`deploydir.signing`): the signature then
+    vouches for the verdict as well as the bytes. A failed gate signs nothing.
+
     Raises:
         VerifyError, DeployDirError, ManifestError, SessionError, DataError,
-        UnsupportedGraphError: bad input; nothing is written.
+        UnsupportedGraphError: bad input (a bad signing key included, checked before any
+            attack runs; with `config.verify_key`, a missing or invalid signature); nothing
+            is written.
         VerifyCheckFailed: a check ran and failed (see the class); nothing is written.
     """
     start = time.perf_counter()
     config = config.validated()
-    deploy = deploydir.open_deploy_dir(config.deploy_dir)
+    deploy = deploydir.open_deploy_dir(config.deploy_dir, config.verify_key)
+    if config.sign:
+        signing.check_private_key(config.sign, deploy.path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         eps, threat = _threat_model(deploy.manifest, config)
@@ -135,6 +145,7 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
     report = _report(deploy, config, eps, threat, source, len(bundle.test), outcome, info,
                      api_images=test_data is not None)
     report["runtime"] = runtime
+    report["signature"] = deploy.signature
     report["warnings"] = messages
     report["seconds"] = round(time.perf_counter() - start, 3)
     out_dir = deploydir.reports_dir(deploy, config.out)
@@ -142,14 +153,19 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
         report["examples"] = EXAMPLES_PNG
         plots.save_examples(out_dir / EXAMPLES_PNG, *outcome["examples"], eps=eps)
     write_json(out_dir / VERIFY_JSON, report)
-    return VerifyResult(report, out_dir, report["comparison"]["passed"], messages)
+    passed = report["comparison"]["passed"]
+    signature = None
+    if config.sign and passed:  # the verdict goes inside the signature, never a failed one
+        signing.write_claim(deploy.path, report)
+        signature = signing.sign_deploy_dir(deploy.path, config.sign)
+    return VerifyResult(report, out_dir, passed, messages, signature)
 
 
 def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tuple:
     """The sparse runtime, once it matches ONNX Runtime on the clean images: it then scores
     every candidate, so the artifact verified is the one deployed with it."""
     try:
-        model = open_sparse(deploy.path, config.threads)
+        model = open_sparse(deploy.path, config.threads, config.verify_key)
         images = x.numpy().astype(np.float32)
         parity = check_parity(run_logits(model, images, config.batch_size),
                               run_logits(session, images, config.batch_size), "the clean images")

@@ -358,12 +358,14 @@ def _input_sizes(traced: fx.GraphModule, input_shape: list[int]) -> dict:
 
 
 def load_sparse(deploy_dir: str | Path, threads: int = 1,
-                dense_threshold: float = DENSE_THRESHOLD) -> SparseModel:
+                dense_threshold: float = DENSE_THRESHOLD,
+                verify_key: str | Path | None = None) -> SparseModel:
     """An irregular deploy dir as a callable: float32 NCHW images in [0, 1] -> (N, classes).
 
     Raises:
         NotIrregularError: a channel or dense deploy dir (nothing sparse to run).
-        ManifestError: not a deploy dir, or a file that fails its sha256.
+        ManifestError: not a deploy dir, or a file that fails its sha256 (or, with
+            `verify_key`, a deploy dir without a valid signature: `load_deployed_model`).
         UnsupportedLayerError: an op the runtime has no step for.
     """
     info = manifest.load_manifest(Path(deploy_dir))
@@ -372,5 +374,5 @@ def load_sparse(deploy_dir: str | Path, threads: int = 1,
             f"the sparse runtime runs irregular deploy dirs; {str(deploy_dir)!r} is a "
             f"{info.get('granularity') or 'dense'} export without {names.CSR_FILE}: "
             "use --runtime ort")
-    model = load_deployed_model(deploy_dir)
+    model = load_deployed_model(deploy_dir, verify_key=verify_key)
     return build_sparse_model(model, list(info["input_shape"]), threads, dense_threshold)
