@@ -82,8 +82,13 @@ def summarize(path: str | Path | None, verify_key: str | Path | None = None) -> 
         ReportError: `path` is neither, a JSON file in it cannot be read, or (with
             `verify_key`) the deploy dir has no valid signature.
     """
-    run_dir, deploy_dir = _locate(Path(path) if path else _latest())
-    signature = _signature(deploy_dir, verify_key) if deploy_dir is not None else None
+    start = Path(path) if path else _latest()
+    # with a key, a deploy dir's signature is checked before its manifest is even parsed
+    early = (_signature(start, verify_key) if verify_key is not None
+             and (start / names.MANIFEST_NAME).is_file() else None)
+    run_dir, deploy_dir = _locate(start)
+    signature = early or (_signature(deploy_dir, verify_key) if deploy_dir is not None
+                          else None)
     sections: list[Section] = []
     plots: list[tuple[str, Path]] = []
     if run_dir is not None:
