@@ -322,10 +322,13 @@ def verify_main(argv: list[str] | None = None) -> int:
 
     reported = set(outcome.warnings)  # already in the table and verify.json
     for warning in caught:
+        notice = issubclass(warning.category, SignatureNotice)
+        if notice and not outcome.passed:
+            continue  # a failed gate's one error line stays alone
         if str(warning.message) not in reported:
             reported.add(str(warning.message))  # the sparse runtime's loader repeats notices
-            kind = "note" if issubclass(warning.category, SignatureNotice) else "warning"
-            print(f"{prog}: {kind}: {warning.message}", file=sys.stderr)
+            print(f"{prog}: {'note' if notice else 'warning'}: {warning.message}",
+                  file=sys.stderr)
     _show(outcome, as_json, format_table)
     if outcome.signature is not None and not as_json:
         print(f"  signed: {outcome.signature} (the verdict in verify.json beside it, and "
