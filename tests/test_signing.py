@@ -126,6 +126,12 @@ def test_a_file_added_after_signing_is_refused(where, copy, keys):
     assert f"{where} added after signing" in line
 
 
+def test_a_symlink_added_after_signing_is_refused(copy, keys, tmp_path):
+    (tmp_path / "outside.onnx").write_bytes(b"x")
+    (copy / "linked.onnx").symlink_to(tmp_path / "outside.onnx")
+    assert "symlink" in refusal(report_main, copy, keys["pub"])
+
+
 def test_a_file_removed_after_signing_is_refused(copy, keys):
     (copy / "baseline.onnx").unlink()
     assert "baseline.onnx removed after signing" in refusal(report_main, copy, keys["pub"])

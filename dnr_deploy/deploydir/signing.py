@@ -250,6 +250,8 @@ def _signed_resources(data: bytes, file: Path) -> dict[str, str]:
     only used once `_verify` has checked it), and a check that it leaves nothing else out."""
     try:
         bundle = json.loads(data)
+        if not bundle["verificationMaterial"]["publicKey"]["hint"]:
+            raise ValueError("no key hint")  # model-signing would print to stdout and go on
         statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
         predicate = statement["predicate"]
         ignored = set(predicate["serialization"].get("ignore_paths", []))
@@ -284,6 +286,9 @@ def _verify(folder: Path, signature: Path, key: Path, resources: dict[str, str])
                 from None
         raise SignatureError(f"cannot check the signature of {str(folder)!r}: "
                              f"{' '.join(text.split())[:200]}") from None
+    except OSError as err:
+        raise SignatureError(f"cannot read {str(folder)!r} to check its signature: "
+                             f"{err.strerror or err}") from None
     except Exception as err:  # noqa: BLE001 (a hostile bundle: any parse error is a refusal)
         raise SignatureError(f"{str(folder / SIGNATURE_FILE)!r} cannot be read as a "
                              f"model-signing signature ({type(err).__name__}): refused") from None
