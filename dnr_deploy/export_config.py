@@ -62,12 +62,12 @@ class ExportConfig:
     int8_atol: float = option(
         0.25, "largest |logit difference| allowed between the deployed int8 session and "
         "ONNX Runtime's reference int8 math")
-    sign: str | None = option(
-        None, "private key (PEM, elliptic curve) to sign the deploy dir with (model.sig): "
-        "signed without a verdict; dnr-verify --sign signs it again with the gate's")
     int8_max_drop: float = option(
         1.0, 'percentage points of clean accuracy int8 may lose against float on the parity '
         'images before the export fails')
+    sign: str | None = option(
+        None, "private key (PEM, elliptic curve) to sign the deploy dir with (model.sig): "
+        "signed without a verdict; dnr-verify --sign signs it again with the gate's")
 
     def validated(self) -> ExportConfig:
         """Raises:
