@@ -205,6 +205,7 @@ def test_a_bad_signing_key_fails_before_the_attack(bad, tmp_path, keys):
 
 
 @pytest.mark.slow
+@pytest.mark.ci  # the one test of export --sign and of the loaders' verify_key
 def test_export_signs_without_a_verdict_and_the_loaders_check_it(tmp_path, keys):
     """dnr-export --sign: signed, but no verify.json (unverified); load_deployed_model and
     load_sparse take verify_key and refuse a changed weight file."""
