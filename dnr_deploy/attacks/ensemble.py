@@ -176,8 +176,9 @@ def _run_member(member: AttackName, model, score, x, y, x_np, y_np, eps: float,
             batch = f"square batch {begin // config.batch_size + 1}/" \
                     f"{-(-len(todo) // config.batch_size)}: "
             found = square_attack(score, x_np[rows], y_np[rows], eps, config.square_queries,
-                                  config.square_p_init, config.seed * 1_000_003 + int(rows[0]),
-                                  progress and (lambda line, batch=batch: progress(batch + line)))
+                                  config.square_p_init, config.seed, indices=rows,
+                                  progress=progress and (
+                                      lambda line, batch=batch: progress(batch + line)))
             _keep_breaks(result, rows, torch.from_numpy(found.x_adv), score, y_np)
         return len(todo)
     for restart in range(config.restarts if member is AttackName.APGD_CE else 1):
