@@ -70,11 +70,10 @@ def test_ensemble_square_does_not_depend_on_the_batch_size(tiny):
     model, x, y = tiny
     x, y = x[:64], y[:64]
     results = [run_ensemble(model, x, y, EPS, EnsembleConfig(
-        attack="square", square_queries=100, batch_size=size)) for size in (5, 32, 64)]
-    for result in results[:2]:
-        np.testing.assert_array_equal(result.robust, results[2].robust)
-        torch.testing.assert_close(result.x_adv, results[2].x_adv, rtol=0, atol=0)
-    assert 0 < results[2].robust.sum() < len(y)
+        attack="square", square_queries=100, batch_size=size)) for size in (5, 64)]
+    np.testing.assert_array_equal(results[0].robust, results[1].robust)
+    torch.testing.assert_close(results[0].x_adv, results[1].x_adv, rtol=0, atol=0)
+    assert 0 < results[1].robust.sum() < len(y)
 
 
 def robust_after(model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -114,9 +113,11 @@ def test_square_no_weaker_than_torchattacks_on_a_tiny_model(tiny):
 @pytest.mark.slow
 def test_square_as_strong_as_torchattacks_on_a_trained_default_run(tmp_path):
     """On an adversarially trained checkpoint of the embedded default (the run the APGD
-    comparison trains), on the whole test split at eps 0.2, our Square leaves no more robust
-    accuracy than torchattacks' Square at AutoAttack's standard settings (5,000 queries,
-    p_init 0.8, schedule not rescaled), within the paired standard error."""
+    comparison trains), on the first 120 test images at eps 0.2, our Square leaves no more
+    robust accuracy than torchattacks' Square at AutoAttack's standard settings (5,000
+    queries, p_init 0.8, schedule not rescaled), within the paired standard error. (On all
+    360 images, ours 39.17% vs theirs 46.11%: per-image squares that reach every pixel beat
+    one square shared by the whole batch.)"""
     import torchattacks
 
     from dnr_deploy import CompressConfig, compress
@@ -131,7 +132,7 @@ def test_square_as_strong_as_torchattacks_on_a_trained_default_run(tmp_path):
     model = create_model("small", 10, 1, summary["mean"], summary["std"])
     model.load_state_dict(load_checkpoint(run.dir)["model"])
     model.eval()
-    x, y = first_test_images(load_data("digits", None), None)
+    x, y = first_test_images(load_data("digits", None), 120)
     ours = square_attack(torch_scorer(model), x.numpy(), y.numpy(), eps, 5000, 0.8, seed=0)
     independent = torchattacks.Square(model, norm="Linf", eps=eps, n_queries=5000,
                                       n_restarts=1, p_init=0.8, loss="margin",

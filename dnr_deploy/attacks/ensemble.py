@@ -170,7 +170,7 @@ def _run_member(member: AttackName, model, score, x, y, x_np, y_np, eps: float,
     if member is AttackName.APGD_T:
         return _run_targeted(model, score, x, y, y_np, eps, config, result, progress)
     todo = np.flatnonzero(result.robust)
-    if member is AttackName.SQUARE:
+    if member is AttackName.SQUARE:  # image i draws from (seed, i): any batch, same squares
         for begin in range(0, len(todo), config.batch_size):
             rows = todo[begin:begin + config.batch_size]
             batch = f"square batch {begin // config.batch_size + 1}/" \
