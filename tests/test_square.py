@@ -143,3 +143,23 @@ def test_square_as_strong_as_torchattacks_on_a_trained_default_run(tmp_path):
     assert 0.05 < theirs_robust.mean() < 0.95
     assert ours_robust.mean() <= theirs_robust.mean() + paired_tolerance(
         ours_robust, theirs_robust), (ours_robust.mean(), theirs_robust.mean())
+
+
+def test_square_counts_the_queries_it_makes():
+    """A model that is never fooled: every image runs all `n_queries` iterations after the
+    stripe start, a candidate that changes nothing is not sent, and `queries` counts exactly
+    the rows sent (the clean query and the start's included)."""
+    sent = []
+
+    def never_fooled(images: np.ndarray) -> np.ndarray:
+        sent.append(len(images))
+        logits = np.zeros((len(images), 3), np.float32)
+        logits[:, 0] = 1.0
+        return logits
+
+    x = np.random.default_rng(0).random((6, 1, 4, 4)).astype(np.float32)
+    result = square_attack(never_fooled, x, np.zeros(6, np.int64), 0.1, 40, seed=0)
+    assert sum(sent) == result.queries.sum()
+    assert (result.queries <= 40 + 2).all() and (result.queries > 2).all()
+    assert (result.margin == 1.0).all()
+    assert np.abs(result.x_adv - x).max() <= 0.1 + 1e-6
