@@ -111,6 +111,7 @@ def test_square_no_weaker_than_torchattacks_on_a_tiny_model(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 478 s at a load average of 10-12 on 2 cores: near the 600 s default
 def test_square_as_strong_as_torchattacks_on_a_trained_default_run(tmp_path):
     """On an adversarially trained checkpoint of the embedded default (the run the APGD
     comparison trains), on the first 120 test images at eps 0.2, our Square leaves no more
