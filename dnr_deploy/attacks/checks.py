@@ -19,7 +19,9 @@ from dnr_deploy.attacks.ensemble import AttackName, EnsembleConfig, EnsembleResu
 from dnr_deploy.attacks.pgd import Classifier
 from dnr_deploy.attacks.square import QueryFn
 
-BLACK_BOX_MARGIN = 0.02  # Square may break this fraction of all images after the white-box ones
+# Square may break this fraction of all images after the white-box ones: AutoAttack's
+# `check_square_sr` (alpha=.002, fra31/auto-attack `autoattack/checks.py`)
+BLACK_BOX_MARGIN = 0.002
 LARGE_EPS_FACTOR = 4.0  # the "large eps" of the saturation check, in multiples of the threat's
 LARGE_EPS_CEILING = 0.05  # robust accuracy above this at the large eps is suspicious
 LARGE_EPS_IMAGES = 200  # images the saturation check attacks (APGD-CE, 20 steps)
@@ -55,9 +57,9 @@ def _black_box_gain(result: EnsembleResult, report: SanityReport) -> None:
     report.figures["black_box_gain_after_white_box"] = gain
     if gain > BLACK_BOX_MARGIN:
         report.warnings.append(
-            f"Square broke {100 * gain:.2f}% of the images that the white-box attacks left "
-            f"(more than {100 * BLACK_BOX_MARGIN:g}): the gradients are likely masked, so trust "
-            "the worst case, not a gradient attack alone")
+            f"Square broke {100 * gain:.2f}% of all images after the white-box attacks had "
+            f"finished (AutoAttack warns above {100 * BLACK_BOX_MARGIN:g}%): the gradients are "
+            "likely masked, so trust the worst case, not a gradient attack alone")
 
 
 def _randomness(score: QueryFn, x: torch.Tensor, report: SanityReport) -> None:

@@ -170,14 +170,15 @@ def _run_member(member: AttackName, model, score, x, y, x_np, y_np, eps: float,
     if member is AttackName.APGD_T:
         return _run_targeted(model, score, x, y, y_np, eps, config, result, progress)
     todo = np.flatnonzero(result.robust)
-    if member is AttackName.SQUARE:
+    if member is AttackName.SQUARE:  # image i draws from (seed, i): any batch, same squares
         for begin in range(0, len(todo), config.batch_size):
             rows = todo[begin:begin + config.batch_size]
             batch = f"square batch {begin // config.batch_size + 1}/" \
                     f"{-(-len(todo) // config.batch_size)}: "
             found = square_attack(score, x_np[rows], y_np[rows], eps, config.square_queries,
-                                  config.square_p_init, config.seed * 1_000_003 + int(rows[0]),
-                                  progress and (lambda line, batch=batch: progress(batch + line)))
+                                  config.square_p_init, config.seed, indices=rows,
+                                  progress=progress and (
+                                      lambda line, batch=batch: progress(batch + line)))
             _keep_breaks(result, rows, torch.from_numpy(found.x_adv), score, y_np)
         return len(todo)
     for restart in range(config.restarts if member is AttackName.APGD_CE else 1):
