@@ -51,9 +51,12 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
     file = run_dir / CHECKPOINT_NAME
     try:
         write_atomic(file, lambda tmp: torch.save(state, tmp))
-    except (OSError, RuntimeError) as err:
-        reason = getattr(err, "strerror", None) or " ".join(str(err).split())[:200]
-        raise CheckpointError(f"cannot write checkpoint {str(file)!r}: {reason or err!r} "
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {str(file)!r}: "
+                              f"{err.strerror or err}") from None
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CheckpointError(f"cannot write checkpoint {str(file)!r}: {reason} "
                               "(is the disk full?)") from None
 
 

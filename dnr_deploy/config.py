@@ -156,13 +156,11 @@ def add_dataclass_flags(
         flag = "--" + field.name.replace("_", "-")
         kind = field_type(cls, field.name)
         text = field.metadata.get("help") or (help_text or {}).get(field.name, "")
-        notes = []
         # `is`, not `in (None, False)`: 0 == False would hide a default of 0 (--seed)
         if field.default is not None and field.default is not False and "default" not in text:
-            notes.append(f"default: {field.default}")
+            text += f" (default: {field.default})"
         if "bounds" in field.metadata:
-            notes.append(f"allowed: {field.metadata['bounds'].text}")
-        text += f" ({'; '.join(notes)})" if notes else ""
+            text += f"; allowed: {field.metadata['bounds'].text}"
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:

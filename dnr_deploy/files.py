@@ -84,7 +84,8 @@ def describe_os_error(err: OSError, writing: str) -> str:
     file it names is missing or there but unreadable (permissions), else "cannot write
     WRITING" (a read-only or full disk under --out)."""
     name = err.filename
-    unreadable = name is not None and os.path.lexists(name) and not os.access(name, os.R_OK)
+    unreadable = name is not None and os.path.lexists(name) and (
+        not os.access(name, os.R_OK) or not os.stat(name).st_mode & 0o444)
     if name is not None and (err.errno == errno.ENOENT or unreadable):
         return f"cannot read {str(name)!r}: {err.strerror or err}"
     return f"cannot write {writing}: {err}"

@@ -228,8 +228,7 @@ class Trainer:
             json.dumps(row)  # metrics.jsonl is rewritten from these rows after every epoch
 
     def save(self, run_dir: Path, epoch: int) -> None:
-        """Raises:
-            CheckpointError: a write failed (a full disk); the last good checkpoint stays."""
+        """Raises CheckpointError when a write fails (a full disk): the last good one stays."""
         state = self.state(epoch)  # a collective under torchrun: every rank takes part
         if self.context.is_main:
             try:
@@ -285,7 +284,10 @@ class Trainer:
             bar.close()
         if end < cfg.epochs:
             return Run(run_dir, {"stopped_after_epoch": end})
-        return Run(run_dir, self._finish(run_dir) if self.context.is_main else {})
+        try:
+            return Run(run_dir, self._finish(run_dir) if self.context.is_main else {})
+        except OSError as err:  # run.json or a plot on a full disk: resuming redoes the end
+            raise ckpt.write_failed(err, run_dir, self.saved_epoch) from None
 
     def _one_epoch(self, epoch: int, loader: DataLoader) -> dict:
         cfg = self.config

@@ -290,3 +290,24 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint(tmp_path, capsys, monkeyp
     assert ckpt.load_checkpoint("run")["epoch"] == 0
     assert Path("LATEST").read_text() == "run\n"  # a run with a complete checkpoint
     assert not list(Path("run").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_full_disk_at_run_json_is_finished_by_a_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real_write_json = ckpt.write_json
+
+    def write_json(path: Path, data) -> None:
+        if path.name == ckpt.RUN_JSON:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path) + ".tmp")
+        real_write_json(path, data)
+
+    monkeypatch.setattr(ckpt, "write_json", write_json)
+    one_epoch = [*TINY_RUN[:2], "--epochs", "1", *TINY_RUN[4:]]
+    assert_one_line(call(compress_main, one_epoch, capsys), "No space left on device",
+                    "the checkpoint of epoch 1 is kept")
+    assert not Path("run", ckpt.RUN_JSON).exists()
+    monkeypatch.setattr(ckpt, "write_json", real_write_json)  # space freed
+    result = call(compress_main, ["--resume", "run", "--quiet"], capsys)
+    assert result.returncode == 0, result.stderr
+    assert ckpt.read_run_json(Path("run"))["timing"]["epochs"] == 1
