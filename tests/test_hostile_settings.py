@@ -311,3 +311,16 @@ def test_a_full_disk_at_run_json_is_finished_by_a_resume(tmp_path, capsys, monke
     result = call(compress_main, ["--resume", "run", "--quiet"], capsys)
     assert result.returncode == 0, result.stderr
     assert ckpt.read_run_json(Path("run"))["timing"]["epochs"] == 1
+
+
+def test_a_checkpoint_recording_a_non_finite_setting_is_refused_on_resume(tmp_path, capsys,
+                                                                          monkeypatch):
+    from tests.factories import write_fake_run
+
+    monkeypatch.chdir(tmp_path)
+    write_fake_run(Path("run"))
+    state = ckpt.load_checkpoint("run")
+    state["config"]["lr"] = float("nan")
+    ckpt.save_checkpoint(Path("run"), {k: v for k, v in state.items() if k != "format"})
+    assert_one_line(call(compress_main, ["--resume", "run", "--epochs", "2"], capsys),
+                    "is damaged: its lr must be a finite number > 0, got nan")
