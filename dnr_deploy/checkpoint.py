@@ -222,7 +222,8 @@ _RUN_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "granularity": lambda v: isinstance(v, str),
     "threat_model": lambda v: isinstance(v, dict) and isinstance(v.get("norm", ""), str)
     and is_number(v.get("eps", 0)),
-    "accuracy": are_figures, "density": are_figures, "layer_densities": are_figures,
+    "accuracy": lambda v: are_figures(v) and all(0 <= x <= 1 for x in v.values()),  # fractions
+    "density": are_figures, "layer_densities": are_figures,
     "params": are_figures,
     "macs": are_figures,
     "checkpoint_sha256": lambda v: isinstance(v, str) and len(v) == 64,

@@ -131,7 +131,7 @@ def check_settings(config: Any, error: type[Exception]) -> None:
     for field in dataclasses.fields(config):
         bounds = field.metadata.get("bounds")
         value = getattr(config, field.name)
-        if bounds is None or value is None:
+        if bounds is None or (value is None and _optional(type(config), field.name)):
             continue
         integral = field_type(type(config), field.name) is int
         kind = "an integer" if integral else "a finite number"
@@ -178,7 +178,7 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except _DuplicateKey as err:
-        raise RecipeError(f"recipe {str(path)!r}: setting {err}; keep one") from None
+        raise RecipeError(f"recipe {str(path)!r}: key {err}; keep one") from None
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or err  # UnicodeDecodeError has no strerror
         raise RecipeError(f"cannot read recipe {str(path)!r}: {reason}") from None
