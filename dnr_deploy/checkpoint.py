@@ -39,10 +39,36 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(run_dir: Path, state: dict) -> None:
+    """Write the checkpoint atomically: a failed write (a full disk) leaves the previous one.
+
+    Raises:
+        CheckpointError: the file system refused the write (torch.save reports a full disk
+            as a RuntimeError from its zip writer, not as an OSError).
+    """
     state = {"format": CHECKPOINT_FORMAT, **state}
     import torch  # here, not at the top: reading run.json (dnr-report) needs no torch
 
-    write_atomic(run_dir / CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
+    file = run_dir / CHECKPOINT_NAME
+    try:
+        write_atomic(file, lambda tmp: torch.save(state, tmp))
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {str(file)!r}: "
+                              f"{err.strerror or err}") from None
+    except RuntimeError as err:
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CheckpointError(f"cannot write checkpoint {str(file)!r}: {reason} "
+                              "(is the disk full?)") from None
+
+
+def write_failed(err: Exception, run_dir: Path, saved_epoch: int | None) -> CheckpointError:
+    """The one line for a run's failed write (a full disk): what failed, and what is left to
+    resume from (`saved_epoch`: the epoch of the checkpoint on disk, None: none)."""
+    if isinstance(err, OSError):
+        err = f"cannot write {str(err.filename or run_dir)!r}: {err.strerror or err}"
+    if saved_epoch is None:
+        return CheckpointError(f"{err}; no checkpoint was kept")
+    return CheckpointError(f"{err}; the checkpoint of epoch {saved_epoch} is kept in {run_dir} "
+                           f"(free some space, then continue with --resume {run_dir})")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -196,7 +222,8 @@ _RUN_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
     "granularity": lambda v: isinstance(v, str),
     "threat_model": lambda v: isinstance(v, dict) and isinstance(v.get("norm", ""), str)
     and is_number(v.get("eps", 0)),
-    "accuracy": are_figures, "density": are_figures, "layer_densities": are_figures,
+    "accuracy": lambda v: are_figures(v) and all(0 <= x <= 1 for x in v.values()),  # fractions
+    "density": are_figures, "layer_densities": are_figures,
     "params": are_figures,
     "macs": are_figures,
     "checkpoint_sha256": lambda v: isinstance(v, str) and len(v) == 64,

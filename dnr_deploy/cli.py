@@ -22,6 +22,17 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 
+def _safe(text: str) -> str:
+    """Text for the terminal, its control characters escaped (artifacts name things)."""
+    from dnr_deploy.progress import terminal_safe
+
+    return terminal_safe(text)
+
+
+def _say(line: str) -> None:
+    print(_safe(line))
+
+
 def _add_output_flags(parser: argparse.ArgumentParser, json_help: str) -> None:
     """--json and --quiet: CLI-only (a run records what it computed, not how it printed)."""
     # SUPPRESS: absent unless typed, so config_from never sees them as settings
@@ -110,27 +121,27 @@ def compress_main(argv: list[str] | None = None) -> int:
 def print_run(run) -> None:
     summary = run.summary
     if "accuracy" not in summary:
-        print(f"stopped after epoch {summary.get('stopped_after_epoch')}; "
-              f"continue with: dnr-compress --resume {run.dir}")
+        _say(f"stopped after epoch {summary.get('stopped_after_epoch')}; "
+             f"continue with: dnr-compress --resume {run.dir}")
         return
     acc, dens, params = summary["accuracy"], summary["density"], summary["params"]
-    print(f"run dir: {run.dir}")
-    print(f"  {summary['granularity']}: density {dens['achieved']:.4f} (target {dens['target']:g}),"
-          f" params {params['deployed']:,} / {params['dense']:,} ({params['compression']:.1f}x),"
-          f" MACs {summary['macs']['reduction_executed']:.1f}x fewer executed, "
-          f"{summary['macs']['reduction_nonzero']:.1f}x fewer nonzero")
-    print(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: "
-          f"clean {100 * acc['clean']:.2f}%, FGSM {100 * acc['fgsm']:.2f}%, "
-          f"PGD-7 {100 * acc['pgd7']:.2f}%, PGD-20 {100 * acc['pgd20']:.2f}%")
+    _say(f"run dir: {run.dir}")
+    _say(f"  {summary['granularity']}: density {dens['achieved']:.4f} (target {dens['target']:g}),"
+         f" params {params['deployed']:,} / {params['dense']:,} ({params['compression']:.1f}x),"
+         f" MACs {summary['macs']['reduction_executed']:.1f}x fewer executed, "
+         f"{summary['macs']['reduction_nonzero']:.1f}x fewer nonzero")
+    _say(f"  test accuracy at eps {summary['threat_model']['eps']:.4g}: "
+         f"clean {100 * acc['clean']:.2f}%, FGSM {100 * acc['fgsm']:.2f}%, "
+         f"PGD-7 {100 * acc['pgd7']:.2f}%, PGD-20 {100 * acc['pgd20']:.2f}%")
     if summary.get("dense_convs"):
         dense = summary["dense_convs"]
-        print(f"  {len(dense)} conv(s) left dense (coupling not one-to-one): "
-              f"{', '.join(dense[:4])}{', ... (all in run.json)' if len(dense) > 4 else ''}")
+        _say(f"  {len(dense)} conv(s) left dense (coupling not one-to-one): "
+             f"{', '.join(dense[:4])}{', ... (all in run.json)' if len(dense) > 4 else ''}")
     robustness = summary["robustness"]
-    print(f"  AutoAttack-grade worst case (APGD-CE, APGD-T, Square) on the first "
-          f"{robustness['images']} test images: {100 * acc['autoattack']:.2f}%")
+    _say(f"  AutoAttack-grade worst case (APGD-CE, APGD-T, Square) on the first "
+         f"{robustness['images']} test images: {100 * acc['autoattack']:.2f}%")
     for warning in robustness["warnings"]:
-        print(f"  warning: {warning}")
+        _say(f"  warning: {warning}")
 
 
 def build_export_parser() -> argparse.ArgumentParser:
@@ -179,7 +190,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
         print(json.dumps({"deploy_dir": str(result.dir), **result.manifest}, indent=2))
     else:
-        print(format_summary(result.dir, result.manifest))
+        print(_safe(format_summary(result.dir, result.manifest)))
         from dnr_deploy.deploydir.names import SIGNATURE_FILE
 
         if (result.dir / SIGNATURE_FILE).is_file():  # a fresh folder: signed by this export
@@ -244,8 +255,10 @@ def _guarded(prog: str, action, bad_input: tuple, check_failed: tuple,
         return fail(prog, err, EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         return fail(prog, on_ctrl_c, EXIT_INTERRUPTED)
-    except OSError as err:  # e.g. --out on a read-only or full disk
-        return fail(prog, f"cannot write {writing}: {err}", EXIT_BAD_INPUT)
+    except OSError as err:  # e.g. --out on a read-only or full disk, an unreadable file
+        from dnr_deploy.files import describe_os_error
+
+        return fail(prog, describe_os_error(err, writing), EXIT_BAD_INPUT)
 
 
 def _noting(prog: str, run):
@@ -276,7 +289,7 @@ def _show(result, as_json: bool, format_table) -> None:
     import json
 
     print(json.dumps(result.report, indent=2) if as_json else
-          format_table(result.report) + f"\n  report: {result.out_dir}")
+          _safe(format_table(result.report) + f"\n  report: {result.out_dir}"))
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
@@ -327,7 +340,7 @@ def verify_main(argv: list[str] | None = None) -> int:
             continue  # a failed gate's one error line stays alone
         if str(warning.message) not in reported:
             reported.add(str(warning.message))  # the sparse runtime's loader repeats notices
-            print(f"{prog}: {'note' if notice else 'warning'}: {warning.message}",
+            print(_safe(f"{prog}: {'note' if notice else 'warning'}: {warning.message}"),
                   file=sys.stderr)
     _show(outcome, as_json, format_table)
     if outcome.signature is not None and not as_json:
@@ -363,7 +376,7 @@ def report_main(argv: list[str] | None = None) -> int:
     if isinstance(outcome, int):
         return outcome
     summary, page = outcome
-    print(to_json(summary) if as_json else format_table(summary) + f"\n  report: {page}")
+    print(to_json(summary) if as_json else _safe(format_table(summary) + f"\n  report: {page}"))
     return EXIT_OK
 
 

@@ -5,10 +5,9 @@ that need torch or the dataset tables import them when a config is resolved."""
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from dnr_deploy.config import option
+from dnr_deploy.config import check_settings, option
 from dnr_deploy.sparsity.schedule import RewireSchedule  # torch-free, as this module must be
 from dnr_deploy.vocabulary import (
     ChannelShares,
@@ -53,15 +52,16 @@ class CompressConfig:
         'dnr (rewiring); static (random masks, never rewired); magnitude (dense half, '
         'global magnitude prune, fine-tune half): the baselines, in the same loop and '
         'epochs')
-    density: float = option(0.05, 'fraction of weights kept, in (0, 1]; 0.05 is 20x compression')
+    density: float = option(0.05, 'fraction of weights kept; 0.05 is 20x compression', '(0, 1]')
     dense: bool = option(False, 'no pruning: plain PGD adversarial training (the baseline)')
     # DNR's rewiring schedule, in optimizer steps and fractions of training (sparsity/schedule.py)
-    rewire_every: int = option(50, "optimizer steps between DNR's rewires")
+    rewire_every: int = option(50, "optimizer steps between DNR's rewires", ">= 1")
     prune_rate: float = option(
-        0.3, "fraction of each layer's active weights pruned at the first rewire (cosine to 0)")
+        0.3, "fraction of each layer's active weights pruned at the first rewire (cosine to 0)",
+        "(0, 1)")
     rewire_until: float | None = option(
         None, "fraction of training after which the topology is frozen (default: 0.75 for "
-        "irregular, 0.35 for channel mode, each measured best on the digits)")
+        "irregular, 0.35 for channel mode, each measured best on the digits)", "[0, 1]")
     redistribution: str = option(
         Redistribution.MOMENTUM.value,
         "momentum: the freed budget goes where the hybrid loss's momentum is (DNR); none: each "
@@ -73,7 +73,7 @@ class CompressConfig:
         "fraction of units in every group by importance), then pruning and regrowing as usual "
         "(gradual pruning with regrowth: Zhu & Gupta 2017, GraNet, Liu et al. 2021); equal to "
         "--density: start sparse, as the DNR paper does; default: 1.0 (dense) for irregular DNR "
-        "when the run has a rewire, else --density")
+        "when the run has a rewire, else --density", "(0, 1]")
     channel_shares: str = option(
         ChannelShares.COST.value,
         "channel mode's split of the freed budget: each group's normalized momentum times "
@@ -81,38 +81,40 @@ class CompressConfig:
         "rows: the default before it was measured behind static random channels)")
     explore_channels: bool = option(
         False, "channel regrowth skips the units it just pruned (random off units instead)")
-    beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss')
+    beta: float = option(0.5, 'weight of the clean loss; 1 - beta weighs the PGD loss', '[0, 1]')
     loss: str = option(
         Loss.HYBRID.value,
         "training objective: hybrid (the DNR paper's beta-weighted clean + PGD cross-entropy) "
         "or trades (clean cross-entropy + --trades-beta times the KL divergence to an "
         "attack that maximizes it; Zhang et al. 2019, as HYDRA prunes with)")
     trades_beta: float = option(
-        6.0, "TRADES: weight of the robustness (KL) term; the paper's CIFAR choice is 6")
-    epochs: int = option(20, 'training epochs')
-    batch_size: int = option(64, 'batch size')
-    lr: float = option(0.1, 'initial SGD learning rate (cosine decay)')
-    momentum: float = option(0.9, 'SGD momentum')
-    weight_decay: float = option(5e-4, 'L2 penalty (SGD weight decay)')
-    eps: float | None = option(None, "Linf radius in [0, 1] pixel units (default: the dataset's)")
-    pgd_steps: int = option(7, 'PGD steps when crafting training attacks')
+        6.0, "TRADES: weight of the robustness (KL) term; the paper's CIFAR choice is 6",
+        '[0, 1000]')
+    epochs: int = option(20, 'training epochs', '>= 1')
+    batch_size: int = option(64, 'batch size', '>= 1')
+    lr: float = option(0.1, 'initial SGD learning rate (cosine decay)', '> 0')
+    momentum: float = option(0.9, 'SGD momentum', '[0, 1)')
+    weight_decay: float = option(5e-4, 'L2 penalty (SGD weight decay)', '>= 0')
+    eps: float | None = option(None, "Linf radius in pixel units (default: the dataset's)",
+                               '(0, 1]')
+    pgd_steps: int = option(7, 'PGD steps when crafting training attacks', '>= 1')
     pgd_step_size: float | None = option(
-        None, "PGD step for training attacks (default: the dataset's)")
+        None, "PGD step for training attacks in pixel units (default: the dataset's)", '(0, 1]')
     eval_pgd7_step_size: float | None = option(
-        None, 'step of the final PGD-7 evaluation (the paper uses 0.01)')
+        None, 'step of the final PGD-7 evaluation (the paper uses 0.01)', '(0, 1]')
     attack_bn: str = option("eval", 'BatchNorm mode while crafting training attacks')
-    eval_samples: int | None = option(1000, 'test images scored after each epoch')
+    eval_samples: int | None = option(1000, 'test images scored after each epoch', '>= 1')
     # first test images the final AutoAttack-grade ensemble scores (None: the dataset's choice,
     robust_eval_samples: int | None = option(
         None,
         'first test images the final AutoAttack-grade ensemble scores (default: all of '
-        'digits, 1000 of the others)')
-    seed: int = option(0, 'random seed (masks, init, data order, attacks)')
+        'digits, 1000 of the others)', '>= 1')
+    seed: int = option(0, 'random seed (masks, init, data order, attacks)', '[0, 2**63)')
     device: str = option("cpu", 'where to train')
     out: str | None = option(None, 'run dir to create (default: runs/<time>-<model>-...)')
     resume: str | None = option(None, 'run dir or checkpoint to continue')
     stop_after: int | None = option(
-        None, 'stop after this many epochs, leaving a resumable checkpoint')
+        None, 'stop after this many epochs, leaving a resumable checkpoint', '>= 1')
 
     def resolved(self) -> CompressConfig:
         """A copy with dataset defaults filled in, after validating every field.
@@ -120,6 +122,7 @@ class CompressConfig:
         Raises:
             ConfigError: a value out of range or unknown, with the allowed values.
         """
+        check_settings(self, ConfigError)  # finite and in range: every numeric field
         import torch
 
         from dnr_deploy.data import SPECS, parse_dataset
@@ -143,12 +146,8 @@ class CompressConfig:
                 self.granularity != Granularity.IRREGULAR.value:
             raise ConfigError("--method magnitude prunes single weights: use "
                               "--granularity irregular (or --method static for random channels)")
-        if not (0.0 < self.density <= 1.0) or math.isnan(self.density):
-            raise ConfigError(
-                f"density must be in (0, 1] (the fraction of weights kept), got {self.density}"
-            )
         if self.start_density is not None:
-            if not self.density <= self.start_density <= 1.0:
+            if not self.density <= self.start_density:
                 raise ConfigError(f"start_density must be in [density, 1], got "
                                   f"{self.start_density} with density {self.density}")
             if (self.method, self.dense) != (Method.DNR.value, False):
@@ -161,32 +160,11 @@ class CompressConfig:
             Init(self.init)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if not 0.0 <= self.beta <= 1.0:
-            raise ConfigError(f"beta must be in [0, 1], got {self.beta}")
         try:
             Loss(self.loss)
         except ValueError:
             allowed = ", ".join(v.value for v in Loss)
             raise ConfigError(f"unknown loss {self.loss!r}; available: {allowed}") from None
-        if not 0.0 <= self.trades_beta <= 1000.0:
-            raise ConfigError(f"trades_beta must be in [0, 1000], got {self.trades_beta}")
-        for name in ("epochs", "batch_size", "pgd_steps", "eval_samples", "robust_eval_samples",
-                     "stop_after"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be at least 1, got {value}")
-        if not (0.0 < self.lr < math.inf):
-            raise ConfigError(f"lr must be positive and finite, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if not 0.0 <= self.weight_decay < math.inf:
-            raise ConfigError(f"weight_decay must be >= 0 and finite, got {self.weight_decay}")
-        for name in ("pgd_step_size", "eval_pgd7_step_size"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 < value <= 1.0:
-                raise ConfigError(f"{name} must be in (0, 1] (pixel units), got {value}")
-        if not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.attack_bn not in ("eval", "train"):
             raise ConfigError(f"attack_bn must be 'eval' or 'train', got {self.attack_bn!r}")
         if self.device not in ("cpu", "cuda"):
@@ -194,8 +172,6 @@ class CompressConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible to torch here")
         eps = spec.eps if self.eps is None else self.eps
-        if not 0.0 < eps <= 1.0:
-            raise ConfigError(f"eps must be in (0, 1] (pixel units), got {eps}")
         return dataclasses.replace(
             self,
             rewire_until=self.rewire_schedule().until,

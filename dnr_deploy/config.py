@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -20,6 +21,30 @@ import yaml
 
 class RecipeError(ValueError):
     """A recipe file that is missing, not YAML, or names unknown settings."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A YAML mapping that writes one key twice (PyYAML would keep the last silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping with a repeated key: `lr: 0.1` ... `lr: 10` is a
+    mistake (or a hidden override), never a setting."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` may be overridden, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"{key!r} is written twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            except TypeError:
+                pass  # an unhashable key: SafeLoader's own error says so
+        return super().construct_mapping(node, deep=deep)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -48,9 +73,72 @@ def field_type(cls: type, name: str) -> type:
     return hint
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with its flag's help text: the one place both are written."""
-    return dataclasses.field(default=default, metadata={"help": help})
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The values a numeric setting allows, written as in its help: "(0, 1]", "[0, 100]",
+    ">= 1", "> 0", "[0, 2**63)". Every value must also be finite (nan and inf never are in)."""
+
+    text: str
+
+    def __post_init__(self) -> None:
+        self.limits()  # a typo in a field's declaration fails at import, not at the user
+
+    def limits(self) -> tuple[float | None, bool, float | None, bool]:
+        """(low, low included, high, high included); None: no limit on that side."""
+        text = self.text.strip()
+        for sign, included in ((">=", True), (">", False)):
+            if text.startswith(sign):
+                return _bound(text[len(sign):]), included, None, False
+        if text[0] not in "[(" or text[-1] not in "])" or text.count(",") != 1:
+            raise ValueError(f"bounds {self.text!r}: write (a, b], [a, b), >= a or > a")
+        low, high = text[1:-1].split(",")
+        return _bound(low), text[0] == "[", _bound(high), text[-1] == "]"
+
+    def admits(self, value: float) -> bool:
+        low, low_in, high, high_in = self.limits()
+        return (isinstance(value, int) or math.isfinite(value)) \
+            and (low is None or value > low or (low_in and value == low)) \
+            and (high is None or value < high or (high_in and value == high))
+
+    def phrase(self) -> str:
+        """"in (0, 1]" or ">= 1", for "density must be in (0, 1]"."""
+        return self.text if self.text[0] in "<>" else f"in {self.text}"
+
+
+def _bound(text: str) -> float:
+    """One end of a Bounds: a number, or an integer power such as 2**63."""
+    base, _, power = text.strip().partition("**")
+    return int(base) ** int(power) if power else float(base)
+
+
+def option(default: Any, help: str, bounds: str | None = None) -> Any:
+    """A dataclass field with its flag's help text and, for a number, the values it allows
+    (`Bounds` notation): the one place all three are written."""
+    metadata: dict[str, Any] = {"help": help}
+    if bounds is not None:
+        metadata["bounds"] = Bounds(bounds)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def check_settings(config: Any, error: type[Exception]) -> None:
+    """The one rule for every numeric setting of every stage: a number of the field's type
+    (an integer for an int field), finite, and inside the field's declared `bounds`. Called
+    when a stage validates its config, so flags, YAML and the Python API all pass through it.
+
+    Raises:
+        error: the first setting that breaks it, named with its bounds, in one line.
+    """
+    for field in dataclasses.fields(config):
+        bounds = field.metadata.get("bounds")
+        value = getattr(config, field.name)
+        if bounds is None or (value is None and _optional(type(config), field.name)):
+            continue
+        integral = field_type(type(config), field.name) is int
+        kind = "an integer" if integral else "a finite number"
+        number = isinstance(value, int | float) and not isinstance(value, bool) \
+            and (isinstance(value, int) or not integral)
+        if not number or not bounds.admits(value):
+            raise error(f"{field.name} must be {kind} {bounds.phrase()}, got {value!r}")
 
 
 def add_dataclass_flags(
@@ -71,6 +159,8 @@ def add_dataclass_flags(
         # `is`, not `in (None, False)`: 0 == False would hide a default of 0 (--seed)
         if field.default is not None and field.default is not False and "default" not in text:
             text += f" (default: {field.default})"
+        if "bounds" in field.metadata:
+            text += f"; allowed: {field.metadata['bounds'].text}"
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
@@ -86,7 +176,9 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as err:
+        raise RecipeError(f"recipe {str(path)!r}: key {err}; keep one") from None
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or err  # UnicodeDecodeError has no strerror
         raise RecipeError(f"cannot read recipe {str(path)!r}: {reason}") from None
@@ -104,6 +196,8 @@ def load_recipe(path: str | Path, cls: type) -> dict[str, Any]:
     settings = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        if name in settings:  # batch-size and batch_size: one setting written twice
+            raise RecipeError(f"recipe {str(path)!r}: setting {name!r} is written twice; keep one")
         if name not in known:
             raise RecipeError(
                 f"recipe {str(path)!r}: unknown setting {key!r}; known: {', '.join(sorted(known))}"
@@ -146,5 +240,7 @@ def config_from(args: argparse.Namespace, cls: type) -> Any:
 def fail(prog: str, message: object, code: int = 2) -> int:
     """Print the one-line error every console script uses and return its exit code (line
     breaks inside `message`, e.g. from a library's error text, become spaces)."""
-    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    from dnr_deploy.progress import terminal_safe
+
+    print(terminal_safe(f"{prog}: error: {' '.join(str(message).split())}"), file=sys.stderr)
     return code

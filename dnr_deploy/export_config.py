@@ -7,12 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from dnr_deploy.config import option
+from dnr_deploy.config import check_settings, option
 from dnr_deploy.parity import (
     PARITY_ATOL,
     PARITY_RTOL,
+    PARITY_RTOL_BOUNDS,
     ROUNDING_FACTOR,
-    check_parity_settings,
+    ROUNDING_FACTOR_BOUNDS,
 )
 from dnr_deploy.vocabulary import ReduceRange
 
@@ -35,36 +36,38 @@ class ExportConfig:
     baseline: bool = option(
         False, 'also write baseline.onnx, the unpruned architecture, for side-by-side benchmarks')
     force: bool = option(False, 'replace a non-empty --out')
-    parity_samples: int = option(512, 'test images for the parity checks')
+    parity_samples: int = option(512, 'test images for the parity checks', '>= 1')
     data_dir: str | None = option(
         None, "folder holding the run's dataset (default: the run's own --data-dir)")
-    opset: int = option(18, 'ONNX opset')
+    opset: int = option(18, 'ONNX opset (ONNX Runtime 1.18+)', '[17, 23]')
     parity_atol: float = option(
-        PARITY_ATOL, 'largest |logit difference| allowed between ONNX Runtime and PyTorch')
+        PARITY_ATOL, 'largest |logit difference| allowed between ONNX Runtime and PyTorch',
+        '> 0')
     parity_rtol: float = option(
         PARITY_RTOL, "plus this fraction of the largest |logit|: float32 rounding grows with the "
-        "logits, which a barely trained network can push to 1e8")
+        "logits, which a barely trained network can push to 1e8", PARITY_RTOL_BOUNDS)
     parity_rounding_factor: float = option(
         ROUNDING_FACTOR, "or, if larger, this many times PyTorch's own float32 rounding on "
         "the parity images (|float32 - float64| logits): rounding grows with a network's "
-        "activations, which can dwarf its logits")
+        "activations, which can dwarf its logits", ROUNDING_FACTOR_BOUNDS)
     shrink_atol: float = option(
         1e-5, 'largest |logit difference| allowed between shrunk and masked network, plus '
-        'the larger of the parity rtol and rounding terms')
+        'the larger of the parity rtol and rounding terms', '> 0')
     quantize: str | None = option(
         None, 'int8: model.onnx becomes a static QDQ int8 graph (per-channel int8 weights, '
         'uint8 activations calibrated on training images) and the float graph stays as '
         'model.fp32.onnx; channel and dense runs')
-    calibration_images: int = option(256, 'training images that calibrate --quantize int8')
+    calibration_images: int = option(256, 'training images that calibrate --quantize int8',
+                                     '>= 1')
     reduce_range: str = option(
         ReduceRange.AUTO.value, "7-bit int8 weights: auto (on unless this CPU has VNNI, where "
         "8-bit weights would saturate the fused kernels), on, off")
     int8_atol: float = option(
         0.25, "largest |logit difference| allowed between the deployed int8 session and "
-        "ONNX Runtime's reference int8 math")
+        "ONNX Runtime's reference int8 math", '> 0')
     int8_max_drop: float = option(
         1.0, 'percentage points of clean accuracy int8 may lose against float on the parity '
-        'images before the export fails')
+        'images before the export fails', '[0, 100]')
     sign: str | None = option(
         None, "private key (PEM, elliptic curve) to sign the deploy dir with (model.sig): "
         "signed without a verdict; dnr-verify --sign signs it again with the gate's")
@@ -74,13 +77,10 @@ class ExportConfig:
             ExportError: an unknown format or a value out of range, with the allowed values."""
         from dnr_deploy.export.errors import ExportError
 
+        check_settings(self, ExportError)  # finite and in range: every numeric field
         formats = [f.value for f in ExportFormat]
         if self.format not in formats:
             raise ExportError(f"unknown format {self.format!r}; available: {', '.join(formats)}")
-        if self.parity_samples < 1:
-            raise ExportError(f"parity_samples must be at least 1, got {self.parity_samples}")
-        if not 17 <= self.opset <= 23:
-            raise ExportError(f"opset must be in 17..23 (ONNX Runtime 1.18+), got {self.opset}")
         if self.quantize not in (None, "int8"):
             raise ExportError(f"unknown --quantize {self.quantize!r}; available: int8")
         try:
@@ -89,13 +89,4 @@ class ExportConfig:
             known = ", ".join(r.value for r in ReduceRange)
             raise ExportError(f"unknown --reduce-range {self.reduce_range!r}; available: "
                               f"{known}") from None
-        if self.calibration_images < 1:
-            raise ExportError(f"calibration_images must be at least 1, "
-                              f"got {self.calibration_images}")
-        if self.int8_max_drop < 0:
-            raise ExportError(f"int8_max_drop must be >= 0, got {self.int8_max_drop}")
-        check_parity_settings(self.parity_rtol, self.parity_rounding_factor, ExportError)
-        for name in ("parity_atol", "shrink_atol", "int8_atol"):
-            if not getattr(self, name) > 0:
-                raise ExportError(f"{name} must be positive, got {getattr(self, name)}")
         return self

@@ -79,6 +79,18 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(lines))
 
 
+def describe_os_error(err: OSError, writing: str) -> str:
+    """One line for a file-system error a stage did not expect: "cannot read PATH" when the
+    file it names is missing or there but unreadable (permissions), else "cannot write
+    WRITING" (a read-only or full disk under --out)."""
+    name = err.filename
+    unreadable = name is not None and os.path.lexists(name) and (
+        not os.access(name, os.R_OK) or not os.stat(name).st_mode & 0o444)
+    if name is not None and (err.errno == errno.ENOENT or unreadable):
+        return f"cannot read {str(name)!r}: {err.strerror or err}"
+    return f"cannot write {writing}: {err}"
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -107,7 +119,10 @@ def read_json_object(file: Path, what: str, error: type[Exception]) -> dict:
 
 
 def is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A finite int or float (bool excluded). Python's JSON reads NaN, Infinity and 1e999 as
+    floats, and a figure that feeds a gate must compare like a number: NaN passes every `<`."""
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and (isinstance(value, int) or math.isfinite(value))
 
 
 def is_int_in(value: Any, low: int, high: int) -> bool:
@@ -122,7 +137,7 @@ def is_count(value: Any) -> bool:
 def are_numbers(value: Any, positive: bool = False) -> bool:
     """A non-empty list of finite numbers (all > 0 with `positive`)."""
     return isinstance(value, list) and bool(value) and all(
-        is_number(v) and math.isfinite(v) and (v > 0 or not positive) for v in value)
+        is_number(v) and (v > 0 or not positive) for v in value)
 
 
 def are_figures(value: Any) -> bool:

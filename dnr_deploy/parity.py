@@ -26,15 +26,11 @@ if TYPE_CHECKING:  # numpy and torch load when a limit is measured: the settings
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-6
 ROUNDING_FACTOR = 10.0
+# Their allowed values (config.Bounds notation), checked where each stage validates its config.
+PARITY_RTOL_BOUNDS = "[0, 1)"
+ROUNDING_FACTOR_BOUNDS = "[0, 1000]"
 
 
-def check_parity_settings(rtol: float, rounding_factor: float, error: type[Exception]) -> None:
-    """Raises:
-        error: rtol outside [0, 1) or a rounding factor outside [0, 1000]."""
-    if not 0 <= rtol < 1:
-        raise error(f"parity_rtol must be in [0, 1), got {rtol}")
-    if not 0 <= rounding_factor <= 1000:
-        raise error(f"parity_rounding_factor must be in [0, 1000], got {rounding_factor}")
 
 
 @dataclass(frozen=True)

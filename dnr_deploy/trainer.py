@@ -96,10 +96,8 @@ def _compress(config: CompressConfig, model: nn.Module | None, train_data: objec
         byo.check_distributed(context, train_data, test_data)
         run_dir = run_dirs.agree_on_run_dir(context, config)
         trainer = Trainer.create(config, bundle, context, resume_state, module)
-        if context.is_main:
-            ckpt.remember_latest(run_dir)
-            if config.resume:  # a run killed while writing a checkpoint left its temp file
-                ckpt.remove_stale_temps(run_dir)
+        if context.is_main and config.resume:  # a run killed mid-write left its temp file
+            ckpt.remove_stale_temps(run_dir)
         return trainer.run(run_dir)
     finally:
         ddp.shutdown(context)
@@ -134,6 +132,7 @@ class Trainer:
     policy: DensePolicy
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
+    saved_epoch: int | None = None  # the epoch of the checkpoint on disk (None: none yet)
 
     @classmethod
     def create(cls, config, bundle, context, resume_state, module=None) -> Trainer:
@@ -182,7 +181,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.policy.load_state_dict(state["policy"])
-            self.start_epoch = int(state["epoch"])
+            self.start_epoch = self.saved_epoch = int(state["epoch"])
             self.history = list(state["history"])
             rng = state["rng"]
             if int(state.get("world_size", 1)) == self.context.world_size:
@@ -212,7 +211,7 @@ class Trainer:
                 raise ValueError(f"mask {name!r} is not a bool tensor shaped like its weight")
         for group in self.optimizer.param_groups:
             for key in ("lr", "momentum", "weight_decay", "dampening"):
-                if not isinstance(group.get(key), int | float) or isinstance(group[key], bool):
+                if not ckpt.is_number(group.get(key)):  # finite: NaN momentum trains NaN
                     raise ValueError(f"optimizer setting {key!r} is {group.get(key)!r}")
             for param in group["params"]:
                 buffer = self.optimizer.state.get(param, {}).get("momentum_buffer")
@@ -229,17 +228,24 @@ class Trainer:
             json.dumps(row)  # metrics.jsonl is rewritten from these rows after every epoch
 
     def save(self, run_dir: Path, epoch: int) -> None:
+        """Raises CheckpointError when a write fails (a full disk): the last good one stays."""
         state = self.state(epoch)  # a collective under torchrun: every rank takes part
         if self.context.is_main:
-            ckpt.save_checkpoint(run_dir, state)
-            # The checkpoint is the record; metrics.jsonl is a view of its history, rewritten
-            # whole, so a kill between the two writes is mended by the next resume.
-            ckpt.write_jsonl(run_dir / ckpt.METRICS_JSONL, self.history)
+            try:
+                ckpt.save_checkpoint(run_dir, state)
+                self.saved_epoch = epoch
+                # The checkpoint is the record; metrics.jsonl is a view of its history,
+                # rewritten whole, so a kill between the two writes is mended by the next resume.
+                ckpt.write_jsonl(run_dir / ckpt.METRICS_JSONL, self.history)
+            except (ckpt.CheckpointError, OSError) as err:
+                raise ckpt.write_failed(err, run_dir, self.saved_epoch) from None
 
     def run(self, run_dir: Path) -> Run:
         cfg = self.config
         if self.start_epoch == 0 and not self.history:
             self.save(run_dir, 0)
+        if self.context.is_main:  # only now: LATEST never names a run without a checkpoint
+            ckpt.remember_latest(run_dir)
         end = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
         epoch = self.start_epoch
         loader = self.loader()
@@ -278,7 +284,10 @@ class Trainer:
             bar.close()
         if end < cfg.epochs:
             return Run(run_dir, {"stopped_after_epoch": end})
-        return Run(run_dir, self._finish(run_dir) if self.context.is_main else {})
+        try:
+            return Run(run_dir, self._finish(run_dir) if self.context.is_main else {})
+        except OSError as err:  # run.json or a plot on a full disk: resuming redoes the end
+            raise ckpt.write_failed(err, run_dir, self.saved_epoch) from None
 
     def _one_epoch(self, epoch: int, loader: DataLoader) -> dict:
         cfg = self.config

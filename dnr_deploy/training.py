@@ -18,7 +18,7 @@ from dnr_deploy.checkpoint import CheckpointError
 
 # the settings live in torch-free modules (fast --help); re-exported here, where they are used
 from dnr_deploy.compress_config import CompressConfig, ConfigError, Method  # noqa: F401
-from dnr_deploy.config import RecipeError, coerce
+from dnr_deploy.config import RecipeError, check_settings, coerce
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity.groups import ChannelGraphError
 from dnr_deploy.sparsity.masks import Granularity
@@ -65,7 +65,12 @@ def settings_from_checkpoint(saved: object, where: str) -> dict:
                     for name, value in saved.items() if name in known}
     except RecipeError as err:
         raise CheckpointError(str(err)) from None
-    return {**BEFORE_FIELD_EXISTED, **recorded}
+    settings = {**BEFORE_FIELD_EXISTED, **recorded}
+    try:  # the rule every setting meets (finite, in range), named as the checkpoint's
+        check_settings(CompressConfig(**settings), CheckpointError)
+    except CheckpointError as err:
+        raise CheckpointError(f"{where} is damaged: its {err}") from None
+    return settings
 
 
 def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressConfig:

@@ -7,12 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dnr_deploy.config import option
+from dnr_deploy.config import Bounds, check_settings, option
+from dnr_deploy.files import is_number
 from dnr_deploy.parity import (
     PARITY_ATOL,
     PARITY_RTOL,
+    PARITY_RTOL_BOUNDS,
     ROUNDING_FACTOR,
-    check_parity_settings,
+    ROUNDING_FACTOR_BOUNDS,
 )
 from dnr_deploy.vocabulary import AttackName
 
@@ -26,8 +28,8 @@ class VerifyError(ValueError):
 
 def check_eps(eps: float, where: str) -> float:
     """Raises:
-        VerifyError: eps outside (0, 1] (pixel units)."""
-    if not 0 < eps <= 1:
+        VerifyError: eps not a finite number in (0, 1] (pixel units)."""
+    if not is_number(eps) or not Bounds("(0, 1]").admits(eps):
         raise VerifyError(f"{where} must be in (0, 1] (pixel units of [0, 1] images), "
                           f"got {eps}")
     return float(eps)
@@ -48,43 +50,46 @@ class VerifyConfig:
         'parts on the re-imported ONNX graph, Square on ONNX Runtime queries); or one of '
         "them; pgd: PGD-20 as the training side's")
     eps: float | None = option(
-        None, "Linf radius in (0, 1] (default: the manifest's threat model)")
+        None, "Linf radius in pixel units (default: the manifest's threat model)", '(0, 1]')
     steps: int | None = option(
-        None, 'APGD iterations (default 100) or, for pgd, PGD steps (default 20)')
-    queries: int = option(5000, "Square's query budget per image")
-    targets: int = option(9, 'APGD-T target classes')
-    p_init: float = option(0.8, 'Square: initial fraction of the image one square covers')
+        None, 'APGD iterations (default 100) or, for pgd, PGD steps (default 20)', '>= 1')
+    queries: int = option(5000, "Square's query budget per image", '>= 2')
+    targets: int = option(9, 'APGD-T target classes', '>= 1')
+    p_init: float = option(0.8, 'Square: initial fraction of the image one square covers',
+                           '(0, 1]')
     n: int | None = option(
-        None, 'score the first N test images (default: those the training side attacked)')
+        None, 'score the first N test images (default: those the training side attacked)',
+        '>= 1')
     tolerance: float = option(
         1.0,
         'percentage points the worst-case robust accuracy may fall below the training '
-        "side's AutoAttack-grade figure before the exit code is 1")
+        "side's AutoAttack-grade figure before the exit code is 1", '[0, 100]')
     min_robust: float | None = option(
         None,
         'absolute floor: exit code 1 when the worst-case robust accuracy is below this '
-        'percentage')
+        'percentage', '[0, 100]')
     no_gate: bool = option(
         False, 'do not compare with the training side (--min-robust still applies)')
-    batch_size: int = option(128, 'images per batch')
+    batch_size: int = option(128, 'images per batch', '>= 1')
     provider: str = option("cpu", 'ONNX Runtime execution provider')
     threads: int = option(1, 'threads of the runtime that scores (ONNX Runtime intra-op, '
-                          'sparse kernels)')
+                          'sparse kernels)', '>= 1')
     runtime: str = option(
         "ort", "what scores the images: ort (ONNX Runtime, model.onnx) or sparse (the CSR "
         "weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked against "
         "ONNX Runtime on the clean images first); gradients always come from model.onnx")
     parity_atol: float = option(
         PARITY_ATOL,
-        'largest |logit difference| allowed between the re-imported graph and ONNX Runtime')
+        'largest |logit difference| allowed between the re-imported graph and ONNX Runtime',
+        '> 0')
     parity_rtol: float = option(
         PARITY_RTOL, "plus this fraction of the largest |logit| (float32 rounding grows with the "
-        "logits; export's gate allows the same)")
+        "logits; export's gate allows the same)", PARITY_RTOL_BOUNDS)
     parity_rounding_factor: float = option(
         ROUNDING_FACTOR, "or, if larger, this many times the re-import's own float32 rounding "
-        "(|float32 - float64| logits), export's rule")
-    seed: int = option(0, "seed of the attacks' randomness")
-    examples: int = option(8, 'images in the example grid')
+        "(|float32 - float64| logits), export's rule", ROUNDING_FACTOR_BOUNDS)
+    seed: int = option(0, "seed of the attacks' randomness", '[0, 2**63)')
+    examples: int = option(8, 'images in the example grid', '>= 0')
     out: str | None = option(
         None, 'folder for verify.json and the examples (default: DEPLOY_DIR/reports)')
     sign: str | None = option(
@@ -101,6 +106,7 @@ class VerifyConfig:
             VerifyError: an unknown attack or provider, or a value out of range."""
         from dnr_deploy.runtime.runtimes import parse_placement
 
+        check_settings(self, VerifyError)  # finite and in range: every numeric field
         try:
             AttackName(self.attack)
         except ValueError:
@@ -110,21 +116,6 @@ class VerifyConfig:
             parse_placement(self.runtime, self.provider)
         except ValueError as err:
             raise VerifyError(str(err)) from None
-        if self.eps is not None:
-            check_eps(self.eps, "--eps")
-        for name in ("steps", "n", "batch_size", "threads", "targets"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise VerifyError(f"{name} must be at least 1, got {value}")
-        if self.queries < 2:
-            raise VerifyError(f"queries must be at least 2, got {self.queries}")
-        if not 0 < self.p_init <= 1:
-            raise VerifyError(f"p_init must be in (0, 1], got {self.p_init}")
-        if self.min_robust is not None and not 0 <= self.min_robust <= 100:
-            raise VerifyError(f"min_robust is a percentage in [0, 100], got {self.min_robust}")
-        check_parity_settings(self.parity_rtol, self.parity_rounding_factor, VerifyError)
-        if self.tolerance < 0 or self.parity_atol <= 0 or self.examples < 0:
-            raise VerifyError("tolerance and examples must be >= 0 and parity_atol > 0")
         return self
 
     def ensemble(self) -> EnsembleConfig:

@@ -22,6 +22,7 @@ import torch
 from dnr_deploy.attacks.apgd import apgd
 from dnr_deploy.attacks.pgd import Classifier, pgd, seeded_start_at
 from dnr_deploy.attacks.square import QueryFn, square_attack
+from dnr_deploy.config import check_settings, option
 from dnr_deploy.vocabulary import AttackName  # noqa: F401  (re-exported)
 
 Progress = Callable[[str], None]
@@ -33,26 +34,20 @@ class EnsembleConfig:
     lower them (see `data.DatasetSpec.autoattack`), and run.json records what ran."""
 
     attack: str = AttackName.AUTOATTACK.value
-    apgd_steps: int = 100
-    restarts: int = 1  # APGD-CE restarts; APGD-T runs once per target class
-    target_classes: int = 9
-    square_queries: int = 5000
-    square_p_init: float = 0.8
-    pgd_steps: int = 20
-    seed: int = 0
-    batch_size: int = 256
+    apgd_steps: int = option(100, "APGD iterations", ">= 1")
+    restarts: int = option(1, "APGD-CE restarts; APGD-T runs once per target class", ">= 1")
+    target_classes: int = option(9, "APGD-T target classes", ">= 1")
+    square_queries: int = option(5000, "Square's query budget per image", ">= 2")
+    square_p_init: float = option(0.8, "Square's initial square fraction", "(0, 1]")
+    pgd_steps: int = option(20, "PGD steps", ">= 1")
+    seed: int = option(0, "seed of the attacks' randomness", "[0, 2**63)")
+    batch_size: int = option(256, "images per batch", ">= 1")
 
     def validated(self) -> EnsembleConfig:
         """Raises:
-            ValueError: an unknown attack or a budget below 1."""
+            ValueError: an unknown attack or a budget out of range."""
         AttackName(self.attack)
-        for name in ("apgd_steps", "restarts", "target_classes", "pgd_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.square_queries < 2:
-            raise ValueError(f"square_queries must be at least 2, got {self.square_queries}")
-        if not 0 < self.square_p_init <= 1:
-            raise ValueError(f"square_p_init must be in (0, 1], got {self.square_p_init}")
+        check_settings(self, ValueError)  # finite and in range: every numeric field
         return self
 
 

@@ -170,7 +170,8 @@ _FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     "input_range": lambda v: are_numbers(v) and len(v) == 2,
     "threat_model": lambda v: isinstance(v, dict) and isinstance(v.get("norm", ""), str)
     and (v.get("eps") is None or is_number(v["eps"])),
-    "accuracy": lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
+    "accuracy": lambda v: isinstance(v, dict)  # fractions that feed verify's gate
+    and all(is_number(x) and 0 <= x <= 1 for x in v.values()),
     "dataset": lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
     and (v.get("data_dir") is None or isinstance(v["data_dir"], str)),
     "robustness": lambda v: (isinstance(v, dict) and is_int_in(v.get("images"), 0, 10**9)

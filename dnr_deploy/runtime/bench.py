@@ -26,7 +26,7 @@ import numpy as np
 
 from dnr_deploy import deploydir
 from dnr_deploy.checkpoint import write_json
-from dnr_deploy.config import option
+from dnr_deploy.config import check_settings, option
 from dnr_deploy.progress import terminal_progress
 from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.runtimes import (
@@ -59,19 +59,20 @@ class BenchConfig:
         'baseline.onnx, written by dnr-export --baseline)')
     provider: str = option("cpu", 'ONNX Runtime execution provider (cuda needs onnxruntime-gpu)')
     batch: str = option("1,64", 'comma-separated batch sizes')
-    threads: int = option(1, 'threads of each runtime (ONNX Runtime intra-op, sparse kernels)')
+    threads: int = option(1, 'threads of each runtime (ONNX Runtime intra-op, sparse kernels)',
+                          '>= 1')
     runtime: str = option(
         "ort", "what runs the deployed model: ort (ONNX Runtime, model.onnx) or sparse (the "
         "CSR weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked "
         "against ONNX Runtime before timing); the baseline always runs in ONNX Runtime")
-    warmup: int = option(10, 'untimed calls before timing each batch size')
-    runs: int = option(100, 'timed calls per batch size')
+    warmup: int = option(10, 'untimed calls before timing each batch size', '>= 0')
+    runs: int = option(100, 'timed calls per batch size', '>= 1')
     turn: int = option(
         1, 'timed calls each model makes in a row (after one untimed call) before the other '
         'takes over; 1 alternates call by call. Use 5 or so with --runtime sparse and 2+ '
         'threads: right after ONNX Runtime, whose worker threads keep spinning and whose '
-        'weights evict the caches, the sparse model is timed at half its speed')
-    seed: int = option(0, 'seed of the random input images')
+        'weights evict the caches, the sparse model is timed at half its speed', '>= 1')
+    seed: int = option(0, 'seed of the random input images', '[0, 2**63)')
     out: str | None = option(
         None, 'folder for bench.json and the plot (default: DEPLOY_DIR/reports)')
     verify_key: str | None = option(
@@ -98,11 +99,8 @@ class BenchConfig:
             parse_placement(self.runtime, self.provider)
         except ValueError as err:
             raise BenchError(str(err)) from None
+        check_settings(self, BenchError)  # finite and in range: every numeric field
         self.batch_sizes()
-        if self.threads < 1 or self.runs < 1 or self.warmup < 0 or self.turn < 1:
-            raise BenchError(f"need threads >= 1, runs >= 1, warmup >= 0, turn >= 1; got "
-                             f"threads {self.threads}, runs {self.runs}, warmup {self.warmup}, "
-                             f"turn {self.turn}")
         return self
 
 
