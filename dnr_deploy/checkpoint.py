@@ -17,8 +17,10 @@ from typing import Any
 from dnr_deploy.files import (  # noqa: F401  (re-exported: the run dir contract)
     are_figures,
     are_numbers,
+    artifact_file,
     is_count,
     is_number,
+    plain_name,
     read_json_object,
     remove_stale_temps,
     sha256_of,
@@ -74,7 +76,7 @@ def write_failed(err: Exception, run_dir: Path, saved_epoch: int | None) -> Chec
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run dir or a checkpoint file -> the checkpoint file."""
     path = Path(path)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
+    return artifact_file(path, CHECKPOINT_NAME, CheckpointError) if path.is_dir() else path
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -170,8 +172,11 @@ def latest_run() -> Path:
     """The run dir that `dnr-compress` wrote last into runs/ (the default `--out`) or straight
     into this working directory (`--out NAME`), whichever LATEST is newer.
 
+    LATEST is a file anyone can edit, so it may name only a real folder beside it: a bare
+    name, never a path ("..", "/", an absolute one) or a symbolic link.
+
     Raises:
-        CheckpointError: no run has been recorded here.
+        CheckpointError: no run has been recorded here, or LATEST names anything else.
     """
     pointers = [p for p in (LATEST_POINTER, Path(LATEST_POINTER.name)) if p.is_file()]
     if not pointers:
@@ -180,7 +185,19 @@ def latest_run() -> Path:
             "run dnr-compress first or name a run dir"
         )
     newest = max(pointers, key=lambda p: p.stat().st_mtime_ns)
-    return newest.parent / newest.read_text().strip()
+    if newest.is_symlink():
+        raise CheckpointError(f"{str(newest)!r} is a symbolic link; it must be the file "
+                              "dnr-compress wrote")
+    try:
+        name = newest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {str(newest)!r}: {err}") from None
+    run_dir = newest.parent / name
+    if not plain_name(name) or run_dir.is_symlink() or not run_dir.is_dir():
+        raise CheckpointError(
+            f"{str(newest)!r} names {name[:80]!r}, which is not a run folder beside it (a bare "
+            "name, no path, no link); name the run dir yourself")
+    return run_dir
 
 
 def read_run_json(run_dir: Path) -> dict:
@@ -189,7 +206,7 @@ def read_run_json(run_dir: Path) -> dict:
     Raises:
         CheckpointError: not a finished run dir, or run.json is not valid JSON.
     """
-    file = Path(run_dir) / RUN_JSON
+    file = artifact_file(run_dir, RUN_JSON, CheckpointError)
     if not file.is_file():
         raise CheckpointError(f"{str(run_dir)!r} is not a finished run dir (no {RUN_JSON})")
     data = read_json_object(file, "a run.json", CheckpointError)

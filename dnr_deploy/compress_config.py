@@ -115,6 +115,9 @@ class CompressConfig:
     resume: str | None = option(None, 'run dir or checkpoint to continue')
     stop_after: int | None = option(
         None, 'stop after this many epochs, leaving a resumable checkpoint', '>= 1')
+    trust_model_code: bool = option(
+        False, "--resume: import whatever MODULE:FACTORY the checkpoint names (runs its code); "
+        "without it, name that spec with --model")
 
     def resolved(self) -> CompressConfig:
         """A copy with dataset defaults filled in, after validating every field.

@@ -233,8 +233,30 @@ def config_from(args: argparse.Namespace, cls: type) -> Any:
     settings = dict(vars(args))
     recipe = settings.pop("config", None)
     base = load_recipe(recipe, cls) if recipe else {}
+    if recipe:
+        _check_recipe_trust(recipe, base, settings)
     base.update(settings)
     return cls(**base)
+
+
+def _check_recipe_trust(recipe: str, base: dict, flags: dict) -> None:
+    """A recipe is a file, so it is untrusted like any artifact: it cannot grant
+    --trust-model-code, and its MODULE:FACTORY model is imported only when the flags name it.
+
+    Raises:
+        RecipeError: either, with the fix.
+    """
+    from dnr_deploy.trust import UntrustedModelCode, check_spec_trusted
+
+    if "trust_model_code" in base:
+        raise RecipeError(f"recipe {str(recipe)!r} sets trust_model_code, which only the "
+                          "command line can: pass --trust-model-code yourself")
+    if "model" in base and "model" not in flags:
+        try:
+            check_spec_trusted(base["model"], f"recipe {str(recipe)!r}", None,
+                               bool(flags.get("trust_model_code")))
+        except UntrustedModelCode as err:
+            raise RecipeError(str(err)) from None
 
 
 def fail(prog: str, message: object, code: int = 2) -> int:

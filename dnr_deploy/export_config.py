@@ -29,6 +29,11 @@ class ExportConfig:
 
     run_dir: str | None = None  # None: the latest run recorded in runs/LATEST
     out: str | None = option(None, 'deploy dir to create (default: RUN_DIR/deploy)')
+    model: str | None = option(
+        None, "the run's model spec, named by you: a MODULE:FACTORY spec in run.json is "
+        "imported only when it is named here (or with --trust-model-code)")
+    trust_model_code: bool = option(
+        False, "import whatever MODULE:FACTORY the run's run.json names (runs its code)")
     format: str = option(
         ExportFormat.ONNX.value,
         'onnx: model.onnx plus loadable weights (and the CSR bundle for irregular runs); '

@@ -70,6 +70,39 @@ def remove_stale_temps(folder: Path) -> list[str]:
     return removed
 
 
+def artifact_file(folder: str | Path, name: str, error: type[Exception]) -> Path:
+    """`folder/name`, checked to stay inside `folder`: the one gate every reader of a run dir
+    or a deploy dir goes through (DESIGN.md section 9), so no artifact reads a file elsewhere.
+
+    A name that does not exist is returned as it is (each reader says what is missing); one
+    that exists must be a regular file, reached through no symbolic link, inside `folder`.
+
+    Raises:
+        error: the path is a symbolic link, leaves `folder` (through "..", an absolute name or
+            a linked folder on the way), or is not a regular file.
+    """
+    path = Path(folder) / name
+    if not os.path.lexists(path):
+        return path
+    if path.is_symlink():
+        raise error(f"{str(path)!r} is a symbolic link; artifacts are read only as regular "
+                    f"files inside {str(folder)!r}")
+    real, home = path.resolve(), Path(folder).resolve()
+    if home not in real.parents:
+        raise error(f"{str(path)!r} lies outside {str(folder)!r} (it resolves to "
+                    f"{str(real)!r}); artifacts are read only from inside the dir given")
+    if not real.is_file():
+        raise error(f"{str(path)!r} is not a regular file")
+    return path
+
+
+def plain_name(text: str) -> bool:
+    """A bare folder or file name: no separator, not "." or "..", not absolute, no NUL; what
+    a file may name when the name is joined to a folder the user gave."""
+    return (bool(text) and text not in (".", "..") and "/" not in text and "\\" not in text
+            and "\x00" not in text and not os.path.isabs(text))
+
+
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
@@ -149,15 +182,18 @@ class FolderTaken(OSError):
     """The target of `publish_folder` was filled by someone else while this one was built."""
 
 
-def publish_folder(work: Path, out: Path, force: bool) -> None:
+def publish_folder(work: Path, out: Path, force: bool,
+                   replaceable: Callable[[Path], None] | None = None) -> None:
     """Give the finished folder `work` the usual file modes and rename it onto `out` whole.
+    With `force`, `replaceable(out)` runs right before an occupied `out` is set aside (it
+    raises to keep it), so what is deleted is what was checked, not what arrived meanwhile.
 
     Raises:
         FolderTaken: `out` was filled meanwhile (without `force`), or replaced by another
             forced publisher at the same moment; `work` is left for the caller to remove.
     """
     _open_permissions(work)
-    _move_into_place(work, out, force)
+    _move_into_place(work, out, force, replaceable)
 
 
 def _open_permissions(folder: Path) -> None:
@@ -166,7 +202,8 @@ def _open_permissions(folder: Path) -> None:
     os.chmod(folder, 0o777 & ~_umask())
 
 
-def _move_into_place(work: Path, out: Path, force: bool) -> None:
+def _move_into_place(work: Path, out: Path, force: bool,
+                     replaceable: Callable[[Path], None] | None = None) -> None:
     """Rename the finished folder onto `out` in one step, so `out` is never partial.
 
     rename(2) replaces only an absent or empty folder and fails on a non-empty one: that is
@@ -190,6 +227,8 @@ def _move_into_place(work: Path, out: Path, force: bool) -> None:
                 f"--out {str(out)!r} was filled while this export ran (another dnr-export?); "
                 "it was left as it is and nothing was written; pass --force to replace it"
             ) from None
+    if replaceable is not None:
+        replaceable(out)
     old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(out, old)
     try:

@@ -12,6 +12,7 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import distributed as ddp
 from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.training import RESUME_FIXED, CompressConfig, ConfigError, settings_from_checkpoint
+from dnr_deploy.trust import UntrustedModelCode, check_spec_trusted, imports_code
 
 
 def check_resume(config: CompressConfig, saved: object, where: str) -> None:
@@ -26,6 +27,23 @@ def check_resume(config: CompressConfig, saved: object, where: str) -> None:
                 f"--resume: the checkpoint was trained with {name}={saved_value!r}, "
                 f"not {value!r}; drop that setting to continue it"
             )
+
+
+def check_resumed_model_trusted(config: CompressConfig, saved: object, where: str) -> None:
+    """A checkpoint's MODULE:FACTORY spec is imported only when this invocation names it
+    (`--model`, `CompressConfig(model=...)`) or trusts model code.
+
+    Raises:
+        ConfigError: the checkpoint names model code the user did not name or trust.
+    """
+    spec = saved.get("model") if isinstance(saved, dict) else None
+    if not imports_code(spec):
+        return  # a registry name or torchvision:NAME; check_resume compares the rest
+    named = None if config.model == CompressConfig().model else config.model
+    try:
+        check_spec_trusted(spec, where, named, config.trust_model_code)
+    except UntrustedModelCode as err:
+        raise ConfigError(str(err)) from None
 
 
 def agree_on_run_dir(context: ddp.DistContext, config: CompressConfig) -> Path:

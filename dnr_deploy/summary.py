@@ -4,6 +4,11 @@ as a terminal table and a self-contained HTML page with the plots inline.
 
 Reading only the JSON contracts keeps this module free of torch and onnxruntime: a report
 opens in well under a second and works on a deploy dir copied away from its run.
+
+What it reads are artifacts (DESIGN.md section 9): every file goes through `artifact_file`
+(no symbolic link, nothing outside its folder), so a linked plot is never embedded; the run a
+manifest names is read only when it is the deploy dir's own folder or a sibling of it; and the
+page goes into the folder given (or `--html`), never into one an artifact names.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from pathlib import Path
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.config import option
 from dnr_deploy.deploydir import names
+from dnr_deploy.deploydir.opening import source_run_dir
 from dnr_deploy.deploydir.signing import SignatureError, check_signature
-from dnr_deploy.files import read_json_object, write_atomic
+from dnr_deploy.files import artifact_file, read_json_object, write_atomic
 from dnr_deploy.runtime.verdict import stage_label
 
 REPORT_HTML = "report.html"
@@ -36,8 +42,8 @@ class ReportConfig:
     path: str | None = option(
         None, 'run dir or deploy dir (default: the latest run and its deploy dir)')
     html: str | None = option(
-        None, 'where to write the HTML page (default: RUN_DIR/report.html, or '
-        'DEPLOY_DIR/reports/report.html for a deploy dir on its own)')
+        None, 'where to write the HTML page (default: RUN_DIR/report.html for a run dir, '
+        'DEPLOY_DIR/reports/report.html for a deploy dir)')
     verify_key: str | None = option(
         None, "public key (PEM) whose private key must have signed the deploy dir (model.sig "
         "over every file): a missing or invalid signature, or any file changed or added after "
@@ -58,7 +64,8 @@ class Summary:
     run_dir: Path | None
     deploy_dir: Path | None
     sections: list[Section]
-    plots: list[tuple[str, Path]]  # (caption, PNG), only those that exist
+    plots: list[tuple[str, Path]]  # (caption, PNG), only regular files inside their folder
+    home: Path | None = None  # the folder the page goes to by default: inside the dir given
 
     def as_dict(self) -> dict:
         return {"run_dir": _shown(self.run_dir), "deploy_dir": _shown(self.deploy_dir),
@@ -82,30 +89,46 @@ def summarize(path: str | Path | None, verify_key: str | Path | None = None) -> 
         ReportError: `path` is neither, a JSON file in it cannot be read, or (with
             `verify_key`) the deploy dir has no valid signature.
     """
-    start = Path(path) if path else _latest()
+    given = Path(path) if path else _latest()
     # with a key, a deploy dir's signature is checked before its manifest is even parsed
-    early = (_signature(start, verify_key) if verify_key is not None
-             and (start / names.MANIFEST_NAME).is_file() else None)
-    run_dir, deploy_dir = _locate(start)
+    early = (_signature(given, verify_key) if verify_key is not None
+             and (given / names.MANIFEST_NAME).is_file() else None)
+    run_dir, deploy_dir = _locate(given)
     signature = early or (_signature(deploy_dir, verify_key) if deploy_dir is not None
                           else None)
     sections: list[Section] = []
-    plots: list[tuple[str, Path]] = []
+    plots: list[tuple[str, Path | None]] = []
     if run_dir is not None:
-        sections.append(_run_section(run_dir, _read(run_dir / ckpt.RUN_JSON, "a run.json")))
-        plots += [(caption, run_dir / "plots" / name) for name, caption in RUN_PLOTS.items()]
+        sections.append(_run_section(run_dir, _read(run_dir, ckpt.RUN_JSON, "a run.json")))
+        plots += [(caption, _plot(run_dir, f"plots/{name}")) for name, caption in
+                  RUN_PLOTS.items()]
     if deploy_dir is not None:
-        manifest = _read(deploy_dir / names.MANIFEST_NAME, "a manifest")
+        manifest = _read(deploy_dir, names.MANIFEST_NAME, "a manifest")
         sections.append(_deploy_section(deploy_dir, manifest))
         sections[-1].add("signature", signature["status"])
-        reports = deploy_dir / names.REPORTS_DIR
-        if (reports / BENCH_JSON).is_file():
-            sections.append(_bench_section(_read(reports / BENCH_JSON, "a bench.json")))
-        if (reports / VERIFY_JSON).is_file():
-            sections.append(_verify_section(_read(reports / VERIFY_JSON, "a verify.json")))
-        plots += [("latency (dnr-bench)", reports / BENCH_PLOT),
-                  ("the deployed model under attack (dnr-verify)", reports / VERIFY_PLOT)]
-    return Summary(run_dir, deploy_dir, sections, [(c, p) for c, p in plots if p.is_file()])
+        reports = names.REPORTS_DIR
+        if (deploy_dir / reports / BENCH_JSON).is_file():
+            sections.append(_bench_section(_read(deploy_dir, f"{reports}/{BENCH_JSON}",
+                                                 "a bench.json")))
+        if (deploy_dir / reports / VERIFY_JSON).is_file():
+            sections.append(_verify_section(_read(deploy_dir, f"{reports}/{VERIFY_JSON}",
+                                                  "a verify.json")))
+        plots += [("latency (dnr-bench)", _plot(deploy_dir, f"{reports}/{BENCH_PLOT}")),
+                  ("the deployed model under attack (dnr-verify)",
+                   _plot(deploy_dir, f"{reports}/{VERIFY_PLOT}"))]
+    home = given if run_dir == given else given / names.REPORTS_DIR
+    return Summary(run_dir, deploy_dir, sections, [(c, p) for c, p in plots if p is not None],
+                   home)
+
+
+def _plot(folder: Path, name: str) -> Path | None:
+    """A plot to embed: a regular file inside `folder`, else None (a symbolic link to
+    /etc/passwd or /proc/self/environ is never read)."""
+    try:
+        path = artifact_file(folder, name, ReportError)
+    except ReportError:
+        return None
+    return path if path.is_file() else None
 
 
 def format_table(summary: Summary) -> str:
@@ -121,8 +144,8 @@ def write_html(summary: Summary, out: str | Path | None) -> Path:
     """The page, written atomically: tables, then every plot as an inline PNG, so the one file
     can be mailed or attached to a CI run."""
     if out is None:
-        home = summary.run_dir or summary.deploy_dir / names.REPORTS_DIR
-        out = home / REPORT_HTML
+        home = summary.home or summary.run_dir or summary.deploy_dir / names.REPORTS_DIR
+        out = _default_page(home)
     out = Path(out)
     tables = "\n".join(
         f"<h2>{html.escape(s.title)}</h2>\n<table>\n" + "\n".join(
@@ -154,6 +177,16 @@ img {{ max-width: 100%; }}
     return out
 
 
+def _default_page(home: Path) -> Path:
+    """home/report.html, refused when `home` (or the page) is a symbolic link: the default
+    page is written only inside the dir given."""
+    for path in (home, home / REPORT_HTML):
+        if path.is_symlink():
+            raise ReportError(f"{str(path)!r} is a symbolic link; dnr-report writes only "
+                              "inside the dir given: name the page with --html")
+    return home / REPORT_HTML
+
+
 def _latest() -> Path:
     try:
         return ckpt.latest_run()
@@ -165,13 +198,12 @@ def _locate(path: Path) -> tuple[Path | None, Path | None]:
     """(run dir, deploy dir) for a path that is either; the other one when it can be found
     (RUN_DIR/deploy, or the manifest's source run if it is still there)."""
     if (path / names.MANIFEST_NAME).is_file():
-        manifest = _read(path / names.MANIFEST_NAME, "a manifest")
-        source = Path(str((manifest.get("source_run") or {}).get("dir", "")))
-        run_dir = source if str(source) and (source / ckpt.RUN_JSON).is_file() else None
-        return run_dir, path
+        manifest = _read(path, names.MANIFEST_NAME, "a manifest")
+        return source_run_dir(path, (manifest.get("source_run") or {}).get("dir")), path
     if (path / ckpt.RUN_JSON).is_file():
         deploy = path / names.DEFAULT_OUT
-        return path, deploy if (deploy / names.MANIFEST_NAME).is_file() else None
+        inside = not deploy.is_symlink() and (deploy / names.MANIFEST_NAME).is_file()
+        return path, deploy if inside else None
     if (path / ckpt.CHECKPOINT_NAME).is_file():
         raise ReportError(f"{str(path)!r} is a run that has not finished (no run.json yet)")
     raise ReportError(f"{str(path)!r} is neither a run dir (run.json) nor a deploy dir "
@@ -185,8 +217,8 @@ def _signature(deploy_dir: Path, verify_key: str | Path | None) -> dict:
         raise ReportError(str(err)) from None
 
 
-def _read(file: Path, what: str) -> dict:
-    return read_json_object(file, what, ReportError)
+def _read(folder: Path, name: str, what: str) -> dict:
+    return read_json_object(artifact_file(folder, name, ReportError), what, ReportError)
 
 
 def _run_section(run_dir: Path, run: dict) -> Section:

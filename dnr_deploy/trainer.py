@@ -85,6 +85,7 @@ def _compress(config: CompressConfig, model: nn.Module | None, train_data: objec
     resume_state = ckpt.load_checkpoint(config.resume) if config.resume else None
     where = f"checkpoint {str(config.resume)!r}"
     if resume_state is not None:
+        run_dirs.check_resumed_model_trusted(config, resume_state["config"], where)
         config = merge_resume(config, resume_state["config"], where)
     config = byo.resolve_config(config, model)
     if resume_state is not None:

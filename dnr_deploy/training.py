@@ -77,9 +77,9 @@ def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressC
     """`config` for continuing a checkpoint whose recorded config is `saved`.
 
     A setting left at its default takes the checkpoint's value, so
-    `compress(CompressConfig(resume=RUN))` continues RUN as it was trained; `out`,
-    `resume` and `stop_after` belong to this invocation and are never taken from it. The
-    CLI and the library both go through here.
+    `compress(CompressConfig(resume=RUN))` continues RUN as it was trained; `out`, `resume`,
+    `stop_after` and `trust_model_code` belong to this invocation and are never taken from it.
+    The CLI and the library both go through here.
 
     Raises:
         CheckpointError: `saved` is not a checkpoint's config.
@@ -89,7 +89,7 @@ def merge_resume(config: CompressConfig, saved: object, where: str) -> CompressC
     merged = {
         name: settings[name]
         for name in settings
-        if name not in ("out", "resume", "stop_after")
+        if name not in ("out", "resume", "stop_after", "trust_model_code")
         and getattr(config, name) == getattr(defaults, name)
     }
     return dataclasses.replace(config, **merged)

@@ -78,6 +78,11 @@ class VerifyConfig:
         "ort", "what scores the images: ort (ONNX Runtime, model.onnx) or sparse (the CSR "
         "weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked against "
         "ONNX Runtime on the clean images first); gradients always come from model.onnx")
+    model: str | None = option(
+        None, "--runtime sparse rebuilds the manifest's model: a MODULE:FACTORY spec there is "
+        "imported only when named here (or with --trust-model-code)")
+    trust_model_code: bool = option(
+        False, "import whatever MODULE:FACTORY the manifest names (runs its code)")
     parity_atol: float = option(
         PARITY_ATOL,
         'largest |logit difference| allowed between the re-imported graph and ONNX Runtime',

@@ -180,7 +180,7 @@ def test_dataloaders_resume_and_a_factory_spec(quick_robustness, tmp_path):
                               model=TwoBranch(10, 1), train_data=train,
                               test_data=Subset(test, range(32)))
     assert read_run_json(run.dir)["model"]["name"] == spec
-    deployed = dnr_deploy.export_run(dnr_deploy.ExportConfig(run_dir=str(run.dir),
+    deployed = dnr_deploy.export_run(dnr_deploy.ExportConfig(run_dir=str(run.dir), model=spec,
                                                              parity_samples=32))
     assert deployed.manifest["parity"]["argmax_agree"] == 32
 

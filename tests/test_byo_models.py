@@ -72,7 +72,7 @@ def compress_and_export(spec: str, granularity: str) -> tuple[Path, dict, dict]:
     """A tiny run of `spec`, exported; (run dir, run.json, manifest)."""
     out = f"{spec.replace(':', '-')}-{granularity}"
     run = compress(CompressConfig(model=spec, granularity=granularity, out=out, **TINY))
-    result = export_run(ExportConfig(run_dir=str(run.dir), parity_samples=64))
+    result = export_run(ExportConfig(run_dir=str(run.dir), parity_samples=64, model=spec))
     return run.dir, read_run_json(run.dir), result.manifest
 
 
@@ -83,8 +83,8 @@ def check_export(run_dir: Path, run: dict, info: dict, spec: str) -> None:
     assert parity["onnx_vs_torch_max_abs"] <= 1e-4
     assert parity["argmax_agree"] == parity["n_images"] == 64
     x = torch.rand(8, 1, 8, 8)
-    masked = onnx_io.torch_logits(load_source(run_dir).model, x)
-    loaded = onnx_io.torch_logits(load_deployed_model(run_dir / "deploy"), x)
+    masked = onnx_io.torch_logits(load_source(run_dir, model_spec=spec).model, x)
+    loaded = onnx_io.torch_logits(load_deployed_model(run_dir / "deploy", model=spec), x)
     np.testing.assert_allclose(loaded, masked, atol=1e-4, rtol=0)
     onnx = onnx_io.run_session(onnx_io.open_session(run_dir / "deploy" / "model.onnx"), x)
     np.testing.assert_allclose(onnx, masked, atol=1e-4, rtol=0)
@@ -322,7 +322,7 @@ def test_export_of_a_run_whose_module_is_gone_is_bad_input(few_images, capsys, g
     data["model"]["name"] = "module_deleted_since:two_branch"
     file.write_text(json.dumps(data))
     capsys.readouterr()
-    assert export_main([str(run.dir)]) == 2
+    assert export_main([str(run.dir), "--trust-model-code"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot import module 'module_deleted_since'" in err
     assert not (run.dir / "deploy").exists()

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from dnr_deploy.checkpoint import CHECKPOINT_NAME, RUN_JSON
-from dnr_deploy.deploydir.names import MANIFEST_NAME
+from dnr_deploy.deploydir.names import MANIFEST_NAME, UNLISTED_ENTRIES
 from dnr_deploy.files import (
     are_numbers,
+    artifact_file,
     is_int_in,
     is_number,
     read_json_object,
@@ -109,7 +110,7 @@ def load_manifest(deploy_dir: str | Path) -> dict:
         ManifestError: no such dir, no manifest.json, invalid JSON, or another format.
     """
     deploy_dir = Path(deploy_dir)
-    file = deploy_dir / MANIFEST_NAME
+    file = artifact_file(deploy_dir, MANIFEST_NAME, ManifestError)
     if not file.is_file():
         what = "a folder" if deploy_dir.is_dir() else "there"
         raise ManifestError(
@@ -197,7 +198,7 @@ def verify_files(deploy_dir: str | Path, manifest: dict, names: list[str] | None
     for name in files if names is None else names:
         if name not in files:
             raise ManifestError(f"{name!r} is not listed in {str(deploy_dir / MANIFEST_NAME)!r}")
-        path, expected = deploy_dir / name, files[name]
+        path, expected = artifact_file(deploy_dir, name, ManifestError), files[name]
         if not path.is_file():
             raise ManifestError(f"{str(path)!r} is listed in the manifest but missing")
         if path.stat().st_size != expected["bytes"] or sha256_of(path) != expected["sha256"]:
@@ -205,6 +206,31 @@ def verify_files(deploy_dir: str | Path, manifest: dict, names: list[str] | None
                 f"{str(path)!r} does not match its sha256 in the manifest: it was changed or "
                 "damaged after export; re-export the run"
             )
+
+
+def check_replaceable(folder: Path) -> None:
+    """`--force` deletes only a deploy dir this toolkit wrote: a real folder whose manifest
+    loads (this format) and that holds nothing but manifest.json, the files it lists and the
+    reports folder.
+
+    Raises:
+        ManifestError: `folder` is a link, not a folder, has no valid manifest, or holds
+            something the manifest does not account for; nothing was deleted.
+    """
+    refuse = f"--force replaces only a deploy dir dnr-export wrote; {str(folder)!r} "
+    if folder.is_symlink() or not folder.is_dir():
+        raise ManifestError(refuse + "is a symbolic link or not a folder; nothing was deleted")
+    if not (folder / MANIFEST_NAME).is_file():
+        raise ManifestError(refuse + f"has no {MANIFEST_NAME}; nothing was deleted")
+    try:
+        manifest = load_manifest(folder)
+    except ManifestError as err:
+        raise ManifestError(refuse + f"is not one ({err}); nothing was deleted") from None
+    known = {MANIFEST_NAME, *manifest["files"], *UNLISTED_ENTRIES}
+    foreign = sorted(entry.name for entry in folder.iterdir() if entry.name not in known)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise ManifestError(refuse + f"also holds {shown}; nothing was deleted")
 
 
 def format_summary(deploy_dir: Path, manifest: dict) -> str:

@@ -12,6 +12,9 @@ HISTORY_FILE = "pruning_history.json"  # channel runs: torch-pruning's history, 
 REPORTS_DIR = "reports"  # bench.json, verify.json, plots: outputs, never listed as artifacts
 SIGNATURE_FILE = "model.sig"  # model-signing bundle over every file but itself and REPORTS_DIR
 CLAIM_FILE = "verify.json"  # dnr-verify --sign: the gate's verdict, signed with the artifacts
+# Entries of a deploy dir besides manifest.json and the files it lists: what `--force` may
+# delete with it (anything else means the folder is not only this toolkit's)
+UNLISTED_ENTRIES = (REPORTS_DIR, SIGNATURE_FILE, CLAIM_FILE)
 DEFAULT_OUT = "deploy"  # dnr-export writes RUN_DIR/deploy unless told otherwise
 
 INPUT_NAME = "input"  # float32 NCHW images in [0, 1]

@@ -16,6 +16,7 @@ from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.deploydir.manifest import ManifestError, load_manifest, verify_files
 from dnr_deploy.deploydir.names import DEFAULT_OUT, REPORTS_DIR
 from dnr_deploy.deploydir.signing import check_signature
+from dnr_deploy.files import artifact_file
 
 
 class DeployDirError(ValueError):
@@ -41,7 +42,7 @@ class DeployDir:
             listed = ", ".join(sorted(self.manifest["files"])) or "nothing"
             raise DeployDirError(f"{str(self.path)!r} has no {name} (its manifest lists {listed}); "
                                  "export the run with --format onnx")
-        return self.path / name
+        return artifact_file(self.path, name, DeployDirError)
 
     def has(self, name: str) -> bool:
         return name in self.manifest["files"]
@@ -89,8 +90,19 @@ def open_deploy_dir(path: str | Path | None, verify_key: str | Path | None = Non
 
 
 def reports_dir(deploy: DeployDir, out: str | None) -> Path:
-    """Where bench and verify write their reports: `out`, else DEPLOY_DIR/reports."""
-    return Path(out) if out else deploy.path / REPORTS_DIR
+    """Where bench and verify write their reports: `out`, else DEPLOY_DIR/reports (a real
+    folder inside the deploy dir, never a link that would send the writes elsewhere).
+
+    Raises:
+        DeployDirError: DEPLOY_DIR/reports is a symbolic link or not a folder.
+    """
+    if out:
+        return Path(out)
+    folder = deploy.path / REPORTS_DIR
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise DeployDirError(f"{str(folder)!r} is a symbolic link or not a folder; bench and "
+                             "verify write only inside the deploy dir: pass --out")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -143,10 +155,28 @@ def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -
     return DataSource(dataset, data_dir, origin)
 
 
+def source_run_dir(deploy_dir: Path, recorded: object) -> Path | None:
+    """The run dir a manifest's source_run.dir names, when it may be read: a real folder that
+    is the deploy dir's own parent (RUN_DIR/deploy) or a sibling of it, holding a regular
+    run.json. Anything else (a path elsewhere, a link) is None: a manifest points nowhere."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    source = Path(recorded)
+    if source.is_symlink() or not source.is_dir():
+        return None
+    real, home = source.resolve(), Path(deploy_dir).resolve()
+    if real != home.parent and real.parent != home.parent:
+        return None
+    try:
+        return source if artifact_file(source, ckpt.RUN_JSON, DeployDirError).is_file() else None
+    except DeployDirError:
+        return None
+
+
 def _source_run_json(deploy: DeployDir) -> dict | None:
     source = deploy.manifest.get("source_run") or {}
-    run_dir = Path(source["dir"]) if source.get("dir") else None
-    if run_dir is None or not (run_dir / ckpt.RUN_JSON).is_file():
+    run_dir = source_run_dir(deploy.path, source.get("dir"))
+    if run_dir is None:
         return None
     try:
         run = ckpt.read_run_json(run_dir)

@@ -64,7 +64,7 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
     start = time.perf_counter()
     config = config.validated()
     run_dir = Path(config.run_dir) if config.run_dir else ckpt.latest_run()
-    source = load_source(run_dir, model)
+    source = load_source(run_dir, model, config.model, config.trust_model_code)
     fmt = ExportFormat(config.format)
     if fmt is ExportFormat.CSR and source.granularity is not Granularity.IRREGULAR:
         raise ExportError(
@@ -128,7 +128,9 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
             say("model.sig: signing every file (without a verdict)")
             signing.sign_deploy_dir(work, config.sign)
         try:
-            publish_folder(work, out, config.force)
+            publish_folder(work, out, config.force, manifest.check_replaceable)
+        except manifest.ManifestError as err:
+            raise ExportError(str(err)) from None
         except FolderTaken as err:
             raise ExportError(str(err)) from None
     finally:
@@ -331,9 +333,14 @@ def _is_within(inner: Path, outer: Path) -> bool:
 def _check_out(out: Path, run_dir: Path, force: bool) -> None:
     if _is_within(run_dir, out):
         raise ExportError(f"--out {str(out)!r} holds the run dir itself; choose another folder")
-    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    occupied = out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir()))
     if occupied and not force:
         raise ExportError(f"--out {str(out)!r} exists and is not empty; "
                           "pass --force to replace it")
+    if occupied:
+        try:
+            manifest.check_replaceable(out)
+        except manifest.ManifestError as err:
+            raise ExportError(str(err)) from None
 
 

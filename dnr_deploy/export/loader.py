@@ -10,27 +10,32 @@ from torch import nn
 from dnr_deploy.byo import wrap_module
 from dnr_deploy.deploydir import manifest, names, signing
 from dnr_deploy.export import channel, csr
+from dnr_deploy.files import artifact_file
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
+from dnr_deploy.trust import UntrustedModelCode, check_spec_trusted
 
 
 def load_deployed_model(deploy_dir: str | Path, verify: bool = True,
-                        model: nn.Module | None = None,
-                        verify_key: str | Path | None = None) -> nn.Module:
+                        model: nn.Module | str | None = None,
+                        verify_key: str | Path | None = None,
+                        trust_model_code: bool = False) -> nn.Module:
     """A PyTorch model (eval mode) rebuilt from a deploy dir, with nothing unpickled.
 
     Irregular runs load from the CSR bundle; channel and dense runs replay the pruning history
     on a freshly built architecture (`model`, a fresh instance of the run's module, when given:
     the one way for a run trained on a module passed to `dnr_deploy.compress`), then load the
-    state dict.
+    state dict. A manifest's MODULE:FACTORY spec is imported only when `model` names the same
+    spec (a string) or `trust_model_code` is set: a deploy dir chooses no code to run.
 
     `verify_key`: a public key (PEM); the deploy dir must carry a valid signature from its
     private key over every file (`dnr_deploy.deploydir.signing`). Without it, one
     `SignatureNotice` says the dir is unsigned or its signature was not checked.
 
     Raises:
-        ManifestError: not a deploy dir, a file that fails its sha256 (when `verify`), or
-            weights that do not fit the recorded architecture.
+        ManifestError: not a deploy dir, a file that fails its sha256 (when `verify`), a
+            MODULE:FACTORY spec not named or trusted, or weights that do not fit the recorded
+            architecture.
         SignatureError (a ManifestError): with `verify_key`, no valid signature.
     """
     deploy_dir = Path(deploy_dir)
@@ -44,14 +49,23 @@ def load_deployed_model(deploy_dir: str | Path, verify: bool = True,
         manifest.verify_files(deploy_dir, info, needed)
     if verify_key is None:
         signing.check_signature(deploy_dir, None)
+    for name in needed:  # unverified or not, read only regular files inside the deploy dir
+        artifact_file(deploy_dir, name, manifest.ManifestError)
     spec = info["model"]
     chans = spec["in_chans"]
     if len(info.get("mean") or []) != chans or len(info.get("std") or []) != chans:
         raise manifest.ManifestError(f"the manifest's mean and std must hold {chans} values "
                                      f"(one per input channel); re-export the run")
     try:  # a spec string only: a user's MODULE:FACTORY is imported, never unpickled
-        model = create_model(spec["name"], spec["num_classes"], chans, info["mean"],
-                             info["std"]) if model is None else wrap_module(model, info)
+        if isinstance(model, nn.Module):
+            model = wrap_module(model, info)
+        else:
+            check_spec_trusted(spec["name"], f"the manifest of {str(deploy_dir)!r}", model,
+                               trust_model_code)
+            model = create_model(spec["name"], spec["num_classes"], chans, info["mean"],
+                                 info["std"])
+    except UntrustedModelCode as err:
+        raise manifest.ManifestError(str(err)) from None
     except ModelSpecError as err:
         raise manifest.ManifestError(f"the manifest's model: {err}") from None
     try:

@@ -23,6 +23,7 @@ from dnr_deploy.sparsity.masks import (
     apply_masks,
     prunable_weights,
 )
+from dnr_deploy.trust import UntrustedModelCode, check_spec_trusted
 
 
 @dataclass
@@ -39,13 +40,16 @@ class SourceRun:
     channel_masks: dict | None = None
 
 
-def load_source(run_dir: Path, model: nn.Module | None = None) -> SourceRun:
+def load_source(run_dir: Path, model: nn.Module | None = None, model_spec: str | None = None,
+                trust_model_code: bool = False) -> SourceRun:
     """Rebuild the masked network of `run_dir` from run.json and checkpoint.pt.
 
     Args:
         model: the architecture, given as a module (the one way for a run whose model was
             passed to `dnr_deploy.compress(model=...)`): the checkpoint is loaded into it, in
             place, behind the run's normalization, instead of into run.json's model.
+        model_spec, trust_model_code: run.json's MODULE:FACTORY spec is imported only when
+            the user names the same spec or trusts model code (`check_spec_trusted`).
 
     Raises:
         CheckpointError: not a finished run dir, an unreadable checkpoint, a checkpoint changed
@@ -68,6 +72,8 @@ def load_source(run_dir: Path, model: nn.Module | None = None) -> SourceRun:
     try:
         spec, shape = run["model"], [int(n) for n in run["input_shape"]]
         if model is None:
+            check_spec_trusted(spec["name"], f"run.json of {str(run_dir)!r}", model_spec,
+                               trust_model_code)
             model = create_model(spec["name"], int(spec["num_classes"]), int(spec["in_chans"]),
                                  run["mean"], run["std"])
         else:
@@ -76,6 +82,8 @@ def load_source(run_dir: Path, model: nn.Module | None = None) -> SourceRun:
     except (KeyError, TypeError) as err:
         raise ckpt.CheckpointError(
             f"{str(run_dir)!r}: run.json or checkpoint lacks {err}") from None
+    except UntrustedModelCode as err:
+        raise ExportError(str(err)) from None
     except ModelSpecError as err:
         raise ExportError(f"run.json's model: {err}") from None
     except RuntimeError as err:

@@ -2,7 +2,9 @@
 
 A spec is a plain string, so run.json records it like a built-in name and export rebuilds the
 architecture from it; nothing is unpickled. `MODULE:FACTORY` imports MODULE, which runs the
-user's own code: the same trust as `python -c "import MODULE"`.
+user's own code: the same trust as `python -c "import MODULE"`. So a spec read from an artifact
+(run.json, manifest, checkpoint) is built only when the user names the same spec or trusts
+model code (`dnr_deploy.trust`, DESIGN.md section 9).
 """
 
 from __future__ import annotations
@@ -14,11 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-TORCHVISION_PREFIX = "torchvision:"
-# How a run records a module passed to `dnr_deploy.compress(model=...)`: its class, in a form
-# no stage can build, so that export and resume ask for the module again.
-MODULE_RECORD = "<module: {}>"
-
+from dnr_deploy.trust import MODULE_RECORD, TORCHVISION_PREFIX, is_module_record  # noqa: F401
 
 AUX_HEADS = ("googlenet", "inception_v3")  # torchvision classifiers with auxiliary heads
 
@@ -42,11 +40,6 @@ def module_record(module: nn.Module) -> str:
     """The model name a run records for `module`: `<module: package.Class>`."""
     cls = type(module)
     return MODULE_RECORD.format(f"{cls.__module__}.{cls.__qualname__}")
-
-
-def is_module_record(spec: object) -> bool:
-    prefix, suffix = MODULE_RECORD.split("{}")
-    return isinstance(spec, str) and spec.startswith(prefix) and spec.endswith(suffix)
 
 
 def _split(spec: str) -> tuple[str, str]:

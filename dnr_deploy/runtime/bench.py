@@ -65,6 +65,11 @@ class BenchConfig:
         "ort", "what runs the deployed model: ort (ONNX Runtime, model.onnx) or sparse (the "
         "CSR weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked "
         "against ONNX Runtime before timing); the baseline always runs in ONNX Runtime")
+    model: str | None = option(
+        None, "--runtime sparse rebuilds the manifest's model: a MODULE:FACTORY spec there is "
+        "imported only when named here (or with --trust-model-code)")
+    trust_model_code: bool = option(
+        False, "import whatever MODULE:FACTORY the manifest names (runs its code)")
     warmup: int = option(10, 'untimed calls before timing each batch size', '>= 0')
     runs: int = option(100, 'timed calls per batch size', '>= 1')
     turn: int = option(
@@ -180,7 +185,8 @@ def bench(config: BenchConfig) -> BenchResult:
     runtime = {"name": Runtime.ORT.value}
     if config.runtime == Runtime.SPARSE:
         runners["model"], runtime = _sparse_runner(deploy, config.threads, runners["model"],
-                                                   inputs, config.verify_key)
+                                                   inputs, config.verify_key, config.model,
+                                                   config.trust_model_code)
     say = terminal_progress("dnr-bench: ") or (lambda line: None)
     timed = {}
     for b, x in inputs.items():
@@ -212,10 +218,11 @@ def bench(config: BenchConfig) -> BenchResult:
 
 
 def _sparse_runner(deploy: deploydir.DeployDir, threads: int, session,
-                   inputs: dict[int, np.ndarray], verify_key: str | None = None) -> tuple:
+                   inputs: dict[int, np.ndarray], verify_key: str | None = None,
+                   model_spec: str | None = None, trust_model_code: bool = False) -> tuple:
     """The sparse runtime's model, once its logits match ONNX Runtime's on every input."""
     try:
-        model = open_sparse(deploy.path, threads, verify_key)
+        model = open_sparse(deploy.path, threads, verify_key, model_spec, trust_model_code)
         parity = [check_parity(model(x), run_logits(session, x), f"the batch-{b} inputs")
                   for b, x in inputs.items()]
     except RuntimeChoiceError as err:

@@ -467,7 +467,7 @@ def load_onnx_torch(path: str) -> OnnxTorch:
         UnsupportedGraphError: the file is not ONNX or holds an op the interpreter lacks.
     """
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)  # never a file it names
     except Exception as err:  # protobuf DecodeError and friends: all mean "not ONNX"
         raise UnsupportedGraphError(f"cannot parse {str(path)!r} as ONNX: {err}") from None
     return OnnxTorch(model).eval()

@@ -47,8 +47,10 @@ def parse_placement(runtime: str, provider: str) -> Runtime:
     return chosen
 
 
-def open_sparse(deploy_dir: str | Path, threads: int, verify_key: str | Path | None = None):
-    """The sparse runtime's model of an irregular deploy dir.
+def open_sparse(deploy_dir: str | Path, threads: int, verify_key: str | Path | None = None,
+                model_spec: str | None = None, trust_model_code: bool = False):
+    """The sparse runtime's model of an irregular deploy dir (a manifest's MODULE:FACTORY
+    spec is imported only when `model_spec` names it or `trust_model_code` is set).
 
     Raises:
         RuntimeChoiceError: a channel or dense deploy dir, or an op without a sparse step.
@@ -57,7 +59,8 @@ def open_sparse(deploy_dir: str | Path, threads: int, verify_key: str | Path | N
     from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError, load_sparse
 
     try:
-        return load_sparse(deploy_dir, threads=threads, verify_key=verify_key)
+        return load_sparse(deploy_dir, threads=threads, verify_key=verify_key,
+                           model_spec=model_spec, trust_model_code=trust_model_code)
     except (NotIrregularError, UnsupportedLayerError) as err:
         raise RuntimeChoiceError(f"--runtime sparse: {err}") from None
 

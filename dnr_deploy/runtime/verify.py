@@ -165,7 +165,8 @@ def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tu
     """The sparse runtime, once it matches ONNX Runtime on the clean images: it then scores
     every candidate, so the artifact verified is the one deployed with it."""
     try:
-        model = open_sparse(deploy.path, config.threads, config.verify_key)
+        model = open_sparse(deploy.path, config.threads, config.verify_key, config.model,
+                            config.trust_model_code)
         images = x.numpy().astype(np.float32)
         parity = check_parity(run_logits(model, images, config.batch_size),
                               run_logits(session, images, config.batch_size), "the clean images")

@@ -359,8 +359,11 @@ def _input_sizes(traced: fx.GraphModule, input_shape: list[int]) -> dict:
 
 def load_sparse(deploy_dir: str | Path, threads: int = 1,
                 dense_threshold: float = DENSE_THRESHOLD,
-                verify_key: str | Path | None = None) -> SparseModel:
+                verify_key: str | Path | None = None, model_spec: str | None = None,
+                trust_model_code: bool = False) -> SparseModel:
     """An irregular deploy dir as a callable: float32 NCHW images in [0, 1] -> (N, classes).
+    `model_spec`, `trust_model_code`: as `load_deployed_model`'s `model` and
+    `trust_model_code` (a manifest's MODULE:FACTORY is imported only when named or trusted).
 
     Raises:
         NotIrregularError: a channel or dense deploy dir (nothing sparse to run).
@@ -374,5 +377,6 @@ def load_sparse(deploy_dir: str | Path, threads: int = 1,
             f"the sparse runtime runs irregular deploy dirs; {str(deploy_dir)!r} is a "
             f"{info.get('granularity') or 'dense'} export without {names.CSR_FILE}: "
             "use --runtime ort")
-    model = load_deployed_model(deploy_dir, verify_key=verify_key)
+    model = load_deployed_model(deploy_dir, verify_key=verify_key, model=model_spec,
+                                trust_model_code=trust_model_code)
     return build_sparse_model(model, list(info["input_shape"]), threads, dense_threshold)
