@@ -61,6 +61,8 @@ def resolve_deploy_dir(path: str | Path | None) -> Path:
     except ckpt.CheckpointError as err:
         raise DeployDirError(f"no deploy dir given: {err}") from None
     candidate = run_dir / DEFAULT_OUT
+    if candidate.is_symlink():  # the latest run's own deploy dir, not one a link points to
+        raise DeployDirError(f"{str(candidate)!r} is a symbolic link; name the deploy dir")
     if not candidate.is_dir():
         raise DeployDirError(f"no deploy dir given and the latest run {str(run_dir)!r} has no "
                              f"{DEFAULT_OUT}/; run dnr-export first or name a deploy dir")
