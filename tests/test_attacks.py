@@ -46,7 +46,7 @@ def test_pgd_leaves_model_mode_and_parameter_grads_alone():
 
 
 def test_square_reports_progress_while_images_resist():
-    """A long Square run is not silent: a line every 250 queries while images are left."""
+    """A long Square run is not silent: a line every 250 iterations while images are left."""
     import numpy as np
 
     from dnr_deploy.attacks.square import square_attack
@@ -59,4 +59,4 @@ def test_square_reports_progress_while_images_resist():
     lines: list[str] = []
     x = np.full((2, 1, 4, 4), 0.5, np.float32)
     square_attack(stubborn, x, np.zeros(2, np.int64), 0.1, n_queries=600, progress=lines.append)
-    assert lines == ["251/600 queries, 2/2 images left", "501/600 queries, 2/2 images left"]
+    assert lines == ["250/600 iterations, 2/2 images left", "500/600 iterations, 2/2 images left"]
