@@ -33,6 +33,7 @@ from dnr_deploy.models.external import (
 )
 from dnr_deploy.models.registry import Normalize
 from dnr_deploy.training import CompressConfig, ConfigError
+from dnr_deploy.vocabulary import DatasetName
 
 SPLITS = ("train", "test")
 
@@ -67,6 +68,8 @@ def resolve_recorded(config: CompressConfig) -> CompressConfig:
 
 
 def _check_spec_builds(module: nn.Module, config: CompressConfig) -> None:
+    if config.dataset == DatasetName.FOLDER.value:
+        return  # its classes are known once it is read: `training_model` checks the module
     spec = SPECS[parse_dataset(config.dataset)]
     built = create_model(config.model, spec.num_classes, spec.input_shape[0], spec.mean,
                          spec.std)
@@ -123,6 +126,13 @@ def with_data(config: CompressConfig, train_data: object, test_data: object,
         ConfigError: a training DataLoader whose batch size is not the config's.
     """
     given = {"train": train_data, "test": test_data}
+    if config.dataset == DatasetName.FOLDER.value:
+        if any(data is not None for data in given.values()):
+            raise DataError("dataset 'folder' reads both splits from data_dir; pass train_data "
+                            "and test_data with the dataset of their shape instead")
+        from dnr_deploy.image_folder import options_from_config
+
+        return load(config.dataset, config.data_dir, options_from_config(config))
     if all(data is None for data in given.values()):
         return load(config.dataset, config.data_dir)
     spec = SPECS[parse_dataset(config.dataset)]
@@ -141,6 +151,9 @@ def api_test_split(dataset: str, test_data: object) -> DataBundle:
     Raises:
         DataError: as `with_data`, or an unknown dataset name.
     """
+    if dataset == DatasetName.FOLDER.value:
+        raise DataError("a run on an image folder reads its test split from that folder; pass "
+                        "--data-dir (data_dir=) where it is, not test_data")
     spec = SPECS[parse_dataset(dataset)]
     return DataBundle(None, _as_dataset(test_data, "test", spec, None), spec, ("test",))
 

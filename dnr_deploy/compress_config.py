@@ -45,6 +45,23 @@ class CompressConfig:
     dataset: str = option(
         "digits", 'dataset (digits is embedded; the others load from --data-dir)')
     data_dir: str | None = option(None, 'local folder holding the dataset (never downloaded)')
+    # --dataset folder: your own images (image_folder.py)
+    image_size: str | None = option(
+        None, 'folder: resize every image to H or HxW (default: their own size, all equal)')
+    channels: int | None = option(
+        None, 'folder: 1 or 3 (default: 1 if every image is greyscale, else 3)', "[1, 3]")
+    mean: str | None = option(
+        None, 'folder: per-channel mean, comma-separated (default: measured on train/)')
+    std: str | None = option(
+        None, 'folder: per-channel std, comma-separated (default: measured on train/)')
+    skip_bad_images: bool = option(
+        False, 'folder: skip unreadable or non-image files (and say how many) instead of '
+        'stopping at the first')
+    workers: int = option(
+        0, 'DataLoader worker processes (0: load in the training process)', "[0, 256]")
+    init_from: str | None = option(
+        None, 'start from these weights: safetensors, or a torch state_dict (read with '
+        'weights_only=True); tensors matched by name and shape')
     granularity: str = option(
         Granularity.IRREGULAR.value, 'prune single weights or whole output channels')
     method: str = option(
@@ -128,13 +145,14 @@ class CompressConfig:
         check_settings(self, ConfigError)  # finite and in range: every numeric field
         import torch
 
-        from dnr_deploy.data import SPECS, parse_dataset
+        from dnr_deploy.data import parse_dataset, threat_spec
         from dnr_deploy.models import ModelSpecError, check_model_spec
 
         try:
-            spec = SPECS[parse_dataset(self.dataset)]
+            spec = threat_spec(parse_dataset(self.dataset))
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self._check_folder_settings()
         try:
             check_model_spec(self.model)
         except ModelSpecError as err:
@@ -182,6 +200,34 @@ class CompressConfig:
             pgd_step_size=self.pgd_step_size or spec.pgd_step_size * eps / spec.eps,
             eval_pgd7_step_size=self.eval_pgd7_step_size or spec.eval_pgd7_step_size,
         )
+
+    def _check_folder_settings(self) -> None:
+        """Raises:
+            ConfigError: a folder setting that does not parse, or one given for another dataset.
+        """
+        from dnr_deploy.image_folder import parse_floats, parse_image_size
+
+        given = [name for name in ("image_size", "channels", "mean", "std")
+                 if getattr(self, name) is not None]
+        if self.dataset != "folder":
+            if given:
+                raise ConfigError(f"{given[0]} is for --dataset folder (your own images); "
+                                  f"{self.dataset} has a fixed size and normalization")
+            return
+        if not self.data_dir:
+            raise ConfigError("--dataset folder needs --data-dir PATH, PATH holding "
+                              "train/CLASS/*.png (and val/ or test/ alike)")
+        if self.channels is not None and self.channels not in (1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels}")
+        try:
+            if self.image_size is not None:
+                parse_image_size(self.image_size)
+            if self.mean is not None:
+                parse_floats(self.mean, "mean")
+            if self.std is not None:
+                parse_floats(self.std, "std", positive=True)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def rewire_schedule(self) -> RewireSchedule:
         """When DNR rewires and how much.

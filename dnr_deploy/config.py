@@ -73,6 +73,24 @@ def field_type(cls: type, name: str) -> type:
     return hint
 
 
+def parse_number(text: str) -> float:
+    """A float flag's value: a number, or a fraction such as 8/255 (recorded as the number).
+
+    Raises:
+        ValueError: neither (argparse turns it into its one-line usage error).
+    """
+    numerator, slash, denominator = str(text).partition("/")
+    if not slash:
+        return float(text)
+    try:
+        return float(numerator) / float(denominator)
+    except ZeroDivisionError:
+        raise ValueError(f"{text!r} divides by zero") from None
+
+
+parse_number.__name__ = "number"  # argparse's message: "invalid number value: 'x'"
+
+
 @dataclasses.dataclass(frozen=True)
 class Bounds:
     """The values a numeric setting allows, written as in its help: "(0, 1]", "[0, 100]",
@@ -164,7 +182,8 @@ def add_dataclass_flags(
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag, type=kind, choices=choices.get(field.name),
+            parser.add_argument(flag, type=parse_number if kind is float else kind,
+                                choices=choices.get(field.name),
                                 default=argparse.SUPPRESS, help=text)
 
 
@@ -222,6 +241,11 @@ def coerce(cls: type, name: str, value: Any, where: str) -> Any:
         raise RecipeError(f"{where}: {name} holds a NUL character, which no path or name can")
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str) and "/" in value:  # eps: 8/255 in a recipe
+        try:
+            return parse_number(value)
+        except ValueError:
+            pass
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     raise RecipeError(f"{where}: {name} must be {kind.__name__}, got {value!r}")

@@ -1,4 +1,5 @@
-"""Datasets: the embedded digits default; CIFAR-10/100 and Tiny-ImageNet from a local folder.
+"""Datasets: the embedded digits default; CIFAR-10/100, Tiny-ImageNet and your own image folder
+(image_folder.py) from a local folder.
 
 Every loader yields float32 NCHW images in [0, 1]; normalization is the model's first module.
 Nothing here downloads: a missing folder is an error that says what to put there.
@@ -30,6 +31,7 @@ class DatasetSpec:
     # test images the AutoAttack-grade ensemble scores (None: all). 1,000 is RobustBench's quick
     # subset: the full ensemble on 10,000 CIFAR images costs hours on a GPU, days on a CPU.
     robust_eval_images: int | None = 1000
+    class_names: tuple[str, ...] = ()  # recorded in run.json and the manifest; () if unnamed
 
 
 SPECS: dict[DatasetName, DatasetSpec] = {
@@ -39,9 +41,12 @@ SPECS: dict[DatasetName, DatasetSpec] = {
     DatasetName.DIGITS: DatasetSpec(
         10, (1, 8, 8), (0.3053,), (0.3760,), 0.2, 0.05, round(0.2 * 0.01 / (8 / 255), 4),
         robust_eval_images=None,  # all 360: the full ensemble takes about a minute here
+        class_names=tuple(str(digit) for digit in range(10)),
     ),
     DatasetName.CIFAR10: DatasetSpec(
-        10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 8 / 255, 2 / 255, 0.01
+        10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 8 / 255, 2 / 255, 0.01,
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                     "ship", "truck"),
     ),
     DatasetName.CIFAR100: DatasetSpec(
         100, (3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 8 / 255, 2 / 255, 0.01
@@ -65,6 +70,7 @@ class DataBundle:
     test: Dataset
     spec: DatasetSpec
     from_api: tuple[str, ...] = ()  # splits passed to dnr_deploy.compress() (see byo.py)
+    record: dict | None = None  # an image folder's "dataset" entry (image_folder.record)
 
 
 def parse_dataset(name: str) -> DatasetName:
@@ -75,8 +81,14 @@ def parse_dataset(name: str) -> DatasetName:
         raise ValueError(f"unknown dataset {name!r}; available: {allowed}") from None
 
 
-def load_data(name: str, data_dir: str | None = None) -> DataBundle:
-    """Train and test splits of `name`.
+def threat_spec(dataset: DatasetName) -> DatasetSpec:
+    """The spec whose threat model a dataset takes: its own, or CIFAR's for an image folder
+    (whose shapes and classes are known only once it is read)."""
+    return SPECS.get(dataset, SPECS[DatasetName.CIFAR10])
+
+
+def load_data(name: str, data_dir: str | None = None, folder=None) -> DataBundle:
+    """Train and test splits of `name` (`folder`: the image_folder.FolderOptions of a folder).
 
     Raises:
         ValueError: unknown dataset.
@@ -85,11 +97,34 @@ def load_data(name: str, data_dir: str | None = None) -> DataBundle:
     dataset = parse_dataset(name)
     if dataset is DatasetName.DIGITS:
         train, test = _digits()
+    elif dataset is DatasetName.FOLDER:
+        from dnr_deploy.image_folder import FolderOptions, load_folder
+
+        return load_folder(str(_require_dir(dataset, data_dir)), folder or FolderOptions())
     elif dataset is DatasetName.TINYIMAGENET:
         train, test = _tinyimagenet(_require_dir(dataset, data_dir))
     else:
         train, test = _cifar(dataset, _require_dir(dataset, data_dir))
     return DataBundle(train, test, SPECS[dataset])
+
+
+def load_trained_data(name: str, data_dir: str | None, record: dict | None,
+                      input_shape: list, mean: list | None = None,
+                      std: list | None = None) -> DataBundle:
+    """The test split a trained model is scored on (export, verify, runtime_tests): an image
+    folder is read as its run recorded it (`record`: run.json's or the manifest's "dataset"),
+    at the model's input shape, and must hold the classes it was trained on.
+
+    Raises:
+        ValueError: unknown dataset.
+        DataError: as `load_data`, or a damaged record.
+    """
+    if parse_dataset(name) is not DatasetName.FOLDER:
+        return load_data(name, data_dir)
+    from dnr_deploy.image_folder import options_from_record
+
+    options = options_from_record(record, input_shape, mean, std)
+    return load_data(name, data_dir, options)
 
 
 def test_subset(bundle: DataBundle, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +154,7 @@ def _require_dir(dataset: DatasetName, data_dir: str | None) -> Path:
         DatasetName.CIFAR10: "the extracted 'cifar-10-batches-py' folder",
         DatasetName.CIFAR100: "the extracted 'cifar-100-python' folder",
         DatasetName.TINYIMAGENET: "'tiny-imagenet-200' with train/ and val/",
+        DatasetName.FOLDER: "train/CLASS/*.png (and val/ or test/ alike)",
     }[dataset]
     if not data_dir:
         raise DataError(f"--dataset {dataset.value} needs --data-dir: a folder holding {what}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.config import option
 from dnr_deploy.deploydir import names
+from dnr_deploy.deploydir.manifest import format_classes
 from dnr_deploy.deploydir.opening import source_run_dir
 from dnr_deploy.deploydir.signing import SignatureError, check_signature
 from dnr_deploy.files import artifact_file, read_json_object, write_atomic
@@ -227,6 +228,8 @@ def _run_section(run_dir: Path, run: dict) -> Section:
         accuracy, eps = run.get("accuracy", {}), run["threat_model"]["eps"]
         section.add("network", f"{run['model']['name']}, {run['granularity']} "
                     f"({run.get('method', 'dnr')}), dataset {run['config'].get('dataset')}")
+        if run.get("class_names"):
+            section.add("classes", format_classes(run["class_names"]))
         section.add("density", f"{run['density']['achieved']:.4f} "
                     f"(target {run['density']['target']:g})")
         section.add("params", _params(run["params"]))
@@ -247,6 +250,8 @@ def _deploy_section(deploy_dir: Path, manifest: dict) -> Section:
     files = manifest.get("files") or {}
     section.add("files", ", ".join(f"{name} {entry.get('bytes', 0) / 1024:.1f} KiB"
                                    for name, entry in files.items()) or "none listed")
+    if manifest.get("class_names"):
+        section.add("classes", format_classes(manifest["class_names"]))
     parity = manifest.get("parity") or {}
     if "onnx_vs_torch_max_abs" in parity:
         section.add("export check", f"ONNX Runtime vs PyTorch max |diff| "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dnr_deploy import byo, run_dirs
@@ -32,6 +32,7 @@ from dnr_deploy.evaluation import (
     robust_evaluation,
     terminal_progress,
 )
+from dnr_deploy.init_weights import load_initial_weights
 from dnr_deploy.report import deployment_figures, layer_labels, plot_layer_densities, plot_training
 from dnr_deploy.sparsity.masks import DENSE
 from dnr_deploy.sparsity.policy import DensePolicy
@@ -46,6 +47,7 @@ from dnr_deploy.training import (
     build_model,
     build_objective,
     build_policy,
+    epoch_loader,
     lr_at,
     merge_resume,
     train_one_epoch,
@@ -104,16 +106,6 @@ def _compress(config: CompressConfig, model: nn.Module | None, train_data: objec
         ddp.shutdown(context)
 
 
-def epoch_loader(bundle: DataBundle, config: CompressConfig,
-                 context: ddp.DistContext) -> DataLoader:
-    """Each rank reads its shard of every global batch. The order depends only on (seed,
-    epoch), so a resumed run sees the same batches, and rank r's share of global batch i is
-    the same images whatever the world size."""
-    sampler = DistributedSampler(bundle.train, num_replicas=context.world_size,
-                                 rank=context.rank, shuffle=True, seed=config.seed)
-    return DataLoader(bundle.train, config.batch_size // context.world_size, sampler=sampler)
-
-
 # Keys of a metrics row (metrics.jsonl) that the loop, the run summary and the plots read.
 HISTORY_KEYS = ("epoch", "loss", "clean_acc", "pgd_acc", "density", "train_seconds",
                 "rewire_seconds")
@@ -134,6 +126,7 @@ class Trainer:
     start_epoch: int = 0
     history: list[dict] = field(default_factory=list)
     saved_epoch: int | None = None  # the epoch of the checkpoint on disk (None: none yet)
+    init_from: dict | None = None  # what --init-from loaded (init_weights.py)
 
     @classmethod
     def create(cls, config, bundle, context, resume_state, module=None) -> Trainer:
@@ -148,6 +141,8 @@ class Trainer:
         steps = config.epochs * len(epoch_loader(bundle, config, context))
         config = config.with_start_density(config.rewire_schedule().rewires(steps))
         model = (build_model(config, spec) if module is None else module).to(device)
+        init_from = None if not config.init_from or resume_state else \
+            load_initial_weights(model, config.init_from, quiet=not context.is_main)
         policy = build_policy(config, model, torch.zeros(1, *spec.input_shape, device=device))
         torch.manual_seed(config.seed + context.rank)
         train_model = model
@@ -158,7 +153,8 @@ class Trainer:
             model.parameters(), lr=config.lr, momentum=config.momentum,
             weight_decay=config.weight_decay,
         )
-        trainer = cls(config, bundle, context, device, model, train_model, optimizer, policy)
+        trainer = cls(config, bundle, context, device, model, train_model, optimizer, policy,
+                      init_from=init_from)
         if resume_state is not None:
             trainer.load(resume_state)
         return trainer
@@ -370,6 +366,9 @@ class Trainer:
             "input_shape": list(spec.input_shape),
             "input_range": [0.0, 1.0],
             "num_classes": spec.num_classes,
+            "class_names": list(spec.class_names),
+            **({"dataset": self.bundle.record} if self.bundle.record else {}),
+            **({"init_from": self.init_from} if self.init_from else {}),
             "mean": list(spec.mean),
             "std": list(spec.std),
             "granularity": self.policy.granularity,

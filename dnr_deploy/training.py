@@ -12,13 +12,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
 
+from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
 from dnr_deploy.checkpoint import CheckpointError
 
 # the settings live in torch-free modules (fast --help); re-exported here, where they are used
 from dnr_deploy.compress_config import CompressConfig, ConfigError, Method  # noqa: F401
 from dnr_deploy.config import RecipeError, check_settings, coerce
+from dnr_deploy.data import DataBundle
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity.groups import ChannelGraphError
 from dnr_deploy.sparsity.masks import Granularity
@@ -101,7 +104,7 @@ RESUME_FIXED = ("model", "dataset", "granularity", "method", "density", "dense",
                 "rewire_every", "prune_rate", "rewire_until", "redistribution", "init",
                 "explore_channels", "channel_shares", "start_density",
                 "batch_size", "lr", "momentum", "weight_decay", "eps", "pgd_steps",
-                "pgd_step_size", "seed", "attack_bn")
+                "pgd_step_size", "seed", "attack_bn", "image_size", "channels", "mean", "std")
 
 
 @dataclass
@@ -267,3 +270,12 @@ def build_policy(
     return MagnitudePrune(model, config.density, generator)
 
 
+def epoch_loader(bundle: DataBundle, config: CompressConfig,
+                 context: ddp.DistContext) -> DataLoader:
+    """Each rank reads its shard of every global batch. The order depends only on (seed,
+    epoch), so a resumed run sees the same batches, and rank r's share of global batch i is
+    the same images whatever the world size."""
+    sampler = DistributedSampler(bundle.train, num_replicas=context.world_size,
+                                 rank=context.rank, shuffle=True, seed=config.seed)
+    return DataLoader(bundle.train, config.batch_size // context.world_size, sampler=sampler,
+                      num_workers=config.workers, persistent_workers=config.workers > 0)

@@ -48,6 +48,7 @@ class DatasetName(str, Enum):
     CIFAR10 = "cifar10"
     CIFAR100 = "cifar100"
     TINYIMAGENET = "tinyimagenet"
+    FOLDER = "folder"  # your own images: --data-dir PATH with train/CLASS/*.png
 
 
 class Method(str, Enum):

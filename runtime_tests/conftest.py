@@ -61,6 +61,6 @@ def test_images(request: pytest.FixtureRequest, deploy: DeployDir):
 
     source = find_dataset(deploy, request.config.getoption("--dataset"),
                           request.config.getoption("--data-dir"))
-    bundle = data.load_data(source.dataset, source.data_dir)
+    bundle = source.load(deploy.manifest)
     x, y = data.test_subset(bundle, request.config.getoption("--n"))
     return x, y, len(bundle.test)

@@ -5,9 +5,11 @@ Later stages (dnr-bench, dnr-verify, the loader) read a deploy dir through `load
 
 Fields (DESIGN.md section 6): "format", "source_run" {dir, checkpoint_sha256, run_json_sha256},
 "model" {name, num_classes, in_chans}, "input_shape", "input_range", "num_classes", "mean",
-"std", "granularity", "export_format", "threat_model", "accuracy" (the run's training-side
-figures), "robustness" (the AutoAttack-grade evaluation: images, protocol, per attack),
-"dataset" {name, split, data_dir}, "density", "params" {dense, deployed, compression}, "macs"
+"std", "class_names", "granularity", "export_format", "threat_model", "accuracy" (the run's
+training-side figures), "robustness" (the AutoAttack-grade evaluation: images, protocol, per
+attack), "dataset" {name, split, data_dir; an image folder adds image_size, channels, mean, std,
+class_names, test_from, split_seed, test_fraction, skip_bad_images}, "density", "params"
+{dense, deployed, compression}, "macs"
 {dense, executed, nonzero, reduction_executed, reduction_nonzero} (`sizes.size_figures`, as in
 run.json), "sparse_initializers" (irregular ONNX), "files" {name:
 {bytes, sha256}}, "parity" {onnx_vs_torch_max_abs, argmax_agree, n_images; channel runs add
@@ -70,7 +72,8 @@ def build_manifest(
     import torch
     import torch_pruning
 
-    copied = ("model", "input_shape", "input_range", "num_classes", "mean", "std", "granularity",
+    copied = ("model", "input_shape", "input_range", "num_classes", "class_names", "mean", "std",
+              "granularity",
               "threat_model", "accuracy", "robustness", "density")
     return {
         "format": MANIFEST_FORMAT,
@@ -82,8 +85,10 @@ def build_manifest(
         **{key: run.get(key) for key in copied},
         # what verify needs to score the artifact without the source run: a deploy dir
         # copied alone to another machine verifies (its data folder may be named there)
-        "dataset": {"name": (run.get("config") or {}).get("dataset"), "split": "test",
-                    "data_dir": (run.get("config") or {}).get("data_dir")},
+        # (an image folder's record adds its image size, channels, classes and split)
+        "dataset": run.get("dataset") or {"name": (run.get("config") or {}).get("dataset"),
+                                          "split": "test",
+                                          "data_dir": (run.get("config") or {}).get("data_dir")},
         "export_format": export_format,
         "params": figures["params"],
         "macs": figures["macs"],
@@ -165,6 +170,8 @@ _FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     and is_int_in(v[0], 1, MAX_CHANNELS) and is_int_in(v[1], 1, MAX_SIDE)
     and is_int_in(v[2], 1, MAX_SIDE),
     "num_classes": lambda v: is_int_in(v, 1, MAX_CLASSES),
+    "class_names": lambda v: isinstance(v, list) and len(v) <= MAX_CLASSES
+    and all(isinstance(n, str) for n in v),
     "granularity": lambda v: isinstance(v, str),
     "mean": are_numbers,
     "std": lambda v: are_numbers(v, positive=True),
@@ -233,12 +240,22 @@ def check_replaceable(folder: Path) -> None:
         raise ManifestError(refuse + f"also holds {shown}; nothing was deleted")
 
 
+def format_classes(names: object, limit: int = 12) -> str:
+    """"10 classes: zero, one, ..." for a run.json's or manifest's class_names ('' if none)."""
+    if not isinstance(names, list) or not names:
+        return ""
+    shown = ", ".join(str(n) for n in names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"{len(names)} classes: {shown}"
+
+
 def format_summary(deploy_dir: Path, manifest: dict) -> str:
     """One screen: what was deployed, how much smaller, file sizes, parity, the run's accuracy."""
     params, macs, parity = manifest["params"], manifest["macs"], manifest["parity"]
     lines = [
         f"deploy dir: {deploy_dir}",
         f"  {manifest['granularity']} run {manifest['source_run']['dir']}",
+        *([f"  {format_classes(manifest.get('class_names'))}"]
+          if manifest.get("class_names") else []),
         f"  params {params['dense']:,} -> {params['deployed']:,} "
         f"({params['dense'] / max(params['deployed'], 1):.1f}x compression)",
     ]

@@ -114,6 +114,19 @@ class DataSource:
     dataset: str
     data_dir: str | None
     origin: str  # "--dataset", "manifest" or "source run.json"
+    record: dict | None = None  # an image folder's "dataset" entry (image_folder.record)
+
+    def load(self, manifest: dict):
+        """The DataBundle of this test split, at the deployed model's input shape.
+
+        Raises:
+            DataError: as `data.load_trained_data`.
+        """
+        from dnr_deploy.data import load_trained_data
+
+        return load_trained_data(self.dataset, self.data_dir, self.record,
+                                 manifest["input_shape"], manifest.get("mean"),
+                                 manifest.get("std"))
 
 
 def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -> DataSource:
@@ -129,6 +142,8 @@ def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -
     """
     origin = "--dataset"
     recorded = deploy.manifest.get("dataset") or {}
+    folder = recorded if recorded.get("name") == "folder" and dataset in (None, "folder") \
+        else None
     if not dataset and recorded.get("name"):
         dataset, origin = recorded["name"], "manifest"
         data_dir = data_dir or recorded.get("data_dir")
@@ -142,10 +157,14 @@ def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -
             )
         dataset, origin = settings["dataset"], "source run.json"
         data_dir = data_dir or settings.get("data_dir")
-    try:
-        from dnr_deploy.data import SPECS, parse_dataset  # torch: only when verify needs it
+    try:  # torch: only when verify needs it
+        from dnr_deploy.data import SPECS, parse_dataset
+        from dnr_deploy.image_folder import recorded_folder_spec
 
-        spec = SPECS[parse_dataset(dataset)]
+        if dataset == "folder" and folder is None:  # --dataset folder on another run's deploy
+            return DataSource(dataset, data_dir, origin)  # dir: the model's shape, any classes
+        spec = recorded_folder_spec(folder) if dataset == "folder" else \
+            SPECS[parse_dataset(dataset)]
     except ValueError as err:
         raise DeployDirError(str(err)) from None
     shape = [int(n) for n in deploy.manifest["input_shape"]]
@@ -154,7 +173,7 @@ def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -
             f"dataset {dataset!r} has {list(spec.input_shape)} images and {spec.num_classes} "
             f"classes, the deployed model takes {shape} and has {deploy.manifest['num_classes']}"
         )
-    return DataSource(dataset, data_dir, origin)
+    return DataSource(dataset, data_dir, origin, folder)
 
 
 def source_run_dir(deploy_dir: Path, recorded: object) -> Path | None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dnr_deploy import checkpoint as ckpt
-from dnr_deploy.data import load_data, parse_dataset, test_subset
+from dnr_deploy.data import load_trained_data, parse_dataset, test_subset
 from dnr_deploy.deploydir import manifest, names, signing
 from dnr_deploy.export import channel, csr
 from dnr_deploy.export import onnx as onnx_io
@@ -281,7 +281,9 @@ def _load_bundle(run: dict, config: ExportConfig):
         dataset = parse_dataset(str(settings.get("dataset")))
     except ValueError as err:
         raise ExportError(f"run.json: {err}") from None
-    return load_data(dataset.value, config.data_dir or settings.get("data_dir"))
+    return load_trained_data(dataset.value, config.data_dir or settings.get("data_dir"),
+                             run.get("dataset"), run.get("input_shape"), run.get("mean"),
+                             run.get("std"))
 
 
 def _quantize(work: Path, bundle, x: torch.Tensor, y: torch.Tensor, reference: np.ndarray,

@@ -13,6 +13,7 @@ from dnr_deploy import byo
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.data import SPECS, parse_dataset
 from dnr_deploy.export.errors import ExportError
+from dnr_deploy.image_folder import recorded_folder_spec
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
 from dnr_deploy.sparsity.groups import ChannelGraphError, ChannelLayout, find_channel_groups
@@ -24,6 +25,7 @@ from dnr_deploy.sparsity.masks import (
     prunable_weights,
 )
 from dnr_deploy.trust import UntrustedModelCode, check_spec_trusted
+from dnr_deploy.vocabulary import DatasetName
 
 
 @dataclass
@@ -136,7 +138,9 @@ def _check_run_fits_dataset(run: dict, run_dir: Path) -> None:
     """
     settings = run.get("config") or {}
     try:
-        spec = SPECS[parse_dataset(str(settings.get("dataset")))]
+        dataset = parse_dataset(str(settings.get("dataset")))
+        spec = SPECS[dataset] if dataset is not DatasetName.FOLDER else \
+            recorded_folder_spec(run.get("dataset"))
     except ValueError as err:
         raise ExportError(f"run.json: {err}") from None
     model = run.get("model") or {}

@@ -27,6 +27,7 @@ import numpy as np
 from dnr_deploy import deploydir
 from dnr_deploy.checkpoint import write_json
 from dnr_deploy.config import check_settings, option
+from dnr_deploy.deploydir.manifest import format_classes
 from dnr_deploy.progress import terminal_progress
 from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.runtimes import (
@@ -200,6 +201,7 @@ def bench(config: BenchConfig) -> BenchResult:
         "format": BENCH_FORMAT,
         "deploy_dir": str(deploy.path.resolve()),
         "granularity": deploy.manifest.get("granularity"),
+        "class_names": deploy.manifest.get("class_names"),
         "input_shape": shape,
         "models": models,
         "comparison": _compare(models, deploy.manifest) if baseline is not None else None,
@@ -327,6 +329,7 @@ def format_table(report: dict) -> str:
         f"{session['intra_op_num_threads']} intra-op thread(s), "
         f"{config['runs']} timed runs after {config['warmup']} warm-up, "
         f"onnxruntime {session['onnxruntime']}, {report['machine']['cpu']}",
+        *([f"  {format_classes(report['class_names'])}"] if report.get("class_names") else []),
         f"  {'file':<15}{'KiB':>9}{'params':>12}{'MACs':>13}{'batch':>7}{'p50 ms':>10}"
         f"{'p90 ms':>10}{'p99 ms':>10}{'img/s':>11}",
     ]

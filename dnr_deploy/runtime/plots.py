@@ -26,20 +26,23 @@ def _as_image(chw: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 def save_examples(
     path: Path, x: np.ndarray, x_adv: np.ndarray, y: np.ndarray, pred_clean: np.ndarray,
-    pred_adv: np.ndarray, eps: float,
+    pred_adv: np.ndarray, eps: float, class_names: list[str] | None = None,
 ) -> None:
     """A grid: clean images (row 1), adversarial ones (row 2), the perturbation scaled from
-    [-eps, eps] to [0, 1] (row 3), with labels and the deployed model's predictions."""
+    [-eps, eps] to [0, 1] (row 3), with labels and the deployed model's predictions (by
+    name when `class_names` has one for every class)."""
     from matplotlib.figure import Figure
 
     count = len(x)
+    name = lambda k: str(class_names[int(k)]) if class_names and 0 <= int(k) < len(  # noqa: E731
+        class_names) else str(k)
     fig = Figure(figsize=(1.6 * max(count, 1), 5.2))
     axes = fig.subplots(3, max(count, 1), squeeze=False)
     for col in range(count):
         delta = (x_adv[col] - x[col]) / (2 * eps) + 0.5
         outcome, colour = _outcome(y[col], pred_clean[col], pred_adv[col])
-        rows = ((x[col], f"y={y[col]} pred={pred_clean[col]}\n{outcome}"),
-                (x_adv[col], f"adv pred={pred_adv[col]}"),
+        rows = ((x[col], f"y={name(y[col])} pred={name(pred_clean[col])}\n{outcome}"),
+                (x_adv[col], f"adv pred={name(pred_adv[col])}"),
                 (np.clip(delta, 0.0, 1.0), f"|d|max={np.abs(x_adv[col] - x[col]).max():.3f}"))
         for row, (image, title) in enumerate(rows):
             picture, cmap = _as_image(image)

@@ -10,6 +10,8 @@ pass (nothing was compared), unless the caller turns the comparison off (`--no-g
 
 from __future__ import annotations
 
+from dnr_deploy.deploydir.manifest import format_classes
+
 TRAINING_SIDE_KEY = "autoattack"  # the manifest figure robust accuracy is compared with
 
 
@@ -98,6 +100,7 @@ def format_table(report: dict) -> str:
         f"deploy dir: {report['deploy_dir']} ({report['granularity']})",
         f"  {images['dataset']} test images: {subset}; Linf eps {threat['eps']:.4g} "
         f"({threat['from']}); attack {report['attack']['name']}, scored by ONNX Runtime",
+        *([f"  {format_classes(images['class_names'])}"] if images.get("class_names") else []),
         f"  {'':<22}{'artifact':>10}{'training side':>15}",
         f"  {'clean':<22}{100 * acc['clean']:>9.2f}%{_percent(trained.get('clean')):>15}",
     ]

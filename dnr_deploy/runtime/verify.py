@@ -24,7 +24,7 @@ from dnr_deploy import deploydir
 from dnr_deploy.attacks import AttackName, run_ensemble
 from dnr_deploy.attacks.checks import run_checks
 from dnr_deploy.checkpoint import write_json
-from dnr_deploy.data import load_data, test_subset
+from dnr_deploy.data import test_subset
 from dnr_deploy.deploydir import signing
 from dnr_deploy.evaluation import protocol, terminal_progress
 from dnr_deploy.parity import ParityLimit, parity_limit
@@ -116,7 +116,7 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
         eps, threat = _threat_model(deploy.manifest, config)
         source = deploydir.find_dataset(deploy, config.dataset, config.data_dir)
         if test_data is None:
-            bundle = load_data(source.dataset, source.data_dir)
+            bundle = source.load(deploy.manifest)
         else:
             from dnr_deploy.byo import api_test_split
 
@@ -151,7 +151,8 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
     out_dir = deploydir.reports_dir(deploy, config.out)
     if outcome["examples"]:
         report["examples"] = EXAMPLES_PNG
-        plots.save_examples(out_dir / EXAMPLES_PNG, *outcome["examples"], eps=eps)
+        plots.save_examples(out_dir / EXAMPLES_PNG, *outcome["examples"], eps=eps,
+                            class_names=deploy.manifest.get("class_names"))
     write_json(out_dir / VERIFY_JSON, report)
     passed = report["comparison"]["passed"]
     signature = None
@@ -292,7 +293,8 @@ def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, tota
         "threat_model": threat,
         "images": {"dataset": source.dataset, "dataset_from": source.origin,
                    "split": "test_data (Python API)" if api_images else "test",
-                   "first": result.count, "of": total, "subset": result.count < total},
+                   "first": result.count, "of": total, "subset": result.count < total,
+                   "class_names": manifest.get("class_names") or []},
         "accuracy": accuracy,
         "stages": [asdict(stage) for stage in result.stages],
         "training_side": {"clean": trained.get("clean"),
