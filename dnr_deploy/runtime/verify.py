@@ -294,7 +294,8 @@ def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, tota
         "images": {"dataset": source.dataset, "dataset_from": source.origin,
                    "split": "test_data (Python API)" if api_images else "test",
                    "first": result.count, "of": total, "subset": result.count < total,
-                   "class_names": manifest.get("class_names") or []},
+                   **({"class_names": manifest["class_names"]}
+                      if manifest.get("class_names") else {})},
         "accuracy": accuracy,
         "stages": [asdict(stage) for stage in result.stages],
         "training_side": {"clean": trained.get("clean"),
