@@ -116,7 +116,7 @@ def state_mismatch(model: nn.Module, state: dict) -> str:
 
 
 def with_data(config: CompressConfig, train_data: object, test_data: object,
-              load: Callable[[str, str | None], DataBundle]) -> DataBundle:
+              load: Callable[..., DataBundle]) -> DataBundle:
     """The splits of `config.dataset` (read by `load`, `data.load_data`, unless both are
     passed), with each split passed in put in its place.
 

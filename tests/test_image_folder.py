@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from dnr_deploy.cli import build_compress_parser, compress_config_from, compress_main
-from dnr_deploy.data import DataError, load_data, load_trained_data
+from dnr_deploy.data import load_data, load_trained_data
 from dnr_deploy.image_folder import CachedImages, FolderOptions, parse_image_size
 
 
@@ -177,3 +177,19 @@ def test_eps_fraction_in_a_recipe(tmp_path: Path) -> None:
     recipe.write_text("eps: 4/255\npgd_step_size: 1/255\n")
     config = compress_config_from(build_compress_parser().parse_args(["--config", str(recipe)]))
     assert (config.eps, config.pgd_step_size) == (4 / 255, 1 / 255)
+
+
+def test_a_folder_too_large_to_cache_is_decoded_on_read(tmp_path: Path, monkeypatch) -> None:
+    from torch.utils.data import DataLoader
+
+    from dnr_deploy import image_folder
+
+    root = write_folder(tmp_path / "imgs", per_class=10)
+    cached = load_data("folder", str(root), FolderOptions())
+    monkeypatch.setattr(image_folder, "CACHE_LIMIT_BYTES", 0)
+    lazy = load_data("folder", str(root), FolderOptions())
+    assert isinstance(lazy.train, image_folder.DecodedOnRead)
+    assert lazy.spec == cached.spec  # the same classes, shape and measured mean/std
+    batches = list(DataLoader(lazy.train, batch_size=8, num_workers=1))
+    images = torch.cat([x for x, _ in batches])
+    assert torch.equal(images, torch.stack([cached.train[i][0] for i in range(len(cached.train))]))
