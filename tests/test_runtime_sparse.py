@@ -27,7 +27,8 @@ from dnr_deploy.runtime.sparse import (
     load_sparse,
     native,
 )
-from dnr_deploy.runtime.sparse.plan import SparseConv, fold_batch_norm
+from dnr_deploy.runtime.sparse.executor import fold_batch_norm
+from dnr_deploy.runtime.sparse.plan import SparseConv
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
 from tests.factories import randomize_norms, write_fake_run
 from tests.helpers import assert_clean_failure
