@@ -102,6 +102,16 @@ def test_conv_batch_norm_residual_relu_fuse_into_one_step():
     assert steps[1][1].relu and len(steps[1][2]) == 2  # the addition's input, in the epilogue
 
 
+def test_projection_shortcut_two_convs_into_one_addition():
+    g = Graph()
+    a = g.op("Relu", [g.conv("input", CHANS, CHANS, pads=[1] * 4)])[0]
+    main = g.conv(g.op("Relu", [g.conv(a, 6, CHANS, pads=[1] * 4, strides=[2, 2])])[0], 6, 6,
+                  pads=[1] * 4)
+    shortcut = g.conv(a, 6, CHANS, 1, strides=[2, 2])  # after the main branch, as exported
+    y = g.op("Relu", [g.op("Add", [main, shortcut])[0]])[0]
+    assert_matches_ort(g.model(y), batch=8)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8, 17])  # chunks of 4 or 8 images, and a remainder
 def test_normalized_vgg_like_net_with_gemm_head(batch):
     g = Graph()

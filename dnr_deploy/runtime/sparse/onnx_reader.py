@@ -188,8 +188,11 @@ class GraphReader:
         return self.consts[name]
 
     def only_user(self, name: str) -> onnx.NodeProto | None:
+        """The one node reading `name`, unless another chain took it (both inputs of an
+        addition can come from convs) or the graph outputs it."""
         users = self.users.get(name, [])
-        return users[0] if len(users) == 1 and users[0] is not None else None
+        single = len(users) == 1 and users[0] is not None and id(users[0]) not in self.fused
+        return users[0] if single else None
 
     def norm_affine(self, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
         gamma, beta, mean, var = (self.const(node, i).astype(np.float64) for i in range(1, 5))

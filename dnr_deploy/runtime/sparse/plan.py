@@ -50,6 +50,15 @@ def csr_arrays(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return indptr, columns.astype(np.int64), matrix[rows, columns].astype(np.float32)
 
 
+def chwn_view(x: np.ndarray) -> np.ndarray:
+    """`x`, or a copy of it, as the compiled pooling and split kernels take it: float32 CHWN
+    whose (width, batch) are contiguous (a numpy op's result on a size-1 axis may not be)."""
+    if x.dtype == np.float32 and x.ndim == 4 and x.strides[2:] == (x.shape[3] * 4, 4) and \
+            not x.strides[0] % 4 and not x.strides[1] % 4:
+        return x
+    return np.array(x, np.float32, order="C", copy=True)  # canonical strides on size-1 axes
+
+
 def _kernels():
     """The numba kernels, imported only where the compiled library is missing or a layer runs
     densely (numba is not needed when the compiled kernel runs every sparse layer)."""
@@ -282,7 +291,7 @@ class SparseConv:
             if s == 1:
                 planes[0, :, p:p + height, left:left + width] = x
             elif self.native:  # only the phases some tap reads (a 1x1 stride-2 conv: 1 of 4)
-                native.split_phases(x, s, p, self.used_phases, planes)
+                native.split_phases(chwn_view(x), s, p, self.used_phases, planes)
             else:
                 _kernels().split_phases(x, s, p, self.used_phases, planes)
         if "run" in job:
@@ -351,6 +360,7 @@ class _Pool:
         self._bound: dict[tuple, tuple] = {}
 
     def _run(self, x: np.ndarray, out_shape: tuple, threads: int) -> np.ndarray:
+        x = chwn_view(x)
         key = (x.shape, threads, threading.get_ident())
         entry = self._bound.get(key)
         if entry is None or entry[0] is not x:
