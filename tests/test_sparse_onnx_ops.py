@@ -155,6 +155,8 @@ def test_squeeze_excitation_concat_split_and_channel_shuffle():
                                         CHANS, 4, 1)])[0]
     x = g.op("Mul", [x, scale])[0]
     left, right = g.op("Split", [x, g.const([3, 5], np.int64)], outputs=2, axis=1)
+    half, other = g.op("Split", [x], outputs=2, axis=1, num_outputs=2)
+    x = g.op("Add", [g.op("Concat", [half, other], axis=1)[0], x])[0]
     x = g.op("Concat", [right, g.op("Sigmoid", [left])[0]], axis=1)[0]
     x = g.op("Reshape", [x, g.const([0, 2, 4, SIZE, SIZE], np.int64)])[0]
     x = g.op("Transpose", [x], perm=[0, 2, 1, 3, 4])[0]

@@ -81,6 +81,15 @@ def take_slice(axis: int, start: int, stop: int) -> Callable:
     return lambda x: x[index]
 
 
+def take_part(axis: int, index: int, parts: int) -> Callable:
+    """Part `index` of `parts` along `axis`, each ceil(size / parts) long (ONNX Split)."""
+    def part(x: np.ndarray) -> np.ndarray:
+        size = -(-x.shape[axis] // parts)
+        return x[(slice(None),) * axis + (slice(index * size, (index + 1) * size),)]
+
+    return part
+
+
 def mean(axes: tuple[int, ...], keepdims: bool) -> Callable:
     return lambda x: x.mean(axis=axes, keepdims=keepdims, dtype=np.float32)
 

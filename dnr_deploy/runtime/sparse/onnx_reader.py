@@ -364,8 +364,10 @@ class GraphReader:
         sizes = self.const(node, 1)
         sizes = attr(node, "split") if sizes is None else sizes.reshape(-1).tolist()
         outputs = list(node.output)
-        if not sizes:
-            raise UnsupportedLayerError(f"Split {node.name!r} without sizes; use --runtime ort")
+        if not sizes:  # opset 18's num_outputs, or none: equal parts (the last one smaller)
+            for index, name in enumerate(outputs):
+                self.emit(name, ops.take_part(axis, index, len(outputs)), [node.input[0]], rank)
+            return
         start = 0
         for name, size in zip(outputs, sizes, strict=True):
             self.emit(name, ops.take_slice(axis, start, start + int(size)), [node.input[0]], rank)
