@@ -202,3 +202,18 @@ def test_numba_fallback_runs_the_same_graph(monkeypatch):
     g = Graph()
     x = g.op("Relu", [g.conv("input", CHANS, CHANS, pads=[1] * 4, strides=[2, 2], group=2)])[0]
     assert_matches_ort(g.model(g.op("MaxPool", [x], kernel_shape=[2, 2], strides=[2, 2])[0]))
+
+
+def test_threads_pick_a_split_per_batch_size_and_agree_with_one_thread():
+    g = Graph()
+    x = g.op("Relu", [g.conv("input", 16, CHANS, pads=[1] * 4)])[0]
+    x = g.op("Relu", [g.conv(x, 16, 16, pads=[1] * 4, strides=[2, 2])])[0]
+    model = g.model(g.op("GlobalAveragePool", [x])[0])
+    one, two = (build_from_onnx(model, [CHANS, SIZE, SIZE], threads=t) for t in (1, 2))
+    x = np.random.default_rng(2).random((19, CHANS, SIZE, SIZE), dtype=np.float32)
+    want = one(x)
+    np.testing.assert_array_equal(two(x), want)
+    assert set(two._splits.values()) <= {"layers", "images", "none"} and two._splits
+    chunks = [x[i:i + two.chunk] for i in range(0, len(x), two.chunk)]
+    for split in ("layers", "images", "none"):
+        np.testing.assert_array_equal(np.concatenate(two._run(chunks, split)), want)

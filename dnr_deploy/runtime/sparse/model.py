@@ -8,6 +8,7 @@ A step is (key, callable, input keys): the key names the value it makes, None is
 from __future__ import annotations
 
 import contextlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -74,16 +75,17 @@ class SparseModel:
     A batch runs in chunks of `CHUNK` images (`WIDE_CHUNK` with AVX-512): with batch
     innermost, a 3x3 conv reads three input rows of every channel per output row
     (C x 3 x W x N floats), which leaves L2 beyond a few images (docs/notes/issue13.md).
-    With `threads` > 1 the chunks of a large model are shared among threads (one thread per
-    chunk, no barrier per layer); a single chunk, or the chunks of a small model, split their
-    layers over OpenMP threads instead (handing a chunk to a Python thread costs tens of
-    microseconds: the default net at batch 16 took 0.28 ms so and 0.16 ms with OpenMP inside
-    its layers).
+    With `threads` > 1 the chunks are shared among threads (one thread per chunk, no barrier
+    per layer), or each layer splits over OpenMP threads, or one thread runs it all: the first
+    batch of each size tries all three and keeps the fastest (`_split_for`). Handing a chunk to
+    a Python thread costs tens of microseconds (the default net at batch 16: 0.28 ms so, 0.16 ms
+    with OpenMP inside its layers), and a parallel region waits for a late worker on a loaded
+    machine, so no one rule wins everywhere.
     """
 
     CHUNK = 4
     WIDE_CHUNK = 8  # with AVX-512: 8 images fill a 16-float vector with two pixels
-    POOL_MIN_MACS = 8_000_000  # nonzero multiply-adds a chunk needs to go to a thread of its own
+    TRIALS = 3  # timed calls of each way to split threads, on the first batch of a size
 
     def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
@@ -92,9 +94,8 @@ class SparseModel:
         self._blas = _blas_controller() if any(layer.dense for layer, _ in layers) \
             else None
         self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
-        chunk_macs = self.macs([])["nonzero"] * self.chunk
-        self._pool = ThreadPoolExecutor(threads) \
-            if threads > 1 and chunk_macs >= self.POOL_MIN_MACS else None
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
         # what _forward walks: the steps, each with whether it takes the thread count
         self._plan = [(node, step, inputs, isinstance(step, LAYER_STEPS) or
                        getattr(step, "takes_threads", False))
@@ -115,11 +116,37 @@ class SparseModel:
         if not chunks:  # no images: no logits, of the right width
             return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
         with limit:
-            if self._pool is None or len(chunks) == 1:
-                logits = [self._forward(chunk, self.threads) for chunk in chunks]
-            else:
-                logits = list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
+            split = self._split_for(chunks)
+            logits = self._run(chunks, split)
         return np.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    def _run(self, chunks: list, split: str) -> list:
+        if split == "images":
+            return list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
+        threads = self.threads if split == "layers" else 1
+        return [self._forward(chunk, threads) for chunk in chunks]
+
+    def _split_for(self, chunks: list) -> str:
+        """How threads share this batch size's work: "layers" (OpenMP inside each layer),
+        "images" (a chunk per thread) or "none" (one thread), whichever ran fastest in a few
+        trial calls on the first batch of this size, so N threads are never slower than one.
+        Measured before this choice: VGG16 at 20% density, batch 1, took 0.51x ORT's speed at
+        2 threads where 1 thread gave 1.30x (a loaded machine makes each parallel region wait)."""
+        if self.threads == 1:
+            return "none"
+        key = (len(chunks), chunks[-1].shape[0])
+        if key not in self._splits:
+            candidates = ["layers", "none"] + (["images"] if len(chunks) > 1 else [])
+            times: dict[str, list[float]] = {c: [] for c in candidates}
+            for split in candidates:  # untimed: buffers of this shape and split
+                self._run(chunks, split)
+            for _ in range(self.TRIALS):
+                for split in candidates:
+                    start = time.perf_counter()
+                    self._run(chunks, split)
+                    times[split].append(time.perf_counter() - start)
+            self._splits[key] = min(candidates, key=lambda c: float(np.median(times[c])))
+        return self._splits[key]
 
     def _forward(self, images: np.ndarray, threads: int) -> np.ndarray:
         # a conv copies its input into its own planes anyway: the images' transposed view
