@@ -59,7 +59,7 @@ def test_bench_on_a_channel_deploy_dir_runs_onnx_runtime(tmp_path_factory, tmp_p
 
 
 def test_auto_falls_back_when_an_op_has_no_step(irregular, tmp_path, monkeypatch):
-    def refuse(path, threads):
+    def refuse(*args, **kwargs):
         raise SparseUnsupportedError(f"--runtime sparse: {UnsupportedLayerError('no Foo')}")
 
     monkeypatch.setattr(bench_module, "open_sparse", refuse)
