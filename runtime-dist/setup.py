@@ -19,7 +19,7 @@ KEEP = {
     "dnr_deploy.deploydir": None,
     "dnr_deploy.runtime": {"__init__"},
     "dnr_deploy.runtime.sparse": {"__init__", "model", "plan", "native", "kernels", "onnx_graph",
-                                  "onnx_reader", "onnx_ops", "run_cli"},
+                                  "onnx_reader", "onnx_ops", "pooling", "run_cli"},
 }
 
 

@@ -8,6 +8,7 @@ an `UnsupportedLayerError` naming it.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 
@@ -23,13 +24,14 @@ from dnr_deploy.runtime.sparse.model import (
     link_convs,
 )
 from dnr_deploy.runtime.sparse.plan import (
+    DENSE_MIN_WEIGHTS,
     DENSE_THRESHOLD,
-    GlobalAvgPool,
-    MaxPool,
     SparseConv,
-    SparseLinear,
     UnsupportedLayerError,
+    _kernels,
+    csr_arrays,
 )
+from dnr_deploy.runtime.sparse.pooling import GlobalAvgPool, MaxPool
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -221,6 +223,36 @@ def _input_sizes(traced: fx.GraphModule, input_shape: list[int]) -> dict:
     return {node: tuple(node.args[0].meta["tensor_meta"].shape[-2:])
             for node in traced.graph.nodes if node.op == "call_module" and
             isinstance(traced.get_submodule(node.target), nn.Conv2d)}
+
+
+class SparseLinear:
+    """A Linear layer on (features, N) activations: CSR, or dense above the threshold (the
+    ONNX front end runs Gemm as a 1x1 SparseConv instead)."""
+
+    takes_threads = True
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray,
+                 dense_threshold: float = DENSE_THRESHOLD) -> None:
+        self.shape = weight.shape
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        self.nonzeros = int(np.count_nonzero(weight))
+        self.density = self.nonzeros / weight.size
+        self.dense = self.density > dense_threshold and weight.size >= DENSE_MIN_WEIGHTS
+        if self.dense:
+            self.matrix = np.ascontiguousarray(weight, dtype=np.float32)
+        else:
+            self.indptr, self.indices, self.values = csr_arrays(weight)
+
+    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.dense:
+            return self.matrix @ x + self.bias[:, None]
+        out = np.empty((self.shape[0], x.shape[1]), np.float32)
+        _kernels().sparse_linear(x, self.indptr, self.indices, self.values, self.bias, out)
+        return out
+
+    def macs(self) -> tuple[int, int]:
+        return math.prod(self.shape), self.nonzeros
 
 
 def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None,

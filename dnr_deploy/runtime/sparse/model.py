@@ -15,15 +15,12 @@ import numpy as np
 
 from dnr_deploy.deploydir import names
 from dnr_deploy.runtime.sparse import native
-from dnr_deploy.runtime.sparse.plan import GlobalAvgPool, MaxPool, SparseConv, SparseLinear
+from dnr_deploy.runtime.sparse.plan import SparseConv
+from dnr_deploy.runtime.sparse.pooling import MaxPool
 
 
 class NotIrregularError(ValueError):
     """The sparse runtime was asked to run a channel or dense deploy dir."""
-
-
-# steps that take the thread count (they keep per-thread buffers or split work over threads)
-LAYER_STEPS = (SparseConv, SparseLinear, MaxPool, GlobalAvgPool)
 
 
 class ChannelNormalize:
@@ -97,8 +94,7 @@ class SparseModel:
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
         # what _forward walks: the steps, each with whether it takes the thread count
-        self._plan = [(node, step, inputs, isinstance(step, LAYER_STEPS) or
-                       getattr(step, "takes_threads", False))
+        self._plan = [(node, step, inputs, getattr(step, "takes_threads", False))
                       for node, step, inputs in steps]
         self._convs_read_input = all(isinstance(step, SparseConv) and step.stride == 1 and
                                      inputs[0] is None and None not in inputs[1:]

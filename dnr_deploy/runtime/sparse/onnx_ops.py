@@ -115,7 +115,7 @@ def pool_output(size: int, kernel: int, stride: int, pad_begin: int, pad_end: in
 class WindowPool:
     """Max or average pooling of any kernel, stride, padding, dilation and ceil mode on CHWN
     arrays: the padded input, then one strided view per window tap reduced into the output.
-    (The k x k / stride k case without padding runs the compiled `plan.MaxPool` instead.)"""
+    (The k x k / stride k case without padding runs the compiled `pooling.MaxPool` instead.)"""
 
     def __init__(self, kind: str, kernel: tuple[int, int], stride: tuple[int, int],
                  pads: tuple[int, int, int, int], dilation: tuple[int, int], ceil: bool,

@@ -12,13 +12,8 @@ import onnx
 
 from dnr_deploy.runtime.sparse import onnx_ops as ops
 from dnr_deploy.runtime.sparse.model import ChannelNormalize
-from dnr_deploy.runtime.sparse.plan import (
-    GlobalAvgPool,
-    MaxPool,
-    SparseConv,
-    UnsupportedLayerError,
-    native,
-)
+from dnr_deploy.runtime.sparse.plan import SparseConv, UnsupportedLayerError, native
+from dnr_deploy.runtime.sparse.pooling import GlobalAvgPool, MaxPool
 
 UNARY = {"Relu": lambda n: ops.relu, "Sigmoid": lambda n: ops.sigmoid,
          "HardSwish": lambda n: ops.hard_swish,
