@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,9 @@ def _timing(model, shape: list[int], batches: list[int], runs: int) -> dict:
 
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # notices (an unsigned deploy dir) as one line each, without the source line
+    warnings.showwarning = lambda message, *_, **__: print(f"dnr-run: {message}",
+                                                            file=sys.stderr)
     from dnr_deploy.deploydir.manifest import ManifestError
     from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError, load_sparse
     from dnr_deploy.runtime.sparse.native import kernel_name
