@@ -1,7 +1,9 @@
 """The sparse runtime against ONNX Runtime dense: VGG16 and ResNet-18 (CIFAR variants, 32x32)
 and the embedded default's small net (1x8x8) at several densities with random irregular masks
 (DNR's initial masks; latency does not depend on which weights survive, only on how many), per
-batch size and thread count. Both runtimes get the same thread count and take turns
+batch size and thread count. The engine loads
+each model as deployed: its exported sparse-initializer ONNX file (`--front fx`: the earlier
+torch.fx trace of the module). Both runtimes get the same thread count and take turns
 (dnr-bench's `time_sessions`; `--turn 5`: five timed calls after an untimed one, so each is
 timed with its own weights in cache, as deployed alone).
 
@@ -20,14 +22,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from common import write_results
 
-from dnr_deploy.export.onnx import export_onnx
+from dnr_deploy.export.onnx import export_onnx, sparsify_initializers
 from dnr_deploy.models import create_model
 from dnr_deploy.runtime.bench import machine_info, time_sessions
 from dnr_deploy.runtime.session import create_session
-from dnr_deploy.runtime.sparse import build_sparse_model
+from dnr_deploy.runtime.sparse import build_from_onnx, build_sparse_model
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
 
 SHAPE = [3, 32, 32]
@@ -47,7 +50,7 @@ def masked_model(name: str, density: float) -> torch.nn.Module:
 
 
 def bench_model(name: str, densities: list[float], batches: list[int], threads: list[int],
-                runs: int, turn: int, folder: Path) -> dict:
+                runs: int, turn: int, folder: Path, front: str = "onnx") -> dict:
     shape = SHAPES[name]
     dense_path = folder / f"{name}.onnx"
     export_onnx(masked_model(name, 1.0), torch.zeros(1, *shape), dense_path, opset=18)
@@ -56,8 +59,13 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
     rows = {}
     for density in densities:
         model = masked_model(name, density)
+        sparse_path = folder / f"{name}.{density:g}.onnx"
+        if front == "onnx":  # as deployed: dnr-export's sparse-initializer model.onnx
+            export_onnx(model, torch.zeros(1, *shape), sparse_path, opset=18)
+            sparsify_initializers(sparse_path, set(prunable_weights(model)))
         for t in threads:
-            sparse = build_sparse_model(model, shape, threads=t)
+            sparse = build_from_onnx(onnx.load(str(sparse_path)), shape, threads=t) \
+                if front == "onnx" else build_sparse_model(model, shape, threads=t)
             macs = sparse.macs(shape)
             bound = macs["dense"] / macs["nonzero"]
             with torch.no_grad():
@@ -97,12 +105,15 @@ def main() -> None:
                         help="timed calls a runtime makes in a row (after one untimed call) "
                              "before the other takes over; 1: they alternate call by call")
     parser.add_argument("--name", default="sparse_runtime")
+    parser.add_argument("--front", choices=["onnx", "fx"], default="onnx",
+                        help="onnx: the engine loads the exported model.onnx (as load_sparse "
+                             "does); fx: it traces the PyTorch module (the earlier front end)")
     args = parser.parse_args()
     data = {"args": vars(args), "machine": machine_info(), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             data["models"][name] = bench_model(name, args.densities, args.batches, args.threads,
-                                               args.runs, args.turn, Path(tmp))
+                                               args.runs, args.turn, Path(tmp), args.front)
     print(write_results(args.name, data))
 
 

@@ -75,12 +75,15 @@ class VerifyConfig:
     threads: int = option(1, 'threads of the runtime that scores (ONNX Runtime intra-op, '
                           'sparse kernels)', '>= 1')
     runtime: str = option(
-        "ort", "what scores the images: ort (ONNX Runtime, model.onnx) or sparse (the CSR "
-        "weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked against "
-        "ONNX Runtime on the clean images first); gradients always come from model.onnx")
+        "auto", "what scores the images: ort (ONNX Runtime), sparse (the sparse engine of "
+        "dnr_deploy.runtime.sparse on model.onnx's sparse weights; irregular deploy dirs "
+        "only, checked against ONNX Runtime on the clean images first) or auto (sparse for an "
+        "irregular float deploy dir on the CPU whose ops it runs, else ort); gradients always "
+        "come from model.onnx")
     model: str | None = option(
-        None, "--runtime sparse rebuilds the manifest's model: a MODULE:FACTORY spec there is "
-        "imported only when named here (or with --trust-model-code)")
+        None, "kept for scripts: the sparse engine reads model.onnx and never imports the "
+        "manifest's MODULE:FACTORY (it used to rebuild the model; named here, or with "
+        "--trust-model-code, it was imported)")
     trust_model_code: bool = option(
         False, "import whatever MODULE:FACTORY the manifest names (runs its code)")
     parity_atol: float = option(

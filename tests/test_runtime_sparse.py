@@ -27,7 +27,8 @@ from dnr_deploy.runtime.sparse import (
     load_sparse,
     native,
 )
-from dnr_deploy.runtime.sparse.plan import SparseConv, fold_batch_norm
+from dnr_deploy.runtime.sparse.executor import fold_batch_norm
+from dnr_deploy.runtime.sparse.plan import SparseConv
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
 from tests.factories import randomize_norms, write_fake_run
 from tests.helpers import assert_clean_failure
@@ -244,9 +245,9 @@ def test_bench_runtime_sparse_round_trip(irregular_deploy, tmp_path, capsys):
     assert runtime["kernel"] in ("cpp-avx512", "cpp-avx2", "cpp", "numba")
     assert set(report["models"]["model"]["latency"]) == {"1", "4"}
     assert report["comparison"]["sparse_kernel_mac_ratio"] > 1
-    plain = call(bench_main, [str(irregular_deploy), "--runs", "2", "--warmup", "0",
-                              "--out", str(tmp_path / "ort"), "--json"], capsys)
-    assert json.loads(plain.stdout)["runtime"] == {"name": "ort"}
+    plain = call(bench_main, [str(irregular_deploy), "--runtime", "ort", "--runs", "2",
+                              "--warmup", "0", "--out", str(tmp_path / "ort"), "--json"], capsys)
+    assert json.loads(plain.stdout)["runtime"] == {"name": "ort", "chosen_by": "--runtime ort"}
 
 
 def test_verify_runtime_sparse_scores_with_it(irregular_deploy, tmp_path, capsys):

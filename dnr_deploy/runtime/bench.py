@@ -33,7 +33,9 @@ from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.runtimes import (
     Runtime,
     RuntimeChoiceError,
+    SparseUnsupportedError,
     check_parity,
+    choose_runtime,
     open_sparse,
     parse_placement,
     sparse_info,
@@ -63,12 +65,15 @@ class BenchConfig:
     threads: int = option(1, 'threads of each runtime (ONNX Runtime intra-op, sparse kernels)',
                           '>= 1')
     runtime: str = option(
-        "ort", "what runs the deployed model: ort (ONNX Runtime, model.onnx) or sparse (the "
-        "CSR weights in dnr_deploy.runtime.sparse; irregular deploy dirs only, checked "
-        "against ONNX Runtime before timing); the baseline always runs in ONNX Runtime")
+        "auto", "what runs the deployed model: ort (ONNX Runtime), sparse (the sparse engine "
+        "of dnr_deploy.runtime.sparse on model.onnx's sparse weights; irregular deploy dirs "
+        "only, checked against ONNX Runtime before timing) or auto (sparse for an irregular "
+        "float deploy dir on the CPU whose ops it runs, else ort); the baseline always runs "
+        "in ONNX Runtime")
     model: str | None = option(
-        None, "--runtime sparse rebuilds the manifest's model: a MODULE:FACTORY spec there is "
-        "imported only when named here (or with --trust-model-code)")
+        None, "kept for scripts: the sparse engine reads model.onnx and never imports the "
+        "manifest's MODULE:FACTORY (it used to rebuild the model; named here, or with "
+        "--trust-model-code, it was imported)")
     trust_model_code: bool = option(
         False, "import whatever MODULE:FACTORY the manifest names (runs its code)")
     warmup: int = option(10, 'untimed calls before timing each batch size', '>= 0')
@@ -183,11 +188,18 @@ def bench(config: BenchConfig) -> BenchResult:
     rng = np.random.default_rng(config.seed)
     inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in config.batch_sizes()}
     runners = {label: s for label, (s, _) in sessions.items()}
-    runtime = {"name": Runtime.ORT.value}
-    if config.runtime == Runtime.SPARSE:
-        runners["model"], runtime = _sparse_runner(deploy, config.threads, runners["model"],
-                                                   inputs, config.verify_key, config.model,
-                                                   config.trust_model_code)
+    chosen, why = choose_runtime(config.runtime, deploy.manifest, config.provider)
+    runtime = {"name": Runtime.ORT.value, "chosen_by": why}
+    if chosen is Runtime.SPARSE:
+        try:
+            runners["model"], runtime = _sparse_runner(deploy, config.threads, runners["model"],
+                                                       inputs, config.verify_key, config.model,
+                                                       config.trust_model_code)
+            runtime["chosen_by"] = why
+        except SparseUnsupportedError as err:
+            if config.runtime != Runtime.AUTO:
+                raise BenchError(str(err)) from None
+            runtime["fallback"] = f"auto: ONNX Runtime, since {err}"
     say = terminal_progress("dnr-bench: ") or (lambda line: None)
     timed = {}
     for b, x in inputs.items():
@@ -227,6 +239,8 @@ def _sparse_runner(deploy: deploydir.DeployDir, threads: int, session,
         model = open_sparse(deploy.path, threads, verify_key, model_spec, trust_model_code)
         parity = [check_parity(model(x), run_logits(session, x), f"the batch-{b} inputs")
                   for b, x in inputs.items()]
+    except SparseUnsupportedError:
+        raise
     except RuntimeChoiceError as err:
         raise BenchError(str(err)) from None
     worst = max(parity, key=lambda p: p["max_abs"])

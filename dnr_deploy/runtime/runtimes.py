@@ -1,5 +1,6 @@
 """Which engine runs a deploy dir's network in bench and verify: ONNX Runtime or the sparse
-runtime, and the parity check that must pass before the sparse runtime's figures count."""
+runtime (`auto`, the default: the sparse engine for irregular deploy dirs on the CPU), and the
+parity check that must pass before the sparse runtime's figures count."""
 
 from __future__ import annotations
 
@@ -14,12 +15,34 @@ PARITY_ATOL = 1e-4  # max |logit difference| between the sparse runtime and ONNX
 class Runtime(str, Enum):
     """The values are what `--runtime` accepts."""
 
+    AUTO = "auto"  # sparse for an irregular float deploy dir on the CPU, else ort
     ORT = "ort"  # ONNX Runtime on model.onnx (every granularity)
     SPARSE = "sparse"  # dnr_deploy.runtime.sparse on weights.csr.npz (irregular deploy dirs)
 
 
 class RuntimeChoiceError(ValueError):
     """An unknown runtime, or the sparse runtime asked to run what it cannot."""
+
+
+class SparseUnsupportedError(RuntimeChoiceError):
+    """The sparse runtime has no step for an op of this graph (auto then uses ONNX Runtime)."""
+
+
+def choose_runtime(requested: str, manifest: dict, provider: str) -> tuple[Runtime, str]:
+    """(the runtime that runs this deploy dir, why): `requested` unless it is auto."""
+    chosen = parse_runtime(requested)
+    if chosen is not Runtime.AUTO:
+        return chosen, f"--runtime {chosen.value}"
+    from dnr_deploy.deploydir.names import CSR_FILE, FP32_MODEL_FILE
+
+    files = manifest.get("files") or {}
+    if provider != "cpu":
+        return Runtime.ORT, f"auto: --provider {provider} (the sparse engine runs on the CPU)"
+    if CSR_FILE not in files:
+        return Runtime.ORT, f"auto: a {manifest.get('granularity') or 'dense'} deploy dir"
+    if FP32_MODEL_FILE in files:
+        return Runtime.ORT, "auto: an int8 model.onnx"
+    return Runtime.SPARSE, "auto: an irregular deploy dir"
 
 
 def parse_runtime(name: str) -> Runtime:
@@ -61,8 +84,10 @@ def open_sparse(deploy_dir: str | Path, threads: int, verify_key: str | Path | N
     try:
         return load_sparse(deploy_dir, threads=threads, verify_key=verify_key,
                            model_spec=model_spec, trust_model_code=trust_model_code)
-    except (NotIrregularError, UnsupportedLayerError) as err:
+    except NotIrregularError as err:
         raise RuntimeChoiceError(f"--runtime sparse: {err}") from None
+    except UnsupportedLayerError as err:
+        raise SparseUnsupportedError(f"--runtime sparse: {err}") from None
 
 
 def check_parity(sparse_logits: np.ndarray, ort_logits: np.ndarray, what: str,

@@ -33,7 +33,9 @@ from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.runtimes import (
     Runtime,
     RuntimeChoiceError,
+    SparseUnsupportedError,
     check_parity,
+    choose_runtime,
     open_sparse,
     sparse_info,
 )
@@ -125,9 +127,7 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
         x, y = test_subset(bundle, config.n or recorded)
         session, info = create_session(deploy.file(deploydir.MODEL_FILE), config.provider,
                                        config.threads)
-        runtime = {"name": Runtime.ORT.value}
-        if config.runtime == Runtime.SPARSE:
-            session, runtime = _sparse_scorer(deploy, config, session, x)
+        session, runtime = _scorer(deploy, config, session, x)
         attack = AttackName(config.attack)
         graph = None if attack is AttackName.SQUARE else \
             load_onnx_torch(deploy.file(deploydir.MODEL_FILE))
@@ -146,6 +146,8 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
                      api_images=test_data is not None)
     report["runtime"] = runtime
     report["signature"] = deploy.signature
+    if runtime["name"] == Runtime.SPARSE.value:
+        report["attack"]["scored_by"] = "dnr_deploy.runtime.sparse"
     report["warnings"] = messages
     report["seconds"] = round(time.perf_counter() - start, 3)
     out_dir = deploydir.reports_dir(deploy, config.out)
@@ -162,6 +164,22 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
     return VerifyResult(report, out_dir, passed, messages, signature)
 
 
+def _scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tuple:
+    """What scores the images (`--runtime`; auto: the sparse engine for an irregular deploy
+    dir whose ops it runs, else ONNX Runtime) and the report's record of it."""
+    chosen, why = choose_runtime(config.runtime, deploy.manifest, config.provider)
+    if chosen is not Runtime.SPARSE:
+        return session, {"name": Runtime.ORT.value, "chosen_by": why}
+    try:
+        model, runtime = _sparse_scorer(deploy, config, session, x)
+    except SparseUnsupportedError as err:
+        if config.runtime != Runtime.AUTO:
+            raise VerifyError(str(err)) from None
+        return session, {"name": Runtime.ORT.value, "chosen_by": why,
+                         "fallback": f"auto: ONNX Runtime, since {err}"}
+    return model, {**runtime, "chosen_by": why}
+
+
 def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tuple:
     """The sparse runtime, once it matches ONNX Runtime on the clean images: it then scores
     every candidate, so the artifact verified is the one deployed with it."""
@@ -171,6 +189,8 @@ def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tu
         images = x.numpy().astype(np.float32)
         parity = check_parity(run_logits(model, images, config.batch_size),
                               run_logits(session, images, config.batch_size), "the clean images")
+    except SparseUnsupportedError:
+        raise
     except RuntimeChoiceError as err:
         raise VerifyError(str(err)) from None
     return model, {**sparse_info(model, config.threads), "parity": parity}
@@ -288,8 +308,7 @@ def _report(deploy, config: VerifyConfig, eps: float, threat: dict, source, tota
                    **protocol(ensemble), "pgd_steps": ensemble.pgd_steps,
                    "gradients": "model.onnx re-imported into PyTorch (dnr_deploy.runtime."
                    "onnx_torch)" + (INT8_GRADIENTS if _quantization(deploy) else ""),
-                   "scored_by": "onnxruntime" if config.runtime == Runtime.ORT
-                   else "dnr_deploy.runtime.sparse"},
+                   "scored_by": "onnxruntime"},  # verify() names the sparse engine
         "threat_model": threat,
         "images": {"dataset": source.dataset, "dataset_from": source.origin,
                    "split": "test_data (Python API)" if api_images else "test",

@@ -1,8 +1,6 @@
-"""`load_sparse`: an irregular deploy dir as a callable on float32 NCHW numpy images.
+"""`build_sparse_model`: a PyTorch module as sparse-runtime steps, traced with torch.fx (for
+benchmarks and tests on in-memory models; a deploy dir loads through `onnx_graph`, no torch).
 
-The graph comes from torch.fx: the deploy dir is rebuilt in PyTorch with
-`load_deployed_model` (weights from weights.csr.npz, every file checked against the
-manifest), traced, and each node mapped to a step through the type-keyed tables below.
 Conv2d -> BatchNorm2d -> ReLU chains become one `SparseConv` with the norm folded in and the
 ReLU in its epilogue; everything else runs in numpy on CHWN arrays. An op without an entry is
 an `UnsupportedLayerError` naming it.
@@ -10,36 +8,30 @@ an `UnsupportedLayerError` naming it.
 
 from __future__ import annotations
 
-import contextlib
+import math
 import operator
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numba
 import numpy as np
 import torch
-from threadpoolctl import ThreadpoolController
 from torch import fx, nn
 
-from dnr_deploy.deploydir import manifest, names
-from dnr_deploy.export.loader import load_deployed_model
 from dnr_deploy.models.registry import Normalize
-from dnr_deploy.runtime.sparse import native
-from dnr_deploy.runtime.sparse.plan import (
-    DENSE_THRESHOLD,
-    GlobalAvgPool,
-    MaxPool,
-    SparseConv,
-    SparseLinear,
-    UnsupportedLayerError,
-    conv_layer,
-    linear_layer,
+from dnr_deploy.runtime.sparse.model import (
+    ChannelNormalize,
+    SparseModel,
+    fold_normalization,
+    link_convs,
 )
-
-
-class NotIrregularError(ValueError):
-    """The sparse runtime was asked to run a channel or dense deploy dir."""
+from dnr_deploy.runtime.sparse.plan import (
+    DENSE_MIN_WEIGHTS,
+    DENSE_THRESHOLD,
+    SparseConv,
+    UnsupportedLayerError,
+    _kernels,
+    csr_arrays,
+)
+from dnr_deploy.runtime.sparse.pooling import GlobalAvgPool, MaxPool
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
@@ -67,33 +59,6 @@ def _avg_pool(pool: nn.AdaptiveAvgPool2d) -> GlobalAvgPool:
     return GlobalAvgPool()
 
 
-class _Normalize:
-    """(x - mean) / std per channel, for a Normalize that no conv could take over."""
-
-    def __init__(self, module: Normalize) -> None:
-        self.mean = module.mean.detach().numpy().reshape(-1)
-        self.std = module.std.detach().numpy().reshape(-1)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean[:, None, None, None]) / self.std[:, None, None, None]
-
-
-def _fold_normalization(steps: list) -> list:
-    """Steps without the Normalize whose every reader is a conv (it takes the affine map
-    over: SparseConv.fold_input_normalization)."""
-    for index, (node, step, inputs) in enumerate(steps):
-        if not isinstance(step, _Normalize):
-            continue
-        readers = [(i, s) for i, (_, s, ins) in enumerate(steps) if node in ins]
-        if readers and all(isinstance(s, SparseConv) and steps[i][2] == [node]
-                           for i, s in readers):
-            for i, conv in readers:
-                conv.fold_input_normalization(step.mean, step.std)
-                steps[i] = (steps[i][0], conv, list(inputs))
-            return steps[:index] + steps[index + 1:]
-    return steps
-
-
 def _batch_norm(norm: nn.BatchNorm2d) -> Callable:
     scale = (norm.weight / torch.sqrt(norm.running_var + norm.eps)).detach()
     shift = (norm.bias - norm.running_mean * scale).detach()
@@ -103,7 +68,7 @@ def _batch_norm(norm: nn.BatchNorm2d) -> Callable:
 
 # Module type -> builder of a numpy step (Conv2d and Linear are built with their fusions).
 MODULE_STEPS: dict[type, Callable[[nn.Module], Callable]] = {
-    Normalize: _Normalize,
+    Normalize: lambda m: ChannelNormalize(m.mean.detach().numpy(), m.std.detach().numpy()),
     nn.ReLU: lambda _: _relu,
     nn.Flatten: lambda m: _flatten if (m.start_dim, m.end_dim) == (1, -1) else None,
     nn.MaxPool2d: _max_pool,
@@ -114,87 +79,6 @@ FUNCTION_STEPS: dict[object, Callable] = {
     operator.add: np.add, torch.add: np.add, torch.relu: _relu,
     torch.nn.functional.relu: _relu, torch.flatten: _flatten,
 }
-
-
-# steps that take the thread count (they keep per-thread buffers or split work over threads)
-LAYER_STEPS = (SparseConv, SparseLinear, MaxPool, GlobalAvgPool)
-
-
-class SparseModel:
-    """The traced steps of one model; call it on float32 NCHW images to get (N, classes).
-
-    A batch runs in chunks of `CHUNK` images (`WIDE_CHUNK` with AVX-512): with batch
-    innermost, a 3x3 conv reads three input rows of every channel per output row
-    (C x 3 x W x N floats), which leaves L2 beyond a few images (docs/notes/issue13.md).
-    With `threads` > 1 the chunks of a large model are shared among threads (one thread per
-    chunk, no barrier per layer); a single chunk, or the chunks of a small model, split their
-    layers over OpenMP threads instead (handing a chunk to a Python thread costs tens of
-    microseconds: the default net at batch 16 took 0.28 ms so and 0.16 ms with OpenMP inside
-    its layers).
-    """
-
-    CHUNK = 4
-    WIDE_CHUNK = 8  # with AVX-512: 8 images fill a 16-float vector with two pixels
-    POOL_MIN_MACS = 8_000_000  # nonzero multiply-adds a chunk needs to go to a thread of its own
-
-    def __init__(self, steps: list, output: fx.Node, layers: list, threads: int = 1) -> None:
-        self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
-        # BLAS runs only the dense-fallback layers; finding its libraries takes ~3 ms (more
-        # than a small net's whole call), so it is done once, and only when needed
-        self._blas = ThreadpoolController() if any(layer.dense for layer, _ in layers) \
-            else None
-        self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
-        chunk_macs = self.macs([])["nonzero"] * self.chunk
-        self._pool = ThreadPoolExecutor(threads) \
-            if threads > 1 and chunk_macs >= self.POOL_MIN_MACS else None
-        # what _forward walks: the steps, each with whether it takes the thread count
-        self._plan = [(node, step, inputs, isinstance(step, LAYER_STEPS))
-                      for node, step, inputs in steps]
-        self._convs_read_input = all(isinstance(step, SparseConv) and step.stride == 1 and
-                                     inputs[0] is None and None not in inputs[1:]
-                                     for _, step, inputs in steps if None in inputs)
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        images = np.asarray(images, dtype=np.float32)
-        if not native.available:  # only the numba conv kernel runs numba threads
-            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
-            else contextlib.nullcontext()
-        chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
-        if not chunks:  # no images: no logits, of the right width
-            return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
-        with limit:
-            if self._pool is None or len(chunks) == 1:
-                logits = [self._forward(chunk, self.threads) for chunk in chunks]
-            else:
-                logits = list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
-        return np.concatenate(logits) if len(logits) > 1 else logits[0]
-
-    def _forward(self, images: np.ndarray, threads: int) -> np.ndarray:
-        # a conv copies its input into its own planes anyway: the images' transposed view
-        # will do for it; other steps get batch-innermost memory
-        x = images.transpose(1, 2, 3, 0)
-        if not self._convs_read_input:
-            x = np.ascontiguousarray(x)
-        values: dict = {None: x}
-        for node, step, inputs, takes_threads in self._plan:
-            args = [values[i] for i in inputs]
-            values[node] = step(*args, threads=threads) if takes_threads else step(*args)
-        logits = values[self.output]
-        return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
-
-    def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
-        """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""
-        return [self(feed[names.INPUT_NAME])]
-
-    def macs(self, input_shape: list[int]) -> dict:
-        """Dense and nonzero multiply-adds per image of the conv and linear layers (at the
-        input size the model was built for; `input_shape` is that size, kept for callers)."""
-        dense = nonzero = 0
-        for layer, size in self.layers:
-            d, z = layer.macs(*size) if isinstance(layer, SparseConv) else layer.macs()
-            dense, nonzero = dense + d, nonzero + z
-        return {"dense": dense, "nonzero": nonzero}
 
 
 def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 1,
@@ -248,8 +132,8 @@ def build_sparse_model(model: nn.Module, input_shape: list[int], threads: int = 
         else:
             step = _simple_step(node, modules)
         steps.append((node, step, [_input(a) for a in inputs if isinstance(a, fx.Node)]))
-    steps = _fold_normalization(steps)
-    _link_convs(steps)
+    steps = fold_normalization(steps)
+    link_convs(steps)
     return SparseModel(steps, output, layers, threads)
 
 
@@ -320,22 +204,6 @@ def _input(node: fx.Node) -> fx.Node | None:
     return None if node.op == "placeholder" else node
 
 
-def _link_convs(steps: list) -> None:
-    """Let a conv or pool write straight into the planes of a stride-1 conv that reads its
-    output, and widen a conv whose output another conv adds as its residual (SparseConv's
-    `into` and `match`)."""
-    producers = {node: step for node, step, _ in steps if isinstance(step, (SparseConv, MaxPool))}
-    for _, step, inputs in steps:
-        if not isinstance(step, SparseConv):
-            continue
-        source = producers.get(inputs[0])
-        if source is not None and source.into is None and step.stride == 1:
-            source.into = step
-        shortcut = producers.get(inputs[1]) if len(inputs) > 1 else None
-        if isinstance(shortcut, SparseConv) and shortcut.into is None:
-            shortcut.match = step
-
-
 def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
@@ -357,26 +225,71 @@ def _input_sizes(traced: fx.GraphModule, input_shape: list[int]) -> dict:
             isinstance(traced.get_submodule(node.target), nn.Conv2d)}
 
 
-def load_sparse(deploy_dir: str | Path, threads: int = 1,
-                dense_threshold: float = DENSE_THRESHOLD,
-                verify_key: str | Path | None = None, model_spec: str | None = None,
-                trust_model_code: bool = False) -> SparseModel:
-    """An irregular deploy dir as a callable: float32 NCHW images in [0, 1] -> (N, classes).
-    `model_spec`, `trust_model_code`: as `load_deployed_model`'s `model` and
-    `trust_model_code` (a manifest's MODULE:FACTORY is imported only when named or trusted).
+class SparseLinear:
+    """A Linear layer on (features, N) activations: CSR, or dense above the threshold (the
+    ONNX front end runs Gemm as a 1x1 SparseConv instead)."""
 
-    Raises:
-        NotIrregularError: a channel or dense deploy dir (nothing sparse to run).
-        ManifestError: not a deploy dir, or a file that fails its sha256 (or, with
-            `verify_key`, a deploy dir without a valid signature: `load_deployed_model`).
-        UnsupportedLayerError: an op the runtime has no step for.
+    takes_threads = True
+
+    def __init__(self, weight: np.ndarray, bias: np.ndarray,
+                 dense_threshold: float = DENSE_THRESHOLD) -> None:
+        self.shape = weight.shape
+        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
+        self.nonzeros = int(np.count_nonzero(weight))
+        self.density = self.nonzeros / weight.size
+        self.dense = self.density > dense_threshold and weight.size >= DENSE_MIN_WEIGHTS
+        if self.dense:
+            self.matrix = np.ascontiguousarray(weight, dtype=np.float32)
+        else:
+            self.indptr, self.indices, self.values = csr_arrays(weight)
+
+    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.dense:
+            return self.matrix @ x + self.bias[:, None]
+        out = np.empty((self.shape[0], x.shape[1]), np.float32)
+        _kernels().sparse_linear(x, self.indptr, self.indices, self.values, self.bias, out)
+        return out
+
+    def macs(self) -> tuple[int, int]:
+        return math.prod(self.shape), self.nonzeros
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None,
+                    norm: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, bias) of a conv followed by an eval-mode batch norm, as one affine layer.
+
+    The scale is per output channel, so a zero weight stays zero: folding keeps the mask.
     """
-    info = manifest.load_manifest(Path(deploy_dir))
-    if names.CSR_FILE not in info["files"]:
-        raise NotIrregularError(
-            f"the sparse runtime runs irregular deploy dirs; {str(deploy_dir)!r} is a "
-            f"{info.get('granularity') or 'dense'} export without {names.CSR_FILE}: "
-            "use --runtime ort")
-    model = load_deployed_model(deploy_dir, verify_key=verify_key, model=model_spec,
-                                trust_model_code=trust_model_code)
-    return build_sparse_model(model, list(info["input_shape"]), threads, dense_threshold)
+    weight = weight.detach().double()
+    bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None \
+        else bias.detach().double()
+    if norm is not None:
+        scale = norm.weight.detach().double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+        bias = (bias - norm.running_mean.double()) * scale + norm.bias.detach().double()
+    return weight.float().numpy(), bias.float().numpy()
+
+
+
+
+def conv_layer(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, relu: bool,
+               dense_threshold: float) -> SparseConv:
+    """Raises:
+        UnsupportedLayerError: groups, dilation, non-square kernels or strides, padding modes
+            other than zeros."""
+    square = lambda pair: pair[0] == pair[1]  # noqa: E731
+    padding = conv.padding if not isinstance(conv.padding, str) else (None, None)
+    if conv.groups != 1 or conv.dilation != (1, 1) or not square(conv.stride) or \
+            not square(conv.kernel_size) or padding[0] is None or not square(padding) or \
+            conv.padding_mode != "zeros":
+        raise UnsupportedLayerError(
+            f"the sparse runtime runs plain convolutions (groups 1, dilation 1, square kernel, "
+            f"stride and zero padding); got {conv}; use --runtime ort")
+    weight, bias = fold_batch_norm(conv.weight, conv.bias, norm)
+    return SparseConv(weight, bias, conv.stride[0], padding[0], relu, dense_threshold)
+
+
+def linear_layer(linear: nn.Linear, dense_threshold: float) -> SparseLinear:
+    weight, bias = fold_batch_norm(linear.weight, linear.bias, None)
+    return SparseLinear(weight, bias, dense_threshold)

@@ -1,20 +1,16 @@
 """Layers of the sparse runtime: a convolution or linear layer with batch norm folded in,
-stored as CSR and run by the kernels in `kernels.py` (or densely above a density threshold)."""
+stored as CSR and run by the compiled kernel (`native.py`, else numba), or densely above a
+density threshold."""
 
 from __future__ import annotations
 
 import functools
-import math
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse
-import torch
-from torch import nn
 
-from dnr_deploy.runtime.sparse import kernels, native
+from dnr_deploy.runtime.sparse import native
 
 # Above this fraction of nonzero weights a layer runs as im2col + BLAS instead of the sparse
 # kernel. Measured with benchmarks/sparse_threshold.py (3x3 convs of VGG16's sizes, batch 4,
@@ -44,20 +40,29 @@ class UnsupportedLayerError(ValueError):
     """A layer or setting the sparse runtime has no kernel for (named, with the fix)."""
 
 
-def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None,
-                    norm: nn.BatchNorm2d | None) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, bias) of a conv followed by an eval-mode batch norm, as one affine layer.
+def csr_arrays(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, column indices, values) of a 2-D matrix's nonzeros, row-major (sorted)."""
+    rows, columns = np.nonzero(matrix)
+    indptr = np.zeros(matrix.shape[0] + 1, np.int64)
+    np.cumsum(np.bincount(rows, minlength=matrix.shape[0]), out=indptr[1:])
+    return indptr, columns.astype(np.int64), matrix[rows, columns].astype(np.float32)
 
-    The scale is per output channel, so a zero weight stays zero: folding keeps the mask.
-    """
-    weight = weight.detach().double()
-    bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None \
-        else bias.detach().double()
-    if norm is not None:
-        scale = norm.weight.detach().double() / torch.sqrt(norm.running_var.double() + norm.eps)
-        weight = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
-        bias = (bias - norm.running_mean.double()) * scale + norm.bias.detach().double()
-    return weight.float().numpy(), bias.float().numpy()
+
+def chwn_view(x: np.ndarray) -> np.ndarray:
+    """`x`, or a copy of it, as the compiled pooling and split kernels take it: float32 CHWN
+    whose (width, batch) are contiguous (a numpy op's result on a size-1 axis may not be)."""
+    if x.dtype == np.float32 and x.ndim == 4 and x.strides[2:] == (x.shape[3] * 4, 4) and \
+            not x.strides[0] % 4 and not x.strides[1] % 4:
+        return x
+    return np.array(x, np.float32, order="C", copy=True)  # canonical strides on size-1 axes
+
+
+def _kernels():
+    """The numba kernels, imported only where the compiled library is missing or a layer runs
+    densely (numba is not needed when the compiled kernel runs every sparse layer)."""
+    from dnr_deploy.runtime.sparse import kernels
+
+    return kernels
 
 
 @dataclass(frozen=True)
@@ -99,25 +104,39 @@ class SparseConv:
       out alike and the addition happens in the consumer's epilogue.
     """
 
-    def __init__(self, weight: np.ndarray, bias: np.ndarray, stride: int, padding: int,
-                 relu: bool, dense_threshold: float = DENSE_THRESHOLD) -> None:
-        out_chans, in_chans, kh, kw = weight.shape
-        self.shape, self.stride, self.padding, self.relu = weight.shape, stride, padding, relu
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, stride: int,
+                 padding: int | tuple[int, int, int, int], relu: bool,
+                 dense_threshold: float = DENSE_THRESHOLD, dilation: int = 1,
+                 groups: int = 1) -> None:
+        # groups: `weight` is (O, C / groups, kh, kw) and the layer runs as the block-diagonal
+        # (O, C, kh, kw) conv, which the CSR stores at the cost of the groups' weights alone
+        out_chans, group_chans, kh, kw = weight.shape
+        in_chans = group_chans * groups
+        # padding: one number, or ONNX's (top, left, bottom, right); `padding` is the top one
+        # and, with stride > 1, must equal the left one (the phase split takes one offset)
+        pads = (padding,) * 4 if isinstance(padding, int) else tuple(int(p) for p in padding)
+        if stride > 1 and pads[0] != pads[1]:
+            raise UnsupportedLayerError(f"a strided conv needs equal top and left padding; "
+                                        f"got {pads}")
+        self.pads, self.padding, self.dilation = pads, pads[0], dilation
+        self.shape, self.stride, self.relu = (out_chans, in_chans, kh, kw), stride, relu
+        self.weights = weight.size  # the dense layer's, for its MACs
         self.bias = np.ascontiguousarray(bias, dtype=np.float32)
         matrix = weight.reshape(out_chans, -1)
         self.density = float(np.count_nonzero(matrix)) / matrix.size
-        self.dense = self.density > dense_threshold and matrix.size >= DENSE_MIN_WEIGHTS
+        self.dense = groups == 1 and self.density > dense_threshold and \
+            matrix.size >= DENSE_MIN_WEIGHTS
         if self.dense:  # every tap, in the (c, kh, kw) order of the weight's columns
             self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)
             columns = np.arange(matrix.shape[1])
         else:
-            csr = scipy.sparse.csr_array(matrix.astype(np.float32))
-            csr.sort_indices()
-            self.indptr = csr.indptr.astype(np.int64)
-            self.values = csr.data.astype(np.float32)
-            columns = csr.indices.astype(np.int64)
+            self.indptr, columns, self.values = csr_arrays(matrix)
+            if groups > 1:  # row o reads group o // (O / groups)'s channels
+                rows = np.repeat(np.arange(out_chans), np.diff(self.indptr))
+                columns = columns + rows // (out_chans // groups) * matrix.shape[1]
         chan, tap = np.divmod(columns, kh * kw)
         row, col = np.divmod(tap, kw)
+        row, col = row * dilation, col * dilation
         phase = (row % stride) * stride + col % stride
         self.phase_chan = (phase * in_chans + chan).astype(np.int64)
         self.used_phases = np.zeros(stride * stride, np.bool_)
@@ -131,6 +150,7 @@ class SparseConv:
         self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
         self._jobs: dict[tuple, dict] = {}
 
+    takes_threads = True  # SparseModel passes `threads` to it
     def fold_input_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
         """Take over a (x - mean) / std before this layer: weights divided by std, the mean's
         share moved into the bias, and the padding filled with the mean instead of zero, so
@@ -159,9 +179,9 @@ class SparseConv:
     def geometry(self, shape: tuple, width: int = 0) -> Geometry:
         """The planes and stretch of a call on CHWN inputs of `shape`, at least `width` wide."""
         _, height, width_in, batch = shape
-        _, _, kh, kw = self.shape
-        s, p = self.stride, self.padding
-        hp, wp = height + 2 * p, width_in + 2 * p
+        kh, kw = ((k - 1) * self.dilation + 1 for k in self.shape[2:])
+        s, (top, left, bottom, right) = self.stride, self.pads
+        hp, wp = height + top + bottom, width_in + left + right
         return Geometry(ho=(hp - kh) // s + 1, wo=(wp - kw) // s + 1, hq=-(-hp // s),
                         wq=max(-(-wp // s), width), batch=batch)
 
@@ -198,8 +218,8 @@ class SparseConv:
         if key in self._jobs:
             return self._jobs[key]
         chans, height, width, batch = shape
-        out_chans, _, kh, kw = self.shape
-        s, p = self.stride, self.padding
+        out_chans, kw = self.shape[0], (self.shape[3] - 1) * self.dilation + 1
+        s, (top, left) = self.stride, self.pads[:2]
         into, wide = self._target(self.geometry(shape), threads) if self.native else (None, 0)
         g = self.geometry(shape, wide)
         # slack: the garbage columns of the last row of the last plane, and a last vector of
@@ -212,7 +232,7 @@ class SparseConv:
         if self.border is not None:
             planes[:] = self.border[None, :, None, None, None]
         job = {"src": src, "planes": planes, "geometry": g,
-               "interior": planes[0, :, p:p + height, p:p + width] if s == 1 else None}
+               "interior": planes[0, :, top:top + height, left:left + width] if s == 1 else None}
         self._jobs[key] = job
         if not self.native:
             return job
@@ -233,7 +253,7 @@ class SparseConv:
             out_length = len(positions) * width
         positions = positions.astype(np.int32)
         if into is not None:  # straight into the consumer's planes
-            start = (self.into.padding * g.wq + self.into.padding) * batch
+            start = (self.into.pads[0] * g.wq + self.into.pads[1]) * batch
             out, out_stride = into["src"][start:], into["geometry"].plane
             job["view"] = into["interior"]
         else:
@@ -265,14 +285,14 @@ class SparseConv:
         """relu(conv(x) + residual) (relu if this layer has one), CHWN in and out."""
         chans, height, width, batch = x.shape
         job = self._job(x.shape, threads)
-        s, p, planes = self.stride, self.padding, job["planes"]
+        s, (p, left), planes = self.stride, self.pads[:2], job["planes"]
         if x is not job["interior"]:  # not already written there by the layer before
             if s == 1:
-                planes[0, :, p:p + height, p:p + width] = x
+                planes[0, :, p:p + height, left:left + width] = x
             elif self.native:  # only the phases some tap reads (a 1x1 stride-2 conv: 1 of 4)
-                native.split_phases(x, s, p, self.used_phases, planes)
+                native.split_phases(chwn_view(x), s, p, self.used_phases, planes)
             else:
-                kernels.split_phases(x, s, p, self.used_phases, planes)
+                _kernels().split_phases(x, s, p, self.used_phases, planes)
         if "run" in job:
             if residual is None:
                 job["run"]()
@@ -306,16 +326,16 @@ class SparseConv:
         relu = self.relu and residual is None
         out = np.empty((out_chans, g.length), np.float32)
         if self.dense:
-            cols = np.empty((len(self.phase_chan), g.length), np.float32)
-            kernels.gather_columns(src, g.plane, g.wq, g.batch, self.phase_chan, self.drow,
-                                   self.dcol, g.length, cols)
+            # im2col: row k of the columns is tap k's shifted stretch of the planes
+            starts = self.phase_chan * g.plane + (self.drow * g.wq + self.dcol) * g.batch
+            cols = np.lib.stride_tricks.sliding_window_view(src, g.length)[starts]
             np.matmul(self.matrix, cols, out=out)
             out += self.bias[:, None]
             if relu:
                 np.maximum(out, 0.0, out=out)
         else:
-            kernels.sparse_conv(src, g.plane, g.wq, g.batch, self.indptr, self.phase_chan,
-                                self.drow, self.dcol, self.values, self.bias, relu, out)
+            _kernels().sparse_conv(src, g.plane, g.wq, g.batch, self.indptr, self.phase_chan,
+                                   self.drow, self.dcol, self.values, self.bias, relu, out)
         view = out.reshape(out_chans, g.ho, g.wq, g.batch)[:, :, :g.wo]
         if residual is not None:
             np.add(view, residual, out=view)
@@ -325,120 +345,6 @@ class SparseConv:
 
     def macs(self, height: int, width: int) -> tuple[int, int]:
         """(dense, nonzero) multiply-adds per image at this input size."""
-        s, p, (_, _, kh, kw) = self.stride, self.padding, self.shape
-        pixels = ((height + 2 * p - kh) // s + 1) * ((width + 2 * p - kw) // s + 1)
-        return math.prod(self.shape) * pixels, self.nonzeros * pixels
-
-
-class _Pool:
-    """A pooling step whose compiled kernel is bound once per input array: its input is a
-    layer's persistent output buffer, so after the first call only the call itself remains
-    (the binding costs a few microseconds, a tenth of the default net's batch-1 latency)."""
-
-    def __init__(self) -> None:
-        self._bound: dict[tuple, tuple] = {}
-
-    def _run(self, x: np.ndarray, out_shape: tuple, threads: int) -> np.ndarray:
-        key = (x.shape, threads, threading.get_ident())
-        entry = self._bound.get(key)
-        if entry is None or entry[0] is not x:
-            out = entry[1] if entry is not None else self._output(out_shape, threads)
-            entry = (x, out, self._bind(x, out) if native.available else None)
-            self._bound[key] = entry
-        if entry[2] is not None:
-            entry[2]()
-        else:
-            self._numba(x, entry[1])
-        return entry[1]
-
-    def _output(self, shape: tuple, threads: int) -> np.ndarray:
-        return np.empty(shape, np.float32)
-
-
-class MaxPool(_Pool):
-    """k x k max pooling with stride k on CHWN activations; like SparseConv it can write
-    straight into the input planes of the stride-1 conv that reads its output (`into`)."""
-
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-        self.into: SparseConv | None = None
-
-    def _output(self, shape: tuple, threads: int) -> np.ndarray:
-        if self.into is not None and self.into.stride == 1 and native.available:
-            return self.into._job(shape, threads)["interior"]
-        return super()._output(shape, threads)
-
-    def _bind(self, x: np.ndarray, out: np.ndarray) -> Callable[[], None]:
-        return native.max_pool_call(x, self.size, out)
-
-    def _numba(self, x: np.ndarray, out: np.ndarray) -> None:
-        kernels.max_pool(x, self.size, out)
-
-    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        c, h, w, n = x.shape
-        return self._run(x, (c, h // self.size, w // self.size, n), threads)
-
-
-class GlobalAvgPool(_Pool):
-    """Global average pooling: (C, H, W, N) -> (C, 1, 1, N)."""
-
-    def _bind(self, x: np.ndarray, out: np.ndarray) -> Callable[[], None]:
-        return native.global_avg_pool_call(x, out.reshape(out.shape[0], -1))
-
-    def _numba(self, x: np.ndarray, out: np.ndarray) -> None:
-        kernels.global_avg_pool(x, out.reshape(out.shape[0], -1))
-
-    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        return self._run(x, (x.shape[0], 1, 1, x.shape[3]), threads)
-
-
-class SparseLinear:
-    """A Linear layer on (features, N) activations: CSR, or dense above the threshold."""
-
-    def __init__(self, weight: np.ndarray, bias: np.ndarray,
-                 dense_threshold: float = DENSE_THRESHOLD) -> None:
-        self.shape = weight.shape
-        self.bias = np.ascontiguousarray(bias, dtype=np.float32)
-        self.nonzeros = int(np.count_nonzero(weight))
-        self.density = self.nonzeros / weight.size
-        self.dense = self.density > dense_threshold and weight.size >= DENSE_MIN_WEIGHTS
-        if self.dense:
-            self.matrix = np.ascontiguousarray(weight, dtype=np.float32)
-        else:
-            csr = scipy.sparse.csr_array(weight.astype(np.float32))
-            self.indptr, self.indices = csr.indptr.astype(np.int64), csr.indices.astype(np.int64)
-            self.values = csr.data.astype(np.float32)
-
-    def __call__(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if self.dense:
-            return self.matrix @ x + self.bias[:, None]
-        out = np.empty((self.shape[0], x.shape[1]), np.float32)
-        kernels.sparse_linear(x, self.indptr, self.indices, self.values, self.bias, out)
-        return out
-
-    def macs(self) -> tuple[int, int]:
-        return math.prod(self.shape), self.nonzeros
-
-
-def conv_layer(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, relu: bool,
-               dense_threshold: float) -> SparseConv:
-    """Raises:
-        UnsupportedLayerError: groups, dilation, non-square kernels or strides, padding modes
-            other than zeros."""
-    square = lambda pair: pair[0] == pair[1]  # noqa: E731
-    padding = conv.padding if not isinstance(conv.padding, str) else (None, None)
-    if conv.groups != 1 or conv.dilation != (1, 1) or not square(conv.stride) or \
-            not square(conv.kernel_size) or padding[0] is None or not square(padding) or \
-            conv.padding_mode != "zeros":
-        raise UnsupportedLayerError(
-            f"the sparse runtime runs plain convolutions (groups 1, dilation 1, square kernel, "
-            f"stride and zero padding); got {conv}; use --runtime ort")
-    weight, bias = fold_batch_norm(conv.weight, conv.bias, norm)
-    return SparseConv(weight, bias, conv.stride[0], padding[0], relu, dense_threshold)
-
-
-def linear_layer(linear: nn.Linear, dense_threshold: float) -> SparseLinear:
-    weight, bias = fold_batch_norm(linear.weight, linear.bias, None)
-    return SparseLinear(weight, bias, dense_threshold)
+        g = self.geometry((self.shape[1], height, width, 1))
+        pixels = g.ho * g.wo
+        return self.weights * pixels, self.nonzeros * pixels

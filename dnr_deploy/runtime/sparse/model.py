@@ -1,0 +1,177 @@
+"""`SparseModel`: a list of steps (conv layers, pools, numpy ops) run on CHWN activations, in
+chunks of images and threads. The front ends build the steps: `onnx_graph` from model.onnx
+(what `load_sparse` uses; no PyTorch), `executor` from a PyTorch module traced with torch.fx.
+
+A step is (key, callable, input keys): the key names the value it makes, None is the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from dnr_deploy.deploydir import names
+from dnr_deploy.runtime.sparse import native
+from dnr_deploy.runtime.sparse.plan import SparseConv
+from dnr_deploy.runtime.sparse.pooling import MaxPool
+
+
+class NotIrregularError(ValueError):
+    """The sparse runtime was asked to run a channel or dense deploy dir."""
+
+
+class ChannelNormalize:
+    """(x - mean) / std per channel, for a normalization that no conv could take over."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.mean = np.asarray(mean, np.float32).reshape(-1)
+        self.std = np.asarray(std, np.float32).reshape(-1)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.mean[:, None, None, None]) / self.std[:, None, None, None]
+
+
+def fold_normalization(steps: list) -> list:
+    """Steps without the Normalize whose every reader is a conv (it takes the affine map
+    over: SparseConv.fold_input_normalization)."""
+    for index, (node, step, inputs) in enumerate(steps):
+        if not isinstance(step, ChannelNormalize):
+            continue
+        readers = [(i, s) for i, (_, s, ins) in enumerate(steps) if node in ins]
+        if readers and all(isinstance(s, SparseConv) and steps[i][2] == [node]
+                           for i, s in readers):
+            for i, conv in readers:
+                conv.fold_input_normalization(step.mean, step.std)
+                steps[i] = (steps[i][0], conv, list(inputs))
+            return steps[:index] + steps[index + 1:]
+    return steps
+
+
+def link_convs(steps: list) -> None:
+    """Let a conv or pool write straight into the planes of a stride-1 conv that reads its
+    output, and widen a conv whose output another conv adds as its residual (SparseConv's
+    `into` and `match`)."""
+    producers = {node: step for node, step, _ in steps if isinstance(step, (SparseConv, MaxPool))}
+    for _, step, inputs in steps:
+        if not isinstance(step, SparseConv):
+            continue
+        source = producers.get(inputs[0])
+        if source is not None and source.into is None and step.stride == 1:
+            source.into = step
+        shortcut = producers.get(inputs[1]) if len(inputs) > 1 else None
+        if isinstance(shortcut, SparseConv) and shortcut.into is None:
+            shortcut.match = step
+
+
+class SparseModel:
+    """The traced steps of one model; call it on float32 NCHW images to get (N, classes).
+
+    A batch runs in chunks of `CHUNK` images (`WIDE_CHUNK` with AVX-512): with batch
+    innermost, a 3x3 conv reads three input rows of every channel per output row
+    (C x 3 x W x N floats), which leaves L2 beyond a few images (docs/notes/issue13.md).
+    With `threads` > 1 the chunks are shared among threads (one thread per chunk, no barrier
+    per layer), or each layer splits over OpenMP threads, or one thread runs it all: the first
+    batch of each size tries all three and keeps the fastest (`_split_for`). Handing a chunk to
+    a Python thread costs tens of microseconds (the default net at batch 16: 0.28 ms so, 0.16 ms
+    with OpenMP inside its layers), and a parallel region waits for a late worker on a loaded
+    machine, so no one rule wins everywhere.
+    """
+
+    CHUNK = 4
+    WIDE_CHUNK = 8  # with AVX-512: 8 images fill a 16-float vector with two pixels
+    TRIALS = 3  # timed calls of each way to split threads, on the first batch of a size
+
+    def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
+        self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
+        # BLAS runs only the dense-fallback layers; finding its libraries takes ~3 ms (more
+        # than a small net's whole call), so it is done once, and only when needed
+        self._blas = _blas_controller() if any(layer.dense for layer, _ in layers) \
+            else None
+        self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
+        self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
+        # what _forward walks: the steps, each with whether it takes the thread count
+        self._plan = [(node, step, inputs, getattr(step, "takes_threads", False))
+                      for node, step, inputs in steps]
+        self._convs_read_input = all(isinstance(step, SparseConv) and step.stride == 1 and
+                                     inputs[0] is None and None not in inputs[1:]
+                                     for _, step, inputs in steps if None in inputs)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        images = np.asarray(images, dtype=np.float32)
+        if not native.available:  # only the numba conv kernel runs numba threads
+            import numba
+
+            numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
+        limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
+            else contextlib.nullcontext()
+        chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
+        if not chunks:  # no images: no logits, of the right width
+            return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
+        with limit:
+            split = self._split_for(chunks)
+            logits = self._run(chunks, split)
+        return np.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    def _run(self, chunks: list, split: str) -> list:
+        if split == "images":
+            return list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
+        threads = self.threads if split == "layers" else 1
+        return [self._forward(chunk, threads) for chunk in chunks]
+
+    def _split_for(self, chunks: list) -> str:
+        """How threads share this batch size's work: "layers" (OpenMP inside each layer),
+        "images" (a chunk per thread) or "none" (one thread), whichever ran fastest in a few
+        trial calls on the first batch of this size, so N threads are never slower than one.
+        Measured before this choice: VGG16 at 20% density, batch 1, took 0.51x ORT's speed at
+        2 threads where 1 thread gave 1.30x (a loaded machine makes each parallel region wait)."""
+        if self.threads == 1:
+            return "none"
+        key = (len(chunks), chunks[-1].shape[0])
+        if key not in self._splits:
+            candidates = ["layers", "none"] + (["images"] if len(chunks) > 1 else [])
+            times: dict[str, list[float]] = {c: [] for c in candidates}
+            for split in candidates:  # untimed: buffers of this shape and split
+                self._run(chunks, split)
+            for _ in range(self.TRIALS):
+                for split in candidates:
+                    start = time.perf_counter()
+                    self._run(chunks, split)
+                    times[split].append(time.perf_counter() - start)
+            self._splits[key] = min(candidates, key=lambda c: float(np.median(times[c])))
+        return self._splits[key]
+
+    def _forward(self, images: np.ndarray, threads: int) -> np.ndarray:
+        # a conv copies its input into its own planes anyway: the images' transposed view
+        # will do for it; other steps get batch-innermost memory
+        x = images.transpose(1, 2, 3, 0)
+        if not self._convs_read_input:
+            x = np.ascontiguousarray(x)
+        values: dict = {None: x}
+        for node, step, inputs, takes_threads in self._plan:
+            args = [values[i] for i in inputs]
+            values[node] = step(*args, threads=threads) if takes_threads else step(*args)
+        logits = values[self.output]
+        return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
+
+    def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
+        """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""
+        return [self(feed[names.INPUT_NAME])]
+
+    def macs(self, input_shape: list[int]) -> dict:
+        """Dense and nonzero multiply-adds per image of the conv and linear layers (at the
+        input size the model was built for; `input_shape` is that size, kept for callers)."""
+        dense = nonzero = 0
+        for layer, size in self.layers:
+            d, z = layer.macs(*size) if isinstance(layer, SparseConv) else layer.macs()
+            dense, nonzero = dense + d, nonzero + z
+        return {"dense": dense, "nonzero": nonzero}
+
+
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()

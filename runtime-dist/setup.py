@@ -1,0 +1,53 @@
+"""dnr-deploy-runtime: only the torch-free modules of ../dnr_deploy, and the compiled kernel.
+
+The sources stay in one place (../dnr_deploy). setuptools takes no path outside the project,
+so the modules the sparse engine imports are staged into _staged/ here first (regenerated on
+every build; tests/test_runtime_only_install.py checks that torch is absent where they run).
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+
+HERE = Path(__file__).resolve().parent
+SOURCE, STAGE = HERE.parent / "dnr_deploy", HERE / "_staged"
+# package -> the modules it ships (None: all of them)
+KEEP = {
+    "dnr_deploy": {"__init__", "files", "checkpoint"},
+    "dnr_deploy.deploydir": None,
+    "dnr_deploy.runtime": {"__init__"},
+    "dnr_deploy.runtime.sparse": {"__init__", "model", "plan", "native", "kernels", "onnx_graph",
+                                  "onnx_reader", "onnx_ops", "pooling", "run_cli"},
+}
+
+
+def stage() -> None:
+    if SOURCE.is_dir():  # building from the repository (an sdist carries _staged/ itself)
+        shutil.rmtree(STAGE, ignore_errors=True)
+        for package, keep in KEEP.items():
+            folder = SOURCE.joinpath(*package.split(".")[1:])
+            target = STAGE.joinpath(*package.split("."))
+            target.mkdir(parents=True)
+            for module in folder.glob("*.py"):
+                if keep is None or module.stem in keep:
+                    shutil.copy2(module, target / module.name)
+        shutil.copy2(SOURCE / "runtime" / "sparse" / "_kernels.cpp",
+                     STAGE / "dnr_deploy" / "runtime" / "sparse" / "_kernels.cpp")
+
+
+stage()
+openmp = [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]
+setup(
+    packages=list(KEEP),
+    package_dir={"": "_staged"},
+    ext_modules=[Extension(
+        "dnr_deploy.runtime.sparse._kernels",
+        sources=["_staged/dnr_deploy/runtime/sparse/_kernels.cpp"],
+        language="c++",
+        extra_compile_args=["-O3", "-std=c++17", *openmp],
+        extra_link_args=openmp,
+        optional=True,  # no compiler: install anyway; `pip install .[numba]` for the fallback
+    )],
+)

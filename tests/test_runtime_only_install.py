@@ -1,0 +1,49 @@
+"""The runtime-only install (runtime-dist/): a fresh venv gets dnr-deploy-runtime and its two
+dependencies (numpy, onnx) from the configured package sources, has no torch, and its `dnr-run`
+classifies a deploy dir made here as ONNX Runtime does."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from dnr_deploy.export import ExportConfig, export_run
+from tests.factories import write_fake_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_runtime_only_venv_runs_a_deploy_dir_without_torch(tmp_path):
+    run_dir = tmp_path / "run"
+    write_fake_run(run_dir, "irregular")
+    export_run(ExportConfig(run_dir=str(run_dir)))
+    deploy = run_dir / "deploy"
+    venv = tmp_path / "venv"
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(REPO / "runtime-dist")],
+                   check=True, timeout=1200, cwd=tmp_path)
+    probe = subprocess.run([str(python), "-c", "import torch"], capture_output=True, text=True,
+                           cwd=tmp_path)
+    assert probe.returncode != 0 and "No module named 'torch'" in probe.stderr
+    images = np.random.default_rng(0).random((9, 1, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "x.npy", images)
+    done = subprocess.run([str(venv / "bin" / "dnr-run"), str(deploy), "--images",
+                           str(tmp_path / "x.npy"), "--logits", str(tmp_path / "logits.npy")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    session = onnxruntime.InferenceSession(str(deploy / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    want = session.run(None, {"input": images})[0]
+    assert [int(c) for c in done.stdout.split()] == want.argmax(1).tolist()
+    assert np.abs(np.load(tmp_path / "logits.npy") - want).max() <= 1e-4
+    refused = subprocess.run([str(venv / "bin" / "dnr-run"), str(tmp_path / "nothing")],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
