@@ -62,8 +62,9 @@ class VerifyConfig:
         '>= 1')
     tolerance: float = option(
         1.0,
-        'percentage points the worst-case robust accuracy may fall below the training '
-        "side's AutoAttack-grade figure before the exit code is 1", '[0, 100]')
+        'percentage points the worst-case robust accuracy (and the clean accuracy) may fall '
+        "below the training side's AutoAttack-grade (and clean) figure before the exit code "
+        "is 1", '[0, 100]')
     min_robust: float | None = option(
         None,
         'absolute floor: exit code 1 when the worst-case robust accuracy is below this '
@@ -124,6 +125,9 @@ class VerifyConfig:
             parse_placement(self.runtime, self.provider)
         except ValueError as err:
             raise VerifyError(str(err)) from None
+        from dnr_deploy.resources import check_threads
+
+        check_threads(self.threads, "--threads", VerifyError)
         return self
 
     def ensemble(self) -> EnsembleConfig:

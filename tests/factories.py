@@ -67,7 +67,8 @@ def write_fake_run(run_dir: Path, granularity: str = "irregular", density: float
     return run
 
 
-def tiny_graph(seed: int, softmax: bool = False, zero: bool = False) -> onnx.ModelProto:
+def tiny_graph(seed: int, softmax: bool = False, zero: bool = False,
+               channels: int = 16) -> onnx.ModelProto:
     """A digits-shaped net written directly as ONNX (the export contract's names and dynamic
     batch): Sub/Div normalization, Conv, Relu, MaxPool, ReduceMean, Reshape, Gemm."""
     rng = np.random.default_rng(seed)
@@ -75,10 +76,10 @@ def tiny_graph(seed: int, softmax: bool = False, zero: bool = False) -> onnx.Mod
     inits = {
         "mean": np.full((1, 1, 1, 1), 0.3, np.float32), "std": np.full((1, 1, 1, 1), 0.38,
                                                                        np.float32),
-        "w": (scale * rng.standard_normal((16, 1, 3, 3))).astype(np.float32),
-        "b": (0.1 * rng.standard_normal(16)).astype(np.float32),
-        "axes": np.array([-1, -2], np.int64), "shape": np.array([-1, 16], np.int64),
-        "fc": (scale * rng.standard_normal((10, 16))).astype(np.float32),
+        "w": (scale * rng.standard_normal((channels, 1, 3, 3))).astype(np.float32),
+        "b": (0.1 * rng.standard_normal(channels)).astype(np.float32),
+        "axes": np.array([-1, -2], np.int64), "shape": np.array([-1, channels], np.int64),
+        "fc": (scale * rng.standard_normal((10, channels))).astype(np.float32),
         "fc_b": (0.1 * rng.standard_normal(10)).astype(np.float32),
     }
     last = "probs" if softmax else "logits"
@@ -104,6 +105,14 @@ def tiny_graph(seed: int, softmax: bool = False, zero: bool = False) -> onnx.Mod
     return model
 
 
+def onnx_sizes(folder: Path) -> dict:
+    """The manifest's "onnx_sizes" of the ONNX files in `folder`, as dnr-export records it."""
+    from dnr_deploy.deploydir.cross_check import measure_onnx_files
+
+    names = sorted(file.name for file in folder.iterdir())
+    return {name: sizes.record() for name, sizes in measure_onnx_files(folder, names).items()}
+
+
 def make_deploy_dir(folder: Path, robust: float | None = 0.0, eps: float = 0.2,
                     **graph) -> Path:
     """A deploy dir as dnr-export writes it (model.onnx, baseline.onnx, manifest.json with the
@@ -116,7 +125,7 @@ def make_deploy_dir(folder: Path, robust: float | None = 0.0, eps: float = 0.2,
     write_json(run_dir / "run.json", {"config": {"dataset": "digits", "data_dir": None}})
     folder.mkdir(parents=True)
     onnx.save(tiny_graph(0, **graph), str(folder / "model.onnx"))
-    onnx.save(tiny_graph(1), str(folder / "baseline.onnx"))
+    onnx.save(tiny_graph(1, channels=32), str(folder / "baseline.onnx"))  # twice the MACs
     write_manifest(folder, {
         "format": MANIFEST_FORMAT, "source_run": {"dir": str(run_dir)},
         "model": {"name": "tiny", "num_classes": 10, "in_chans": 1}, "input_shape": [1, 8, 8],
@@ -124,7 +133,8 @@ def make_deploy_dir(folder: Path, robust: float | None = 0.0, eps: float = 0.2,
         "threat_model": {"norm": "Linf", "eps": eps},
         "accuracy": accuracy,
         "robustness": {"images": 360, "protocol": {"attack": "autoattack", "apgd_steps": 100}},
-        "params": {"dense": 330, "deployed": 330},
-        "macs": {"dense": 20000, "executed": 10000, "nonzero": 10000},
+        "params": {"dense": 660, "deployed": 330},
+        "macs": {"dense": 18752, "executed": 9376, "nonzero": 9376},
+        "onnx_sizes": onnx_sizes(folder),
     })
     return folder

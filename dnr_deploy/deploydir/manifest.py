@@ -11,7 +11,8 @@ attack), "dataset" {name, split, data_dir; an image folder adds image_size, chan
 class_names, test_from, split_seed, test_fraction, skip_bad_images}, "density", "params"
 {dense, deployed, compression}, "macs"
 {dense, executed, nonzero, reduction_executed, reduction_nonzero} (`sizes.size_figures`, as in
-run.json), "sparse_initializers" (irregular ONNX), "files" {name:
+run.json), "sparse_initializers" (irregular ONNX), "onnx_sizes" {file: {params, macs}} (counted on
+each ONNX file itself, `graph_sizes`; checked when a deploy dir is opened), "files" {name:
 {bytes, sha256}}, "parity" {onnx_vs_torch_max_abs, argmax_agree, n_images; channel runs add
 shrunk_vs_masked_max_abs, irregular ones csr_round_trip_exact; --baseline adds
 baseline_vs_torch_max_abs}, "quantization" (--quantize int8: settings, reduce_range and why,
@@ -93,7 +94,7 @@ def build_manifest(
         "params": figures["params"],
         "macs": figures["macs"],
         "parity": figures["parity"],
-        **{key: figures[key] for key in ("sparse_initializers", "quantization")
+        **{key: figures[key] for key in ("sparse_initializers", "quantization", "onnx_sizes")
            if key in figures},
         "opset": opset,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
@@ -144,6 +145,9 @@ def load_manifest(deploy_dir: str | Path) -> dict:
 # Bounds beyond any model this project builds (ImageNet-21k has 21,841 classes): a manifest
 # is read before any hash check can vouch for it, and these figures size tensors and inputs.
 MAX_CLASSES, MAX_CHANNELS, MAX_SIDE = 100_000, 64, 4096
+# One image of at most 2**24 values (64 MiB of float32; 3 x 2364 x 2364): each side may be
+# large, not all at once ([64, 4096, 4096] is 4 GiB an image).
+MAX_INPUT_ELEMENTS = 2**24
 
 
 
@@ -168,7 +172,7 @@ _FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     and is_int_in(v.get("in_chans"), 1, MAX_CHANNELS),
     "input_shape": lambda v: isinstance(v, list) and len(v) == 3
     and is_int_in(v[0], 1, MAX_CHANNELS) and is_int_in(v[1], 1, MAX_SIDE)
-    and is_int_in(v[2], 1, MAX_SIDE),
+    and is_int_in(v[2], 1, MAX_SIDE) and v[0] * v[1] * v[2] <= MAX_INPUT_ELEMENTS,
     "num_classes": lambda v: is_int_in(v, 1, MAX_CLASSES),
     "class_names": lambda v: isinstance(v, list) and len(v) <= MAX_CLASSES
     and all(isinstance(n, str) for n in v),
@@ -188,6 +192,9 @@ _FIELD_TYPES: dict[str, Callable[[Any], bool]] = {
     "macs": lambda v: isinstance(v, dict) and all(map(is_number, v.values())),
     "quantization": lambda v: isinstance(v, dict) and is_number(v.get("int8_atol"))
     and v.get("int8_atol") > 0,
+    "onnx_sizes": lambda v: isinstance(v, dict) and all(
+        isinstance(e, dict) and all(is_int_in(e.get(k), 0, 2**62) for k in ("params", "macs"))
+        for e in v.values()),
     "source_run": lambda v: isinstance(v, dict)
     and all(isinstance(x, str) for x in v.values()),
 }

@@ -9,14 +9,18 @@ the manifest never lists, so the artifact files themselves are never touched aft
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.deploydir.manifest import ManifestError, load_manifest, verify_files
 from dnr_deploy.deploydir.names import DEFAULT_OUT, REPORTS_DIR
 from dnr_deploy.deploydir.signing import check_signature
 from dnr_deploy.files import artifact_file
+
+if TYPE_CHECKING:
+    from dnr_deploy.deploydir.graph_sizes import GraphSizes
 
 
 class DeployDirError(ValueError):
@@ -34,6 +38,7 @@ class DeployDir:
     path: Path
     manifest: dict
     signature: dict | None = None  # `signing.check_signature`'s finding, for reports
+    graphs: dict[str, GraphSizes] = field(default_factory=dict)  # per ONNX file, checked
 
     def file(self, name: str) -> Path:
         """Raises:
@@ -77,7 +82,11 @@ def open_deploy_dir(path: str | Path | None, verify_key: str | Path | None = Non
         DeployDirError: no such folder.
         ManifestError: no or unreadable manifest, or a file missing or changed after export.
         SignatureError (a ManifestError): with `verify_key`, no valid signature over every file.
+        GraphCheckError (a ManifestError): an ONNX file that fails the graph checks or that
+            the manifest does not describe (`deploydir.cross_check`).
     """
+    from dnr_deploy.deploydir.cross_check import check_deploy_graphs  # onnx: when opened
+
     folder = resolve_deploy_dir(path)
     if not folder.exists():
         raise DeployDirError(f"deploy dir {str(folder)!r} does not exist")
@@ -88,7 +97,8 @@ def open_deploy_dir(path: str | Path | None, verify_key: str | Path | None = Non
     if not isinstance(manifest.get("files"), dict):
         raise ManifestError(f"{str(folder)!r}: manifest 'files' is not a table; re-export the run")
     verify_files(folder, manifest)
-    return DeployDir(folder, manifest, signature or check_signature(folder, None))
+    graphs = check_deploy_graphs(folder, manifest)  # before the notice, as every refusal
+    return DeployDir(folder, manifest, signature or check_signature(folder, None), graphs)
 
 
 def reports_dir(deploy: DeployDir, out: str | None) -> Path:

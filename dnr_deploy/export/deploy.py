@@ -24,6 +24,7 @@ from torch import nn
 from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.data import load_trained_data, parse_dataset, test_subset
 from dnr_deploy.deploydir import manifest, names, signing
+from dnr_deploy.deploydir.cross_check import check_deploy_graphs, measure_onnx_files
 from dnr_deploy.export import channel, csr
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.export.errors import ExportCheckFailed, ExportError
@@ -119,11 +120,13 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
             parity["n_images"] = len(x)
             parity["limit"] = limit.record()
         figures = {**_size_figures(source, deployed), **extra, "parity": parity,
+                   "onnx_sizes": _onnx_sizes(work),
                    "export_seconds": round(time.perf_counter() - start, 3)}
         say("manifest.json: hashing every file, then checking it as the later stages will")
         info = manifest.build_manifest(run_dir, source.run, figures, fmt.value, config.opset)
         manifest.write_manifest(work, info)
-        manifest.load_manifest(work)  # what later stages will check, before anyone can see it
+        # what later stages will check, before anyone can see it
+        check_deploy_graphs(work, manifest.load_manifest(work))
         if config.sign:  # no verdict inside: dnr-verify --sign adds it
             say("model.sig: signing every file (without a verdict)")
             signing.sign_deploy_dir(work, config.sign)
@@ -193,6 +196,12 @@ def _build_irregular(source, x, reference, limit, work, fmt,
         result = _gate(path, x, reference, limit)
         parity.update(onnx_vs_torch_max_abs=result.max_abs, argmax_agree=result.argmax_agree)
     return source.model, parity, extra
+
+
+def _onnx_sizes(work: Path) -> dict:
+    """Parameters and MACs counted on each ONNX file itself, which opening compares."""
+    names_here = sorted(file.name for file in work.iterdir())
+    return {name: sizes.record() for name, sizes in measure_onnx_files(work, names_here).items()}
 
 
 def _size_figures(source: SourceRun, deployed: nn.Module) -> dict:

@@ -6,7 +6,11 @@ taking turns call by call: p50 / p90 / p99 latency and throughput. Against the b
 deploy dir's baseline.onnx, or the model.onnx of another deploy dir given as `baseline`):
 speedup = baseline p50 / model p50, MAC ratio = baseline MACs / deployed MACs, efficiency =
 speedup / MAC ratio. Efficiency 1 means time fell exactly as fast as arithmetic; it rarely
-exceeds 1, since a kernel cannot skip work it is handed. Irregular runs keep the dense shapes
+exceeds 1, since a kernel cannot skip work it is handed: caches make a smaller network a little
+more than proportionally faster at most (ratios up to about 1.1 measured here), so an efficiency
+above `EFFICIENCY_LIMIT` is an error (MAC counts that do not describe what ran, or a timing
+disturbed beyond use), never a figure. Both MAC counts are the graphs' own
+(`deploydir.graph_sizes`), not the manifest's. Irregular runs keep the dense shapes
 in ONNX Runtime (sparse initializers are densified at load, DESIGN.md section 7), so their MAC
 ratio is 1; the ratio a sparse kernel could reach is reported beside it.
 
@@ -29,6 +33,7 @@ from dnr_deploy.checkpoint import write_json
 from dnr_deploy.config import check_settings, option
 from dnr_deploy.deploydir.manifest import format_classes
 from dnr_deploy.progress import terminal_progress
+from dnr_deploy.resources import check_fits, check_threads
 from dnr_deploy.runtime import plots
 from dnr_deploy.runtime.runtimes import (
     Runtime,
@@ -45,6 +50,7 @@ from dnr_deploy.runtime.session import create_session, run_logits
 BENCH_FORMAT = "dnr-deploy/bench/1"
 BENCH_JSON = "bench.json"
 LATENCY_PNG = "bench_latency.png"
+EFFICIENCY_LIMIT = 1.5  # see the module docstring
 
 
 class BenchError(ValueError):
@@ -112,6 +118,7 @@ class BenchConfig:
             raise BenchError(str(err)) from None
         check_settings(self, BenchError)  # finite and in range: every numeric field
         self.batch_sizes()
+        check_threads(self.threads, "--threads", BenchError)
         return self
 
 
@@ -129,7 +136,8 @@ class _Target:
     path: Path
     bytes: int
     params: int | None
-    macs: int | None
+    macs: int | None  # counted on the graph itself (`deploydir.graph_sizes`)
+    peak_bytes_per_image: int
     shown: str = ""  # how the table names it (another deploy dir's model.onnx needs its folder)
 
 
@@ -184,6 +192,7 @@ def bench(config: BenchConfig) -> BenchResult:
     if baseline is not None:
         targets.append(baseline)
     shape = [int(n) for n in deploy.manifest["input_shape"]]
+    _check_memory(targets, shape, config)
     sessions = {t.label: create_session(t.path, config.provider, config.threads) for t in targets}
     rng = np.random.default_rng(config.seed)
     inputs = {b: rng.random((b, *shape), dtype=np.float32) for b in config.batch_sizes()}
@@ -231,6 +240,20 @@ def bench(config: BenchConfig) -> BenchResult:
     return BenchResult(report, out_dir)
 
 
+def _check_memory(targets: list[_Target], shape: list[int], config: BenchConfig) -> None:
+    """Refuse batch sizes whose inputs (all held at once) and activations (each session's
+    arena keeps its largest batch's) would not fit in memory, before allocating any.
+
+    Raises:
+        BenchError: naming the estimate and the memory available.
+    """
+    sizes = config.batch_sizes()
+    inputs = sum(sizes) * 4 * int(np.prod(shape))
+    activations = max(sizes) * sum(t.peak_bytes_per_image for t in targets)
+    check_fits(inputs + activations, f"--batch {config.batch} ({len(targets)} model(s), "
+               f"{shape} images)", "use smaller batch sizes", BenchError)
+
+
 def _sparse_runner(deploy: deploydir.DeployDir, threads: int, session,
                    inputs: dict[int, np.ndarray], verify_key: str | None = None,
                    model_spec: str | None = None, trust_model_code: bool = False) -> tuple:
@@ -253,9 +276,10 @@ def _model_target(deploy: deploydir.DeployDir, name: str = deploydir.MODEL_FILE,
     """A deployed graph (model.onnx, or an int8 one's model.fp32.onnx: same params and MACs)."""
     manifest = deploy.manifest
     path = deploy.file(name)
+    graph = deploy.graphs[path.name]
     return _Target(label, path, manifest["files"][path.name]["bytes"],
-                   (manifest.get("params") or {}).get("deployed"),
-                   (manifest.get("macs") or {}).get("executed"))
+                   (manifest.get("params") or {}).get("deployed"), graph.macs,
+                   graph.peak_bytes_per_image)
 
 
 def _baseline_target(deploy: deploydir.DeployDir, other: str | None,
@@ -267,9 +291,10 @@ def _baseline_target(deploy: deploydir.DeployDir, other: str | None,
             return None
         manifest = deploy.manifest
         path = deploy.path / deploydir.BASELINE_FILE
+        graph = deploy.graphs[path.name]
         return _Target("baseline", path, manifest["files"][path.name]["bytes"],
-                       (manifest.get("params") or {}).get("dense"),
-                       (manifest.get("macs") or {}).get("dense"))
+                       (manifest.get("params") or {}).get("dense"), graph.macs,
+                       graph.peak_bytes_per_image)
     if not Path(other).is_dir():
         raise BenchError(f"--baseline {other!r} is not a folder; name another deploy dir "
                          "(e.g. the export of a --dense run)")
@@ -279,7 +304,7 @@ def _baseline_target(deploy: deploydir.DeployDir, other: str | None,
                          f"deployed model {deploy.manifest['input_shape']}")
     target = _model_target(base)
     return _Target("baseline", target.path, target.bytes, target.params, target.macs,
-                   shown=f"{base.path.name}/{target.path.name}")
+                   target.peak_bytes_per_image, shown=f"{base.path.name}/{target.path.name}")
 
 
 def _compare(models: dict, manifest: dict) -> dict:
@@ -295,6 +320,12 @@ def _compare(models: dict, manifest: dict) -> dict:
         speedup = base["latency"][batch]["p50_ms"] / stats["p50_ms"]
         row = {"speedup": speedup, "mac_ratio": mac_ratio,
                "efficiency": speedup / mac_ratio if mac_ratio else None}
+        if row["efficiency"] is not None and row["efficiency"] > EFFICIENCY_LIMIT:
+            raise BenchError(
+                f"batch {batch}: efficiency {row['efficiency']:.2f} (speedup {speedup:.2f}x at a "
+                f"MAC ratio of {mac_ratio:.2f}) is above its physical limit {EFFICIENCY_LIMIT:g}:"
+                " the MAC counts do not describe what ran or the timing was disturbed; rerun "
+                "with more --runs on a quiet machine")
         if sparse_ratio:
             row.update(sparse_kernel_mac_ratio=sparse_ratio,
                        sparse_kernel_efficiency=speedup / sparse_ratio)
@@ -361,7 +392,7 @@ def format_table(report: dict) -> str:
         for batch, row in comparison["per_batch"].items():
             text = (f"  vs baseline, batch {batch}: speedup {row['speedup']:.2f}x, MAC ratio "
                     f"{_ratio(row['mac_ratio'])}, efficiency {_number(row['efficiency'])} "
-                    "(limit 1)")
+                    "(ideal 1)")
             if row.get("sparse_kernel_mac_ratio"):
                 text += (f"; a sparse kernel's MAC ratio {row['sparse_kernel_mac_ratio']:.1f}x, "
                          f"efficiency against it {row['sparse_kernel_efficiency']:.2f}")

@@ -138,47 +138,20 @@ def create_session(path: str | Path, provider: str | Provider = Provider.CPU, th
 
 
 def check_self_contained(path: Path) -> None:
-    """Refuse a graph that reads tensors from other files (ONNX external data): a deploy dir
-    is trusted through the manifest's sha256 of each listed file, and a side file it does not
-    list could change the model unnoticed. dnr-export writes self-contained files.
+    """Walk the whole graph before ONNX Runtime reads it (`deploydir.graph_check`): no ONNX
+    external data anywhere (a side file the manifest's sha256 does not cover could change the
+    model unnoticed; dnr-export writes self-contained files), no unknown operator, no sparse
+    tensor whose dense form is out of proportion to the file (ONNX Runtime densifies them).
 
     Raises:
-        SessionError: not ONNX, or a tensor stored outside the file (named).
+        SessionError: not ONNX, or a graph the check refuses (its message).
     """
-    import onnx
+    from dnr_deploy.deploydir.graph_check import GraphCheckError, check_graph, load_graph
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf's DecodeError and friends: all mean "not ONNX"
-        raise SessionError(f"{str(path)!r} is not an ONNX file (truncated or damaged?): "
-                           f"{' '.join(str(err).split())[:200] or type(err).__name__}") from None
-    external = [t.name for t in _all_tensors(model.graph)
-                if t.data_location == onnx.TensorProto.EXTERNAL]
-    if external:
-        raise SessionError(
-            f"{str(path)!r} reads tensors {external[:3]} from other files (ONNX external "
-            "data), which the manifest's sha256 does not cover; re-export a self-contained "
-            "model with dnr-export")
-
-
-def _all_tensors(graph):
-    """Every TensorProto of a graph: initializers, sparse ones, node attributes, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("sparse_tensor"):
-                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
-            for sparse in attr.sparse_tensors:
-                yield from (sparse.values, sparse.indices)
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for subgraph in attr.graphs:
-                yield from _all_tensors(subgraph)
+        check_graph(load_graph(path), path)
+    except GraphCheckError as err:
+        raise SessionError(str(err)) from None
 
 
 def _ort_reason(err: Exception) -> str:

@@ -4,8 +4,11 @@ The gate compares the artifact's worst-case robust accuracy with the training si
 AutoAttack-grade figure (the manifest's `accuracy.autoattack`, from dnr-compress's final
 evaluation on the same first test images, same seeds and budgets) under the same threat
 model: it fails when the artifact is lower by more than the tolerance, or below the absolute
-floor `--min-robust`. A manifest with no such figure, or one measured at another eps, is not a
-pass (nothing was compared), unless the caller turns the comparison off (`--no-gate`).
+floor `--min-robust`, or when its clean accuracy is lower than the training side's clean figure
+by more than the same tolerance (a weight edit can leave robust accuracy in place while clean
+accuracy collapses: 94.7% -> 20% passed a robust-only gate). A manifest with no such figure,
+or one measured at another eps, is not a pass (nothing was compared), unless the caller turns
+the comparison off (`--no-gate`).
 """
 
 from __future__ import annotations
@@ -65,8 +68,14 @@ def _against_training_side(result: dict, accuracy: dict, manifest: dict, eps: fl
         return
     drop = float(reference) - accuracy["robust"]
     result.update(reference=float(reference), robust_drop_points=100 * drop)
-    if trained.get("clean") is not None:
-        result["clean_drop_points"] = 100 * (float(trained["clean"]) - accuracy["clean"])
+    clean = _clean_reference(trained, robustness, images)
+    if clean is not None:
+        result["clean_reference"] = clean
+        result["clean_drop_points"] = 100 * (clean - accuracy["clean"])
+        if result["clean_drop_points"] > tolerance:
+            result["reasons"].append(
+                f"clean accuracy of the artifact is {result['clean_drop_points']:.2f} points "
+                f"below the training side's ({100 * clean:.2f}%, tolerance {tolerance:g})")
     if 100 * drop > tolerance:
         result["reasons"].append(
             f"robust accuracy of the artifact is {100 * drop:.2f} points below the training "
@@ -81,6 +90,14 @@ def _against_training_side(result: dict, accuracy: dict, manifest: dict, eps: fl
     if differs:
         result["notes"].append(f"the attack settings differ from the training side's "
                                f"({', '.join(differs)}): a weaker attack passes more easily")
+
+
+def _clean_reference(trained: dict, robustness: dict, images: int) -> float | None:
+    """The training side's clean accuracy on the images verify scored: the ensemble's own
+    clean figure when it ran on the same first images, else the whole test split's."""
+    if isinstance(robustness.get("clean"), int | float) and robustness.get("images") == images:
+        return float(robustness["clean"])
+    return float(trained["clean"]) if isinstance(trained.get("clean"), int | float) else None
 
 
 def stage_label(stage: dict) -> str:

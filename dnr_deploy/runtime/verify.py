@@ -28,6 +28,7 @@ from dnr_deploy.data import test_subset
 from dnr_deploy.deploydir import signing
 from dnr_deploy.evaluation import protocol, terminal_progress
 from dnr_deploy.parity import ParityLimit, parity_limit
+from dnr_deploy.resources import check_fits
 from dnr_deploy.runtime import plots, verdict
 from dnr_deploy.runtime.onnx_torch import load_onnx_torch
 from dnr_deploy.runtime.runtimes import (
@@ -125,6 +126,7 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
             bundle = api_test_split(source.dataset, test_data)
         recorded = (deploy.manifest.get("robustness") or {}).get("images")
         x, y = test_subset(bundle, config.n or recorded)
+        _check_memory(deploy, config, len(x))
         session, info = create_session(deploy.file(deploydir.MODEL_FILE), config.provider,
                                        config.threads)
         session, runtime = _scorer(deploy, config, session, x)
@@ -178,6 +180,24 @@ def _scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tuple:
         return session, {"name": Runtime.ORT.value, "chosen_by": why,
                          "fallback": f"auto: ONNX Runtime, since {err}"}
     return model, {**runtime, "chosen_by": why}
+
+
+# What one image's values cost in the attacks: the re-import's forward values, their gradients
+# and autograd's saved copies, beside ONNX Runtime's own peak.
+AUTOGRAD_COPIES = 3
+
+
+def _check_memory(deploy, config: VerifyConfig, images: int) -> None:
+    """Refuse a --batch-size whose activations would not fit in memory, before any session.
+
+    Raises:
+        VerifyError: naming the estimate and the memory available.
+    """
+    graph = deploy.graphs[deploydir.MODEL_FILE]
+    batch = min(config.batch_size, max(images, 1))
+    needed = batch * (AUTOGRAD_COPIES * graph.total_bytes_per_image + graph.peak_bytes_per_image)
+    check_fits(needed, f"--batch-size {config.batch_size} ({batch} images at a time)",
+               "use a smaller --batch-size", VerifyError)
 
 
 def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tuple:
