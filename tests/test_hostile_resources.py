@@ -4,8 +4,9 @@ claims huge dims, external data inside a function body, unknown operators, a re-
 of another network, an efficiency above its physical limit, and a weight edit that kills clean
 accuracy. Each is refused before anything big is allocated: exit 2 (the gate: exit 1), one line.
 
-The deploy dirs are real dnr-export output (of untrained runs, so export takes seconds),
-copied and then edited into hostile but self-consistent ones (`rehash`)."""
+The deploy dirs are built as dnr-export writes them (sparse initializers by export's own
+`sparsify_initializers`; one slow test uses a real export), copied and then edited into hostile
+but self-consistent ones (`rehash`)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dnr_deploy import resources
 from dnr_deploy.cli import bench_main, verify_main
-from dnr_deploy.deploydir.manifest import MANIFEST_NAME
+from dnr_deploy.deploydir.manifest import MANIFEST_NAME, write_manifest
 from dnr_deploy.deploydir.opening import open_deploy_dir
 from dnr_deploy.export import ExportConfig, export_run
+from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.runtime import bench, verdict
-from tests.factories import make_deploy_dir, write_fake_run
+from tests.factories import make_deploy_dir, onnx_sizes, tiny_graph, write_fake_run
 from tests.helpers import cli_env
 from tests.reliability_support import assert_clean_error, call_main, rehash
 
@@ -37,18 +39,31 @@ FAST_VERIFY = ["--n", "8", "--steps", "1", "--queries", "10"]
 PEAK_LIMIT_MB = 600  # a refused request stays near the interpreter's own size (about 60-200)
 
 
+def sparse_deploy_dir(folder: Path) -> Path:
+    """`make_deploy_dir`'s network pruned to about 13% and written with sparse initializers by
+    export's own `sparsify_initializers`, with a manifest to match (as dnr-export writes one)."""
+    deploy = make_deploy_dir(folder)
+    path = deploy / "model.onnx"
+    model = onnx.load(str(path))
+    for init in model.graph.initializer:
+        if init.name in ("w", "fc"):
+            array = numpy_helper.to_array(init).copy()
+            array[np.abs(array) < 1.5] = 0.0
+            init.CopyFrom(numpy_helper.from_array(array, init.name))
+    onnx.save(model, str(path))
+    assert onnx_io.sparsify_initializers(path, {"w", "fc"})["sparse"] == 2
+    info = json.loads((deploy / MANIFEST_NAME).read_text())
+    del info["files"]
+    write_manifest(deploy, {**info, "onnx_sizes": onnx_sizes(deploy)})
+    return deploy
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict[str, Path]:
-    """A real deploy dir of an irregular run (random weights, no training: sparse
-    initializers, CSR weights), and a dense one of `tiny_graph`'s network."""
-    torch.set_num_threads(1)  # module fixtures run before conftest's per-test setting
+    """A deploy dir with sparse initializers and a dense one, both of `tiny_graph`'s network."""
     root = tmp_path_factory.mktemp("resources")
-    run = root / "run"
-    run.mkdir()
-    write_fake_run(run, "irregular", 0.05)
-    irregular = export_run(ExportConfig(run_dir=str(run), out=str(root / "irregular"),
-                                        parity_samples=8)).dir
-    return {"irregular": irregular, "tiny": make_deploy_dir(root / "tiny")}
+    return {"irregular": sparse_deploy_dir(root / "irregular"),
+            "tiny": make_deploy_dir(root / "tiny")}
 
 
 def copy_of(exported, tmp_path: Path, which: str = "irregular") -> Path:
@@ -191,7 +206,7 @@ def test_sparse_initializers_beyond_the_manifests_dense_count_are_refused(export
     """Within the file-size proportion, but more dense weights than the manifest's network."""
     deploy = copy_of(exported, tmp_path)
     info = json.loads((deploy / MANIFEST_NAME).read_text())
-    edit_manifest(deploy, params={**info["params"], "dense": 1000})
+    edit_manifest(deploy, params={**info["params"], "dense": 100})
     outcome = call_main(bench_main, [str(deploy), *FAST_BENCH])
     line = assert_clean_error(outcome.code, outcome.err, "dnr-bench")
     assert "dense parameter count" in line
@@ -282,21 +297,40 @@ def test_unknown_operators_are_refused(exported, tmp_path, where):
 
 # -- the manifest's figures against the graph ---------------------------------------------------
 
-def test_the_real_export_passes_its_own_cross_checks(exported):
+def test_the_deploy_dirs_pass_their_own_cross_checks(exported):
     deploy = open_deploy_dir(exported["irregular"])
-    recorded = deploy.manifest["onnx_sizes"]["model.onnx"]
-    assert deploy.graphs["model.onnx"].record() == recorded
-    # the exporter keeps the weights' shapes: the graph's MACs are the PyTorch count
-    assert recorded["macs"] == deploy.manifest["macs"]["executed"]
+    assert deploy.graphs["model.onnx"].record() == deploy.manifest["onnx_sizes"]["model.onnx"]
+    assert deploy.graphs["model.onnx"].params < 100  # the nonzeros of its sparse weights
     tiny = open_deploy_dir(exported["tiny"])  # a baseline.onnx of twice the MACs
     assert tiny.graphs["baseline.onnx"].macs == 2 * tiny.graphs["model.onnx"].macs
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_a_real_export_records_what_opening_recounts(tmp_path):
+    """dnr-export's own deploy dir: its onnx_sizes are the graphs' counts, and the graph's MACs
+    are the PyTorch-side count (the exporter keeps the weights' shapes)."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    run.mkdir()
+    write_fake_run(run, "irregular", 0.05)
+    out = export_run(ExportConfig(run_dir=str(run), out=str(tmp_path / "deploy"),
+                                  parity_samples=8, baseline=True)).dir
+    deploy = open_deploy_dir(out)
+    for name, macs in (("model.onnx", "executed"), ("baseline.onnx", "dense")):
+        assert deploy.graphs[name].record() == deploy.manifest["onnx_sizes"][name]
+        assert deploy.graphs[name].macs == deploy.manifest["macs"][macs]
+    shutil.copyfile(out / "baseline.onnx", out / "model.onnx")  # the dense network instead
+    rehash(out, "model.onnx")
+    outcome = call_main(bench_main, [str(out), *FAST_BENCH])
+    assert "does not describe" in assert_clean_error(outcome.code, outcome.err, "dnr-bench")
 
 
 def test_a_rehashed_model_of_another_network_is_refused(exported, tmp_path):
     """The audit's forgery: model.onnx replaced by another network and its hash updated.
     Before, bench printed the manifest's MACs of the original network."""
     deploy = copy_of(exported, tmp_path)
-    shutil.copyfile(exported["tiny"] / "model.onnx", deploy / "model.onnx")
+    onnx.save(tiny_graph(7, channels=32), str(deploy / "model.onnx"))  # twice as wide
     rehash(deploy, "model.onnx")
     for prog, main, flags in (("dnr-bench", bench_main, FAST_BENCH),
                               ("dnr-verify", verify_main, FAST_VERIFY)):
@@ -315,14 +349,23 @@ def test_a_manifest_without_onnx_sizes_is_refused(exported, tmp_path):
     assert "onnx_sizes" in assert_clean_error(outcome.code, outcome.err, "dnr-bench")
 
 
-def test_an_efficiency_above_its_physical_limit_is_an_error():
+def test_an_efficiency_above_its_physical_limit_is_an_error_not_a_figure():
     def model(p50: float, macs: int) -> dict:
         return {"macs": macs, "bytes": 1000, "latency": {"1": {"p50_ms": p50}}}
 
     honest = bench._compare({"model": model(1.0, 100), "baseline": model(2.0, 200)}, {})
     assert honest["per_batch"]["1"]["efficiency"] == pytest.approx(1.0)
-    with pytest.raises(bench.BenchError, match="above its physical limit"):  # 3.22 as audited
-        bench._compare({"model": model(1.0, 100), "baseline": model(6.44, 200)}, {})
+    assert "efficiency_error" not in honest["per_batch"]["1"]
+    audited = bench._compare({"model": model(1.0, 100), "baseline": model(6.44, 200)}, {})
+    row = audited["per_batch"]["1"]  # 3.22, as the audit saw printed as a figure
+    assert row["efficiency"] is None and "3.22 is above its physical limit" in row[
+        "efficiency_error"]
+    table = bench.format_table({
+        "deploy_dir": "d", "granularity": "channel", "session": {
+            "providers": ["CPUExecutionProvider"], "intra_op_num_threads": 1,
+            "onnxruntime": "x"}, "config": {"runs": 2, "warmup": 0}, "machine": {"cpu": "c"},
+        "models": {}, "comparison": audited})
+    assert "efficiency ERROR: 3.22 is above" in table and "efficiency 3.22" not in table
 
 
 # -- the clean-accuracy gate --------------------------------------------------------------------

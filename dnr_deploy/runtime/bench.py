@@ -8,9 +8,12 @@ speedup = baseline p50 / model p50, MAC ratio = baseline MACs / deployed MACs, e
 speedup / MAC ratio. Efficiency 1 means time fell exactly as fast as arithmetic; it rarely
 exceeds 1, since a kernel cannot skip work it is handed: caches make a smaller network a little
 more than proportionally faster at most (ratios up to about 1.1 measured here), so an efficiency
-above `EFFICIENCY_LIMIT` is an error (MAC counts that do not describe what ran, or a timing
-disturbed beyond use), never a figure. Both MAC counts are the graphs' own
-(`deploydir.graph_sizes`), not the manifest's. Irregular runs keep the dense shapes
+above `EFFICIENCY_LIMIT` is an error, never a figure: bench.json records null and the reason
+("efficiency_error"), and the table says so. Both MAC counts are the graphs' own
+(`deploydir.graph_sizes`), never the manifest's, so a forged manifest cannot inflate it (the
+audit saw "efficiency 3.22 (limit 1)" from another network's MACs); what remains is timing: on
+the 2-core machine, tiny digits nets at --runs 2 measured 2.42, which an exit code would turn
+into a flaky failure. Irregular runs keep the dense shapes
 in ONNX Runtime (sparse initializers are densified at load, DESIGN.md section 7), so their MAC
 ratio is 1; the ratio a sparse kernel could reach is reported beside it.
 
@@ -321,11 +324,11 @@ def _compare(models: dict, manifest: dict) -> dict:
         row = {"speedup": speedup, "mac_ratio": mac_ratio,
                "efficiency": speedup / mac_ratio if mac_ratio else None}
         if row["efficiency"] is not None and row["efficiency"] > EFFICIENCY_LIMIT:
-            raise BenchError(
-                f"batch {batch}: efficiency {row['efficiency']:.2f} (speedup {speedup:.2f}x at a "
-                f"MAC ratio of {mac_ratio:.2f}) is above its physical limit {EFFICIENCY_LIMIT:g}:"
-                " the MAC counts do not describe what ran or the timing was disturbed; rerun "
-                "with more --runs on a quiet machine")
+            row["efficiency_error"] = (
+                f"{row['efficiency']:.2f} is above its physical limit {EFFICIENCY_LIMIT:g}: "
+                "the timing was disturbed or costs besides the counted MACs dominate; not a "
+                "figure (rerun with more --runs on a quiet machine)")
+            row["efficiency"] = None
         if sparse_ratio:
             row.update(sparse_kernel_mac_ratio=sparse_ratio,
                        sparse_kernel_efficiency=speedup / sparse_ratio)
@@ -390,9 +393,11 @@ def format_table(report: dict) -> str:
     comparison = report["comparison"]
     if comparison:
         for batch, row in comparison["per_batch"].items():
+            efficiency = (f"efficiency ERROR: {row['efficiency_error']}"
+                          if row.get("efficiency_error") else
+                          f"efficiency {_number(row['efficiency'])} (ideal 1)")
             text = (f"  vs baseline, batch {batch}: speedup {row['speedup']:.2f}x, MAC ratio "
-                    f"{_ratio(row['mac_ratio'])}, efficiency {_number(row['efficiency'])} "
-                    "(ideal 1)")
+                    f"{_ratio(row['mac_ratio'])}, {efficiency}")
             if row.get("sparse_kernel_mac_ratio"):
                 text += (f"; a sparse kernel's MAC ratio {row['sparse_kernel_mac_ratio']:.1f}x, "
                          f"efficiency against it {row['sparse_kernel_efficiency']:.2f}")
