@@ -139,8 +139,9 @@ def test_batches_are_sized_against_the_memory_available(exported, tmp_path, monk
     (a dense deploy dir: no sparse initializers, which that budget would refuse first)."""
     deploy = copy_of(exported, tmp_path, "tiny")
     monkeypatch.setattr(resources, "available_memory_bytes", lambda: 2**18)
-    outcome = call_main(main, [str(deploy), *flags, *(["--batch", "64"] if prog == "dnr-bench"
-                                                      else ["--batch-size", "64"])])
+    outcome = call_main(main, [str(deploy), *flags, *(
+        ["--batch", "64"] if prog == "dnr-bench" else ["--batch-size", "64", "--dataset",
+                                                        "digits"])])
     line = assert_clean_error(outcome.code, outcome.err, prog)
     assert "memory" in line and "batch" in line
 
