@@ -18,7 +18,7 @@ import torch
 
 from dnr_deploy import CompressConfig, compress
 from dnr_deploy.attacks.square import square_attack
-from dnr_deploy.checkpoint import load_checkpoint, read_run_json
+from dnr_deploy.compress.checkpoint import load_checkpoint, read_run_json
 from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.models import create_model
 

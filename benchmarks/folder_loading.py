@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from dnr_deploy.compress_config import CompressConfig
+from dnr_deploy.compress.config import CompressConfig
+from dnr_deploy.compress.training import HybridObjective, build_model, train_one_epoch
 from dnr_deploy.data import load_data
-from dnr_deploy.image_folder import FolderOptions
+from dnr_deploy.data.folder import FolderOptions
 from dnr_deploy.sparsity.policy import DensePolicy
-from dnr_deploy.training import HybridObjective, build_model, train_one_epoch
 from tests.test_folder_pipeline import digits_folder
 
 

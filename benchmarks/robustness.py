@@ -16,7 +16,7 @@ import torch
 from common import announce, base_parser, load_model, trained_run, write_results
 
 from dnr_deploy.attacks import AttackName, EnsembleConfig, run_ensemble
-from dnr_deploy.checkpoint import read_run_json
+from dnr_deploy.compress.checkpoint import read_run_json
 from dnr_deploy.data import load_data
 from dnr_deploy.data import test_subset as first_test_images
 

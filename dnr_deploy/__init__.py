@@ -12,25 +12,27 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from dnr_deploy.compress.trainer import compress  # (the package is callable as this)
+    from dnr_deploy.compress.training import CompressConfig, Run
     from dnr_deploy.export import ExportConfig, export_run
     from dnr_deploy.runtime.verify import VerifyConfig, verify
-    from dnr_deploy.trainer import compress
-    from dnr_deploy.training import CompressConfig, Run
 
 __version__ = "0.1.0"
 
 __all__ = ["CompressConfig", "ExportConfig", "Run", "VerifyConfig", "__version__", "compress",
            "export_run", "verify"]
 
-# Resolved on first use (PEP 562), so that `import dnr_deploy.summary` or a CLI's `--help` does
+# Resolved on first use (PEP 562), so that `import dnr_deploy.report` or a CLI's `--help` does
 # not pay for importing torch.
-_LAZY = {"compress": "dnr_deploy.trainer", "CompressConfig": "dnr_deploy.compress_config",
-         "Run": "dnr_deploy.training", "export_run": "dnr_deploy.export",
+_LAZY = {"CompressConfig": "dnr_deploy.compress.config",
+         "Run": "dnr_deploy.compress.training", "export_run": "dnr_deploy.export",
          "ExportConfig": "dnr_deploy.export", "verify": "dnr_deploy.runtime.verify",
-         "VerifyConfig": "dnr_deploy.verify_config"}
+         "VerifyConfig": "dnr_deploy.runtime.verify_config"}
 
 
 def __getattr__(name: str):
+    if name == "compress":  # the package dnr_deploy/compress/, callable as trainer.compress
+        return importlib.import_module("dnr_deploy.compress")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dnr_deploy' has no attribute {name!r}")

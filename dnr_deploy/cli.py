@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dnr_deploy.checkpoint import CheckpointError
+from dnr_deploy.compress.checkpoint import CheckpointError
 from dnr_deploy.config import (
     OneLineParser,
     RecipeError,
@@ -53,7 +53,7 @@ def _output_mode(args: argparse.Namespace) -> bool:
 
 def build_compress_parser() -> argparse.ArgumentParser:
     # torch-free modules only: --help and argument errors answer before torch is imported
-    from dnr_deploy.compress_config import CompressConfig
+    from dnr_deploy.compress.config import CompressConfig
     from dnr_deploy.vocabulary import (
         ChannelShares,
         DatasetName,
@@ -87,7 +87,7 @@ def build_compress_parser() -> argparse.ArgumentParser:
 def compress_config_from(args: argparse.Namespace):
     """Defaults <- recipe <- flags. On --resume, `compress` itself fills every setting left at
     its default from the checkpoint (`training.merge_resume`), as it does for library calls."""
-    from dnr_deploy.compress_config import CompressConfig
+    from dnr_deploy.compress.config import CompressConfig
 
     return config_from(args, CompressConfig)
 
@@ -95,10 +95,10 @@ def compress_config_from(args: argparse.Namespace):
 def compress_main(argv: list[str] | None = None) -> int:
     args = build_compress_parser().parse_args(argv)  # before torch: --help answers at once
 
+    from dnr_deploy.compress.distributed import RankDisagreement
+    from dnr_deploy.compress.trainer import compress
+    from dnr_deploy.compress.training import ConfigError, TrainingDiverged, TrainingInterrupted
     from dnr_deploy.data import DataError
-    from dnr_deploy.distributed import RankDisagreement
-    from dnr_deploy.trainer import compress
-    from dnr_deploy.training import ConfigError, TrainingDiverged, TrainingInterrupted
 
     as_json = _output_mode(args)
     run = _guarded("dnr-compress", lambda: compress(compress_config_from(args)),
@@ -145,7 +145,7 @@ def print_run(run) -> None:
 
 
 def build_export_parser() -> argparse.ArgumentParser:
-    from dnr_deploy.export_config import ExportConfig, ExportFormat
+    from dnr_deploy.export.config import ExportConfig, ExportFormat
     from dnr_deploy.vocabulary import ReduceRange
 
     parser = OneLineParser(
@@ -167,7 +167,7 @@ def build_export_parser() -> argparse.ArgumentParser:
 
 def export_config_from(args: argparse.Namespace):
     """Defaults <- deployment profile <- flags."""
-    from dnr_deploy.export_config import ExportConfig
+    from dnr_deploy.export.config import ExportConfig
 
     return config_from(args, ExportConfig)
 
@@ -294,7 +294,7 @@ def _show(result, as_json: bool, format_table) -> None:
 
 def build_verify_parser() -> argparse.ArgumentParser:
     from dnr_deploy.runtime.session import Provider
-    from dnr_deploy.verify_config import VerifyConfig
+    from dnr_deploy.runtime.verify_config import VerifyConfig
     from dnr_deploy.vocabulary import AttackName, DatasetName
 
     parser = _deploy_dir_parser(
@@ -352,7 +352,7 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 
 def build_report_parser() -> argparse.ArgumentParser:
-    from dnr_deploy.summary import ReportConfig
+    from dnr_deploy.report import ReportConfig
 
     parser = OneLineParser(
         prog="dnr-report", description="One summary of a run and its deploy dir (accuracy with "
@@ -366,7 +366,7 @@ def build_report_parser() -> argparse.ArgumentParser:
 
 
 def report_main(argv: list[str] | None = None) -> int:
-    from dnr_deploy.summary import ReportConfig, ReportError, format_table, report, to_json
+    from dnr_deploy.report import ReportConfig, ReportError, format_table, report, to_json
 
     args = vars(build_report_parser().parse_args(argv))
     as_json = args.pop("json")

@@ -15,7 +15,8 @@ HERE = Path(__file__).resolve().parent
 SOURCE, STAGE = HERE.parent / "dnr_deploy", HERE / "_staged"
 # package -> the modules it ships (None: all of them)
 KEEP = {
-    "dnr_deploy": {"__init__", "files", "checkpoint"},
+    "dnr_deploy": {"__init__", "files", "resources"},
+    "dnr_deploy.compress": {"__init__", "checkpoint"},  # the run dir names the manifest cites
     "dnr_deploy.deploydir": None,
     "dnr_deploy.runtime": {"__init__"},
     "dnr_deploy.runtime.sparse": {"__init__", "model", "plan", "native", "kernels", "onnx_graph",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from dnr_deploy.attacks import AttackName
-from dnr_deploy.evaluation import evaluate, final_attacks
+from dnr_deploy.compress.evaluation import evaluate, final_attacks
 from dnr_deploy.export import load_deployed_model
 from dnr_deploy.runtime.verify import VerifyConfig, verify
 

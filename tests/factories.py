@@ -10,12 +10,12 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import data
-from dnr_deploy.checkpoint import write_json
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress.checkpoint import write_json
+from dnr_deploy.compress.plots import deployment_figures
 from dnr_deploy.deploydir.manifest import MANIFEST_FORMAT, write_manifest
 from dnr_deploy.models import create_model
-from dnr_deploy.report import deployment_figures
 from dnr_deploy.sparsity.policy import ChannelDNR, DensePolicy, IrregularDNR
 
 

@@ -125,7 +125,7 @@ def format_counts() -> list[str]:
 def rehash(deploy_dir: Path, name: str) -> None:
     """Make the manifest agree with a file changed on purpose: a hostile but self-consistent
     deploy dir, so the file itself reaches its reader instead of failing the sha256 check."""
-    from dnr_deploy.checkpoint import sha256_of
+    from dnr_deploy.compress.checkpoint import sha256_of
 
     path = deploy_dir / MANIFEST_NAME
     info = json.loads(path.read_text())

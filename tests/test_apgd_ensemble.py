@@ -137,7 +137,7 @@ def test_as_strong_as_an_independent_autoattack_on_a_trained_default_run(tmp_pat
     import torchattacks
 
     from dnr_deploy import CompressConfig, compress
-    from dnr_deploy.checkpoint import load_checkpoint
+    from dnr_deploy.compress.checkpoint import load_checkpoint
     from dnr_deploy.models import create_model
 
     run = compress(CompressConfig(epochs=6, robust_eval_samples=8, out=str(tmp_path / "run")))

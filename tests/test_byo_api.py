@@ -15,15 +15,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import dnr_deploy
-from dnr_deploy import trainer as trainer_module
 from dnr_deploy.attacks.ensemble import EnsembleConfig
-from dnr_deploy.checkpoint import load_checkpoint, read_run_json
+from dnr_deploy.compress import trainer as trainer_module
+from dnr_deploy.compress.checkpoint import load_checkpoint, read_run_json
+from dnr_deploy.compress.training import CompressConfig, ConfigError
 from dnr_deploy.data import DataError, load_data
 from dnr_deploy.deploydir import ManifestError
 from dnr_deploy.export import ExportConfig, ExportError, export_run, load_deployed_model
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.runtime.verify import VerifyConfig, VerifyWarning, verify
-from dnr_deploy.training import CompressConfig, ConfigError
 from tests.byo_example import TwoBranch
 from tests.helpers import REPO, assert_clean_failure, run_cli
 

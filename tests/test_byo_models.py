@@ -14,10 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
-from dnr_deploy import trainer as trainer_module
 from dnr_deploy.attacks.ensemble import EnsembleConfig
-from dnr_deploy.checkpoint import load_checkpoint, read_run_json
 from dnr_deploy.cli import compress_main, export_main
+from dnr_deploy.compress import trainer as trainer_module
+from dnr_deploy.compress.checkpoint import load_checkpoint, read_run_json
+from dnr_deploy.compress.trainer import compress
+from dnr_deploy.compress.training import CompressConfig
 from dnr_deploy.data import DataBundle
 from dnr_deploy.export import ExportConfig, export_run, load_deployed_model, load_source
 from dnr_deploy.export import onnx as onnx_io
@@ -31,8 +33,6 @@ from dnr_deploy.sparsity.groups import (
 from dnr_deploy.sparsity.masks import prunable_weights
 from dnr_deploy.sparsity.policy import ChannelBudgetError, ChannelDNR
 from dnr_deploy.sparsity.surgery import shrink_model
-from dnr_deploy.trainer import compress
-from dnr_deploy.training import CompressConfig
 from tests.helpers import assert_clean_failure, run_cli
 
 TWO_BRANCH = "tests.byo_example:two_branch"

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from dnr_deploy import CompressConfig, compress
-from dnr_deploy.compress_config import ConfigError
+from dnr_deploy.compress.config import ConfigError
+from dnr_deploy.compress.training import HybridObjective, TradesObjective, build_objective
 from dnr_deploy.models import ModelSpecError, check_model_spec, create_model
 from dnr_deploy.models.external import is_external_spec
-from dnr_deploy.training import HybridObjective, TradesObjective, build_objective
 from tests.helpers import assert_clean_failure, run_cli
 
 

@@ -170,7 +170,7 @@ def test_channel_shares_option_reaches_the_rewire():
     """--channel-shares cost: the rewire splits the budget by what units cost in the shrunk net,
     so the first conv (9-weight filters, but a slice of every unit of the next conv) gets more
     than its dense rows would give it, and the budget still holds."""
-    from dnr_deploy.training import CompressConfig, ConfigError, build_policy
+    from dnr_deploy.compress.training import CompressConfig, ConfigError, build_policy
 
     records = {}
     for shares_by in ("size", "cost"):

@@ -35,15 +35,18 @@ def test_help_and_bad_flags_import_no_heavy_library(stage):
 
 def test_settings_are_the_same_classes_everywhere():
     """The old import paths still give the very same classes (re-exports, not copies)."""
-    from dnr_deploy import compress_config, export_config, verify_config, vocabulary
+    from dnr_deploy import vocabulary
     from dnr_deploy.attacks import AttackName
+    from dnr_deploy.compress import config as compress_config
+    from dnr_deploy.compress.training import CompressConfig, ConfigError, Method
     from dnr_deploy.data import DatasetName
     from dnr_deploy.export import ExportConfig
+    from dnr_deploy.export import config as export_config
     from dnr_deploy.export.quantize import ReduceRange
+    from dnr_deploy.runtime import verify_config
     from dnr_deploy.runtime.verify import VerifyConfig, VerifyError
     from dnr_deploy.sparsity.masks import Granularity, Init
     from dnr_deploy.sparsity.rewire import Redistribution
-    from dnr_deploy.training import CompressConfig, ConfigError, Method
 
     assert CompressConfig is compress_config.CompressConfig
     assert ConfigError is compress_config.ConfigError

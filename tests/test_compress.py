@@ -10,20 +10,20 @@ import torch
 import torch_pruning as tp
 
 import dnr_deploy
-from dnr_deploy import trainer as compress_module
-from dnr_deploy.checkpoint import load_checkpoint, read_run_json
 from dnr_deploy.cli import compress_main
-from dnr_deploy.models import create_model
-from dnr_deploy.sparsity.groups import find_channel_groups
-from dnr_deploy.sparsity.policy import ChannelDNR, IrregularDNR
-from dnr_deploy.trainer import compress
-from dnr_deploy.training import (
+from dnr_deploy.compress import trainer as compress_module
+from dnr_deploy.compress.checkpoint import load_checkpoint, read_run_json
+from dnr_deploy.compress.trainer import compress
+from dnr_deploy.compress.training import (
     CompressConfig,
     ConfigError,
     HybridObjective,
     TrainingDiverged,
     TrainingInterrupted,
 )
+from dnr_deploy.models import create_model
+from dnr_deploy.sparsity.groups import find_channel_groups
+from dnr_deploy.sparsity.policy import ChannelDNR, IrregularDNR
 from tests.helpers import REPO, assert_clean_failure, run_cli
 
 FAST = {"epochs": 3, "eval_samples": 100, "robust_eval_samples": 48}
@@ -282,7 +282,7 @@ def test_dnr_starts_dense_by_default_where_it_measured_better():
 def test_a_checkpoint_from_before_channel_shares_resumes_with_size_shares():
     """Channel runs checkpointed before --channel-shares existed regrew by size; the default is
     now cost, and a resume must continue such a run as it was trained."""
-    from dnr_deploy.training import merge_resume
+    from dnr_deploy.compress.training import merge_resume
 
     old = {k: v for k, v in vars(CompressConfig(granularity="channel")).items()
            if k != "channel_shares"}

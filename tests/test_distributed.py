@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from dnr_deploy import distributed as ddp
+from dnr_deploy.compress import distributed as ddp
 from tests.helpers import cli_env
 
 ARGS = ["--epochs", "3", "--eval-samples", "100", "--robust-eval-samples", "24", "--seed", "0"]

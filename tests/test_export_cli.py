@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import data
 from dnr_deploy.cli import export_main
+from dnr_deploy.compress import checkpoint as ckpt
 from dnr_deploy.deploydir import manifest
 from dnr_deploy.export import load_deployed_model, load_source
 from dnr_deploy.export import onnx as onnx_io

@@ -392,8 +392,8 @@ def test_a_rehashed_weight_edit_that_kills_clean_accuracy_fails_the_gate(tmp_pat
     """A trained dense run (2 epochs); its final Gemm bias pushed toward one class, model.onnx
     re-hashed: shapes and counts unchanged, so every integrity check passes, robust accuracy
     does not fall (the attack has nothing left to break), and the clean gate catches it."""
-    from dnr_deploy.trainer import compress
-    from dnr_deploy.training import CompressConfig
+    from dnr_deploy.compress.trainer import compress
+    from dnr_deploy.compress.training import CompressConfig
 
     torch.set_num_threads(1)
     run = compress(CompressConfig(out=str(tmp_path / "run"), dense=True, beta=1.0, epochs=2,

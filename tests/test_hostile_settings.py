@@ -15,18 +15,18 @@ from pathlib import Path
 
 import pytest
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import files
 from dnr_deploy.attacks import EnsembleConfig
 from dnr_deploy.cli import bench_main, compress_main, export_main, report_main, verify_main
-from dnr_deploy.compress_config import CompressConfig, ConfigError
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress.config import CompressConfig, ConfigError
 from dnr_deploy.config import RecipeError, config_from, fail, field_type
 from dnr_deploy.deploydir.manifest import MANIFEST_NAME, write_manifest
-from dnr_deploy.export_config import ExportConfig
+from dnr_deploy.export.config import ExportConfig
 from dnr_deploy.progress import terminal_safe
+from dnr_deploy.report import ReportConfig
 from dnr_deploy.runtime.bench import BenchConfig
-from dnr_deploy.summary import ReportConfig
-from dnr_deploy.verify_config import VerifyConfig, VerifyError
+from dnr_deploy.runtime.verify_config import VerifyConfig, VerifyError
 from tests.factories import make_deploy_dir
 
 STAGES = {"compress": compress_main, "export": export_main, "bench": bench_main,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.cli import bench_main, compress_main, export_main, report_main, verify_main
+from dnr_deploy.compress import checkpoint as ckpt
 from dnr_deploy.deploydir import manifest
 from dnr_deploy.deploydir.opening import DeployDir, DeployDirError, reports_dir
 from dnr_deploy.export import load_deployed_model, load_source

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dnr_deploy.cli import build_compress_parser, compress_config_from, compress_main
 from dnr_deploy.data import load_data, load_trained_data
-from dnr_deploy.image_folder import CachedImages, FolderOptions, parse_image_size
+from dnr_deploy.data.folder import CachedImages, FolderOptions, parse_image_size
 
 
 def write_folder(root: Path, classes=("cat", "dog", "emu"), per_class: int = 6,
@@ -182,7 +182,7 @@ def test_eps_fraction_in_a_recipe(tmp_path: Path) -> None:
 def test_a_folder_too_large_to_cache_is_decoded_on_read(tmp_path: Path, monkeypatch) -> None:
     from torch.utils.data import DataLoader
 
-    from dnr_deploy import image_folder
+    from dnr_deploy.data import folder as image_folder
 
     root = write_folder(tmp_path / "imgs", per_class=10)
     cached = load_data("folder", str(root), FolderOptions())

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from dnr_deploy import data
-from dnr_deploy.compress_config import CompressConfig, ConfigError
-from dnr_deploy.evaluation import evaluate
-from dnr_deploy.init_weights import load_initial_weights
-from dnr_deploy.training import build_model
+from dnr_deploy.compress.config import CompressConfig, ConfigError
+from dnr_deploy.compress.evaluation import evaluate
+from dnr_deploy.compress.init_weights import load_initial_weights
+from dnr_deploy.compress.training import build_model
 
 DIGITS = data.SPECS[data.DatasetName.DIGITS]
 
@@ -79,7 +79,7 @@ def test_weights_that_fit_nothing_are_refused(tmp_path: Path) -> None:
 def test_init_from_a_dense_run_keeps_its_clean_accuracy(tmp_path: Path) -> None:
     """The weights of a dense run, saved as a plain state_dict, give a new run the accuracy
     that run had before any training; the new run records what it loaded."""
-    from dnr_deploy.trainer import compress
+    from dnr_deploy.compress.trainer import compress
 
     settings = {"dense": True, "epochs": 1, "beta": 1.0, "eval_samples": 64,
                 "robust_eval_samples": 2}

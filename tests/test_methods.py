@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from dnr_deploy.compress.training import CompressConfig, ConfigError, build_policy
 from dnr_deploy.models import create_model
 from dnr_deploy.sparsity.masks import global_magnitude_masks
 from dnr_deploy.sparsity.policy import MagnitudePrune, StaticChannels, StaticSparse
-from dnr_deploy.training import CompressConfig, ConfigError, build_policy
 
 
 def tiny_model() -> nn.Module:

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy import files
 from dnr_deploy.cli import bench_main, compress_main, export_main, verify_main
+from dnr_deploy.compress import checkpoint as ckpt
 from dnr_deploy.deploydir import manifest
 from dnr_deploy.deploydir.manifest import MANIFEST_NAME, ManifestError
 from dnr_deploy.export import load_deployed_model

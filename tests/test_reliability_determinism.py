@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dnr_deploy import checkpoint as ckpt
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress.trainer import compress
+from dnr_deploy.compress.training import CompressConfig, build_policy
 from dnr_deploy.data import SPECS, DatasetName
 from dnr_deploy.models import create_model
-from dnr_deploy.trainer import compress
-from dnr_deploy.training import CompressConfig, build_policy
 
 TIMING = ("train_seconds", "rewire_seconds")  # wall-clock figures: the only ones that vary
 

@@ -33,14 +33,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.cli import bench_main, compress_main, export_main, verify_main
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress.trainer import Trainer, compress
+from dnr_deploy.compress.training import CompressConfig
 from dnr_deploy.deploydir.manifest import MANIFEST_NAME, ManifestError
 from dnr_deploy.deploydir.names import CSR_FILE
 from dnr_deploy.export import ExportConfig, export_run, load_deployed_model
 from dnr_deploy.export import deploy as deploy_module
-from dnr_deploy.trainer import Trainer, compress
-from dnr_deploy.training import CompressConfig
 from tests.factories import write_fake_run
 from tests.reliability_support import (
     COUNTS,

@@ -19,13 +19,13 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from dnr_deploy import checkpoint as ckpt
 from dnr_deploy.cli import bench_main, verify_main
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress.trainer import compress
+from dnr_deploy.compress.training import CompressConfig
 from dnr_deploy.deploydir.manifest import MANIFEST_NAME
 from dnr_deploy.deploydir.opening import open_deploy_dir
 from dnr_deploy.export import ExportConfig, export_run
-from dnr_deploy.trainer import compress
-from dnr_deploy.training import CompressConfig
 from tests.reliability_support import assert_clean_error, call_main
 
 TOLERANCE = "3"  # points; the dense artifact scores within ~1 of its own figure on all images

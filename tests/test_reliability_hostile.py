@@ -16,9 +16,9 @@ import onnx
 import pytest
 import torch
 
-from dnr_deploy import checkpoint as ckpt
-from dnr_deploy.checkpoint import CheckpointError, load_checkpoint
 from dnr_deploy.cli import compress_main, export_main
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress.checkpoint import CheckpointError, load_checkpoint
 from dnr_deploy.deploydir import names
 from dnr_deploy.deploydir.manifest import MANIFEST_FORMAT, MANIFEST_NAME, ManifestError
 from dnr_deploy.export import csr, load_deployed_model

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dnr_deploy.checkpoint import write_json
 from dnr_deploy.cli import report_main
+from dnr_deploy.compress.checkpoint import write_json
 from tests.factories import write_fake_run
 
 # A 1x1 PNG: the report embeds whatever the stages drew, so any valid PNG stands in for a plot.

@@ -122,7 +122,7 @@ def test_square_as_strong_as_torchattacks_on_a_trained_default_run(tmp_path):
     import torchattacks
 
     from dnr_deploy import CompressConfig, compress
-    from dnr_deploy.checkpoint import load_checkpoint
+    from dnr_deploy.compress.checkpoint import load_checkpoint
     from dnr_deploy.data import load_data
     from dnr_deploy.data import test_subset as first_test_images
     from dnr_deploy.models import create_model

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dnr_deploy.checkpoint import CHECKPOINT_NAME, RUN_JSON
+from dnr_deploy.compress.checkpoint import CHECKPOINT_NAME, RUN_JSON
 from dnr_deploy.deploydir.names import MANIFEST_NAME, UNLISTED_ENTRIES
 from dnr_deploy.files import (
     are_numbers,

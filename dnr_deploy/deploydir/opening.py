@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dnr_deploy import checkpoint as ckpt
+from dnr_deploy.compress import checkpoint as ckpt
 from dnr_deploy.deploydir.manifest import ManifestError, load_manifest, verify_files
 from dnr_deploy.deploydir.names import DEFAULT_OUT, REPORTS_DIR
 from dnr_deploy.deploydir.signing import check_signature
@@ -169,7 +169,7 @@ def find_dataset(deploy: DeployDir, dataset: str | None, data_dir: str | None) -
         data_dir = data_dir or settings.get("data_dir")
     try:  # torch: only when verify needs it
         from dnr_deploy.data import SPECS, parse_dataset
-        from dnr_deploy.image_folder import recorded_folder_spec
+        from dnr_deploy.data.folder import recorded_folder_spec
 
         if dataset == "folder" and folder is None:  # --dataset folder on another run's deploy
             return DataSource(dataset, data_dir, origin)  # dir: the model's shape, any classes

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnr_deploy.checkpoint import write_atomic
+from dnr_deploy.compress.checkpoint import write_atomic
 from dnr_deploy.deploydir.names import HISTORY_FILE, WEIGHTS_FILE
 from dnr_deploy.export.csr import inflate_limit, read_npz
 from dnr_deploy.sparsity.surgery import HistoryEntry, ShrinkError, history_to_json, parse_history

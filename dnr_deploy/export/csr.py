@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from dnr_deploy.checkpoint import write_atomic
+from dnr_deploy.compress.checkpoint import write_atomic
 
 CSR_FORMAT = "dnr-deploy/csr/1"
 INDEX_DTYPE = np.int32  # 4 bytes: layers up to 2**31 - 1 columns, i.e. all of this project's

@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnr_deploy import checkpoint as ckpt
+from dnr_deploy.compress import checkpoint as ckpt
 from dnr_deploy.data import load_trained_data, parse_dataset, test_subset
 from dnr_deploy.deploydir import manifest, names, signing
 from dnr_deploy.deploydir.cross_check import check_deploy_graphs, measure_onnx_files
 from dnr_deploy.export import channel, csr
 from dnr_deploy.export import onnx as onnx_io
+from dnr_deploy.export.config import ExportConfig, ExportFormat  # noqa: F401  (re-exported)
 from dnr_deploy.export.errors import ExportCheckFailed, ExportError
 from dnr_deploy.export.source import SourceRun, load_source
-from dnr_deploy.export_config import ExportConfig, ExportFormat  # noqa: F401  (re-exported)
 from dnr_deploy.files import FolderTaken, publish_folder
 from dnr_deploy.parity import ParityLimit, parity_limit
 from dnr_deploy.progress import terminal_progress
@@ -278,7 +278,7 @@ def _check_finite(reference: np.ndarray) -> None:
 
 
 def _api_test_split(run: dict, test_data: object):
-    from dnr_deploy.byo import api_test_split
+    from dnr_deploy.compress.byo import api_test_split
 
     return api_test_split((run.get("config") or {}).get("dataset", ""), test_data)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dnr_deploy.byo import wrap_module
+from dnr_deploy.compress.byo import wrap_module
 from dnr_deploy.deploydir import manifest, names, signing
 from dnr_deploy.export import channel, csr
 from dnr_deploy.files import artifact_file

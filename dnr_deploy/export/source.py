@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dnr_deploy import byo
-from dnr_deploy import checkpoint as ckpt
+from dnr_deploy.compress import byo
+from dnr_deploy.compress import checkpoint as ckpt
 from dnr_deploy.data import SPECS, parse_dataset
+from dnr_deploy.data.folder import recorded_folder_spec
 from dnr_deploy.export.errors import ExportError
-from dnr_deploy.image_folder import recorded_folder_spec
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.sparsity import surgery
 from dnr_deploy.sparsity.groups import ChannelGraphError, ChannelLayout, find_channel_groups

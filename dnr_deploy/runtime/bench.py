@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from dnr_deploy import deploydir
-from dnr_deploy.checkpoint import write_json
+from dnr_deploy.compress.checkpoint import write_json
 from dnr_deploy.config import check_settings, option
 from dnr_deploy.deploydir.manifest import format_classes
 from dnr_deploy.progress import terminal_progress

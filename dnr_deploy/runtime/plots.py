@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dnr_deploy.checkpoint import write_atomic
+from dnr_deploy.compress.checkpoint import write_atomic
 
 
 def _save(fig, path: Path) -> None:

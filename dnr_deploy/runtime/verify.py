@@ -23,10 +23,10 @@ import torch
 from dnr_deploy import deploydir
 from dnr_deploy.attacks import AttackName, run_ensemble
 from dnr_deploy.attacks.checks import run_checks
-from dnr_deploy.checkpoint import write_json
+from dnr_deploy.compress.checkpoint import write_json
+from dnr_deploy.compress.evaluation import protocol, terminal_progress
 from dnr_deploy.data import test_subset
 from dnr_deploy.deploydir import signing
-from dnr_deploy.evaluation import protocol, terminal_progress
 from dnr_deploy.parity import ParityLimit, parity_limit
 from dnr_deploy.resources import check_fits
 from dnr_deploy.runtime import plots, verdict
@@ -41,7 +41,7 @@ from dnr_deploy.runtime.runtimes import (
     sparse_info,
 )
 from dnr_deploy.runtime.session import create_session, run_logits
-from dnr_deploy.verify_config import VerifyConfig, VerifyError, check_eps  # noqa: F401
+from dnr_deploy.runtime.verify_config import VerifyConfig, VerifyError, check_eps  # noqa: F401
 
 VERIFY_FORMAT = "dnr-deploy/verify/2"
 VERIFY_JSON = "verify.json"
@@ -121,7 +121,7 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
         if test_data is None:
             bundle = source.load(deploy.manifest)
         else:
-            from dnr_deploy.byo import api_test_split
+            from dnr_deploy.compress.byo import api_test_split
 
             bundle = api_test_split(source.dataset, test_data)
         recorded = (deploy.manifest.get("robustness") or {}).get("images")

@@ -20,24 +20,25 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dnr_deploy import byo, run_dirs
-from dnr_deploy import checkpoint as ckpt
-from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
-from dnr_deploy.data import DataBundle, load_data, test_subset
-from dnr_deploy.evaluation import (
+from dnr_deploy.compress import byo, run_dirs
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress import distributed as ddp
+from dnr_deploy.compress.evaluation import (
     evaluate,
     final_attacks,
     progress_silenced,
     robust_evaluation,
     terminal_progress,
 )
-from dnr_deploy.init_weights import load_initial_weights
-from dnr_deploy.report import deployment_figures, layer_labels, plot_layer_densities, plot_training
-from dnr_deploy.sparsity.masks import DENSE
-from dnr_deploy.sparsity.policy import DensePolicy
-from dnr_deploy.sparsity.schedule import RewireSchedule
-from dnr_deploy.training import (
+from dnr_deploy.compress.init_weights import load_initial_weights
+from dnr_deploy.compress.plots import (
+    deployment_figures,
+    layer_labels,
+    plot_layer_densities,
+    plot_training,
+)
+from dnr_deploy.compress.training import (
     RUN_FORMAT,
     CompressConfig,
     ConfigError,
@@ -52,6 +53,10 @@ from dnr_deploy.training import (
     merge_resume,
     train_one_epoch,
 )
+from dnr_deploy.data import DataBundle, load_data, test_subset
+from dnr_deploy.sparsity.masks import DENSE
+from dnr_deploy.sparsity.policy import DensePolicy
+from dnr_deploy.sparsity.schedule import RewireSchedule
 
 
 def compress(config: CompressConfig, model: nn.Module | None = None,

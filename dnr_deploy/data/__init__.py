@@ -98,7 +98,7 @@ def load_data(name: str, data_dir: str | None = None, folder=None) -> DataBundle
     if dataset is DatasetName.DIGITS:
         train, test = _digits()
     elif dataset is DatasetName.FOLDER:
-        from dnr_deploy.image_folder import FolderOptions, load_folder
+        from dnr_deploy.data.folder import FolderOptions, load_folder
 
         return load_folder(str(_require_dir(dataset, data_dir)), folder or FolderOptions())
     elif dataset is DatasetName.TINYIMAGENET:
@@ -121,7 +121,7 @@ def load_trained_data(name: str, data_dir: str | None, record: dict | None,
     """
     if parse_dataset(name) is not DatasetName.FOLDER:
         return load_data(name, data_dir)
-    from dnr_deploy.image_folder import options_from_record
+    from dnr_deploy.data.folder import options_from_record
 
     options = options_from_record(record, input_shape, mean, std)
     return load_data(name, data_dir, options)

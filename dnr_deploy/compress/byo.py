@@ -22,8 +22,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from dnr_deploy.compress.distributed import DistContext
+from dnr_deploy.compress.training import CompressConfig, ConfigError
 from dnr_deploy.data import SPECS, DataBundle, DataError, DatasetSpec, parse_dataset
-from dnr_deploy.distributed import DistContext
 from dnr_deploy.models import ModelSpecError, create_model
 from dnr_deploy.models.external import (
     check_runs_at,
@@ -32,7 +33,6 @@ from dnr_deploy.models.external import (
     module_record,
 )
 from dnr_deploy.models.registry import Normalize
-from dnr_deploy.training import CompressConfig, ConfigError
 from dnr_deploy.vocabulary import DatasetName
 
 SPLITS = ("train", "test")
@@ -130,7 +130,7 @@ def with_data(config: CompressConfig, train_data: object, test_data: object,
         if any(data is not None for data in given.values()):
             raise DataError("dataset 'folder' reads both splits from data_dir; pass train_data "
                             "and test_data with the dataset of their shape instead")
-        from dnr_deploy.image_folder import options_from_config
+        from dnr_deploy.data.folder import options_from_config
 
         return load(config.dataset, config.data_dir, options_from_config(config))
     if all(data is None for data in given.values()):

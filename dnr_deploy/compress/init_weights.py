@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dnr_deploy.compress_config import ConfigError
+from dnr_deploy.compress.config import ConfigError
 from dnr_deploy.models.registry import Normalize
 
 

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dnr_deploy import distributed as ddp
 from dnr_deploy.attacks import pgd
-from dnr_deploy.checkpoint import CheckpointError
+from dnr_deploy.compress import distributed as ddp
+from dnr_deploy.compress.checkpoint import CheckpointError
 
 # the settings live in torch-free modules (fast --help); re-exported here, where they are used
-from dnr_deploy.compress_config import CompressConfig, ConfigError, Method  # noqa: F401
+from dnr_deploy.compress.config import CompressConfig, ConfigError, Method  # noqa: F401
 from dnr_deploy.config import RecipeError, check_settings, coerce
 from dnr_deploy.data import DataBundle
 from dnr_deploy.models import ModelSpecError, create_model

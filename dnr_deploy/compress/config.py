@@ -205,7 +205,7 @@ class CompressConfig:
         """Raises:
             ConfigError: a folder setting that does not parse, or one given for another dataset.
         """
-        from dnr_deploy.image_folder import parse_floats, parse_image_size
+        from dnr_deploy.data.folder import parse_floats, parse_image_size
 
         given = [name for name in ("image_size", "channels", "mean", "std")
                  if getattr(self, name) is not None]

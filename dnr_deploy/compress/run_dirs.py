@@ -7,11 +7,16 @@ import re
 import time
 from pathlib import Path
 
-from dnr_deploy import byo
-from dnr_deploy import checkpoint as ckpt
-from dnr_deploy import distributed as ddp
+from dnr_deploy.compress import byo
+from dnr_deploy.compress import checkpoint as ckpt
+from dnr_deploy.compress import distributed as ddp
+from dnr_deploy.compress.training import (
+    RESUME_FIXED,
+    CompressConfig,
+    ConfigError,
+    settings_from_checkpoint,
+)
 from dnr_deploy.sparsity.masks import DENSE
-from dnr_deploy.training import RESUME_FIXED, CompressConfig, ConfigError, settings_from_checkpoint
 from dnr_deploy.trust import UntrustedModelCode, check_spec_trusted, imports_code
 
 
