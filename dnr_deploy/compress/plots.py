@@ -87,6 +87,18 @@ def plot_training(path: Path, history: list[dict], labels: dict[str, str]) -> No
     _save(fig, path)
 
 
+def plot_run(folder: Path, model: nn.Module, history: list[dict],
+             layer_densities: dict[str, float], target: float) -> None:
+    """A finished run's plots/: training curves, and per-layer densities of a pruned run."""
+    labels = layer_labels(model, list(layer_densities))
+    plot_training(folder / "training.png", history, labels)
+    if layer_densities:
+        params = dict(model.named_parameters())
+        sizes = {n: params[n].numel() if n in params else 0 for n in layer_densities}
+        plot_layer_densities(folder / "layer_densities.png", layer_densities, target, labels,
+                             sizes)
+
+
 def _save(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -32,12 +32,7 @@ from dnr_deploy.compress.evaluation import (
     terminal_progress,
 )
 from dnr_deploy.compress.init_weights import load_initial_weights
-from dnr_deploy.compress.plots import (
-    deployment_figures,
-    layer_labels,
-    plot_layer_densities,
-    plot_training,
-)
+from dnr_deploy.compress.plots import deployment_figures, plot_run
 from dnr_deploy.compress.training import (
     RUN_FORMAT,
     CompressConfig,
@@ -393,13 +388,6 @@ class Trainer:
             "versions": {"torch": torch.__version__},
         }
         ckpt.write_json(run_dir / ckpt.RUN_JSON, summary)
-        plots = run_dir / "plots"
-        labels = layer_labels(self.model, list(summary["layer_densities"]))
-        plot_training(plots / "training.png", self.history, labels)
-        if summary["layer_densities"]:
-            params = dict(self.model.named_parameters())
-            sizes = {n: params[n].numel() if n in params else 0
-                     for n in summary["layer_densities"]}
-            plot_layer_densities(plots / "layer_densities.png", summary["layer_densities"],
-                                 cfg.density, labels, sizes)
+        plot_run(run_dir / "plots", self.model, self.history, summary["layer_densities"],
+                 cfg.density)
         return summary
