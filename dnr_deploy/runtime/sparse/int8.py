@@ -1,0 +1,247 @@
+"""int8 sparse convolution: uint8 activations x int8 CSR weights (weights.int8.npz), int32
+accumulation, requantization fused in the epilogue with the bias, residual addition and ReLU.
+
+The arithmetic is ONNX Runtime's QDQ int8 math (per-tensor uint8 activations with a zero
+point, symmetric int8 weights per output channel), with one fixed float epilogue per output:
+
+    acc = sum_j w_j * x_j - zp_in * sum_j w_j                      (int32, exact)
+    y   = float32(acc) * (s_in * s_w[o]) + bias[o] (+ residual), ReLU
+    out = clamp(round_half_even(y / s_out) + zp_out, 0, 255)       (or y, left float)
+
+`reference_conv` computes it in numpy, independently of the kernel's layout; every compiled
+path (`_int8_kernels.cpp`: AVX-512 VNNI, AVX-VNNI, AVX2, portable) matches it bit for bit.
+`Int8SparseConv` runs one layer on CHWN uint8 activations, with the float op's call shape:
+`layer(x, residual=None, threads=1)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+import os
+from pathlib import Path
+
+import numpy as np
+
+# Paths of _int8_kernels.cpp, best last; the environment variable forces one (tests, benches).
+PATHS = {"portable": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3}
+FORCE_ENV = "DNR_INT8_KERNEL"
+CHUNK = 64  # positions a row's length is padded to
+
+
+def _load() -> ctypes.CDLL | None:
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_int8_kernels{suffix}"
+        if path.is_file():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError:
+                return None
+            lib.dnr_int8_sparse_conv.argtypes = [ctypes.c_void_p]
+            lib.dnr_int8_sparse_conv.restype = ctypes.c_int
+            lib.dnr_int8_supported.argtypes = [ctypes.c_int64]
+            lib.dnr_int8_supported.restype = ctypes.c_int
+            return lib
+    return None
+
+
+_LIB = _load()
+
+
+class Int8ConvArgs(ctypes.Structure):
+    """_int8_kernels.cpp's Int8ConvArgs."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("src", "off", "gptr", "wq", "corr", "scale",
+                                                "bias")] + \
+        [(n, ctypes.c_int64) for n in ("length", "rows", "threads", "relu")] + \
+        [("res", ctypes.c_void_p), ("res_stride", ctypes.c_int64), ("out_scale", ctypes.c_float),
+         ("out_zero_point", ctypes.c_int64), ("out_u8", ctypes.c_void_p),
+         ("out_f32", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("isa", ctypes.c_int64)]
+
+
+def supported_paths() -> list[str]:
+    """The compiled paths this CPU runs, best last (empty: the library is not built)."""
+    if _LIB is None:
+        return []
+    return [name for name, isa in PATHS.items() if _LIB.dnr_int8_supported(isa)]
+
+
+def kernel_name(path: str | None = None) -> str:
+    """Which int8 kernel runs: "cpp-avx512-vnni", "cpp-avx-vnni", "cpp-avx2", "cpp-portable",
+    or "numpy" (library not built). `path` (or $DNR_INT8_KERNEL) forces one; the best this CPU
+    supports otherwise."""
+    return "numpy" if _LIB is None else f"cpp-{_choose(path, narrow=True)}"
+
+
+def _choose(path: str | None, narrow: bool) -> str:
+    """The path to run: forced, or the best supported (AVX2 only for `narrow` weights, whose
+    16-bit pair sums cannot saturate).
+
+    Raises:
+        ValueError: a forced path that is unknown or that this CPU cannot run.
+    """
+    forced = path or os.environ.get(FORCE_ENV) or None
+    available = supported_paths()
+    if forced is not None:
+        if forced not in PATHS:
+            raise ValueError(f"unknown int8 kernel {forced!r}; choose from {', '.join(PATHS)}")
+        if forced not in available:
+            raise ValueError(f"this CPU cannot run the {forced} int8 kernel; it runs "
+                             f"{', '.join(available) or 'none (library not built)'}")
+        return forced
+    best = [p for p in available if narrow or p != "avx2"]
+    return best[-1]
+
+
+def reference_conv(x: np.ndarray, weight: np.ndarray, stride: int, padding: int, in_zp: int,
+                   scale: np.ndarray, bias: np.ndarray, relu: bool,
+                   residual: np.ndarray | None = None, out_scale: float | None = None,
+                   out_zp: int = 0) -> np.ndarray:
+    """The int8 conv in plain numpy: x (N, C, H, W) uint8, weight (O, C, kh, kw) int8 dense,
+    scale (O,) float32 = s_in * s_w; residual (N, O, Ho, Wo) float32. Returns uint8 when
+    `out_scale` is given, else float32 (N, O, Ho, Wo)."""
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    padded = np.full((n, c, h + 2 * padding, w + 2 * padding), in_zp, np.int64)
+    padded[:, :, padding:padding + h, padding:padding + w] = x
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    cols = np.stack([padded[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride]
+                     for i in range(kh) for j in range(kw)], axis=2)  # N, C, kh*kw, Ho, Wo
+    cols = cols.reshape(n, c * kh * kw, ho * wo) - in_zp
+    acc = np.einsum("ok,nkp->nop", weight.reshape(o, -1).astype(np.int64), cols)
+    y = acc.astype(np.int32).astype(np.float32) * scale.astype(np.float32)[None, :, None]
+    y = y + bias.astype(np.float32)[None, :, None]
+    y = y.reshape(n, o, ho, wo)
+    if residual is not None:
+        y = y + residual.astype(np.float32)
+    if relu:
+        y = np.where(y > 0, y, np.float32(0))
+    if out_scale is None:
+        return y.astype(np.float32)
+    t = np.clip(y / np.float32(out_scale), -1024, 1024)
+    return np.clip(np.rint(t).astype(np.int32) + out_zp, 0, 255).astype(np.uint8)
+
+
+class Int8SparseConv:
+    """One int8 sparse conv (or a Gemm, as a 1x1 conv) on CHWN uint8 activations.
+
+    Args:
+        indptr, indices, data: the int8 CSR of the (O, C*kh*kw) weight.
+        scale: per output row, the weight scale; `input_scale` times it scales the int32 sums.
+        out_scale, out_zero_point: requantize the output to uint8; None keeps it float32.
+    """
+
+    def __init__(self, shape: tuple[int, ...], stride: int, padding: int, indptr: np.ndarray,
+                 indices: np.ndarray, data: np.ndarray, scale: np.ndarray, bias: np.ndarray,
+                 input_scale: float, input_zero_point: int, relu: bool,
+                 out_scale: float | None = None, out_zero_point: int | None = None) -> None:
+        self.shape = tuple(shape) if len(shape) == 4 else (shape[0], shape[1], 1, 1)
+        self.stride, self.padding, self.relu = stride, padding, relu
+        self.in_zp = int(input_zero_point)
+        self.out_scale = None if out_scale is None else float(out_scale)
+        self.out_zp = 0 if out_zero_point is None else int(out_zero_point)
+        rows = self.shape[0]
+        self.scale = (np.float32(input_scale) * np.asarray(scale, np.float32)).astype(np.float32)
+        self.bias = np.ascontiguousarray(bias, np.float32)
+        counts = np.diff(np.asarray(indptr, np.int64))
+        self.data = np.asarray(data, np.int8)
+        self.narrow = bool(np.abs(self.data.astype(np.int32)).max(initial=0) <= 64)
+        sums = np.bincount(np.repeat(np.arange(rows), counts), self.data.astype(np.int64),
+                           minlength=rows)
+        self.corr = (self.in_zp * sums).astype(np.int32)
+        # groups of 4 nonzeros per row, the last padded with zero weights (reading column 0)
+        groups = -(-counts // 4)
+        self.gptr = np.zeros(rows + 1, np.int64)
+        np.cumsum(groups, out=self.gptr[1:])
+        slots = np.zeros((int(self.gptr[-1]) * 4,), np.int64)
+        slot_of = np.repeat(4 * self.gptr[:-1] - np.asarray(indptr[:-1], np.int64), counts) + \
+            np.arange(len(self.data))
+        weights = np.zeros(len(slots), np.int8)
+        weights[slot_of] = self.data
+        self.wq = weights.view(np.int32).copy()
+        self.columns = slots
+        self.columns[slot_of] = np.asarray(indices, np.int64)
+        self.dense_weight = np.zeros((rows, int(np.prod(self.shape[1:]))), np.int8)
+        self.dense_weight[np.repeat(np.arange(rows), counts), np.asarray(indices, np.int64)] = \
+            self.data
+
+    @classmethod
+    def from_layer(cls, layer, relu: bool) -> Int8SparseConv:
+        """From an `export.sparse_int8.Int8Layer` (weights.int8.npz)."""
+        return cls(layer.shape, layer.stride, layer.padding, layer.indptr, layer.indices,
+                   layer.data, layer.scale, layer.bias, layer.input_scale,
+                   layer.input_zero_point, relu, layer.output_scale, layer.output_zero_point)
+
+    def reference(self, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """`reference_conv` of this layer on CHWN x (and CHWN residual), CHWN out."""
+        to_nchw = lambda a: np.ascontiguousarray(a.transpose(3, 0, 1, 2))  # noqa: E731
+        out = reference_conv(to_nchw(x), self.dense_weight.reshape(self.shape), self.stride,
+                             self.padding, self.in_zp, self.scale, self.bias, self.relu,
+                             None if residual is None else to_nchw(residual), self.out_scale,
+                             self.out_zp)
+        return np.ascontiguousarray(out.transpose(1, 2, 3, 0))
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray | None = None, threads: int = 1,
+                 path: str | None = None) -> np.ndarray:
+        """The layer on CHWN uint8 x (C, H, W, N): CHWN uint8 (or float32) out."""
+        if _LIB is None:
+            return self.reference(x, residual)
+        job = self._prepare(x)
+        out_chans, length = self.shape[0], job["length"]
+        res, res_stride = None, 0
+        if residual is not None:
+            res_rows = np.zeros((out_chans, job["ho"], job["wq"], job["batch"]), np.float32)
+            res_rows[:, :, :job["wo"]] = residual
+            res = np.zeros((out_chans, length), np.float32)
+            res[:, :res_rows[0].size] = res_rows.reshape(out_chans, -1)
+            res_stride = length
+        quantized = self.out_scale is not None
+        out = np.empty((out_chans, length), np.uint8 if quantized else np.float32)
+        isa = PATHS[_choose(path, self.narrow)]
+        if isa == PATHS["avx2"] and not self.narrow:
+            raise ValueError("the avx2 int8 kernel saturates on weights past [-64, 64]: export "
+                             "with --reduce-range on, or run another path")
+        args = Int8ConvArgs(
+            job["src"].ctypes.data, job["off"].ctypes.data, self.gptr.ctypes.data,
+            self.wq.ctypes.data, self.corr.ctypes.data, self.scale.ctypes.data,
+            self.bias.ctypes.data, length, out_chans, threads, int(self.relu),
+            None if res is None else res.ctypes.data, res_stride,
+            self.out_scale if quantized else 0.0, self.out_zp,
+            out.ctypes.data if quantized else None, None if quantized else out.ctypes.data,
+            length, isa)
+        if _LIB.dnr_int8_sparse_conv(ctypes.byref(args)) != 0:
+            raise ValueError(f"the int8 kernel refused path {isa}")
+        used = job["ho"] * job["wq"] * job["batch"]
+        view = out[:, :used].reshape(out_chans, job["ho"], job["wq"], job["batch"])
+        return view[:, :, :job["wo"]]
+
+    def _prepare(self, x: np.ndarray) -> dict:
+        """Padded polyphase planes of x (padding = the input zero point) and the byte offset
+        of every group slot's stretch."""
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[0] != self.shape[1]:
+            raise ValueError(f"the int8 conv takes CHWN uint8 with {self.shape[1]} channels; "
+                             f"got {x.dtype} {x.shape}")
+        chans, height, width, batch = x.shape
+        _, _, kh, kw = self.shape
+        s, p = self.stride, self.padding
+        hp, wp = height + 2 * p, width + 2 * p
+        ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
+        hq, wq = -(-hp // s), -(-wp // s)
+        padded = np.full((chans, hq * s, wq * s, batch), self.in_zp, np.uint8)
+        padded[:, p:p + height, p:p + width] = x
+        # planes[a * s + b, c, i, j] = padded[c, s * i + a, s * j + b]
+        planes = padded.reshape(chans, hq, s, wq, s, batch).transpose(2, 4, 0, 1, 3, 5)
+        plane = hq * wq * batch
+        length = -(-(ho * wq * batch) // CHUNK) * CHUNK
+        chan, tap = np.divmod(self.columns, kh * kw)
+        row, col = np.divmod(tap, kw)
+        phase = (row % s) * s + col % s
+        off = (phase * chans + chan) * plane + ((row // s) * wq + col // s) * batch
+        size = s * s * chans * plane
+        src = np.full(size + int(off.max(initial=0)) + length + CHUNK, self.in_zp, np.uint8)
+        src[:size] = planes.reshape(-1)
+        if src.size >= 2**31:
+            raise ValueError(f"inputs of shape {x.shape} are too large for 32-bit offsets")
+        return {"src": src, "off": off.astype(np.int32), "length": length, "ho": ho, "wo": wo,
+                "wq": wq, "batch": batch}
