@@ -165,6 +165,7 @@ class Int8SparseConv:
         self.dense_weight = np.zeros((rows, int(np.prod(self.shape[1:]))), np.int8)
         self.dense_weight[np.repeat(np.arange(rows), counts), np.asarray(indices, np.int64)] = \
             self.data
+        self._jobs: dict[tuple, dict] = {}
 
     @classmethod
     def from_layer(cls, layer, relu: bool) -> Int8SparseConv:
@@ -187,15 +188,28 @@ class Int8SparseConv:
         """The layer on CHWN uint8 x (C, H, W, N): CHWN uint8 (or float32) out."""
         if _LIB is None:
             return self.reference(x, residual)
-        job = self._prepare(x)
-        out_chans, length = self.shape[0], job["length"]
-        res, res_stride = None, 0
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[0] != self.shape[1]:
+            raise ValueError(f"the int8 conv takes CHWN uint8 with {self.shape[1]} channels; "
+                             f"got {x.dtype} {x.shape}")
+        job = self.bind(x.shape, threads, path, residual is not None)
+        job["interior"][:] = x
         if residual is not None:
-            res_rows = np.zeros((out_chans, job["ho"], job["wq"], job["batch"]), np.float32)
-            res_rows[:, :, :job["wo"]] = residual
-            res = np.zeros((out_chans, length), np.float32)
-            res[:, :res_rows[0].size] = res_rows.reshape(out_chans, -1)
-            res_stride = length
+            job["residual"][:] = residual
+        job["run"]()
+        return job["view"]
+
+    def bind(self, shape: tuple, threads: int = 1, path: str | None = None,
+             residual: bool = False) -> dict:
+        """Everything a call on CHWN inputs of `shape` needs, made once and cached: the padded
+        polyphase planes (their border holds the input zero point) with a view of where the
+        input goes ("interior", for stride 1), the output and its view, a residual buffer laid
+        out as the output, and "run", the kernel call alone."""
+        key = (tuple(shape), threads, path, residual)
+        if key in self._jobs:
+            return self._jobs[key]
+        job = self._prepare(shape)
+        out_chans, length = self.shape[0], job["length"]
+        res = np.zeros((out_chans, length), np.float32) if residual else None
         quantized = self.out_scale is not None
         out = np.empty((out_chans, length), np.uint8 if quantized else np.float32)
         isa = PATHS[_choose(path, self.narrow)]
@@ -206,32 +220,28 @@ class Int8SparseConv:
             job["src"].ctypes.data, job["off"].ctypes.data, self.gptr.ctypes.data,
             self.wq.ctypes.data, self.corr.ctypes.data, self.scale.ctypes.data,
             self.bias.ctypes.data, length, out_chans, threads, int(self.relu),
-            None if res is None else res.ctypes.data, res_stride,
+            None if res is None else res.ctypes.data, length,
             self.out_scale if quantized else 0.0, self.out_zp,
             out.ctypes.data if quantized else None, None if quantized else out.ctypes.data,
             length, isa)
-        if _LIB.dnr_int8_sparse_conv(ctypes.byref(args)) != 0:
-            raise ValueError(f"the int8 kernel refused path {isa}")
-        used = job["ho"] * job["wq"] * job["batch"]
-        view = out[:, :used].reshape(out_chans, job["ho"], job["wq"], job["batch"])
-        return view[:, :, :job["wo"]]
+        rows = (out_chans, job["ho"], job["wq"], job["batch"])
+        used = int(np.prod(rows[1:]))
+        job.update(out=out, args=args, view=out[:, :used].reshape(rows)[:, :, :job["wo"]],
+                   run=lambda: _run(args))
+        if res is not None:
+            job["residual"] = res[:, :used].reshape(rows)[:, :, :job["wo"]]
+        self._jobs[key] = job
+        return job
 
-    def _prepare(self, x: np.ndarray) -> dict:
-        """Padded polyphase planes of x (padding = the input zero point) and the byte offset
-        of every group slot's stretch."""
-        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[0] != self.shape[1]:
-            raise ValueError(f"the int8 conv takes CHWN uint8 with {self.shape[1]} channels; "
-                             f"got {x.dtype} {x.shape}")
-        chans, height, width, batch = x.shape
+    def _prepare(self, shape: tuple) -> dict:
+        """Padded polyphase planes for inputs of `shape` (padding = the input zero point) and
+        the byte offset of every group slot's stretch."""
+        chans, height, width, batch = shape
         _, _, kh, kw = self.shape
         s, p = self.stride, self.padding
         hp, wp = height + 2 * p, width + 2 * p
         ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
         hq, wq = -(-hp // s), -(-wp // s)
-        padded = np.full((chans, hq * s, wq * s, batch), self.in_zp, np.uint8)
-        padded[:, p:p + height, p:p + width] = x
-        # planes[a * s + b, c, i, j] = padded[c, s * i + a, s * j + b]
-        planes = padded.reshape(chans, hq, s, wq, s, batch).transpose(2, 4, 0, 1, 3, 5)
         plane = hq * wq * batch
         length = -(-(ho * wq * batch) // CHUNK) * CHUNK
         chan, tap = np.divmod(self.columns, kh * kw)
@@ -239,9 +249,39 @@ class Int8SparseConv:
         phase = (row % s) * s + col % s
         off = (phase * chans + chan) * plane + ((row // s) * wq + col // s) * batch
         size = s * s * chans * plane
-        src = np.full(size + int(off.max(initial=0)) + length + CHUNK, self.in_zp, np.uint8)
-        src[:size] = planes.reshape(-1)
-        if src.size >= 2**31:
-            raise ValueError(f"inputs of shape {x.shape} are too large for 32-bit offsets")
-        return {"src": src, "off": off.astype(np.int32), "length": length, "ho": ho, "wo": wo,
-                "wq": wq, "batch": batch}
+        total = size + int(off.max(initial=0)) + length + CHUNK
+        if total >= 2**31:
+            raise ValueError(f"inputs of shape {shape} are too large for 32-bit offsets")
+        src = np.full(total, self.in_zp, np.uint8)
+        # planes[a * s + b, c, i, j] = padded[c, s * i + a, s * j + b]
+        planes = src[:size].reshape(s, s, chans, hq, wq, batch)
+        job = {"src": src, "off": off.astype(np.int32), "length": length, "ho": ho, "wo": wo,
+               "wq": wq, "batch": batch}
+        if s == 1:
+            job["interior"] = planes[0, 0, :, p:p + height, p:p + width]
+        else:
+            job["interior"] = _PhaseWriter(planes, s, p, height, width)
+        return job
+
+
+def _run(args: Int8ConvArgs) -> None:
+    if _LIB.dnr_int8_sparse_conv(ctypes.byref(args)) != 0:
+        raise ValueError(f"the int8 kernel refused path {args.isa}")
+
+
+class _PhaseWriter:
+    """`writer[:] = x` scatters CHWN x into the polyphase planes of a strided conv."""
+
+    def __init__(self, planes: np.ndarray, stride: int, pad: int, height: int,
+                 width: int) -> None:
+        self.planes, self.stride, self.pad = planes, stride, pad
+        self.height, self.width = height, width
+
+    def __setitem__(self, _key, x: np.ndarray) -> None:
+        s, p = self.stride, self.pad
+        for a in range(s):
+            for b in range(s):
+                # plane rows i hold padded row s * i + a, i.e. input row s * i + a - p
+                i0, j0 = -(-(p - a) // s), -(-(p - b) // s)
+                rows = x[:, s * i0 + a - p::s, s * j0 + b - p::s]
+                self.planes[a, b, :, i0:i0 + rows.shape[1], j0:j0 + rows.shape[2]] = rows
