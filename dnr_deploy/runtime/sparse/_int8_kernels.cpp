@@ -43,7 +43,8 @@ struct Int8ConvArgs {
   const int32_t* corr;   // per row: input zero point x the row's weight sum
   const float* scale;    // per row: input scale x weight scale
   const float* bias;     // per row
-  int64_t length;        // positions a row, a multiple of 64
+  const int64_t* pos;    // where each chunk of 64 positions starts (the same in every row)
+  int64_t chunks;
   int64_t rows;
   int64_t threads;
   int64_t relu;
@@ -79,9 +80,10 @@ inline void finish_one(const Int8ConvArgs& a, int64_t o, int64_t q, int32_t acc)
   }
 }
 
-void row_portable(const Int8ConvArgs& a, int64_t o, int64_t q0, int64_t q1) {
+void row_portable(const Int8ConvArgs& a, int64_t o, int64_t t0, int64_t t1) {
   int32_t acc[64];
-  for (int64_t q = q0; q < q1; q += 64) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t q = a.pos[t];
     for (int i = 0; i < 64; ++i) acc[i] = 0;
     for (int64_t g = a.gptr[o]; g < a.gptr[o + 1]; ++g) {
       const uint32_t packed = static_cast<uint32_t>(a.wq[g]);
@@ -145,10 +147,11 @@ __attribute__((target("avx2"))) inline void finish8(const Int8ConvArgs& a, int64
 
 // AVX-512 VNNI: chunks of 64 positions, two at a time (8 accumulators).
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
-    const Int8ConvArgs& a, int64_t o, int64_t q0, int64_t q1) {
+    const Int8ConvArgs& a, int64_t o, int64_t t0, int64_t t1) {
   const int64_t g0 = a.gptr[o], g1 = a.gptr[o + 1];
-  for (int64_t q = q0; q < q1; q += 128) {
-    const int nc = q + 64 < q1 ? 2 : 1;
+  for (int64_t t = t0; t < t1; t += 2) {
+    const int nc = t + 1 < t1 ? 2 : 1;
+    const int64_t qs[2] = {a.pos[t], a.pos[t + nc - 1]};
     __m512i acc[2][4];
     for (int c = 0; c < 2; ++c)
       for (int k = 0; k < 4; ++k) acc[c][k] = _mm512_setzero_si512();
@@ -156,7 +159,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
       const __m512i w = _mm512_set1_epi32(a.wq[g]);
       const int32_t* off = a.off + 4 * g;
       for (int c = 0; c < nc; ++c) {
-        const uint8_t* s = a.src + q + 64 * c;
+        const uint8_t* s = a.src + qs[c];
         const __m512i x0 = _mm512_loadu_si512(s + off[0]), x1 = _mm512_loadu_si512(s + off[1]);
         const __m512i x2 = _mm512_loadu_si512(s + off[2]), x3 = _mm512_loadu_si512(s + off[3]);
         const __m512i lo01 = _mm512_unpacklo_epi8(x0, x1), hi01 = _mm512_unpackhi_epi8(x0, x1);
@@ -173,7 +176,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
       const __m512i t1 = _mm512_shuffle_i32x4(acc[c][2], acc[c][3], 0x44);
       const __m512i t2 = _mm512_shuffle_i32x4(acc[c][0], acc[c][1], 0xEE);
       const __m512i t3 = _mm512_shuffle_i32x4(acc[c][2], acc[c][3], 0xEE);
-      const int64_t base = q + 64 * c;
+      const int64_t base = qs[c];
       finish16(a, o, base, _mm512_shuffle_i32x4(t0, t1, 0x88));
       finish16(a, o, base + 16, _mm512_shuffle_i32x4(t0, t1, 0xDD));
       finish16(a, o, base + 32, _mm512_shuffle_i32x4(t2, t3, 0x88));
@@ -187,7 +190,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
 // that carry the target attribute themselves.
 #define DNR_ROW_256(DOT)                                                                     \
   const int64_t g0 = a.gptr[o], g1 = a.gptr[o + 1];                                          \
-  for (int64_t q = q0; q < q1; q += 64) {                                                    \
+  for (int64_t t = t0; t < t1; ++t) { /* a chunk of 64: two halves of 32 */                \
+    const int64_t q = a.pos[t];                                                              \
     __m256i acc[2][4];                                                                       \
     for (int c = 0; c < 2; ++c)                                                              \
       for (int k = 0; k < 4; ++k) acc[c][k] = _mm256_setzero_si256();                        \
@@ -222,13 +226,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
   _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
 #define DNR_DOT_AVXVNNI(acc, x, w) _mm256_dpbusd_avx_epi32(acc, x, w)
 
-__attribute__((target("avx2"))) void row_avx2(const Int8ConvArgs& a, int64_t o, int64_t q0,
-                                              int64_t q1) {
+__attribute__((target("avx2"))) void row_avx2(const Int8ConvArgs& a, int64_t o, int64_t t0,
+                                              int64_t t1) {
   DNR_ROW_256(DNR_DOT_AVX2)
 }
 
 __attribute__((target("avx2,avxvnni"))) void row_avxvnni(const Int8ConvArgs& a, int64_t o,
-                                                         int64_t q0, int64_t q1) {
+                                                         int64_t t0, int64_t t1) {
   DNR_ROW_256(DNR_DOT_AVXVNNI)
 }
 #endif
@@ -257,20 +261,22 @@ extern "C" {
 // 1 when this CPU runs path `isa` (0 portable, 1 AVX2, 2 AVX-VNNI, 3 AVX-512 VNNI).
 int dnr_int8_supported(int64_t isa) { return supported(isa) ? 1 : 0; }
 
-// For each output row o and position q < length:
+// For each output row o and position q in the chunks pos[t] .. pos[t] + 63 (t < chunks):
 //   acc = sum over row o's groups g and k < 4 of int8(wq[g] >> 8k) * src[off[4g + k] + q]
 //   y = float(acc - corr[o]) * scale[o] + bias[o] (+ res[o * res_stride + q]), ReLU if relu,
 // then out_u8[o * out_stride + q] = clamp(round_half_even(y / out_scale) + zero point, 0, 255),
-// or out_f32[...] = y when out_scale <= 0. `src` must hold off + length + 64 bytes for every
-// offset. Returns 0, or -1 when `isa` is not supported here (nothing is computed).
+// or out_f32[...] = y when out_scale <= 0. `src` must hold off + pos + 64 bytes for every
+// offset and chunk. Listing chunks lets a caller skip the garbage columns of the shifted-plane
+// formulation where a row's pixels fill whole chunks. Returns 0, or -1 when `isa` is not
+// supported here (nothing is computed).
 int dnr_int8_sparse_conv(const Int8ConvArgs* a) {
-  if (!supported(a->isa) || a->length % 64) return -1;
-  const int64_t block = 1024;  // positions a task: its stretches stay in L1/L2 across rows
-  const int64_t nblocks = (a->length + block - 1) / block;
+  if (!supported(a->isa)) return -1;
+  const int64_t block = 16;  // chunks a task: its stretches stay in L1/L2 across rows
+  const int64_t nblocks = (a->chunks + block - 1) / block;
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(a->threads))
   for (int64_t task = 0; task < a->rows * nblocks; ++task) {
     const int64_t blk = task / a->rows, o = task % a->rows;
-    const int64_t q0 = blk * block, q1 = std::min(a->length, q0 + block);
+    const int64_t q0 = blk * block, q1 = std::min(a->chunks, q0 + block);
 #ifdef DNR_X86
     if (a->isa == kAvx512Vnni) { row_avx512vnni(*a, o, q0, q1); continue; }
     if (a->isa == kAvxVnni) { row_avxvnni(*a, o, q0, q1); continue; }

@@ -53,8 +53,8 @@ class Int8ConvArgs(ctypes.Structure):
     """_int8_kernels.cpp's Int8ConvArgs."""
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("src", "off", "gptr", "wq", "corr", "scale",
-                                                "bias")] + \
-        [(n, ctypes.c_int64) for n in ("length", "rows", "threads", "relu")] + \
+                                                "bias", "pos")] + \
+        [(n, ctypes.c_int64) for n in ("chunks", "rows", "threads", "relu")] + \
         [("res", ctypes.c_void_p), ("res_stride", ctypes.c_int64), ("out_scale", ctypes.c_float),
          ("out_zero_point", ctypes.c_int64), ("out_u8", ctypes.c_void_p),
          ("out_f32", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("isa", ctypes.c_int64)]
@@ -219,7 +219,8 @@ class Int8SparseConv:
         args = Int8ConvArgs(
             job["src"].ctypes.data, job["off"].ctypes.data, self.gptr.ctypes.data,
             self.wq.ctypes.data, self.corr.ctypes.data, self.scale.ctypes.data,
-            self.bias.ctypes.data, length, out_chans, threads, int(self.relu),
+            self.bias.ctypes.data, job["pos"].ctypes.data, len(job["pos"]), out_chans, threads,
+            int(self.relu),
             None if res is None else res.ctypes.data, length,
             self.out_scale if quantized else 0.0, self.out_zp,
             out.ctypes.data if quantized else None, None if quantized else out.ctypes.data,
@@ -244,6 +245,11 @@ class Int8SparseConv:
         hq, wq = -(-hp // s), -(-wp // s)
         plane = hq * wq * batch
         length = -(-(ho * wq * batch) // CHUNK) * CHUNK
+        if wo * batch % CHUNK == 0:  # pixels fill whole chunks: skip the garbage columns
+            per_row = wo * batch // CHUNK
+            pos = (np.arange(ho)[:, None] * wq * batch + CHUNK * np.arange(per_row)).reshape(-1)
+        else:
+            pos = np.arange(0, length, CHUNK)
         chan, tap = np.divmod(self.columns, kh * kw)
         row, col = np.divmod(tap, kw)
         phase = (row % s) * s + col % s
@@ -256,6 +262,7 @@ class Int8SparseConv:
         # planes[a * s + b, c, i, j] = padded[c, s * i + a, s * j + b]
         planes = src[:size].reshape(s, s, chans, hq, wq, batch)
         job = {"src": src, "off": off.astype(np.int32), "length": length, "ho": ho, "wo": wo,
+               "pos": pos.astype(np.int64),
                "wq": wq, "batch": batch}
         if s == 1:
             job["interior"] = planes[0, 0, :, p:p + height, p:p + width]
