@@ -71,3 +71,21 @@ def test_damaged_int8_csr_is_refused(deploy, tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(Int8CsrError, match="unreadable"):
         read_int8_csr(bad)
+
+
+def test_int8_sparse_path_runs_the_deploy_dir_as_onnx_runtimes_int8_math(deploy):
+    from dnr_deploy.export.quantize import reference_session
+    from dnr_deploy.runtime.sparse import int8
+    from dnr_deploy.runtime.sparse.int8_graph import Int8Graph
+
+    if not int8.supported_paths():
+        pytest.skip("_int8_kernels not built")
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    graph = Int8Graph(deploy)
+    assert len(graph.int8_nodes) == 5  # every conv and the classifier in the int8 kernels
+    ours = graph(x)
+    reference = reference_session(deploy / names.MODEL_FILE).run(None, {names.INPUT_NAME: x})[0]
+    # a rounding boundary crossed somewhere may move a logit by a few of its steps
+    assert np.abs(ours - reference).max() <= 0.25  # the export's default --int8-atol
+    portable = Int8Graph(deploy, path="portable")(x)
+    assert np.array_equal(portable, ours)  # every path the same integers

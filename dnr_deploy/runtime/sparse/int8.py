@@ -27,6 +27,7 @@ import numpy as np
 PATHS = {"portable": 0, "avx2": 1, "avx-vnni": 2, "avx512-vnni": 3}
 FORCE_ENV = "DNR_INT8_KERNEL"
 CHUNK = 64  # positions a row's length is padded to
+PARALLEL_MIN_MACS = 100_000  # as plan.PARALLEL_MIN_MACS: below it, one thread
 
 
 def _load() -> ctypes.CDLL | None:
@@ -213,13 +214,15 @@ class Int8SparseConv:
         quantized = self.out_scale is not None
         out = np.empty((out_chans, length), np.uint8 if quantized else np.float32)
         isa = PATHS[_choose(path, self.narrow)]
+        # OpenMP only when the work pays for waking a thread (the float kernel's rule)
+        team = threads if len(self.data) * len(job["pos"]) * CHUNK >= PARALLEL_MIN_MACS else 1
         if isa == PATHS["avx2"] and not self.narrow:
             raise ValueError("the avx2 int8 kernel saturates on weights past [-64, 64]: export "
                              "with --reduce-range on, or run another path")
         args = Int8ConvArgs(
             job["src"].ctypes.data, job["off"].ctypes.data, self.gptr.ctypes.data,
             self.wq.ctypes.data, self.corr.ctypes.data, self.scale.ctypes.data,
-            self.bias.ctypes.data, job["pos"].ctypes.data, len(job["pos"]), out_chans, threads,
+            self.bias.ctypes.data, job["pos"].ctypes.data, len(job["pos"]), out_chans, team,
             int(self.relu),
             None if res is None else res.ctypes.data, length,
             self.out_scale if quantized else 0.0, self.out_zp,
