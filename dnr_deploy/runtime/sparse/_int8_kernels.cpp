@@ -287,4 +287,30 @@ int dnr_int8_sparse_conv(const Int8ConvArgs* a) {
   return 0;
 }
 
+// planes[((a * stride + b) * chans + c) * hq * wq * batch + (i * wq + j) * batch + n] =
+// x[c * xc + (stride * i + a - pad) * xrow + (stride * j + b - pad) * batch + n] for the phases
+// with used[a * stride + b]; cells in the padding are left as they are (the zero point).
+// _kernels.cpp's dnr_split_phases in bytes: a strided conv's polyphase planes.
+void dnr_int8_split_phases(const uint8_t* x, int64_t chans, int64_t xc, int64_t xrow,
+                           int64_t height, int64_t width, int64_t batch, int64_t stride,
+                           int64_t pad, const uint8_t* used, uint8_t* planes, int64_t hq,
+                           int64_t wq) {
+  const int64_t plane = hq * wq * batch;
+  for (int64_t a = 0; a < stride; ++a)
+    for (int64_t b = 0; b < stride; ++b) {
+      if (!used[a * stride + b]) continue;
+      const int64_t j0 = std::max<int64_t>(0, (pad - b + stride - 1) / stride);
+      const int64_t j1 = std::min<int64_t>(wq, (width - 1 + pad - b) / stride + 1);
+      for (int64_t c = 0; c < chans; ++c)
+        for (int64_t i = 0; i < hq; ++i) {
+          const int64_t h = stride * i + a - pad;
+          if (h < 0 || h >= height) continue;
+          const uint8_t* line = x + c * xc + h * xrow + (stride * j0 + b - pad) * batch;
+          uint8_t* o = planes + ((a * stride + b) * chans + c) * plane + (i * wq + j0) * batch;
+          for (int64_t j = j0; j < j1; ++j, line += stride * batch, o += batch)
+            std::copy(line, line + batch, o);
+        }
+    }
+}
+
 }  // extern "C"
