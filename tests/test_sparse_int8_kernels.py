@@ -129,3 +129,10 @@ def test_reference_is_onnx_runtimes_int8_math(tmp_path, quantized):
         assert drift.max() <= 1 and (drift == 0).mean() > 0.99
     else:
         assert drift.max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_two_threads_give_the_same_bytes():
+    rng = np.random.default_rng(3)
+    case = (64, 32, 3, 1, 1, 8, 16, True, True, True)  # enough work to start a second thread
+    _, layer, x, residual = _layer(rng, case)
+    assert np.array_equal(layer(x, residual, threads=2), layer.reference(x, residual))
