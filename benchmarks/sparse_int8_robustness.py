@@ -30,13 +30,25 @@ def run(*args: str) -> None:
 
 
 def verify(deploy: Path, out: Path, n: int, steps: int, queries: int) -> dict:
-    run("dnr-verify", str(deploy), "--n", str(n), "--steps", str(steps), "--queries",
-        str(queries), "--no-gate", "--out", str(out))
-    report = json.loads((out / "verify.json").read_text())
+    """dnr-verify's figures, reusing a verify.json of the same deploy dir and settings."""
+    report_path = out / "verify.json"
+    settings = {"n": n, "steps": steps, "queries": queries}
+    cached = json.loads(report_path.read_text()) if report_path.is_file() else None
+    if cached is None or any(cached["config"].get(k) != v for k, v in settings.items()) or \
+            cached["model_sha256"] != _sha256(deploy / "model.onnx"):
+        run("dnr-verify", str(deploy), "--n", str(n), "--steps", str(steps), "--queries",
+            str(queries), "--no-gate", "--out", str(out))
+    report = json.loads(report_path.read_text())
     return {"clean": report["accuracy"]["clean"], "worst_case": report["accuracy"]["robust"],
             "images": report["images"],
             "stages": {f"{s['gradients']}:{s['attack']}": s["robust_after"]
                        for s in report["stages"]}}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def main() -> None:
@@ -50,8 +62,9 @@ def main() -> None:
     rows = {}
     for run_dir in args.runs:
         float_dir, int8_dir = run_dir / "deploy-float", run_dir / "deploy-int8"
-        run("dnr-export", str(run_dir), "--out", str(float_dir), "--force")
-        run("dnr-export", str(run_dir), "--quantize", "int8", "--out", str(int8_dir), "--force")
+        for folder, extra in ((float_dir, []), (int8_dir, ["--quantize", "int8"])):
+            if not (folder / "manifest.json").is_file():  # exported before: reused
+                run("dnr-export", str(run_dir), *extra, "--out", str(folder), "--force")
         manifest = json.loads((int8_dir / "manifest.json").read_text())
         x, y = test_subset(load_data("digits"), None)
         images = x.numpy()
@@ -67,7 +80,8 @@ def main() -> None:
             "int8_sparse_clean": float((ours.argmax(1) == y.numpy()).mean()),
             "test_images": len(images)}
         print(json.dumps(rows[run_dir.name], indent=1), flush=True)
-    write_results(args.name, {"int8_kernel": int8.kernel_name(), "settings": vars(args),
+    settings = {**vars(args), "runs": [str(r) for r in args.runs]}
+    write_results(args.name, {"int8_kernel": int8.kernel_name(), "settings": settings,
                               "runs": rows})
 
 
