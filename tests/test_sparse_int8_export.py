@@ -89,3 +89,10 @@ def test_int8_sparse_path_runs_the_deploy_dir_as_onnx_runtimes_int8_math(deploy)
     assert np.abs(ours - reference).max() <= 0.25  # the export's default --int8-atol
     portable = Int8Graph(deploy, path="portable")(x)
     assert np.array_equal(portable, ours)  # every path the same integers
+
+
+def test_float_sparse_runtime_refuses_an_int8_deploy_dir(deploy):
+    from dnr_deploy.runtime.runtimes import RuntimeChoiceError, open_sparse
+
+    with pytest.raises(RuntimeChoiceError, match="model.onnx is int8"):
+        open_sparse(deploy, 1)
