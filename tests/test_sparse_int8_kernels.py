@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not int8.supported_paths(), reason="_int8_kernel
 # (out, in, kernel, stride, padding, size, batch, relu, residual, requantize)
 CASES = [(16, 8, 3, 1, 1, 6, 3, True, False, True), (32, 16, 3, 2, 1, 9, 2, False, True, True),
          (10, 40, 1, 1, 0, 1, 5, False, False, False), (24, 12, 3, 1, 1, 8, 16, True, True, False),
-         (8, 5, 1, 2, 0, 7, 1, True, False, True)]
+         (8, 5, 1, 2, 0, 7, 1, True, False, True),  # this one and the one before: 32-chunks
+         (32, 24, 3, 1, 1, 2, 16, True, True, True)]  # 32-chunks of pixels only
 
 
 def _layer(rng, case, limit: int = 127, density: float = 0.2):

@@ -45,6 +45,7 @@ struct Int8ConvArgs {
   const float* bias;     // per row
   const int64_t* pos;    // where each chunk of 64 positions starts (the same in every row)
   int64_t chunks;
+  int64_t half;          // 1: chunks of 32 positions (short rows), 0: of 64
   int64_t rows;
   int64_t threads;
   int64_t relu;
@@ -82,6 +83,7 @@ inline void finish_one(const Int8ConvArgs& a, int64_t o, int64_t q, int32_t acc)
 
 void row_portable(const Int8ConvArgs& a, int64_t o, int64_t t0, int64_t t1) {
   int32_t acc[64];
+  const int width = a.half ? 32 : 64;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t q = a.pos[t];
     for (int i = 0; i < 64; ++i) acc[i] = 0;
@@ -90,10 +92,10 @@ void row_portable(const Int8ConvArgs& a, int64_t o, int64_t t0, int64_t t1) {
       for (int k = 0; k < 4; ++k) {
         const int32_t w = static_cast<int8_t>(packed >> (8 * k));
         const uint8_t* s = a.src + a.off[4 * g + k] + q;
-        for (int i = 0; i < 64; ++i) acc[i] += w * static_cast<int32_t>(s[i]);
+        for (int i = 0; i < width; ++i) acc[i] += w * static_cast<int32_t>(s[i]);
       }
     }
-    for (int i = 0; i < 64; ++i) finish_one(a, o, q + i, acc[i]);
+    for (int i = 0; i < width; ++i) finish_one(a, o, q + i, acc[i]);
   }
 }
 
@@ -190,6 +192,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
 // that carry the target attribute themselves.
 #define DNR_ROW_256(DOT)                                                                     \
   const int64_t g0 = a.gptr[o], g1 = a.gptr[o + 1];                                          \
+  const int halves = a.half ? 1 : 2;                                                         \
   for (int64_t t = t0; t < t1; ++t) { /* a chunk of 64: two halves of 32 */                \
     const int64_t q = a.pos[t];                                                              \
     __m256i acc[2][4];                                                                       \
@@ -198,7 +201,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
     for (int64_t g = g0; g < g1; ++g) {                                                      \
       const __m256i w = _mm256_set1_epi32(a.wq[g]);                                          \
       const int32_t* off = a.off + 4 * g;                                                    \
-      for (int c = 0; c < 2; ++c) {                                                          \
+      for (int c = 0; c < halves; ++c) {                                                     \
         const uint8_t* s = a.src + q + 32 * c;                                               \
         const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + off[0])); \
         const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + off[1])); \
@@ -212,7 +215,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
         acc[c][3] = DOT(acc[c][3], _mm256_unpackhi_epi16(hi01, hi23), w);                     \
       }                                                                                      \
     }                                                                                        \
-    for (int c = 0; c < 2; ++c) { /* acc[k] lane m holds positions 16 m + 4 k .. + 3 */      \
+    for (int c = 0; c < halves; ++c) { /* acc[k] lane m: positions 16 m + 4 k .. + 3 */      \
       const int64_t base = q + 32 * c;                                                       \
       finish8(a, o, base, _mm256_permute2x128_si256(acc[c][0], acc[c][1], 0x20));            \
       finish8(a, o, base + 8, _mm256_permute2x128_si256(acc[c][2], acc[c][3], 0x20));        \
@@ -225,10 +228,17 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void row_avx512vnni(
 #define DNR_DOT_AVX2(acc, x, w) \
   _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
 #define DNR_DOT_AVXVNNI(acc, x, w) _mm256_dpbusd_avx_epi32(acc, x, w)
+#define DNR_DOT_AVX512VL(acc, x, w) _mm256_dpbusd_epi32(acc, x, w)
 
 __attribute__((target("avx2"))) void row_avx2(const Int8ConvArgs& a, int64_t o, int64_t t0,
                                               int64_t t1) {
   DNR_ROW_256(DNR_DOT_AVX2)
+}
+
+// AVX-512 VNNI on 256-bit vectors (AVX512VL), for rows of 32 positions or fewer.
+__attribute__((target("avx2,avx512f,avx512vl,avx512vnni"))) void row_avx512vl(
+    const Int8ConvArgs& a, int64_t o, int64_t t0, int64_t t1) {
+  DNR_ROW_256(DNR_DOT_AVX512VL)
 }
 
 __attribute__((target("avx2,avxvnni"))) void row_avxvnni(const Int8ConvArgs& a, int64_t o,
@@ -241,7 +251,8 @@ bool supported(int64_t isa) {
 #ifdef DNR_X86
   switch (isa) {
     case kAvx512Vnni:
-      return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+      return __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl");
     case kAvxVnni:
       return __builtin_cpu_supports("avxvnni") && __builtin_cpu_supports("avx2");
     case kAvx2:
@@ -278,6 +289,7 @@ int dnr_int8_sparse_conv(const Int8ConvArgs* a) {
     const int64_t blk = task / a->rows, o = task % a->rows;
     const int64_t q0 = blk * block, q1 = std::min(a->chunks, q0 + block);
 #ifdef DNR_X86
+    if (a->isa == kAvx512Vnni && a->half) { row_avx512vl(*a, o, q0, q1); continue; }
     if (a->isa == kAvx512Vnni) { row_avx512vnni(*a, o, q0, q1); continue; }
     if (a->isa == kAvxVnni) { row_avxvnni(*a, o, q0, q1); continue; }
     if (a->isa == kAvx2) { row_avx2(*a, o, q0, q1); continue; }

@@ -59,7 +59,7 @@ class Int8ConvArgs(ctypes.Structure):
 
     _fields_ = [(n, ctypes.c_void_p) for n in ("src", "off", "gptr", "wq", "corr", "scale",
                                                 "bias", "pos")] + \
-        [(n, ctypes.c_int64) for n in ("chunks", "rows", "threads", "relu")] + \
+        [(n, ctypes.c_int64) for n in ("chunks", "half", "rows", "threads", "relu")] + \
         [("res", ctypes.c_void_p), ("res_stride", ctypes.c_int64), ("out_scale", ctypes.c_float),
          ("out_zero_point", ctypes.c_int64), ("out_u8", ctypes.c_void_p),
          ("out_f32", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("isa", ctypes.c_int64)]
@@ -226,8 +226,8 @@ class Int8SparseConv:
         args = Int8ConvArgs(
             job["src"].ctypes.data, job["off"].ctypes.data, self.gptr.ctypes.data,
             self.wq.ctypes.data, self.corr.ctypes.data, self.scale.ctypes.data,
-            self.bias.ctypes.data, job["pos"].ctypes.data, len(job["pos"]), out_chans, team,
-            int(self.relu),
+            self.bias.ctypes.data, job["pos"].ctypes.data, len(job["pos"]), job["half"],
+            out_chans, team, int(self.relu),
             None if res is None else res.ctypes.data, length,
             self.out_scale if quantized else 0.0, self.out_zp,
             out.ctypes.data if quantized else None, None if quantized else out.ctypes.data,
@@ -252,11 +252,16 @@ class Int8SparseConv:
         hq, wq = -(-hp // s), -(-wp // s)
         plane = hq * wq * batch
         length = -(-(ho * wq * batch) // CHUNK) * CHUNK
-        if wo * batch % CHUNK == 0:  # pixels fill whole chunks: skip the garbage columns
-            per_row = wo * batch // CHUNK
-            pos = (np.arange(ho)[:, None] * wq * batch + CHUNK * np.arange(per_row)).reshape(-1)
+        # chunks of 64 positions, or of 32 where that wastes less (half as many padded
+        # positions on 2x2 and 4x4 layers at small batches)
+        half = 1 if wo * batch % CHUNK and wo * batch % (CHUNK // 2) == 0 or \
+            ho * wq * batch <= CHUNK // 2 else 0
+        step = CHUNK >> half
+        if wo * batch % step == 0:  # pixels fill whole chunks: skip the garbage columns
+            per_row = wo * batch // step
+            pos = (np.arange(ho)[:, None] * wq * batch + step * np.arange(per_row)).reshape(-1)
         else:
-            pos = np.arange(0, length, CHUNK)
+            pos = np.arange(0, -(-(ho * wq * batch) // step) * step, step)
         chan, tap = np.divmod(self.columns, kh * kw)
         row, col = np.divmod(tap, kw)
         phase = (row % s) * s + col % s
@@ -269,7 +274,7 @@ class Int8SparseConv:
         # planes[a * s + b, c, i, j] = padded[c, s * i + a, s * j + b]
         planes = src[:size].reshape(s, s, chans, hq, wq, batch)
         job = {"src": src, "off": off.astype(np.int32), "length": length, "ho": ho, "wo": wo,
-               "pos": pos.astype(np.int64),
+               "pos": pos.astype(np.int64), "half": half,
                "wq": wq, "batch": batch}
         if s == 1:
             job["interior"] = planes[0, 0, :, p:p + height, p:p + width]
