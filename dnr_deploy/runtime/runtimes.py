@@ -83,11 +83,11 @@ def open_sparse(deploy_dir: str | Path, threads: int, verify_key: str | Path | N
     from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE
     from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError, load_sparse
 
-    if (Path(deploy_dir) / INT8_CSR_FILE).exists():  # its float CSR is not the artifact
+    if (Path(deploy_dir) / INT8_CSR_FILE).exists():  # the engine runs float graphs only
         raise RuntimeChoiceError(
-            "--runtime sparse runs float CSR weights, and this deploy dir's model.onnx is int8 "
+            "--runtime sparse runs float graphs, and this deploy dir's model.onnx is int8 "
             f"(its int8 CSR, {INT8_CSR_FILE}, runs in dnr_deploy.runtime.sparse.int8_graph); "
-            "use --runtime ort")
+            "use --runtime ort or auto")
     try:
         return load_sparse(deploy_dir, threads=threads, verify_key=verify_key,
                            model_spec=model_spec, trust_model_code=trust_model_code)
