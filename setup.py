@@ -1,4 +1,4 @@
-"""The one compiled piece: the sparse runtime's convolution kernel (metadata: pyproject.toml).
+"""The compiled pieces: the sparse runtime's float and int8 kernels (metadata: pyproject.toml).
 
 A plain C ABI shared library loaded with ctypes (dnr_deploy/runtime/sparse/native.py); when it
 cannot be built or loaded, the runtime falls back to its numba kernel and says so.
@@ -16,4 +16,12 @@ setup(ext_modules=[Extension(
     extra_compile_args=["-O3", "-std=c++17", *openmp],
     extra_link_args=openmp,
     optional=True,  # no compiler: install anyway, the numba kernel runs
+), Extension(
+    # int8 sparse kernels (int8.py); exact float epilogue: no fused multiply-adds
+    "dnr_deploy.runtime.sparse._int8_kernels",
+    sources=["dnr_deploy/runtime/sparse/_int8_kernels.cpp"],
+    language="c++",
+    extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", *openmp],
+    extra_link_args=openmp,
+    optional=True,  # no compiler: the int8 op runs its numpy reference
 )])

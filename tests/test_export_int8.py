@@ -76,9 +76,9 @@ def test_reduce_range_follows_vnni():
 def test_bad_quantize_requests_fail_cleanly(tmp_path, capsys):
     irregular = tmp_path / "irregular"
     write_fake_run(irregular, "irregular")
-    code = export_main([str(irregular), "--quantize", "int8"])
+    code = export_main([str(irregular), "--quantize", "int8", "--format", "csr"])
     line = assert_one_line_error(code, capsys.readouterr().err)
-    assert "--quantize int8 takes channel and dense runs" in line
+    assert "use --format onnx" in line
     assert not (irregular / names.DEFAULT_OUT).exists() and hidden_leftovers(irregular) == []
 
     channel = tmp_path / "channel"

@@ -61,7 +61,7 @@ class ExportConfig:
     quantize: str | None = option(
         None, 'int8: model.onnx becomes a static QDQ int8 graph (per-channel int8 weights, '
         'uint8 activations calibrated on training images) and the float graph stays as '
-        'model.fp32.onnx; channel and dense runs')
+        'model.fp32.onnx; irregular runs add int8 CSR weights (weights.int8.npz)')
     calibration_images: int = option(256, 'training images that calibrate --quantize int8',
                                      '>= 1')
     reduce_range: str = option(

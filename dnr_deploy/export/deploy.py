@@ -25,7 +25,7 @@ from dnr_deploy.compress import checkpoint as ckpt
 from dnr_deploy.data import load_trained_data, parse_dataset, test_subset
 from dnr_deploy.deploydir import manifest, names, signing
 from dnr_deploy.deploydir.cross_check import check_deploy_graphs, measure_onnx_files
-from dnr_deploy.export import channel, csr
+from dnr_deploy.export import channel, csr, sparse_int8
 from dnr_deploy.export import onnx as onnx_io
 from dnr_deploy.export.config import ExportConfig, ExportFormat  # noqa: F401  (re-exported)
 from dnr_deploy.export.errors import ExportCheckFailed, ExportError
@@ -72,12 +72,10 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
             f"--format csr stores irregular sparsity; this is a {_granularity_name(source)} run, "
             "whose deployable form is a dense network: use --format onnx"
         )
-    if config.quantize and source.granularity is Granularity.IRREGULAR:
-        # The quantizer rejects sparse initializers, and densifying would throw away the
-        # sparse form irregular deploy dirs exist for: refuse rather than ship a dense int8.
-        raise ExportError(
-            "--quantize int8 takes channel and dense runs; an irregular run deploys sparse "
-            "weights, which ONNX Runtime's quantizer cannot read: export it without --quantize")
+    if config.quantize and source.granularity is Granularity.IRREGULAR and \
+            fmt is not ExportFormat.ONNX:
+        raise ExportError("--quantize int8 of an irregular run writes model.onnx beside the "
+                          "int8 CSR weights: use --format onnx")
     # Absolute, so "--out ." names a folder and the temporary sibling lands beside it.
     out = (Path(config.out) if config.out else run_dir / names.DEFAULT_OUT).absolute()
     _check_out(out, run_dir, config.force)
@@ -103,6 +101,14 @@ def export_run(config: ExportConfig, model: nn.Module | None = None,
         if source.granularity is Granularity.IRREGULAR:
             deployed, parity, extra = _build_irregular(source, x, reference, limit, work, fmt,
                                                        config)
+            if config.quantize:  # a dense QDQ model.onnx plus weights.int8.npz (sparse_int8)
+                say(f"int8: calibrating on {config.calibration_images} training images, "
+                    "then its two gates and the int8 CSR weights")
+                dense = sparse_int8.dense_float_graph(source.model, source.example, work,
+                                                      config.opset)
+                record = _quantize(work, bundle, x, y, reference, config, dense)
+                dense.unlink()
+                extra["quantization"] = sparse_int8.add_int8_csr(work, record)
         else:
             deployed, parity, extra = _build_dense_net(source, x, reference, limit, work, config)
             if config.quantize:
@@ -296,7 +302,7 @@ def _load_bundle(run: dict, config: ExportConfig):
 
 
 def _quantize(work: Path, bundle, x: torch.Tensor, y: torch.Tensor, reference: np.ndarray,
-              config: ExportConfig) -> dict:
+              config: ExportConfig, dense: Path | None = None) -> dict:
     """model.onnx -> model.fp32.onnx plus its int8 form as model.onnx, gated twice: the fused
     int8 kernels against ONNX Runtime's reference int8 math, and clean accuracy against float.
 
@@ -310,7 +316,8 @@ def _quantize(work: Path, bundle, x: torch.Tensor, y: torch.Tensor, reference: n
     count = min(config.calibration_images, len(bundle.train))
     calibration = torch.stack([bundle.train[i][0] for i in range(count)]).numpy()
     choice = quantize.choose_reduce_range(config.reduce_range)
-    quantize.quantize_int8(fp32, int8, calibration, choice.reduce_range)
+    # an irregular run's model.onnx has sparse initializers, which the quantizer cannot read
+    quantize.quantize_int8(dense or fp32, int8, calibration, choice.reduce_range)
     deployed = onnx_io.run_session(onnx_io.open_session(int8), x)
     drift = onnx_io.compare_logits(
         onnx_io.run_session(quantize.reference_session(int8), x), deployed).max_abs

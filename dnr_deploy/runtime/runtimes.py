@@ -76,11 +76,18 @@ def open_sparse(deploy_dir: str | Path, threads: int, verify_key: str | Path | N
     spec is imported only when `model_spec` names it or `trust_model_code` is set).
 
     Raises:
-        RuntimeChoiceError: a channel or dense deploy dir, or an op without a sparse step.
+        RuntimeChoiceError: a channel, dense or int8 deploy dir, or an op without a sparse
+            step.
         ManifestError: not a deploy dir, or a file that fails its sha256.
     """
+    from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE
     from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError, load_sparse
 
+    if (Path(deploy_dir) / INT8_CSR_FILE).exists():  # the engine runs float graphs only
+        raise RuntimeChoiceError(
+            "--runtime sparse runs float graphs, and this deploy dir's model.onnx is int8 "
+            f"(its int8 CSR, {INT8_CSR_FILE}, runs in dnr_deploy.runtime.sparse.int8_graph); "
+            "use --runtime ort or auto")
     try:
         return load_sparse(deploy_dir, threads=threads, verify_key=verify_key,
                            model_spec=model_spec, trust_model_code=trust_model_code)

@@ -1,0 +1,146 @@
+"""An irregular int8 deploy dir run through the int8 sparse kernels: model.onnx's QDQ graph
+with every quantized Conv and Gemm replaced by `Int8SparseConv` on weights.int8.npz.
+
+This is a function-level runner, not the engine: it walks the graph node by node in numpy
+(NCHW) and hands each quantized Conv / Gemm its uint8 input, fusing the QuantizeLinear that
+follows into the kernel's epilogue. What it is for: measuring the int8 kernels against ONNX
+Runtime's reference int8 math on a whole network (the largest logit drift), and scoring an
+attack by the int8 sparse path. Its ops are those dnr-export's CNNs use; any other is named
+in an `UnsupportedInt8Graph` error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from dnr_deploy.deploydir.names import INPUT_NAME, MODEL_FILE, OUTPUT_NAME
+from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE, read_int8_csr
+from dnr_deploy.runtime.sparse.int8 import Int8SparseConv
+
+
+class UnsupportedInt8Graph(ValueError):
+    """A node the int8 graph runner has no rule for."""
+
+
+class _Quantized:
+    """A uint8 tensor with its scale and zero point (a QuantizeLinear's output)."""
+
+    def __init__(self, q: np.ndarray, scale: float, zero_point: int) -> None:
+        self.q, self.scale, self.zero_point = q, scale, zero_point
+
+    def dequantized(self) -> np.ndarray:
+        return ((self.q.astype(np.int32) - self.zero_point).astype(np.float32) *
+                np.float32(self.scale))
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _max_pool(x: np.ndarray, attrs: dict) -> np.ndarray:
+    k, s = attrs["kernel_shape"], attrs.get("strides", attrs["kernel_shape"])
+    if list(attrs.get("pads", [0, 0, 0, 0])) != [0, 0, 0, 0] or k != s or k[0] != k[1]:
+        raise UnsupportedInt8Graph(f"MaxPool {attrs}: only k x k windows with stride k")
+    n, c, h, w = x.shape
+    size = k[0]
+    x = x[:, :, :h // size * size, :w // size * size]
+    return x.reshape(n, c, h // size, size, w // size, size).max(axis=(3, 5))
+
+
+class Int8Graph:
+    """model.onnx (QDQ) + weights.int8.npz of an irregular int8 deploy dir, callable on
+    float32 NCHW images; `int8_nodes` names the nodes the int8 kernels run."""
+
+    def __init__(self, deploy_dir: Path, threads: int = 1, path: str | None = None) -> None:
+        model = onnx.load(str(Path(deploy_dir) / MODEL_FILE))
+        self.graph = model.graph
+        self.consts = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
+        self.layers = {layer.node: layer for layer in read_int8_csr(
+            Path(deploy_dir) / INT8_CSR_FILE)}
+        self.threads, self.path = threads, path
+        self.convs: dict[str, Int8SparseConv] = {}
+        for layer in self.layers.values():
+            self.convs[layer.node] = Int8SparseConv.from_layer(layer, relu=False)
+        self.int8_nodes = sorted(self.convs)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        values: dict[str, object] = {INPUT_NAME: np.asarray(images, np.float32)}
+        fused: set[str] = set()
+        for node in self.graph.node:
+            if node.output[0] in fused:
+                continue
+            outs = self._run(node, values, fused)
+            for name, value in zip(node.output, outs, strict=False):
+                values[name] = value
+        out = values[OUTPUT_NAME]
+        return out.dequantized() if isinstance(out, _Quantized) else out
+
+    def _value(self, values: dict, name: str):
+        return values[name] if name in values else self.consts[name]
+
+    def _float(self, values: dict, name: str) -> np.ndarray:
+        value = self._value(values, name)
+        return value.dequantized() if isinstance(value, _Quantized) else value
+
+    def _run(self, node: onnx.NodeProto, values: dict, fused: set) -> list:
+        op, attrs = node.op_type, _attrs(node)
+        if op == "Constant":
+            return [numpy_helper.to_array(attrs["value"])]
+        if op == "DequantizeLinear":
+            source = self._value(values, node.input[0])
+            if isinstance(source, _Quantized):
+                return [source]  # kept quantized: a Conv reads its integers
+            scale = self.consts[node.input[1]]
+            zero = self.consts[node.input[2]] if len(node.input) > 2 else np.zeros((), np.int32)
+            axis = attrs.get("axis", 1)
+            if scale.ndim == 1 and source.ndim > 1:
+                shape = [1] * source.ndim
+                shape[axis] = -1
+                scale, zero = scale.reshape(shape), zero.reshape(shape)
+            return [(source.astype(np.float64) - zero).astype(np.float32) * scale]
+        if op == "QuantizeLinear":
+            x = self._float(values, node.input[0])
+            scale = float(self.consts[node.input[1]])
+            zero = int(self.consts[node.input[2]])
+            q = np.clip(np.rint(x / np.float32(scale)) + zero, 0, 255).astype(np.uint8)
+            return [_Quantized(q, scale, zero)]
+        if op in ("Conv", "Gemm") and node.name in self.convs:
+            return [self._int8_layer(node, values, fused)]
+        x = [self._float(values, name) if name else None for name in node.input]
+        simple = {"Sub": lambda: x[0] - x[1], "Add": lambda: x[0] + x[1],
+                  "Div": lambda: x[0] / x[1], "Mul": lambda: x[0] * x[1],
+                  "Relu": lambda: np.maximum(x[0], 0),
+                  "MaxPool": lambda: _max_pool(x[0], attrs),
+                  "GlobalAveragePool": lambda: x[0].mean(axis=(2, 3), keepdims=True),
+                  "ReduceMean": lambda: x[0].mean(
+                      axis=tuple(int(a) for a in (x[1] if len(x) > 1 else attrs["axes"])),
+                      keepdims=bool(attrs.get("keepdims", 1))),
+                  "Reshape": lambda: x[0].reshape([int(d) for d in x[1]]),
+                  "Flatten": lambda: x[0].reshape(x[0].shape[0], -1)}
+        if op not in simple:
+            raise UnsupportedInt8Graph(f"node {node.name!r} ({op}) has no int8 graph rule")
+        return [np.asarray(simple[op](), np.float32)]
+
+    def _int8_layer(self, node: onnx.NodeProto, values: dict, fused: set):
+        source = self._value(values, node.input[0])
+        if not isinstance(source, _Quantized):
+            raise UnsupportedInt8Graph(f"{node.name}: its input is not quantized")
+        conv, layer = self.convs[node.name], self.layers[node.name]
+        x = source.q if source.q.ndim == 4 else source.q.reshape(*source.q.shape, 1, 1)
+        out = conv(np.ascontiguousarray(x.transpose(1, 2, 3, 0)), threads=self.threads,
+                   path=self.path)
+        out = np.ascontiguousarray(out.transpose(3, 0, 1, 2))
+        if node.op_type == "Gemm":
+            out = out.reshape(out.shape[0], -1)
+        if layer.output_scale is None:
+            return out
+        # the QuantizeLinear after this layer ran in the kernel's epilogue
+        quantize = next(n for n in self.graph.node if node.output[0] in n.input)
+        fused.add(quantize.output[0])
+        result = _Quantized(out, layer.output_scale, layer.output_zero_point)
+        values[quantize.output[0]] = result
+        return result
