@@ -22,6 +22,7 @@ sys.path[:0] = [str(DOCS / "tools"), str(REPO)]
 import cli_page  # noqa: E402
 import results_models  # noqa: E402
 import results_page  # noqa: E402
+import results_sparse  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
@@ -88,6 +89,10 @@ def render_results() -> str:
         page.deployment_section(),
         page.int8_section(),
         results_models.sparse_runtime_section(),
+        results_sparse.sparse_onnx_engine_section(),
+        results_sparse.sparse_torchvision_section(),
+        results_sparse.sparse_int8_section(),
+        results_sparse.sparse_int8_robustness_section(),
         "## Other architectures\n",
         results_models.torchvision_section(),
     ]

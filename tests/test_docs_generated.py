@@ -104,3 +104,21 @@ def test_relative_links_resolve():
                 if anchor not in {_slug(h) for h in headings}:
                     broken.append(f"{page.relative_to(REPO)}: {target} (no such heading)")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+MEASURED = re.compile(r"\b\d+(\.\d+)?\s?(ms|x|MB|GB|KB|s|%)(?=\W|$)")
+
+
+def test_no_results_table_typed_by_hand(generate):
+    """Issue 30: measured tables live in docs/results.md, rendered from the JSON. A table row
+    with a figure in ms, x, MB, s or % anywhere else (README.md outside its generated block,
+    the topic pages; dated decisions/ notes are exempt) was typed by hand."""
+    readme = (REPO / "README.md").read_text()
+    head, rest = readme.split(generate.BEGIN)
+    pages = {"README.md": head + rest.split(generate.END)[1]}
+    for page in sorted((REPO / "docs").glob("*.md")):
+        if page.name not in ("results.md", "cli.md"):
+            pages[page.relative_to(REPO).as_posix()] = page.read_text()
+    typed = [f"{name}: {line}" for name, text in pages.items() for line in text.splitlines()
+             if line.startswith("|") and MEASURED.search(line)]
+    assert not typed, "measured figures typed into a table:\n" + "\n".join(typed)

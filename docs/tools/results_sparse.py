@@ -1,0 +1,146 @@
+"""The results page's sections on the sparse engine loading model.onnx and the int8 sparse
+kernels, so that docs/sparse-runtime.md and docs/int8.md only link here (issue 30: no
+results figure is typed by hand)."""
+
+from __future__ import annotations
+
+from results_page import command_of, load, pct, table
+
+TITLES = {"small": "small (default net)", "vgg16": "VGG16", "resnet18": "ResNet-18"}
+
+
+def _speedup_cell(cell: dict | None) -> str:
+    """Speedup (efficiency); a speedup beyond the nonzero-MAC bound is bracketed, since only a
+    stalled ONNX Runtime turn can produce it."""
+    if cell is None:
+        return "-"
+    text = f"{cell['speedup']:.2f}x ({cell['efficiency']:.2f})"
+    return f"beyond bound: {text}" if cell["efficiency"] > 1 else text
+
+
+def sparse_onnx_engine_section() -> str:
+    name = "sparse_runtime_onnx_engine"
+    data = load(name)
+    args = data["args"]
+    rows = []
+    for model, cells in data["models"].items():
+        for threads in args["threads"]:
+            for density in args["densities"]:
+                rows.append([TITLES.get(model, model), density, threads, *(
+                    _speedup_cell(cells.get(f"d{density:g}-t{threads}-b{batch}"))
+                    for batch in args["batches"])])
+    return "\n".join([
+        "### The sparse engine on exported ONNX", "",
+        command_of(data, name) + " The engine loads the exported model.onnx (not the PyTorch "
+        "module); random irregular masks; the 2-thread rows predate the per-batch thread split. "
+        "Speedup over ONNX Runtime dense, in brackets efficiency against the nonzero-MAC bound. "
+        "A cell marked \"beyond bound\" exceeds what skipping zeros can give: ONNX Runtime "
+        "stalled on the loaded machine during that turn; rerun on a quiet machine before "
+        "quoting it. See [sparse-runtime.md](sparse-runtime.md).", "",
+        table(["model", "density", "threads", *(f"batch {b}" for b in args["batches"])],
+              rows)]) + "\n"
+
+
+def sparse_torchvision_section() -> str:
+    name = "sparse_torchvision"
+    data = load(name)
+    rows = []
+    for model, row in data["models"].items():
+        if not row.get("runs"):
+            rows.append([model, "no", "-", "-", "-", "-", "-"])
+            continue
+        rows.append([model, "yes", f"{row['max_abs']:.2g}",
+                     "yes" if row["same_argmax"] else "no",
+                     f"{row['ort_dense_p50_ms']:.2f}", f"{row['sparse_p50_ms']:.2f}",
+                     f"{row['speedup_b1']:.2f}x"])
+    shape = "x".join(map(str, data["shape"]))
+    return "\n".join([
+        "### The sparse engine on torchvision CNNs", "",
+        command_of(data, name) + f" {shape} input, random masks at density "
+        f"{data['args']['density']:g} on every conv and linear weight, exported as dnr-export "
+        "does, loaded from ONNX, 1 thread, batch 1, p50 in ms. Parity is against ONNX Runtime "
+        "(max |logit difference|, argmax); several nets have near-zero logits at 5% random "
+        "masks, so their parity shows the graph runs, not its numerics. See "
+        "[sparse-runtime.md](sparse-runtime.md).", "",
+        table(["model", "runs", "max abs diff", "same argmax", "ORT dense ms", "engine ms",
+               "speedup"], rows)]) + "\n"
+
+
+def _int8_timing_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for model, entry in data["models"].items():
+        for timing in entry["timings"].values():
+            rows.append([TITLES.get(model, model), timing["batch"], timing["threads"],
+                         f"{timing['fp32_ms']:.3g}", f"{timing['int8_ms']:.3g}",
+                         f"{timing['int8_speedup']:.2f}x / {timing['int8_speedup_min']:.2f}x"])
+    return rows
+
+
+def _int8_path_rows(data: dict) -> list[list[str]]:
+    rows = []
+    for model, entry in data["models"].items():
+        paths = entry.get("paths_b16_t1_ms", {})
+        rows.append([TITLES.get(model, model), *(f"{paths[p]:.3g}" if p in paths else "-"
+                                                 for p in data["paths_supported"]),
+                     f"{entry['csr_bytes_ratio']:.2f}"])
+    return rows
+
+
+def sparse_int8_section() -> str:
+    data, rerun = load("sparse_int8"), load("sparse_int8_b16")
+    header = ["model", "batch", "threads", "fp32 sparse ms", "int8 sparse ms",
+              "int8 speedup (median / fastest)"]
+    path_header = ["model", *(f"{p} ms" for p in data["paths_supported"]),
+                   "int8 CSR / float CSR bytes"]
+    return "\n".join([
+        "### int8 sparse kernels against fp32 sparse kernels", "",
+        command_of(data, "sparse_int8") + f" Kernel `{data['int8_kernel']}`; every conv of "
+        "the CIFAR VGG16 and ResNet-18 at density 0.05 (DNR's initial random masks: speed "
+        "depends on how many weights survive, not which), summed; median of the repeats, the "
+        "fastest repeat beside it. With 2 threads the figures mostly measure the machine's "
+        "load (OpenMP waits for a busy core). See [int8.md](int8.md).", "",
+        table(header, _int8_timing_rows(data)), "",
+        "Each kernel path at batch 16, 1 thread, weights in [-64, 64] so AVX2 runs too, and the "
+        "int8 CSR's size against the float CSR's:", "",
+        table(path_header, _int8_path_rows(data)), "",
+        "A second run at batch 16: " + command_of(rerun, "sparse_int8_b16"), "",
+        table(header, _int8_timing_rows(rerun)), "",
+        table(path_header, _int8_path_rows(rerun))]) + "\n"
+
+
+def _stage(stages: dict, key: str) -> str:
+    return pct(stages.get(key))
+
+
+def sparse_int8_robustness_section() -> str:
+    name = "sparse_int8_robustness"
+    data = load(name)
+    rows = []
+    for run, entry in data["runs"].items():
+        fp32, int8 = entry["float"], entry["int8"]
+        stages = int8["stages"]
+        sparse = entry["quantization"].get("sparse_int8", {})
+        rows.append([
+            run, f"{pct(fp32['clean'])} / {pct(int8['clean'])}",
+            f"{pct(fp32['worst_case'])} / {pct(int8['worst_case'])}",
+            ", ".join(_stage(stages, f"model:{a}") for a in ("apgd-ce", "apgd-t", "square"))
+            + "; " + ", ".join(_stage(stages, f"transfer:{a}") for a in ("apgd-ce", "apgd-t")),
+            f"{entry['int8_sparse_vs_ort_reference_max_abs']:.3g}",
+            pct(entry["int8_sparse_clean"]),
+            f"{sparse['bytes_vs_float_csr']:.3f}" if "bytes_vs_float_csr" in sparse else "-"])
+    modes = sorted({f"{entry['quantization']['reduce_range']} "
+                    f"({entry['quantization']['reduce_range_reason']})"
+                    for entry in data["runs"].values()})
+    return "\n".join([
+        "### int8 sparse artifacts under attack", "",
+        command_of(data, name) + " Three default irregular runs (`dnr-compress --granularity "
+        "irregular --density 0.05 --epochs 8 --seed S`, S = 0, 1, 2), each exported float and "
+        f"`--quantize int8` (reduce_range {', '.join(modes)}), attacked by dnr-verify on the "
+        "whole test split; accuracies in %. "
+        "The int8 stages are white-box through the int8 graph (APGD-CE, APGD-T, Square) and "
+        "transferred from the float graph (APGD-CE, APGD-T). Drift: the int8 sparse kernels "
+        "(`Int8Graph`) against ONNX Runtime's reference int8 math, largest logit difference. "
+        "See [int8.md](int8.md).", "",
+        table(["run", "clean float / int8", "worst case float / int8",
+               "int8 stages: white-box CE, T, Square; transfer CE, T", "sparse int8 drift",
+               "sparse int8 clean", "weights.int8.npz / weights.csr.npz"], rows)]) + "\n"
