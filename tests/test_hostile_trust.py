@@ -129,13 +129,11 @@ def test_loading_a_deploy_dir_imports_nothing_it_names(evil_cwd, irregular_deplo
     deploy = hostile_copy(irregular_deploy, tmp_path / "deploy")
     with pytest.raises(manifest.ManifestError, match="was not imported"):
         load_deployed_model(deploy)
+    # the sparse engine reads model.onnx alone: it runs the dir and never needs the spec
     fast = ["--runtime", "sparse", "--quiet"]
-    line = one_line(bench_main([str(deploy), *fast, "--batch", "1", "--runs", "1",
-                                "--warmup", "0"]), capsys.readouterr().err)
-    assert f"module {EVIL!r} was not imported" in line
-    line = one_line(verify_main([str(deploy), *fast, "--attack", "pgd", "--n", "8",
-                                 "--no-gate"]), capsys.readouterr().err)
-    assert f"module {EVIL!r} was not imported" in line
+    assert bench_main([str(deploy), *fast, "--batch", "1", "--runs", "1", "--warmup", "0"]) == 0
+    assert verify_main([str(deploy), *fast, "--attack", "pgd", "--n", "8", "--no-gate"]) == 0
+    capsys.readouterr()
     assert not evil_cwd.exists()
     load_deployed_model(deploy, model=SPEC)  # named: honoured
     assert evil_cwd.exists()
