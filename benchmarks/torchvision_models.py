@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torchvision
 from common import RESULTS, write_results
+from sweep_cells import cell_text, trained_on
 from torch.utils.data import Subset
 
 from dnr_deploy import CompressConfig, compress
@@ -139,51 +140,13 @@ def merge(names: list[str], name: str) -> None:
         models.update(json.loads((RESULTS / f"{part}.json").read_text())["models"])
     print("| model | params | trained on | irregular | channel |\n|---|---|---|---|---|")
     for model, row in sorted(models.items(), key=lambda item: item[1]["dense_params"]):
-        cells = [_cell(row, g) for g in ("irregular", "channel")] if row["builds"] else \
+        cells = [cell_text(row, g) for g in ("irregular", "channel")] if row["builds"] else \
             ["does not build at 1x8x8", ""]
-        trained = " / ".join(dict.fromkeys(_trained_on(row.get(g)) for g in ("irregular", "channel")
+        trained = " / ".join(dict.fromkeys(trained_on(row.get(g)) for g in ("irregular", "channel")
                                            if g in row))
         print(f"| {model} | {row['dense_params'] / 1e6:.1f}M | {trained} | {cells[0]} | "
               f"{cells[1]} |")
     write_results(name, {"merged": names, "models": models})
-
-
-def _trained_on(cell: dict) -> str:
-    """What a row trained on: rows from before the short protocol trained one whole epoch."""
-    return f"{cell['train_images']} images" if "train_images" in cell else "1 epoch"
-
-
-# The known failures, said briefly: (pattern in the error, what the table says).
-REASONS = (
-    (r"cannot trace", "torch-pruning cannot trace it"),
-    (r"still 1\b", "refused: no conv is a unit, the weights are in linear layers (irregular "
-     "mode instead)"),
-    (r"still ([0-9.]+)", "one channel per unit is density {}: grouped convs stay dense"),
-    (r"not finite", "eval-mode logits overflow float32"),
-    (r"differs from PyTorch by up to ([0-9.e+-]+) \(limit ([0-9.e+-]+)",
-     "ONNX Runtime {} from PyTorch, limit {}"),
-)
-
-
-def _reason(error: str) -> str:
-    for pattern, text in REASONS:
-        found = re.search(pattern, error)
-        if found:
-            return text.format(*found.groups())
-    return error.split(":")[0]
-
-
-def _cell(row: dict, granularity: str) -> str:
-    """passed (deployed params, dense convs) / failed at STAGE: the error's class / not run."""
-    cell = row.get(granularity)
-    if cell is None:
-        return "not run"
-    if not cell["passed"]:
-        return f"failed at {cell['failed_at']}: {_reason(cell['error'])}"
-    dense = f", {cell['dense_convs']} convs dense" if cell.get("dense_convs") else ""
-    if "density" in cell:  # the default density was out of reach: the retry's
-        dense += f"; density {cell['density']:g}, 0.05 out of reach"
-    return f"passed ({cell['params']['compression']:.1f}x{dense})"
 
 
 def main() -> None:

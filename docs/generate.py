@@ -17,7 +17,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
-sys.path[:0] = [str(DOCS / "tools"), str(REPO)]
+sys.path[:0] = [str(DOCS / "tools"), str(REPO), str(REPO / "benchmarks")]
 
 import cli_page  # noqa: E402
 import results_models  # noqa: E402

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 from results_page import command_of, load, table
+from sweep_cells import cell_text, trained_on
 
 
 def sparse_runtime_section() -> str:
@@ -40,49 +39,13 @@ def sparse_runtime_section() -> str:
                for layer, values in layers.items()])]) + "\n"
 
 
-# The known failures, said briefly, as benchmarks/torchvision_models.py words them.
-REASONS = (
-    (r"cannot trace", "torch-pruning cannot trace it"),
-    (r"still 1\b", "refused: no conv is a unit, the weights are in linear layers (irregular "
-     "mode instead)"),
-    (r"still ([0-9.]+)", "one channel per unit is density {}: grouped convs stay dense"),
-    (r"not finite", "eval-mode logits overflow float32"),
-    (r"differs from PyTorch by up to ([0-9.e+-]+) \(limit ([0-9.e+-]+)",
-     "ONNX Runtime {} from PyTorch, limit {}"),
-)
-
-
-def _reason(error: str) -> str:
-    for pattern, text in REASONS:
-        found = re.search(pattern, error)
-        if found:
-            return text.format(*found.groups())
-    return error.split(":")[0]
-
-
-def _cell(row: dict, granularity: str) -> str:
-    cell = row.get(granularity)
-    if cell is None:
-        return "not run"
-    if not cell["passed"]:
-        return f"failed at {cell['failed_at']}: {_reason(cell['error'])}"
-    dense = f", {cell['dense_convs']} convs dense" if cell.get("dense_convs") else ""
-    if "density" in cell:  # the default density was out of reach: the retry's
-        dense += f"; density {cell['density']:g}, 0.05 out of reach"
-    return f"passed ({cell['params']['compression']:.1f}x{dense})"
-
-
-def _trained_on(cell: dict) -> str:
-    return f"{cell['train_images']} images" if "train_images" in cell else "1 epoch"
-
-
 def torchvision_section() -> str:
     data = load("torchvision_sweep")
     rows = []
     for model, row in sorted(data["models"].items(), key=lambda item: item[1]["dense_params"]):
-        cells = [_cell(row, g) for g in ("irregular", "channel")] if row["builds"] else \
+        cells = [cell_text(row, g) for g in ("irregular", "channel")] if row["builds"] else \
             ["does not build at 1x8x8", ""]
-        trained = " / ".join(dict.fromkeys(_trained_on(row[g]) for g in ("irregular", "channel")
+        trained = " / ".join(dict.fromkeys(trained_on(row[g]) for g in ("irregular", "channel")
                                            if g in row))
         rows.append([model, f"{row['dense_params'] / 1e6:.1f}M", trained, *cells])
     built = [row for row in data["models"].values() if row["builds"]]
