@@ -32,3 +32,13 @@ def assert_clean_failure(result: subprocess.CompletedProcess, code: int = 2) -> 
     assert len(lines) == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert lines[0].startswith("dnr-"), lines[0]
+
+
+def call(main, args: list[str], capsys) -> subprocess.CompletedProcess:
+    """Run a console-script function in-process, captured like a subprocess."""
+    try:
+        code = main(args)
+    except SystemExit as stop:  # argparse's usage errors
+        code = stop.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)

@@ -28,19 +28,10 @@ from dnr_deploy.report import ReportConfig
 from dnr_deploy.runtime.bench import BenchConfig
 from dnr_deploy.runtime.verify_config import VerifyConfig, VerifyError
 from tests.factories import make_deploy_dir
+from tests.helpers import call
 
 STAGES = {"compress": compress_main, "export": export_main, "bench": bench_main,
           "verify": verify_main, "report": report_main}
-
-
-def call(main, args: list[str], capsys) -> subprocess.CompletedProcess:
-    """A console-script function in-process, captured like a subprocess."""
-    try:
-        code = main(args)
-    except SystemExit as stop:  # argparse's usage errors
-        code = stop.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def assert_one_line(result: subprocess.CompletedProcess, *needles: str) -> str:

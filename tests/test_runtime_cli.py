@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,22 +19,12 @@ from dnr_deploy.deploydir.opening import open_deploy_dir
 from dnr_deploy.runtime import onnx_torch
 from dnr_deploy.runtime.verify import VerifyConfig, verify
 from tests.factories import make_deploy_dir
-from tests.helpers import assert_clean_failure, run_cli
+from tests.helpers import assert_clean_failure, call, run_cli
 
 
 @pytest.fixture
 def deploy(tmp_path) -> Path:
     return make_deploy_dir(tmp_path / "deploy")
-
-
-def call(main, args: list[str], capsys) -> subprocess.CompletedProcess:
-    """Run a console-script function in-process, captured like a subprocess."""
-    try:
-        code = main(args)
-    except SystemExit as stop:  # argparse's usage errors
-        code = stop.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out, err)
 
 
 FAST_BENCH = ["--runs", "3", "--warmup", "1"]
