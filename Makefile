@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all test-fast lint docs clean
+.PHONY: setup demo test test-all test-fast lint docs deepsparse clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,15 @@ test-fast: setup
 # results block from benchmarks/results/*.json (tests/test_docs_generated.py checks them).
 docs: setup
 	$(BIN)/python docs/generate.py all
+
+# DeepSparse 1.8, for the sparse-engine benchmark's side-by-side column only (end of life, an
+# evaluation-only licence: its own venv, never a dependency; benchmarks/deepsparse_worker.py).
+deepsparse: .venv-deepsparse/.installed
+
+.venv-deepsparse/.installed:
+	$(PYTHON) -m venv .venv-deepsparse
+	.venv-deepsparse/bin/pip install --quiet --disable-pip-version-check "deepsparse==1.8.0"
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
