@@ -216,7 +216,11 @@ def _relative_paths(value):
 def write_results(name: str, data: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    data = {"command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+    # as run from benchmarks/ (how docs/results.md quotes it), wherever it was started
+    script = Path(sys.argv[0])
+    command = ["python", script.name if script.resolve().parent == RESULTS.parent
+               else sys.argv[0], *sys.argv[1:]]
+    data = {"command": " ".join(command), "torch": torch.__version__,
             **_relative_paths(data)}
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"raw numbers: {path.relative_to(RESULTS.parents[1])}")  # docs/generate.py renders it

@@ -38,12 +38,19 @@ def call_runner(call: Callable[[], object]) -> Runner:
     return turn
 
 
+# Before each turn: ONNX Runtime's and OpenMP's idle workers spin for a while after a call
+# (ORT's allow_spinning default), and with 2 threads on 2 cores a spinning worker of the
+# runtime before would take a core from the one timed
+PAUSE_S = 0.05
+
+
 def time_in_turns(runners: dict[str, Runner], runs: int, turn: int) -> dict[str, float]:
     """The p50 milliseconds of each runner over `runs` timed calls, `turn` at a time."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     names = list(runners)
     for index in range(-(-runs // turn)):
         for name in names if index % 2 == 0 else names[::-1]:
+            time.sleep(PAUSE_S)
             times[name] += runners[name](min(turn, runs - index * turn))
     return {name: float(np.median(values)) for name, values in times.items()}
 

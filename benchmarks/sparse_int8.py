@@ -1,6 +1,7 @@
 """int8 sparse convolutions against fp32 sparse ones, layer by layer: every conv of VGG16 and
-ResNet-18 (CIFAR variants, 32x32) with DNR's initial masks (random, each layer at the density;
-latency depends on how many weights survive, not which), summed over the network's convs.
+ResNet-18 (CIFAR variants, 32x32), summed over the network's convs, with the masks of a DNR run
+(`--masks dnr`: dnr_masks.py's deploy dirs; DNR keeps the early layers dense) or DNR's initial
+masks (`--masks random`: each layer at the density).
 
 fp32: the sparse runtime's SparseConv (_kernels.cpp). int8: Int8SparseConv (_int8_kernels.cpp)
 on uint8 activations, weights quantized per output row, ReLU and requantization to uint8 fused.
@@ -12,6 +13,7 @@ path, exact only there, runs too) at one batch size.
 
     .venv/bin/python benchmarks/sparse_int8.py                  # batches 1 16 64, threads 1 2
     .venv/bin/python benchmarks/sparse_int8.py --batches 16 --threads 1 --repeats 5
+    PYTHONPATH=. .venv/bin/python benchmarks/sparse_int8.py --masks dnr --name sparse_int8_dnr
 """
 
 from __future__ import annotations
@@ -21,9 +23,13 @@ import statistics
 import time
 
 import numpy as np
+import onnx
 import scipy.sparse
 import torch
 from common import write_results
+from dnr_masks import dnr_deploy_dir
+from onnx import numpy_helper
+from side_by_side import dense_copy
 from torch import nn
 
 from dnr_deploy.models import create_model
@@ -35,8 +41,27 @@ from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_mask
 SHAPE = (3, 32, 32)
 
 
-def conv_layers(name: str, density: float) -> list[tuple[np.ndarray, int, int, tuple]]:
+def dnr_conv_layers(name: str, density: float) -> list[tuple[np.ndarray, int, int, tuple]]:
+    """conv_layers of a DNR run's exported model.onnx (its sparse initializers densified)."""
+    model = dense_copy(onnx.load(str(dnr_deploy_dir(name, density) / "model.onnx")))
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    model = onnx.shape_inference.infer_shapes(model)
+    shapes = {v.name: tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+              for v in [*model.graph.input, *model.graph.value_info]}
+    found = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            attrs = {a.name: list(a.ints) for a in node.attribute}
+            found.append((weights[node.input[1]], attrs.get("strides", [1])[0],
+                          attrs.get("pads", [0])[0], shapes[node.input[0]][1:]))
+    return found
+
+
+def conv_layers(name: str, density: float, masks: str = "random"
+                ) -> list[tuple[np.ndarray, int, int, tuple]]:
     """(masked weight, stride, padding, input shape C, H, W) of every conv, in order."""
+    if masks == "dnr":
+        return dnr_conv_layers(name, density)
     torch.manual_seed(0)
     model = create_model(name, 10, 3, [0.5] * 3, [0.25] * 3).eval()
     masks = random_masks({n: w.detach() for n, w in prunable_weights(model).items()}, density,
@@ -77,8 +102,8 @@ def timed(call, repeats: int) -> list[float]:
 
 
 def bench(name: str, density: float, batches: list[int], threads: list[int],
-          repeats: int) -> dict:
-    layers = conv_layers(name, density)
+          repeats: int, masks: str = "random") -> dict:
+    layers = conv_layers(name, density, masks)
     rng = np.random.default_rng(0)
     float_layers = [SparseConv(w, np.zeros(w.shape[0], np.float32), s, p, True)
                     for w, s, p, _ in layers]
@@ -117,9 +142,10 @@ def bench(name: str, density: float, batches: list[int], threads: list[int],
             "csr_bytes_ratio": round(int8_bytes / fp32_bytes, 4), "timings": rows}
 
 
-def bench_paths(name: str, density: float, batch: int, repeats: int) -> dict:
+def bench_paths(name: str, density: float, batch: int, repeats: int,
+                masks: str = "random") -> dict:
     """Each int8 path's time over the network's convs, 1 thread, weights in [-64, 64]."""
-    layers = conv_layers(name, density)
+    layers = conv_layers(name, density, masks)
     rng = np.random.default_rng(1)
     quant_layers = [int8_layer(w, s, p, 64) for w, s, p, _ in layers]
     qs = [rng.integers(0, 256, (c, h, w, batch)).astype(np.uint8)
@@ -145,15 +171,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--path-batch", type=int, default=16)
+    parser.add_argument("--masks", choices=["random", "dnr"], default="random")
     parser.add_argument("--name", default="sparse_int8")
     args = parser.parse_args()
-    results = {"machine": machine_info(), "int8_kernel": int8.kernel_name(),
+    results = {"machine": machine_info(), "masks": args.masks, "int8_kernel": int8.kernel_name(),
                "paths_supported": int8.supported_paths(), "models": {}}
     for name in args.models:
         results["models"][name] = {
-            **bench(name, args.density, args.batches, args.threads, args.repeats),
+            **bench(name, args.density, args.batches, args.threads, args.repeats, args.masks),
             f"paths_b{args.path_batch}_t1_ms": bench_paths(name, args.density, args.path_batch,
-                                                           max(3, args.repeats // 2))}
+                                                           max(3, args.repeats // 2),
+                                                           args.masks)}
     write_results(args.name, results)
 
 

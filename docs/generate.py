@@ -90,6 +90,7 @@ def render_results() -> str:
         page.int8_section(),
         results_models.sparse_runtime_section(),
         results_sparse.sparse_onnx_engine_section(),
+        results_sparse.sparse_side_by_side_section(),
         results_sparse.sparse_torchvision_section(),
         results_sparse.sparse_int8_section(),
         results_sparse.sparse_int8_robustness_section(),

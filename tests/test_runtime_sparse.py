@@ -138,6 +138,23 @@ def test_paper_architectures_at_5_percent_match_onnx_runtime(name, wide, tmp_pat
     assert not any(layer.dense for layer, _ in sparse.layers)
 
 
+def test_thread_split_is_tried_again_once_the_machine_has_settled(irregular_deploy):
+    """The first trial can run beside another runtime's spinning workers; the RETRIAL-th batch
+    of the same size decides again, on all candidates."""
+    engine = load_sparse(irregular_deploy, threads=2)
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    tried = []
+    run = engine._run
+    engine._run = lambda chunks, split: tried.append(split) or run(chunks, split)
+    engine(x)
+    first = list(tried)
+    assert set(first) == {"layers", "none"} and len(first) == 2 * (engine.TRIALS + 1) + 1
+    for call in range(2, engine.RETRIAL + 1):
+        tried.clear()
+        engine(x)
+        assert len(tried) == (len(first) if call == engine.RETRIAL else 1)
+
+
 def test_resnet_plan_fuses_additions_and_writes_into_the_next_planes():
     """The plan the batch-16 speed rests on: every residual addition and its ReLU run in a
     conv's epilogue, stride-1 convs read planes the layer before wrote into (no copy), and

@@ -41,6 +41,47 @@ def sparse_onnx_engine_section() -> str:
               rows)]) + "\n"
 
 
+def _side_by_side_cell(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    text = f"{cell['speedup']:.2f}x ({cell['efficiency']:.2f})"
+    if "deepsparse_speedup" in cell:
+        text += f" / {cell['deepsparse_speedup']:.2f}x ({cell['deepsparse_efficiency']:.2f})"
+    return text
+
+
+def sparse_side_by_side_section() -> str:
+    name = "sparse_engine_side_by_side"
+    data = load(name)
+    args = data["args"]
+    rows = []
+    for model, cells in data["models"].items():
+        for masks in args["masks"]:
+            for threads in args["threads"]:
+                for density in args["densities"]:
+                    key = f"{masks}-d{density:g}-t{threads}-b"
+                    first = cells.get(f"{key}{args['batches'][0]}")
+                    if first is None:
+                        continue
+                    rows.append([TITLES.get(model, model), masks,
+                                 f"{first['nonzero_mac_bound']:.1f}x", threads,
+                                 *(_side_by_side_cell(cells.get(f"{key}{b}"))
+                                   for b in args["batches"])])
+    version = next((c.get("deepsparse_version") for cells in data["models"].values()
+                    for c in cells.values() if c.get("deepsparse_version")), None)
+    return "\n".join([
+        "### The sparse engine beside DeepSparse, on DNR-trained masks", "",
+        command_of(data, name) + " Each cell: the engine's speedup over ONNX Runtime dense "
+        "(the same graph, zeros stored), in brackets its efficiency against the nonzero-MAC "
+        f"bound; after the slash DeepSparse {version or '(not run)'}'s, timed in turns in the "
+        "same run (its own venv: `make deepsparse`). \"dnr\" masks come from short DNR runs "
+        "at 32x32 (`benchmarks/dnr_masks.py`), which keep the early, MAC-heavy layers dense, "
+        "so their bound is far below 20x; \"random\" masks are uniform. See "
+        "[sparse-runtime.md](sparse-runtime.md).", "",
+        table(["model", "masks", "bound", "threads",
+               *(f"batch {b}" for b in args["batches"])], rows)]) + "\n"
+
+
 def sparse_torchvision_section() -> str:
     name = "sparse_torchvision"
     data = load(name)

@@ -83,6 +83,11 @@ class SparseModel:
     CHUNK = 4
     WIDE_CHUNK = 8  # with AVX-512: 8 images fill a 16-float vector with two pixels
     TRIALS = 3  # timed calls of each way to split threads, on the first batch of a size
+    # ... and again on the RETRIAL-th batch of that size: the first trial runs right after
+    # loading, often beside another runtime's workers still spinning on the second core (ONNX
+    # Runtime's, in dnr-bench), which made 2 threads pick one thread at batch 1 and run 1.2x
+    # slower than 1 thread where OpenMP inside the layers was 1.8x faster (ResNet-18, DNR)
+    RETRIAL = 8
 
     def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
@@ -93,6 +98,7 @@ class SparseModel:
         self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
+        self._calls: dict[tuple[int, int], int] = {}  # batches of that key run so far
         # what _forward walks: the steps, each with whether it takes the thread count
         self._plan = [(node, step, inputs, getattr(step, "takes_threads", False))
                       for node, step, inputs in steps]
@@ -125,13 +131,15 @@ class SparseModel:
     def _split_for(self, chunks: list) -> str:
         """How threads share this batch size's work: "layers" (OpenMP inside each layer),
         "images" (a chunk per thread) or "none" (one thread), whichever ran fastest in a few
-        trial calls on the first batch of this size, so N threads are never slower than one.
+        trial calls on the first batch of this size and again on the RETRIAL-th, so N threads
+        are never slower than one.
         Measured before this choice: VGG16 at 20% density, batch 1, took 0.51x ORT's speed at
         2 threads where 1 thread gave 1.30x (a loaded machine makes each parallel region wait)."""
         if self.threads == 1:
             return "none"
         key = (len(chunks), chunks[-1].shape[0])
-        if key not in self._splits:
+        self._calls[key] = self._calls.get(key, 0) + 1
+        if key not in self._splits or self._calls[key] == self.RETRIAL:
             candidates = ["layers", "none"] + (["images"] if len(chunks) > 1 else [])
             times: dict[str, list[float]] = {c: [] for c in candidates}
             for split in candidates:  # untimed: buffers of this shape and split
