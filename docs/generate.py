@@ -93,6 +93,7 @@ def render_results() -> str:
         results_sparse.sparse_side_by_side_section(),
         results_sparse.sparse_torchvision_section(),
         results_sparse.sparse_int8_section(),
+        results_sparse.sparse_int8_dnr_section(),
         results_sparse.sparse_int8_robustness_section(),
         "## Other architectures\n",
         results_models.torchvision_section(),

@@ -149,6 +149,23 @@ def sparse_int8_section() -> str:
         table(path_header, _int8_path_rows(rerun))]) + "\n"
 
 
+def sparse_int8_dnr_section() -> str:
+    name = "sparse_int8_dnr"
+    data = load(name)
+    header = ["model", "batch", "threads", "fp32 sparse ms", "int8 sparse ms",
+              "int8 speedup (median / fastest)"]
+    path_header = ["model", *(f"{p} ms" for p in data["paths_supported"]),
+                   "int8 CSR / float CSR bytes"]
+    return "\n".join([
+        "### int8 sparse kernels on DNR-trained masks", "",
+        command_of(data, name) + f" Kernel `{data['int8_kernel']}`; every conv of the DNR "
+        "VGG16 and ResNet-18 of `benchmarks/dnr_masks.py` (density 0.05 overall, the early "
+        "layers far denser), summed, as in the table above. See [int8.md](int8.md).", "",
+        table(header, _int8_timing_rows(data)), "",
+        "Each kernel path at batch 16, 1 thread, weights in [-64, 64]:", "",
+        table(path_header, _int8_path_rows(data))]) + "\n"
+
+
 def _stage(stages: dict, key: str) -> str:
     return pct(stages.get(key))
 
