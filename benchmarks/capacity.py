@@ -36,13 +36,20 @@ def main() -> None:
     parser.add_argument("--trades", action="store_true",
                         help="also DNR with --loss trades at the --multi-seed densities")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--reverse", action="store_true",
+                        help="train the runs widest first (a second process beside a forward "
+                             "one shares the cache: each run is trained once, under a lock)")
     parser.set_defaults(workdir=str(RESULTS / "runs_capacity"), threads=1)
     args = parser.parse_args()
     announce(args)
     jobs = plan(args)
     print(f"{len(jobs)} runs (cached ones are read back)", flush=True)
+    order = list(range(len(jobs)))[::-1 if args.reverse else 1]
+    rows: list = [None] * len(jobs)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        rows = list(pool.map(train_and_score, jobs))
+        for index, row in zip(order, pool.map(train_and_score, [jobs[i] for i in order]),
+                              strict=True):
+            rows[index] = row
     table = tabulate(jobs, rows)
     print_table(table, args.multi_seed)
     plot(table)

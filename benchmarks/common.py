@@ -79,7 +79,20 @@ def trained_run(workdir: str, method: str, density: float, seed: int, epochs: in
                      *(f"{k}{v:g}" if isinstance(v, float | int) else f"{k}{v}"
                        for k, v in sorted(extra.items()))])
     run_dir = Path(workdir) / name
-    if not (run_dir / "run.json").is_file():
+    if (run_dir / "run.json").is_file():
+        return run_dir
+    # a lock per run: two benchmark processes sharing the cache (capacity.py --reverse beside
+    # a forward one) train each run once; the second waits for the first's run.json
+    lock = run_dir.with_name(name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        lock.open("x").close()
+    except FileExistsError:
+        print(f"  waiting for {name}, trained by another process", flush=True)
+        while not (run_dir / "run.json").is_file():
+            time.sleep(10)
+        return run_dir
+    try:
         if run_dir.exists():  # an unfinished run from an interrupted benchmark: start over
             for file in sorted(run_dir.rglob("*"), reverse=True):
                 file.unlink() if file.is_file() else file.rmdir()
@@ -87,6 +100,8 @@ def trained_run(workdir: str, method: str, density: float, seed: int, epochs: in
         started = time.perf_counter()
         compress(CompressConfig(out=str(run_dir), eval_samples=360, **settings))
         print(f"  trained {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    finally:
+        lock.unlink()
     return run_dir
 
 

@@ -20,11 +20,13 @@ REPO = DOCS.parent
 sys.path[:0] = [str(DOCS / "tools"), str(REPO), str(REPO / "benchmarks")]
 
 import cli_page  # noqa: E402
+import results_capacity  # noqa: E402
 import results_models  # noqa: E402
 import results_page  # noqa: E402
 import results_sparse  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+DENSITY_BEGIN, DENSITY_END = "<!-- density:begin -->", "<!-- density:end -->"
 
 RESULTS_INTRO = """\
 # Results
@@ -95,19 +97,26 @@ def render_results() -> str:
         results_sparse.sparse_int8_section(),
         results_sparse.sparse_int8_dnr_section(),
         results_sparse.sparse_int8_robustness_section(),
+        results_capacity.capacity_section(),
         "## Other architectures\n",
         results_models.torchvision_section(),
     ]
     return "\n".join(sections)
 
 
+def replace_block(text: str, begin: str, end: str, block: str) -> str:
+    """`text` with what lies between the markers `begin` and `end` replaced by `block`."""
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise SystemExit(f"README.md must hold {begin} and {end} once each")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{block}{end}{tail}"
+
+
 def readme_with_block(readme: str) -> str:
-    """README.md with the text between the results markers replaced by the generated table."""
-    if readme.count(BEGIN) != 1 or readme.count(END) != 1:
-        raise SystemExit(f"README.md must hold {BEGIN} and {END} once each")
-    head, rest = readme.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{results_page.readme_block()}{END}{tail}"
+    """README.md with its generated blocks (the results table, the density guidance) anew."""
+    readme = replace_block(readme, BEGIN, END, results_page.readme_block())
+    return replace_block(readme, DENSITY_BEGIN, DENSITY_END, results_capacity.density_guidance())
 
 
 def targets(which: str) -> dict[Path, Callable[[], str]]:
