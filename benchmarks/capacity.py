@@ -10,6 +10,7 @@ each); every run is cached under --workdir by its settings, so a rerun only adds
 from __future__ import annotations
 
 import statistics
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, announce, base_parser, row_of, trained_run, write_results  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    announce,
+    base_parser,
+    row_of,
+    run_name,
+    trained_run,
+    write_results,
+)
 
 Job = tuple[str, str, float, int, int, dict]  # workdir, method, density, seed, epochs, extra
 
@@ -36,6 +45,10 @@ def main() -> None:
     parser.add_argument("--trades", action="store_true",
                         help="also DNR with --loss trades at the --multi-seed densities")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="train nothing: write the table of the runs already cached")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="leave the dense runs to another process (and out of the table)")
     parser.add_argument("--reverse", action="store_true",
                         help="train the runs widest first (a second process beside a forward "
                              "one shares the cache: each run is trained once, under a lock)")
@@ -44,12 +57,24 @@ def main() -> None:
     announce(args)
     jobs = plan(args)
     print(f"{len(jobs)} runs (cached ones are read back)", flush=True)
-    order = list(range(len(jobs)))[::-1 if args.reverse else 1]
+    pending = list(range(len(jobs)))[::-1 if args.reverse else 1]
     rows: list = [None] * len(jobs)
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for index, row in zip(order, pool.map(train_and_score, [jobs[i] for i in order]),
-                              strict=True):
-            rows[index] = row
+    if args.cached_only:
+        rows = [cached_row(job) for job in jobs]
+        pending = []
+    while pending:  # a run another process is training is skipped, and tried again after
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            for index, row in zip(pending, pool.map(train_and_score, [jobs[i] for i in pending]),
+                                  strict=True):
+                rows[index] = row
+        pending = [index for index in pending if rows[index] is None]
+        if pending:
+            time.sleep(30)
+    jobs, rows = [j for j, r in zip(jobs, rows, strict=True) if r is not None], \
+        [r for r in rows if r is not None]
+    if args.no_dense:  # a helper process: the full run writes the table from the cache
+        print("trained; run without --no-dense to write capacity.json", flush=True)
+        return
     table = tabulate(jobs, rows)
     print_table(table, args.multi_seed)
     plot(table)
@@ -65,7 +90,7 @@ def plan(args) -> list[Job]:
     """Every run the table needs, widest last (a failure shows before the long runs)."""
     jobs: list[Job] = []
     for width in args.widths:
-        for seed in args.seeds:
+        for seed in [] if args.no_dense else args.seeds:
             jobs.append((args.workdir, "dense", 1.0, seed, args.epochs, spec(width)))
         for density in args.densities:
             seeds = args.seeds if density in args.multi_seed else args.seeds[:1]
@@ -79,11 +104,21 @@ def plan(args) -> list[Job]:
     return jobs
 
 
-def train_and_score(job: Job) -> dict:
-    """One run's row (a worker process: one thread, so two jobs share the two cores)."""
+def train_and_score(job: Job) -> dict | None:
+    """One run's row (a worker process: one thread, so two jobs share the two cores), or None
+    while another process trains it."""
     torch.set_num_threads(1)
     workdir, method, density, seed, epochs, extra = job
-    return row_of(trained_run(workdir, method, density, seed, epochs, **extra), None)
+    run = trained_run(workdir, method, density, seed, epochs, wait=False, **extra)
+    return None if run is None else row_of(run, None)
+
+
+def cached_row(job: Job) -> dict | None:
+    """A finished run's row from the cache, or None (nothing is trained)."""
+    workdir, method, density, seed, epochs, extra = job
+    name = run_name(method, density, seed, epochs, extra)
+    run = Path(workdir) / name
+    return row_of(run, None) if (run / "run.json").is_file() else None
 
 
 def tabulate(jobs: list[Job], rows: list[dict]) -> dict:

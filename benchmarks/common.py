@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -71,13 +72,35 @@ def method_settings(method: str, density: float) -> dict:
     return settings
 
 
-def trained_run(workdir: str, method: str, density: float, seed: int, epochs: int,
-                **extra) -> Path:
-    """The run dir of these settings, training it first unless a finished one is cached."""
-    settings = {**method_settings(method, density), "seed": seed, "epochs": epochs, **extra}
-    name = "-".join([method, f"d{density:g}", f"s{seed}", f"e{epochs}",
+def run_name(method: str, density: float, seed: int, epochs: int, extra: dict) -> str:
+    """The cache name of a run's settings."""
+    return "-".join([method, f"d{density:g}", f"s{seed}", f"e{epochs}",
                      *(f"{k}{v:g}" if isinstance(v, float | int) else f"{k}{v}"
                        for k, v in sorted(extra.items()))])
+
+
+def _take_lock(lock: Path) -> None:
+    """Create `lock` holding this process's id; a lock whose process has died (a benchmark
+    killed mid-run) is taken over. Raises FileExistsError while its process lives."""
+    try:
+        with lock.open("x") as file:
+            file.write(str(os.getpid()))
+        return
+    except FileExistsError:
+        try:  # an empty lock is an older benchmark's, which wrote no id
+            os.kill(int(lock.read_text()), 0)
+        except (ProcessLookupError, ValueError):
+            lock.unlink(missing_ok=True)
+            return _take_lock(lock)
+        raise
+
+
+def trained_run(workdir: str, method: str, density: float, seed: int, epochs: int,
+                wait: bool = True, **extra) -> Path | None:
+    """The run dir of these settings, training it first unless a finished one is cached;
+    None if another process is training it and `wait` is False."""
+    settings = {**method_settings(method, density), "seed": seed, "epochs": epochs, **extra}
+    name = run_name(method, density, seed, epochs, extra)
     run_dir = Path(workdir) / name
     if (run_dir / "run.json").is_file():
         return run_dir
@@ -86,8 +109,10 @@ def trained_run(workdir: str, method: str, density: float, seed: int, epochs: in
     lock = run_dir.with_name(name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     try:
-        lock.open("x").close()
+        _take_lock(lock)
     except FileExistsError:
+        if not wait:
+            return None
         print(f"  waiting for {name}, trained by another process", flush=True)
         while not (run_dir / "run.json").is_file():
             time.sleep(10)
