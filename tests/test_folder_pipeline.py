@@ -63,3 +63,7 @@ def test_own_image_folder_end_to_end(tmp_path: Path) -> None:
     shown = ok([*verify, "--data-dir", "moved"], tmp_path)
     assert "10 classes: eight, five, four" in shown and "folder test images" in shown
     assert "classes" in ok(["report", "run"], tmp_path)
+    # int8 calibrates on the folder's train split (export reads only the test split otherwise)
+    ok(["export", "run", "--data-dir", "moved", "--quantize", "int8", "--calibration-images",
+        "32", "--out", "int8"], tmp_path)
+    assert json.loads((tmp_path / "int8" / "manifest.json").read_text())["quantization"]

@@ -7,6 +7,7 @@ Nothing here downloads: a missing folder is an error that says what to put there
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,10 +111,11 @@ def load_data(name: str, data_dir: str | None = None, folder=None) -> DataBundle
 
 def load_trained_data(name: str, data_dir: str | None, record: dict | None,
                       input_shape: list, mean: list | None = None,
-                      std: list | None = None) -> DataBundle:
+                      std: list | None = None, with_train: bool = False) -> DataBundle:
     """The test split a trained model is scored on (export, verify, runtime_tests): an image
     folder is read as its run recorded it (`record`: run.json's or the manifest's "dataset"),
-    at the model's input shape, and must hold the classes it was trained on.
+    at the model's input shape, and must hold the classes it was trained on. `with_train`
+    reads its train split too (int8 export calibrates on training images).
 
     Raises:
         ValueError: unknown dataset.
@@ -124,6 +126,8 @@ def load_trained_data(name: str, data_dir: str | None, record: dict | None,
     from dnr_deploy.data.folder import options_from_record
 
     options = options_from_record(record, input_shape, mean, std)
+    if with_train:
+        options = dataclasses.replace(options, test_only=False)
     return load_data(name, data_dir, options)
 
 

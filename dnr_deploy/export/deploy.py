@@ -298,7 +298,7 @@ def _load_bundle(run: dict, config: ExportConfig):
         raise ExportError(f"run.json: {err}") from None
     return load_trained_data(dataset.value, config.data_dir or settings.get("data_dir"),
                              run.get("dataset"), run.get("input_shape"), run.get("mean"),
-                             run.get("std"))
+                             run.get("std"), with_train=config.quantize is not None)
 
 
 def _quantize(work: Path, bundle, x: torch.Tensor, y: torch.Tensor, reference: np.ndarray,
