@@ -42,10 +42,9 @@ def sparse_onnx_engine_section() -> str:
 
 
 def _side_by_side_cell(cell: dict | None) -> str:
-    if cell is None:
-        return "-"
-    text = f"{cell['speedup']:.2f}x ({cell['efficiency']:.2f})"
-    if "deepsparse_speedup" in cell:
+    """The engine's cell (as `_speedup_cell`), then DeepSparse's."""
+    text = _speedup_cell(cell)
+    if cell is not None and "deepsparse_speedup" in cell:
         text += f" / {cell['deepsparse_speedup']:.2f}x ({cell['deepsparse_efficiency']:.2f})"
     return text
 
