@@ -96,6 +96,7 @@ def render_results() -> str:
         results_sparse.sparse_torchvision_section(),
         results_sparse.sparse_int8_section(),
         results_sparse.sparse_int8_dnr_section(),
+        results_sparse.int8_whole_network_section(),
         results_sparse.sparse_int8_robustness_section(),
         results_capacity.capacity_section(),
         "## Other architectures\n",
