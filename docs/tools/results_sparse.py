@@ -166,19 +166,20 @@ def sparse_int8_dnr_section() -> str:
 
 
 def int8_whole_network_section() -> str:
-    name = "int8_whole_network"
-    data = load(name)
+    runs = {name: load(name) for name in ("int8_whole_network", "int8_whole_network_t2")}
     rows = [[TITLES.get(model, model), row["batch"], row["threads"],
              *(f"{row[f'{key}_ms']:.3g}" for key in ("sparse_fp32", "int8_graph",
                                                        "ort_fp32_dense", "ort_int8_dense")),
              f"{row['int8_graph_vs_ort_int8_max_abs']:.2g}"]
-            for model, entry in data["models"].items() for row in entry.values()]
+            for data in runs.values() for model, entry in data["models"].items()
+            for row in entry.values()]
     return "\n".join([
         "### Whole networks: int8 and fp32, sparse and dense", "",
-        command_of(data, name) + " The DNR VGG16 and ResNet-18 of `benchmarks/dnr_masks.py`, "
-        "exported float and with `--quantize int8`; p50 in ms, the four runtimes in turns. "
-        "`Int8Graph` runs the int8 sparse kernels over the int8 deploy dir's graph in numpy "
-        "(NCHW between layers), not yet in the engine; its logits are compared with ONNX "
+        " ".join(command_of(data, name) for name, data in runs.items()) + " The DNR VGG16 "
+        "and ResNet-18 of `benchmarks/dnr_masks.py`, exported float and with `--quantize "
+        "int8`; p50 in ms, the four runtimes in turns. `Int8Graph` runs the int8 sparse "
+        "kernels over the int8 deploy dir's graph in numpy (NCHW between layers, one thread "
+        "outside the kernels), not yet in the engine; its logits are compared with ONNX "
         "Runtime's int8 session. See [int8.md](int8.md).", "",
         table(["model", "batch", "threads", "sparse engine fp32", "Int8Graph (int8 sparse)",
                "ORT fp32 dense", "ORT int8 dense", "Int8Graph vs ORT int8, max abs"],
