@@ -6,7 +6,13 @@ imported only when the user names the same spec (`--model`, `model=`) or passes
 
 from __future__ import annotations
 
+import re
+
 TORCHVISION_PREFIX = "torchvision:"
+# A registry net widened K-fold (`small:4`): a name and a number, never a module's factory
+# (a factory is an identifier), so it imports nothing. Defined here, not in models.external,
+# because this module must not import torch.
+WIDTH_SPEC = re.compile(r"([A-Za-z_]\w*):(\d+)")
 # How a run records a module passed to `dnr_deploy.compress(model=...)`: its class, in a form
 # no stage can build, so that export and resume ask for the module again.
 MODULE_RECORD = "<module: {}>"
@@ -22,10 +28,11 @@ def is_module_record(spec: object) -> bool:
 
 
 def imports_code(spec: object) -> bool:
-    """A spec whose building imports a module (MODULE:FACTORY). Registry names (no colon),
-    torchvision:NAME and the record of an API module import nothing an artifact chooses."""
+    """A spec whose building imports a module (MODULE:FACTORY). Registry names (no colon, or
+    widened: `small:4`), torchvision:NAME and the record of an API module import nothing an
+    artifact chooses."""
     return (isinstance(spec, str) and ":" in spec and not spec.startswith(TORCHVISION_PREFIX)
-            and not is_module_record(spec))
+            and not is_module_record(spec) and not WIDTH_SPEC.fullmatch(spec))
 
 
 def check_spec_trusted(spec: object, origin: str, named: str | None, trust: bool) -> None:

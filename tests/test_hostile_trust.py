@@ -266,3 +266,12 @@ def test_force_refuses_a_link(tmp_path, capsys):
     line = one_line(export_main([str(run), "--out", str(tmp_path / "link"), "--force"]),
                     capsys.readouterr().err)
     assert "symbolic link" in line and (deploy / manifest.MANIFEST_NAME).is_file()
+
+
+def test_a_widened_registry_net_is_not_model_code():
+    """`small:4` (the capacity benchmark's widths) names a registry net: export and resume of
+    a widened run must not ask for --model (it did: 'module small was not imported')."""
+    from dnr_deploy.trust import imports_code
+
+    assert not imports_code("small:4") and not imports_code("torchvision:resnet18")
+    assert imports_code("evil:build") and imports_code("pkg.mod:make_net")

@@ -10,13 +10,17 @@ model code (`dnr_deploy.trust`, DESIGN.md section 9).
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from dnr_deploy.trust import MODULE_RECORD, TORCHVISION_PREFIX, is_module_record  # noqa: F401
+from dnr_deploy.trust import (  # noqa: F401
+    MODULE_RECORD,
+    TORCHVISION_PREFIX,
+    WIDTH_SPEC,
+    is_module_record,
+)
 
 AUX_HEADS = ("googlenet", "inception_v3")  # torchvision classifiers with auxiliary heads
 
@@ -27,7 +31,6 @@ class ModelSpecError(ValueError):
 
 # `NAME:K`: a built-in name at width multiplier K (registry.py). A digits-only part after the
 # colon can never be a Python attribute, so it cannot be mistaken for MODULE:FACTORY.
-WIDTH_SPEC = re.compile(r"([A-Za-z_]\w*):(\d+)")
 
 
 def is_external_spec(spec: str) -> bool:
