@@ -43,13 +43,14 @@ def digits_folder(root: Path) -> Path:
 
 
 def dnr_deploy_dir(model: str, density: float = 0.05, workdir: Path = WORKDIR,
-                   threads: int = 1) -> Path:
-    """The irregular deploy dir of a DNR run of `model` (trained and exported if not cached)."""
+                   threads: int = 1, int8: bool = False) -> Path:
+    """The irregular deploy dir of a DNR run of `model` (trained and exported if not cached);
+    `int8`: the same run exported with --quantize int8 instead."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = ["--dataset", "digits"] if model == "small" else \
         ["--dataset", "folder", "--data-dir", str(digits_folder(workdir / "digits32"))]
     name = run_name(model, density)
-    run, deploy = workdir / name, workdir / f"{name}.deploy"
+    run, deploy = workdir / name, workdir / f"{name}.{'int8' if int8 else 'deploy'}"
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     exe = Path(sys.executable).parent
     if not (run / "run.json").is_file():
@@ -58,7 +59,8 @@ def dnr_deploy_dir(model: str, density: float = 0.05, workdir: Path = WORKDIR,
                        env=env)
     if not (deploy / "manifest.json").is_file():
         subprocess.run([str(exe / "dnr-export"), str(run), "--out", str(deploy), "--format",
-                        "onnx", *data[2:]], check=True, env=env)
+                        "onnx", *data[2:], *(["--quantize", "int8"] if int8 else [])],
+                       check=True, env=env)
     return deploy
 
 

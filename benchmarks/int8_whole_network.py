@@ -11,16 +11,13 @@ what a whole call costs.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 from common import write_results
-from dnr_masks import WORKDIR, dnr_deploy_dir, run_name
+from dnr_masks import dnr_deploy_dir
 from side_by_side import call_runner, dense_copy, time_in_turns
 
 from dnr_deploy.deploydir.names import INPUT_NAME, MODEL_FILE
@@ -30,22 +27,10 @@ from dnr_deploy.runtime.sparse import int8, load_sparse
 from dnr_deploy.runtime.sparse.int8_graph import Int8Graph
 
 
-def int8_deploy_dir(model: str, density: float) -> Path:
-    """The DNR run exported with --quantize int8 (cached beside its float deploy dir)."""
-    dnr_deploy_dir(model, density)
-    name = run_name(model, density)
-    out = WORKDIR / f"{name}.int8"
-    if not (out / "manifest.json").is_file():
-        exe = Path(sys.executable).parent
-        subprocess.run([str(exe / "dnr-export"), str(WORKDIR / name), "--out", str(out),
-                        "--quantize", "int8", "--data-dir", str(WORKDIR / "digits32"),
-                        "--quiet"], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return out
-
-
 def bench(model: str, density: float, batches: list[int], threads: int, runs: int,
           turn: int, folder: Path) -> dict:
-    float_dir, int8_dir = dnr_deploy_dir(model, density), int8_deploy_dir(model, density)
+    float_dir = dnr_deploy_dir(model, density)
+    int8_dir = dnr_deploy_dir(model, density, int8=True)
     dense = folder / f"{model}.dense.onnx"
     onnx.save(dense_copy(onnx.load(str(float_dir / MODEL_FILE))), dense)
     engine = load_sparse(float_dir, threads=threads)

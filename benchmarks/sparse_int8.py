@@ -64,9 +64,9 @@ def conv_layers(name: str, density: float, masks: str = "random"
         return dnr_conv_layers(name, density)
     torch.manual_seed(0)
     model = create_model(name, 10, 3, [0.5] * 3, [0.25] * 3).eval()
-    masks = random_masks({n: w.detach() for n, w in prunable_weights(model).items()}, density,
-                         torch.Generator().manual_seed(0))
-    apply_masks(model, masks)
+    chosen = random_masks({n: w.detach() for n, w in prunable_weights(model).items()}, density,
+                          torch.Generator().manual_seed(0))
+    apply_masks(model, chosen)
     found = []
 
     def hook(module, inputs, _):
@@ -101,9 +101,8 @@ def timed(call, repeats: int) -> list[float]:
     return times
 
 
-def bench(name: str, density: float, batches: list[int], threads: list[int],
-          repeats: int, masks: str = "random") -> dict:
-    layers = conv_layers(name, density, masks)
+def bench(name: str, layers: list, batches: list[int], threads: list[int],
+          repeats: int) -> dict:
     rng = np.random.default_rng(0)
     float_layers = [SparseConv(w, np.zeros(w.shape[0], np.float32), s, p, True)
                     for w, s, p, _ in layers]
@@ -137,15 +136,13 @@ def bench(name: str, density: float, batches: list[int], threads: list[int],
     fp32_bytes = sum(8 * int(np.count_nonzero(w)) + 4 * (w.shape[0] + 1) for w, *_ in layers)
     int8_bytes = sum(3 * int(np.count_nonzero(w)) + 4 * (w.shape[0] + 1) + 4 * w.shape[0]
                      for w, *_ in layers)
-    return {"density": density, "conv_layers": len(layers), "nonzeros": nonzeros,
+    return {"conv_layers": len(layers), "nonzeros": nonzeros,
             "csr_bytes_fp32": fp32_bytes, "csr_bytes_int8": int8_bytes,
             "csr_bytes_ratio": round(int8_bytes / fp32_bytes, 4), "timings": rows}
 
 
-def bench_paths(name: str, density: float, batch: int, repeats: int,
-                masks: str = "random") -> dict:
+def bench_paths(name: str, layers: list, batch: int, repeats: int) -> dict:
     """Each int8 path's time over the network's convs, 1 thread, weights in [-64, 64]."""
-    layers = conv_layers(name, density, masks)
     rng = np.random.default_rng(1)
     quant_layers = [int8_layer(w, s, p, 64) for w, s, p, _ in layers]
     qs = [rng.integers(0, 256, (c, h, w, batch)).astype(np.uint8)
@@ -177,11 +174,12 @@ def main() -> None:
     results = {"machine": machine_info(), "masks": args.masks, "int8_kernel": int8.kernel_name(),
                "paths_supported": int8.supported_paths(), "models": {}}
     for name in args.models:
+        layers = conv_layers(name, args.density, args.masks)
         results["models"][name] = {
-            **bench(name, args.density, args.batches, args.threads, args.repeats, args.masks),
-            f"paths_b{args.path_batch}_t1_ms": bench_paths(name, args.density, args.path_batch,
-                                                           max(3, args.repeats // 2),
-                                                           args.masks)}
+            "density": args.density,
+            **bench(name, layers, args.batches, args.threads, args.repeats),
+            f"paths_b{args.path_batch}_t1_ms": bench_paths(name, layers, args.path_batch,
+                                                           max(3, args.repeats // 2))}
     write_results(args.name, results)
 
 

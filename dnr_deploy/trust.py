@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 
 TORCHVISION_PREFIX = "torchvision:"
-# A registry net widened K-fold (`small:4`): a name and a number, never a module's factory
-# (a factory is an identifier), so it imports nothing. Defined here, not in models.external,
+# `NAME:K`: a built-in net at width multiplier K (models/registry.py), e.g. `small:4`. A
+# digits-only part after the colon is never a Python attribute, so it cannot be mistaken for
+# MODULE:FACTORY, and it imports nothing. Defined here, not in models.external,
 # because this module must not import torch.
 WIDTH_SPEC = re.compile(r"([A-Za-z_]\w*):(\d+)")
 # How a run records a module passed to `dnr_deploy.compress(model=...)`: its class, in a form

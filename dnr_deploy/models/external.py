@@ -29,10 +29,6 @@ class ModelSpecError(ValueError):
     """A model spec that names nothing buildable, or a model that cannot run at the input size."""
 
 
-# `NAME:K`: a built-in name at width multiplier K (registry.py). A digits-only part after the
-# colon can never be a Python attribute, so it cannot be mistaken for MODULE:FACTORY.
-
-
 def is_external_spec(spec: str) -> bool:
     """Built-in names (with or without `:WIDTH`) import nothing; every other spec with a colon
     names a module or a torchvision builder."""

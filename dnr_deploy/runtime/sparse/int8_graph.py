@@ -138,8 +138,8 @@ class Int8Graph:
             return [_Quantized(q, scale, zero)]
         if op in ("Conv", "Gemm") and node.name in self.convs:
             return [self._int8_layer(node, values, fused)]
-        source = self._value(values, node.input[0]) if node.input else None
-        if op == "MaxPool" and isinstance(source, _Quantized):
+        if op == "MaxPool" and isinstance(source := self._value(values, node.input[0]),
+                                          _Quantized):
             # dequantizing is monotone: the max of the integers is the integer of the max
             return [_Quantized(_max_pool(source.q, attrs), source.scale, source.zero_point)]
         x = [self._float(values, name) if name else None for name in node.input]
