@@ -43,7 +43,8 @@ def main() -> None:
     parser.add_argument("--multi-seed", type=float, nargs="*", default=[0.05],
                         help="densities run at every seed, and the only ones the baselines run at")
     parser.add_argument("--trades", action="store_true",
-                        help="also DNR with --loss trades at the --multi-seed densities")
+                        help="also every method (and dense) with --loss trades at the "
+                             "--multi-seed densities")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once")
     parser.add_argument("--cached-only", action="store_true",
                         help="train nothing: write the table of the runs already cached")
@@ -87,20 +88,23 @@ def spec(width: int) -> dict:
 
 
 def plan(args) -> list[Job]:
-    """Every run the table needs, widest last (a failure shows before the long runs)."""
+    """Every run the table needs, widest last (a failure shows before the long runs). With
+    --trades every method, dense included, also trains with TRADES at the --multi-seed
+    densities, so each TRADES row has a baseline of the same loss."""
+    losses = [{}, {"loss": "trades"}] if args.trades else [{}]
     jobs: list[Job] = []
     for width in args.widths:
-        for seed in [] if args.no_dense else args.seeds:
-            jobs.append((args.workdir, "dense", 1.0, seed, args.epochs, spec(width)))
+        for loss in [] if args.no_dense else losses:
+            jobs += [(args.workdir, "dense", 1.0, seed, args.epochs, {**spec(width), **loss})
+                     for seed in args.seeds]
         for density in args.densities:
-            seeds = args.seeds if density in args.multi_seed else args.seeds[:1]
-            methods = args.methods if density in args.multi_seed else args.methods[:1]
+            multi = density in args.multi_seed
+            seeds = args.seeds if multi else args.seeds[:1]
+            methods = args.methods if multi else args.methods[:1]
             for method in methods:
-                jobs += [(args.workdir, method, density, s, args.epochs, spec(width))
-                         for s in seeds]
-            if args.trades and density in args.multi_seed:
-                jobs += [(args.workdir, args.methods[0], density, s, args.epochs,
-                          {**spec(width), "loss": "trades"}) for s in seeds]
+                for loss in losses if multi else [{}]:
+                    jobs += [(args.workdir, method, density, s, args.epochs,
+                              {**spec(width), **loss}) for s in seeds]
     return jobs
 
 
@@ -136,17 +140,24 @@ def mean(rows: list[dict], key: str) -> float:
     return statistics.mean(row[key] for row in rows)
 
 
+def same_loss_dense(methods: dict, method: str) -> list[dict]:
+    """The dense rows a method is measured against: dense trained with the same loss, where
+    the table has it (a TRADES row against dense TRADES), else dense PGD-AT."""
+    trades = methods.get("dense+trades", {}).get("1")
+    return trades if method.endswith("+trades") and trades else methods["dense"]["1"]
+
+
 def print_table(table: dict, multi_seed: list[float]) -> None:
     print("\n| width | params (dense) | s/epoch (dense) | method | density | compression | "
-          "seeds | clean | PGD-20 | AutoAttack-grade | vs dense (AA points) |")
+          "seeds | clean | PGD-20 | AutoAttack-grade | vs dense, same loss (AA points) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for width, methods in table.items():
         dense = methods["dense"]["1"]
-        dense_aa = mean(dense, "autoattack")
         params = f"{dense[0]['params_dense']:,}"
         for method, by_density in methods.items():
             for density, rows in by_density.items():
                 aa = [row["autoattack"] for row in rows]
+                dense_aa = mean(same_loss_dense(methods, method), "autoattack")
                 spread = f" +/- {100 * statistics.stdev(aa):.1f}" if len(aa) > 1 else ""
                 print(f"| {width} | {params} | {mean(dense, 'train_s_per_epoch'):.1f} | "
                       f"{method} | {density} | {mean(rows, 'compression'):.1f}x | {len(rows)} | "
@@ -159,10 +170,10 @@ def plot(table: dict) -> None:
     """AutoAttack-grade points lost against dense PGD-AT of the same width, by compression."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for width, methods in table.items():
-        dense_aa = mean(methods["dense"]["1"], "autoattack")
         for method, by_density in methods.items():
-            if method == "dense":
+            if method.startswith("dense"):
                 continue
+            dense_aa = mean(same_loss_dense(methods, method), "autoattack")
             points = sorted((mean(rows, "compression"), 100 * (mean(rows, "autoattack")
                                                                 - dense_aa))
                             for rows in by_density.values())
