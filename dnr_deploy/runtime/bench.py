@@ -45,6 +45,7 @@ from dnr_deploy.runtime.runtimes import (
     check_parity,
     choose_runtime,
     open_sparse,
+    parity_reference,
     sparse_info,
 )
 from dnr_deploy.runtime.session import create_session, run_logits
@@ -159,7 +160,8 @@ def bench(config: BenchConfig) -> BenchResult:
         "input_shape": shape,
         "models": models,
         "comparison": _compare(models, deploy.manifest) if baseline is not None else None,
-        "int8_vs_float": _int8_vs_float(models) if "float" in models else None,
+        "int8_vs_float": _int8_vs_float(models, runtime, deploy.manifest)
+        if "float" in models else None,
         "runtime": runtime,
         "signature": deploy.signature,
         "session": sessions[targets[0].label][1].as_dict(),
@@ -190,11 +192,13 @@ def _check_memory(targets: list[_Target], shape: list[int], config: BenchConfig)
 def _sparse_runner(deploy: deploydir.DeployDir, threads: int, session,
                    inputs: dict[int, np.ndarray], verify_key: str | None = None,
                    model_spec: str | None = None, trust_model_code: bool = False) -> tuple:
-    """The sparse runtime's model, once its logits match ONNX Runtime's on every input."""
+    """The sparse runtime's model, once its logits match ONNX Runtime's on every input (an int8
+    one's: its reference int8 math, `runtimes.parity_reference`)."""
     try:
         model = open_sparse(deploy.path, threads, verify_key, model_spec, trust_model_code)
-        parity = [check_parity(model(x), run_logits(session, x), f"the batch-{b} inputs")
-                  for b, x in inputs.items()]
+        reference, atol = parity_reference(model, deploy.path, deploy.manifest, session)
+        parity = [check_parity(model(x), run_logits(reference, x), f"the batch-{b} inputs",
+                               atol) for b, x in inputs.items()]
     except SparseUnsupportedError:
         raise
     except RuntimeChoiceError as err:
@@ -268,10 +272,17 @@ def _compare(models: dict, manifest: dict) -> dict:
             "sparse_kernel_mac_ratio": sparse_ratio, "per_batch": per_batch}
 
 
-def _int8_vs_float(models: dict) -> dict:
-    """An int8 deploy dir: how much smaller and faster model.onnx is than model.fp32.onnx."""
+def _int8_vs_float(models: dict, runtime: dict, manifest: dict) -> dict:
+    """An int8 deploy dir: how much smaller and faster the int8 model is than model.fp32.onnx.
+    The files compared are those that run: model.onnx against model.fp32.onnx in ONNX
+    Runtime; the int8 CSR against the float CSR in the sparse runtime (an irregular dir's
+    int8 model.onnx is a dense QDQ graph, larger than its sparse float original)."""
     model, original = models["model"], models["float"]
-    return {"file_size_ratio": original["bytes"] / model["bytes"],
+    files = manifest["files"]
+    compared = ("weights.int8.npz", "weights.csr.npz") if runtime.get("dtype") == "int8" \
+        else ("model.onnx", "model.fp32.onnx")
+    return {"files": list(compared),
+            "file_size_ratio": files[compared[1]]["bytes"] / files[compared[0]]["bytes"],
             "speedup": {batch: original["latency"][batch]["p50_ms"] / stats["p50_ms"]
                         for batch, stats in model["latency"].items()}}
 
@@ -338,8 +349,10 @@ def format_table(report: dict) -> str:
     int8 = report.get("int8_vs_float")
     if int8:
         speedups = ", ".join(f"batch {b} {x:.2f}x" for b, x in int8["speedup"].items())
-        lines.append(f"  int8 vs float (model.fp32.onnx): speedup {speedups}; file "
-                     f"{int8['file_size_ratio']:.2f}x smaller")
+        ratio, (ours, theirs) = int8["file_size_ratio"], int8["files"]
+        size = f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+        lines.append(f"  int8 vs float (model.fp32.onnx): speedup {speedups}; {ours} {size} "
+                     f"than {theirs}")
     return "\n".join(lines)
 
 
@@ -347,7 +360,9 @@ def _runtime_line(report: dict) -> str:
     runtime = report.get("runtime") or {}
     if runtime.get("name") != Runtime.SPARSE.value:
         return ""
-    return (f"model in the sparse runtime ({runtime['kernel']} kernel, parity with ONNX Runtime "
+    kind, against = ("int8 sparse runtime", "ONNX Runtime's reference int8 math") \
+        if runtime.get("dtype") == "int8" else ("sparse runtime", "ONNX Runtime")
+    return (f"model in the {kind} ({runtime['kernel']} kernel, parity with {against} "
             f"{runtime['parity']['max_abs']:.1e}), baseline in ")
 
 

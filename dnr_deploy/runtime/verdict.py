@@ -107,6 +107,15 @@ def stage_label(stage: dict) -> str:
     return f"{attack}" if gradients == "model" else f"{gradients} {attack}"
 
 
+def scorer_label(report: dict) -> str:
+    """Which engine's logits gave the verdicts, for the screen."""
+    runtime = report.get("runtime") or {}
+    if runtime.get("name") != "sparse":
+        return "ONNX Runtime"
+    kind = "int8 sparse engine" if runtime.get("dtype") == "int8" else "sparse engine"
+    return f"the {kind} ({runtime['kernel']} kernel)"
+
+
 def format_table(report: dict) -> str:
     """The screen summary: each attack, the worst case, the training side, checks, the gate."""
     acc, trained, comp = report["accuracy"], report["training_side"], report["comparison"]
@@ -116,7 +125,7 @@ def format_table(report: dict) -> str:
     lines = [
         f"deploy dir: {report['deploy_dir']} ({report['granularity']})",
         f"  {images['dataset']} test images: {subset}; Linf eps {threat['eps']:.4g} "
-        f"({threat['from']}); attack {report['attack']['name']}, scored by ONNX Runtime",
+        f"({threat['from']}); attack {report['attack']['name']}, scored by {scorer_label(report)}",
         *([f"  {format_classes(images['class_names'])}"] if images.get("class_names") else []),
         f"  {'':<22}{'artifact':>10}{'training side':>15}",
         f"  {'clean':<22}{100 * acc['clean']:>9.2f}%{_percent(trained.get('clean')):>15}",

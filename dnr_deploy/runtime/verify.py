@@ -38,6 +38,7 @@ from dnr_deploy.runtime.runtimes import (
     check_parity,
     choose_runtime,
     open_sparse,
+    parity_reference,
     sparse_info,
 )
 from dnr_deploy.runtime.session import create_session, run_logits
@@ -149,7 +150,7 @@ def verify(config: VerifyConfig, test_data: object = None) -> VerifyResult:
     report["runtime"] = runtime
     report["signature"] = deploy.signature
     if runtime["name"] == Runtime.SPARSE.value:
-        report["attack"]["scored_by"] = "dnr_deploy.runtime.sparse"
+        report["attack"]["scored_by"] = runtime["engine"]
     report["warnings"] = messages
     report["seconds"] = round(time.perf_counter() - start, 3)
     out_dir = deploydir.reports_dir(deploy, config.out)
@@ -207,8 +208,10 @@ def _sparse_scorer(deploy, config: VerifyConfig, session, x: torch.Tensor) -> tu
         model = open_sparse(deploy.path, config.threads, config.verify_key, config.model,
                             config.trust_model_code)
         images = x.numpy().astype(np.float32)
+        reference, atol = parity_reference(model, deploy.path, deploy.manifest, session)
         parity = check_parity(run_logits(model, images, config.batch_size),
-                              run_logits(session, images, config.batch_size), "the clean images")
+                              run_logits(reference, images, config.batch_size),
+                              "the clean images", atol)
     except SparseUnsupportedError:
         raise
     except RuntimeChoiceError as err:

@@ -1,11 +1,12 @@
 """An irregular int8 deploy dir run through the int8 sparse kernels: model.onnx's QDQ graph
 with every quantized Conv and Gemm replaced by `Int8SparseConv` on weights.int8.npz.
 
-This is a function-level runner, not the engine: it walks the graph node by node in numpy
-(NCHW) and hands each quantized Conv / Gemm its uint8 input, fusing the QuantizeLinear that
-follows into the kernel's epilogue. What it is for: measuring the int8 kernels against ONNX
-Runtime's reference int8 math on a whole network (the largest logit drift), and scoring an
-attack by the int8 sparse path. Its ops are those dnr-export's CNNs use; any other is named
+This is a function-level runner, not the float engine's planned graph: it walks the graph node
+by node in numpy (NCHW) and hands each quantized Conv / Gemm its uint8 input, fusing the
+QuantizeLinear that follows into the kernel's epilogue. What it is for: `--runtime sparse` on
+an int8 deploy dir (bench times it; verify's Square queries it and its logits give the
+verdicts), and measuring the int8 kernels against ONNX Runtime's reference int8 math on a whole
+network (the largest logit drift). Its ops are those dnr-export's CNNs use; any other is named
 in an `UnsupportedInt8Graph` error.
 """
 
@@ -17,13 +18,21 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from dnr_deploy.deploydir import manifest, signing
+from dnr_deploy.deploydir.manifest import ManifestError
 from dnr_deploy.deploydir.names import INPUT_NAME, MODEL_FILE, OUTPUT_NAME
-from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE, read_int8_csr
+from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE, Int8CsrError, read_int8_csr
 from dnr_deploy.runtime.sparse.int8 import Int8SparseConv
 
 
 class UnsupportedInt8Graph(ValueError):
     """A node the int8 graph runner has no rule for."""
+
+
+# every op `Int8Graph._run` has a rule for
+KNOWN_OPS = frozenset({"Constant", "DequantizeLinear", "QuantizeLinear", "Conv", "Gemm",
+                       "MaxPool", "Sub", "Add", "Div", "Mul", "Relu", "GlobalAveragePool",
+                       "ReduceMean", "Reshape", "Flatten"})
 
 
 class _Quantized:
@@ -62,7 +71,7 @@ class Int8Graph:
     float32 NCHW images; `int8_nodes` names the nodes the int8 kernels run."""
 
     def __init__(self, deploy_dir: Path, threads: int = 1, path: str | None = None) -> None:
-        model = onnx.load(str(Path(deploy_dir) / MODEL_FILE))
+        model = onnx.load(str(Path(deploy_dir) / MODEL_FILE), load_external_data=False)
         self.graph = model.graph
         self.consts = {i.name: numpy_helper.to_array(i) for i in self.graph.initializer}
         self.layers = {layer.node: layer for layer in read_int8_csr(
@@ -76,6 +85,7 @@ class Int8Graph:
         # kernels use: each call dequantized every dense weight of the network for nothing
         # (VGG16 at batch 1: most of 110 ms, where its kernels take under 3)
         self.skipped = self._weight_only_outputs()
+        self.output_sizes: dict[str, tuple[int, int]] = {}  # node -> its output's H x W
 
     def _weight_only_outputs(self) -> set[str]:
         """Outputs that only the int8-run nodes' weight and bias inputs read, transitively."""
@@ -102,6 +112,21 @@ class Int8Graph:
                 values[name] = value
         out = values[OUTPUT_NAME]
         return out.dequantized() if isinstance(out, _Quantized) else out
+
+    def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
+        """ONNX Runtime's `InferenceSession.run` shape, so bench and verify call it alike."""
+        return [self(feed[INPUT_NAME])]
+
+    def macs(self, input_shape: list[int]) -> dict:
+        """Dense and nonzero multiply-adds per image of the int8 layers, at `input_shape`."""
+        if not self.output_sizes:  # the layers' output sizes: one image through the graph
+            self(np.zeros((1, *input_shape), np.float32))
+        dense = nonzero = 0
+        for node, layer in self.layers.items():
+            pixels = int(np.prod(self.output_sizes[node]))
+            dense += pixels * int(np.prod(layer.shape))
+            nonzero += pixels * len(layer.data)
+        return {"dense": dense, "nonzero": nonzero}
 
     def _value(self, values: dict, name: str):
         return values[name] if name in values else self.consts[name]
@@ -165,6 +190,7 @@ class Int8Graph:
         x = source.q if source.q.ndim == 4 else source.q.reshape(*source.q.shape, 1, 1)
         out = conv(np.ascontiguousarray(x.transpose(1, 2, 3, 0)), threads=self.threads,
                    path=self.path)
+        self.output_sizes[node.name] = out.shape[1:3]
         out = np.ascontiguousarray(out.transpose(3, 0, 1, 2))
         if node.op_type == "Gemm":
             out = out.reshape(out.shape[0], -1)
@@ -176,3 +202,40 @@ class Int8Graph:
         result = _Quantized(out, layer.output_scale, layer.output_zero_point)
         values[quantize.output[0]] = result
         return result
+
+
+def load_int8_graph(deploy_dir: str | Path, threads: int = 1,
+                    verify_key: str | Path | None = None) -> Int8Graph:
+    """An irregular int8 deploy dir as a callable, checked as `load_sparse` checks a float one:
+    with `verify_key`, its signature; every file's sha256; the int8 CSR's sizes before use.
+
+    Raises:
+        ManifestError: not a deploy dir, no weights.int8.npz in its manifest, a file that
+            fails its sha256 (or, with `verify_key`, no valid signature), or a damaged file.
+        UnsupportedInt8Graph: a node the runner has no rule for.
+    """
+    folder = Path(deploy_dir)
+    if verify_key is not None:
+        signing.check_signature(folder, verify_key)
+    info = manifest.load_manifest(folder)
+    files = info.get("files")
+    if not isinstance(files, dict) or INT8_CSR_FILE not in files:
+        raise ManifestError(f"{str(deploy_dir)!r} holds no {INT8_CSR_FILE} in its manifest: "
+                            "not an irregular int8 export")
+    manifest.verify_files(folder, info)
+    if verify_key is None:
+        signing.check_signature(folder, None)
+    try:
+        graph = Int8Graph(folder, threads)
+    except Int8CsrError as err:
+        raise ManifestError(str(err)) from None
+    except Exception as err:  # protobuf's DecodeError and friends: a damaged model.onnx
+        if isinstance(err, UnsupportedInt8Graph):
+            raise
+        raise ManifestError(f"{MODEL_FILE} cannot be read ({err})") from None
+    for node in graph.graph.node:  # unknown ops refused now, not on the first image
+        float_layer = node.op_type in ("Conv", "Gemm") and node.name not in graph.convs
+        if node.op_type not in KNOWN_OPS or float_layer:
+            raise UnsupportedInt8Graph(f"node {node.name!r} ({node.op_type}) has no int8 "
+                                       "graph rule")
+    return graph

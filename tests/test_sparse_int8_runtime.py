@@ -1,0 +1,106 @@
+"""`--runtime sparse` on an irregular int8 deploy dir: bench times its int8 CSR in `Int8Graph`,
+and verify's attacks are scored by it (Square's queries included), once its logits match ONNX
+Runtime's reference int8 math within the export's int8 limit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dnr_deploy.cli import export_main
+from dnr_deploy.deploydir import names
+from dnr_deploy.deploydir.manifest import ManifestError
+from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE
+from dnr_deploy.runtime import runtimes
+from dnr_deploy.runtime.sparse import int8
+from dnr_deploy.runtime.sparse.int8_graph import Int8Graph
+from tests.factories import write_fake_run
+
+pytestmark = pytest.mark.skipif(not int8.supported_paths(), reason="_int8_kernels not built")
+
+
+@pytest.fixture(scope="module")
+def deploy(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("int8-runtime") / "run"
+    write_fake_run(run_dir, "irregular", density=0.05)
+    assert export_main([str(run_dir), "--quantize", "int8", "--int8-max-drop", "100"]) == 0
+    return run_dir / names.DEFAULT_OUT
+
+
+def test_open_sparse_gives_the_int8_runner_and_auto_stays_on_onnx_runtime(deploy):
+    model = runtimes.open_sparse(deploy, 1)
+    assert isinstance(model, Int8Graph) and runtimes.is_int8(model)
+    info = runtimes.sparse_info(model, 1)
+    assert info["dtype"] == "int8" and info["kernel"] == int8.kernel_name()
+    manifest = json.loads((deploy / names.MANIFEST_NAME).read_text())
+    chosen, why = runtimes.choose_runtime("auto", manifest, "cpu")
+    assert chosen is runtimes.Runtime.ORT and "int8" in why
+    macs = model.macs(manifest["input_shape"])
+    assert 0 < macs["nonzero"] < macs["dense"]  # the int8 CSR's nonzeros, not dense weights
+
+
+def test_bench_times_the_int8_sparse_runtime_against_the_reference_int8_math(deploy, tmp_path):
+    from dnr_deploy.runtime.bench import BenchConfig, bench, format_table
+
+    report = bench(BenchConfig(deploy_dir=str(deploy), runtime="sparse", batch="1,4",
+                               runs=3, warmup=1, out=str(tmp_path))).report
+    runtime, manifest = report["runtime"], json.loads((deploy / names.MANIFEST_NAME).read_text())
+    assert runtime["dtype"] == "int8" and runtime["engine"].endswith("int8_graph")
+    assert runtime["parity"]["max_abs"] <= manifest["quantization"]["int8_atol"]
+    comparison = report["int8_vs_float"]
+    assert comparison["files"] == [INT8_CSR_FILE, names.CSR_FILE]
+    files = manifest["files"]
+    assert comparison["file_size_ratio"] == pytest.approx(
+        files[names.CSR_FILE]["bytes"] / files[INT8_CSR_FILE]["bytes"])
+    assert "int8 sparse runtime" in format_table(report)
+
+
+def test_verify_scores_every_query_with_the_int8_engine(deploy, tmp_path, monkeypatch):
+    from dnr_deploy.runtime.verify import VerifyConfig, verify
+
+    calls = []
+    original = Int8Graph.__call__
+
+    def counted(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(Int8Graph, "__call__", counted)
+    result = verify(VerifyConfig(deploy_dir=str(deploy), runtime="sparse", attack="square",
+                                 queries=20, n=24, batch_size=8, no_gate=True,
+                                 out=str(tmp_path)))
+    report = result.report
+    assert report["attack"]["scored_by"] == "dnr_deploy.runtime.sparse.int8_graph"
+    assert report["runtime"]["dtype"] == "int8"
+    # parity, clean and final scoring in batches of 8; Square queries only the images still
+    # classified correctly, one call per iteration: those calls went to the int8 engine too
+    attacked = round(report["accuracy"]["clean"] * 24)
+    assert attacked > 0  # the fixture's run gets some right, so Square has work
+    assert calls.count(8) >= 3 * 3
+    assert sum(1 for size in calls if size <= attacked) >= 10
+
+
+def test_a_damaged_int8_csr_is_refused_before_anything_runs(deploy, tmp_path):
+    copy = tmp_path / "deploy"
+    shutil.copytree(deploy, copy)
+    path = copy / INT8_CSR_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match="sha256"):
+        runtimes.open_sparse(copy, 1)
+
+
+def test_parity_forgives_a_differing_prediction_only_on_a_near_tie():
+    reference = np.array([[1.0, 1.05, 0.0], [3.0, 0.0, 0.0]], np.float32)
+    near_tie = np.array([[1.06, 1.0, 0.0], [3.0, 0.0, 0.0]], np.float32)
+    record = runtimes.check_parity(near_tie, reference, "two images", atol=0.1)
+    assert record["near_ties_differing"] == 1 and not record["same_argmax"]
+    flipped = np.array([[0.0, 0.0, 0.0], [2.5, 3.0, 0.0]], np.float32)
+    reference = np.array([[0.0, 0.0, 0.0], [3.0, 2.5, 0.0]], np.float32)
+    with pytest.raises(runtimes.RuntimeChoiceError, match="argmax different"):
+        runtimes.check_parity(flipped, reference, "two images", atol=0.1)
