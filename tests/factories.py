@@ -30,20 +30,22 @@ def randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
             module.bias.data.copy_(0.2 * torch.randn(n, generator=generator))
 
 
-def write_fake_run(run_dir: Path, granularity: str = "irregular", density: float = 0.05) -> dict:
-    """A finished run dir as dnr-compress writes it (digits, `small` net), without training:
-    random weights and masks, but the same checkpoint and run.json contract. Returns run.json."""
+def write_fake_run(run_dir: Path, granularity: str = "irregular", density: float = 0.05,
+                   model_name: str = "small") -> dict:
+    """A finished run dir as dnr-compress writes it (digits, the `small` net unless
+    `model_name` names another registry net), without training: random weights and masks, but
+    the same checkpoint and run.json contract. Returns run.json."""
     spec = data.SPECS[data.DatasetName.DIGITS]
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = create_model("small", spec.num_classes, spec.input_shape[0], spec.mean, spec.std)
+    model = create_model(model_name, spec.num_classes, spec.input_shape[0], spec.mean, spec.std)
     randomize_norms(model, generator)
     example = torch.zeros(1, *spec.input_shape)
     policy = {"irregular": lambda: IrregularDNR(model, density, generator),
               "channel": lambda: ChannelDNR(model, density, generator, example),
               "dense": DensePolicy}[granularity]()
     model.eval()
-    config = {"model": "small", "dataset": "digits", "data_dir": None, "granularity": granularity,
+    config = {"model": model_name, "dataset": "digits", "data_dir": None, "granularity": granularity,
               "density": density, "epochs": 1}
     ckpt.save_checkpoint(run_dir, {
         "epoch": 1, "config": config, "model": model.state_dict(), "optimizer": {},
@@ -51,7 +53,7 @@ def write_fake_run(run_dir: Path, granularity: str = "irregular", density: float
     })
     run = {
         "format": "dnr-deploy/run/1", "config": config,
-        "model": {"name": "small", "num_classes": spec.num_classes,
+        "model": {"name": model_name, "num_classes": spec.num_classes,
                   "in_chans": spec.input_shape[0]},
         "input_shape": list(spec.input_shape), "input_range": [0.0, 1.0],
         "num_classes": spec.num_classes, "mean": list(spec.mean), "std": list(spec.std),

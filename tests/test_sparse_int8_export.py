@@ -89,3 +89,19 @@ def test_int8_sparse_path_runs_the_deploy_dir_as_onnx_runtimes_int8_math(deploy)
     assert np.abs(ours - reference).max() <= 0.25  # the export's default --int8-atol
     portable = Int8Graph(deploy, path="portable")(x)
     assert np.array_equal(portable, ours)  # every path the same integers
+
+
+@pytest.mark.parametrize("size,height,width", [(2, 8, 8), (2, 7, 9), (3, 9, 6)])
+def test_int8_graph_max_pool_is_the_window_maximum(size, height, width):
+    """On uint8 (the graph pools quantized values: dequantizing is monotone) and on float, in
+    the CHWN layout the graph keeps its activations in."""
+    from dnr_deploy.runtime.sparse.int8_graph import _max_pool
+
+    rng = np.random.default_rng(size)
+    for x in (rng.integers(0, 256, (2, 3, height, width)).astype(np.uint8),
+              rng.standard_normal((2, 3, height, width)).astype(np.float32)):
+        h, w = height // size * size, width // size * size
+        want = x[:, :, :h, :w].reshape(2, 3, h // size, size, w // size, size).max(axis=(3, 5))
+        got = _max_pool(np.ascontiguousarray(x.transpose(1, 2, 3, 0)),
+                        {"kernel_shape": [size, size]})
+        assert got.dtype == x.dtype and np.array_equal(got.transpose(3, 0, 1, 2), want)

@@ -104,3 +104,32 @@ def test_parity_forgives_a_differing_prediction_only_on_a_near_tie():
     reference = np.array([[0.0, 0.0, 0.0], [3.0, 2.5, 0.0]], np.float32)
     with pytest.raises(runtimes.RuntimeChoiceError, match="argmax different"):
         runtimes.check_parity(flipped, reference, "two images", atol=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_residual_network_runs_in_chwn_as_the_reference_int8_math(tmp_path):
+    """ResNet-18's QDQ graph (residual Adds, shortcut convs, a ReduceMean before the Gemm) in
+    Int8Graph, whose activations stay CHWN between layers: the reference int8 math's logits,
+    on every kernel path this CPU runs."""
+    from dnr_deploy.export.quantize import reference_session
+
+    run_dir = tmp_path / "run"
+    # half the weights kept: at 5% the random net's logits are the same for every image
+    write_fake_run(run_dir, "irregular", density=0.5, model_name="resnet18")
+    # 7-bit weights (--reduce-range on), so that the AVX2 path runs it too
+    assert export_main([str(run_dir), "--quantize", "int8", "--int8-max-drop", "100",
+                        "--reduce-range", "on"]) == 0
+    deploy = run_dir / names.DEFAULT_OUT
+    x = np.random.default_rng(1).random((8, 1, 8, 8), dtype=np.float32)
+    reference = reference_session(deploy / names.MODEL_FILE).run(
+        None, {names.INPUT_NAME: x})[0]
+    assert np.ptp(reference, axis=0).max() > 0  # the images get different logits
+    graph = runtimes.open_sparse(deploy, 1)
+    assert len(graph.int8_nodes) == 21  # 20 convs and the classifier
+    ours = graph(x)
+    atol = json.loads((deploy / names.MANIFEST_NAME).read_text())["quantization"]["int8_atol"]
+    assert np.abs(ours - reference).max() <= atol
+    assert np.array_equal(graph(x), ours)  # a second call: no buffer of the first leaks in
+    for path in int8.supported_paths():
+        assert np.array_equal(Int8Graph(deploy, path=path)(x), ours)

@@ -197,7 +197,11 @@ class Int8SparseConv:
             raise ValueError(f"the int8 conv takes CHWN uint8 with {self.shape[1]} channels; "
                              f"got {x.dtype} {x.shape}")
         job = self.bind(x.shape, threads, path, residual is not None)
-        job["interior"][:] = x
+        interior = job["interior"]
+        if isinstance(interior, np.ndarray):
+            _copy_wide(interior, x)
+        else:
+            interior[:] = x
         if residual is not None:
             job["residual"][:] = residual
         job["run"]()
@@ -316,6 +320,16 @@ class _PhaseWriter:
                 i0, j0 = -(-(p - a) // s), -(-(p - b) // s)
                 rows = x[:, s * i0 + a - p::s, s * j0 + b - p::s]
                 self.wide_planes[a, b, :, i0:i0 + rows.shape[1], j0:j0 + rows.shape[2]] = rows
+
+
+def _copy_wide(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src, a pixel's batch of bytes at a time where both allow it (`_wide`): the
+    previous layer's output arrives as a strided view, and numpy copies those by element."""
+    wide_dst, wide_src = _wide(dst), _wide(src)
+    if wide_dst.dtype == wide_src.dtype:
+        wide_dst[...] = wide_src
+    else:
+        dst[...] = src
 
 
 def _wide(x: np.ndarray) -> np.ndarray:

@@ -2,12 +2,15 @@
 with every quantized Conv and Gemm replaced by `Int8SparseConv` on weights.int8.npz.
 
 This is a function-level runner, not the float engine's planned graph: it walks the graph node
-by node in numpy (NCHW) and hands each quantized Conv / Gemm its uint8 input, fusing the
-QuantizeLinear that follows into the kernel's epilogue. What it is for: `--runtime sparse` on
-an int8 deploy dir (bench times it; verify's Square queries it and its logits give the
-verdicts), and measuring the int8 kernels against ONNX Runtime's reference int8 math on a whole
-network (the largest logit drift). Its ops are those dnr-export's CNNs use; any other is named
-in an `UnsupportedInt8Graph` error.
+by node in numpy and hands each quantized Conv / Gemm its uint8 input, fusing the
+QuantizeLinear that follows into the kernel's epilogue. Every 4-D activation stays in the
+kernels' CHWN layout (batch innermost), so no layer transposes its input or output; an op that
+needs NCHW (Reshape, Flatten, a ReduceMean that drops axes) gets it at that op.
+
+What it is for: `--runtime sparse` on an int8 deploy dir (bench times it; verify's Square
+queries it and its logits give the verdicts), and measuring the int8 kernels against ONNX
+Runtime's reference int8 math on a whole network (the largest logit drift). Its ops are those
+dnr-export's CNNs use; any other is named in an `UnsupportedInt8Graph` error.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ KNOWN_OPS = frozenset({"Constant", "DequantizeLinear", "QuantizeLinear", "Conv",
                        "ReduceMean", "Reshape", "Flatten"})
 
 
+# ops that are the same on any layout (constants are broadcast to match)
+_ELEMENTWISE = frozenset({"Sub", "Add", "Div", "Mul", "Relu"})
+
+
 class _Quantized:
     """A uint8 tensor with its scale and zero point (a QuantizeLinear's output)."""
 
@@ -51,19 +58,40 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def _max_pool(x: np.ndarray, attrs: dict) -> np.ndarray:
+    """k x k windows with stride k, on CHWN x (uint8 or float)."""
     k, s = attrs["kernel_shape"], attrs.get("strides", attrs["kernel_shape"])
     if list(attrs.get("pads", [0, 0, 0, 0])) != [0, 0, 0, 0] or k != s or k[0] != k[1]:
         raise UnsupportedInt8Graph(f"MaxPool {attrs}: only k x k windows with stride k")
     size = k[0]
-    h, w = x.shape[2] // size * size, x.shape[3] // size * size
+    h, w = x.shape[1] // size * size, x.shape[2] // size * size
     # elementwise maxima of the window's strided views: numpy's max over the axes of a
     # reshaped array took most of a VGG16 call at batch 16
-    out = x[:, :, 0:h:size, 0:w:size]
+    out = x[:, 0:h:size, 0:w:size]
     for a in range(size):
         for b in range(size):
             if a or b:
-                out = np.maximum(out, x[:, :, a:h:size, b:w:size])
+                out = np.maximum(out, x[:, a:h:size, b:w:size])
     return out
+
+
+# NCHW axis -> CHWN axis
+_CHWN_AXIS = {0: 3, 1: 0, 2: 1, 3: 2}
+
+
+def _to_nchw(x: np.ndarray) -> np.ndarray:
+    return x.transpose(3, 0, 1, 2) if x.ndim == 4 else x
+
+
+def _to_chwn(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(1, 2, 3, 0)) if x.ndim == 4 else x
+
+
+def _const_like_chwn(value: np.ndarray) -> np.ndarray:
+    """A constant that broadcasts against an NCHW activation, made to broadcast against its
+    CHWN form (a (1, C, 1, 1) mean becomes (C, 1, 1, 1))."""
+    if value.ndim == 0:
+        return value
+    return value.reshape((1,) * (4 - value.ndim) + value.shape).transpose(1, 2, 3, 0)
 
 
 class Int8Graph:
@@ -86,6 +114,12 @@ class Int8Graph:
         # (VGG16 at batch 1: most of 110 ms, where its kernels take under 3)
         self.skipped = self._weight_only_outputs()
         self.output_sizes: dict[str, tuple[int, int]] = {}  # node -> its output's H x W
+        # each int8 layer's QuantizeLinear, whose requantization its kernel's epilogue does
+        self.requantize = {layer: next(n for n in self.graph.node
+                                       if n.op_type == "QuantizeLinear"
+                                       and self._output_of(layer) in n.input)
+                           for layer, record in self.layers.items()
+                           if record.output_scale is not None}
 
     def _weight_only_outputs(self) -> set[str]:
         """Outputs that only the int8-run nodes' weight and bias inputs read, transitively."""
@@ -101,8 +135,11 @@ class Int8Graph:
                 skipped.update(node.output)
         return skipped
 
+    def _output_of(self, layer: str) -> str:
+        return next(n.output[0] for n in self.graph.node if n.name == layer)
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        values: dict[str, object] = {INPUT_NAME: np.asarray(images, np.float32)}
+        values: dict[str, object] = {INPUT_NAME: _to_chwn(np.asarray(images, np.float32))}
         fused: set[str] = set()
         for node in self.graph.node:
             if node.output[0] in fused or node.output[0] in self.skipped:
@@ -111,7 +148,9 @@ class Int8Graph:
             for name, value in zip(node.output, outs, strict=False):
                 values[name] = value
         out = values[OUTPUT_NAME]
-        return out.dequantized() if isinstance(out, _Quantized) else out
+        out = out.dequantized() if isinstance(out, _Quantized) else out
+        # a copy: a kernel's output buffer is reused by its next call
+        return np.array(_to_nchw(out), np.float32, order="C", copy=True)
 
     def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
         """ONNX Runtime's `InferenceSession.run` shape, so bench and verify call it alike."""
@@ -168,36 +207,52 @@ class Int8Graph:
             # dequantizing is monotone: the max of the integers is the integer of the max
             return [_Quantized(_max_pool(source.q, attrs), source.scale, source.zero_point)]
         x = [self._float(values, name) if name else None for name in node.input]
+        activation_4d = any(name in values and getattr(values[name], "ndim", 0) == 4
+                            for name in node.input)
+        if op in _ELEMENTWISE and activation_4d:  # constants made to broadcast on CHWN
+            x = [_const_like_chwn(v) if name not in values and v is not None else v
+                 for name, v in zip(node.input, x, strict=True)]
+        if op == "MaxPool":
+            return [_max_pool(x[0], attrs)]
+        if op == "GlobalAveragePool":
+            return [x[0].mean(axis=(1, 2), keepdims=True)]
+        axes = (tuple(int(a) for a in (x[1] if len(x) > 1 else attrs["axes"]))
+                if op == "ReduceMean" else ())
+        if op == "ReduceMean" and x[0].ndim == 4 and attrs.get("keepdims", 1):
+            return [x[0].mean(axis=tuple(_CHWN_AXIS[a % 4] for a in axes), keepdims=True)]
+        if op not in _ELEMENTWISE:  # the rest reads NCHW: converted here, and back if 4-D
+            x = [_to_nchw(v) if v is not None and name in values else v
+                 for name, v in zip(node.input, x, strict=True)]
         simple = {"Sub": lambda: x[0] - x[1], "Add": lambda: x[0] + x[1],
                   "Div": lambda: x[0] / x[1], "Mul": lambda: x[0] * x[1],
                   "Relu": lambda: np.maximum(x[0], 0),
-                  "MaxPool": lambda: _max_pool(x[0], attrs),
-                  "GlobalAveragePool": lambda: x[0].mean(axis=(2, 3), keepdims=True),
                   "ReduceMean": lambda: x[0].mean(
-                      axis=tuple(int(a) for a in (x[1] if len(x) > 1 else attrs["axes"])),
-                      keepdims=bool(attrs.get("keepdims", 1))),
+                      axis=axes, keepdims=bool(attrs.get("keepdims", 1))),
                   "Reshape": lambda: x[0].reshape([int(d) for d in x[1]]),
                   "Flatten": lambda: x[0].reshape(x[0].shape[0], -1)}
         if op not in simple:
             raise UnsupportedInt8Graph(f"node {node.name!r} ({op}) has no int8 graph rule")
-        return [np.asarray(simple[op](), np.float32)]
+        out = np.asarray(simple[op](), np.float32)
+        return [out if op in _ELEMENTWISE else _to_chwn(out)]
 
     def _int8_layer(self, node: onnx.NodeProto, values: dict, fused: set):
         source = self._value(values, node.input[0])
         if not isinstance(source, _Quantized):
             raise UnsupportedInt8Graph(f"{node.name}: its input is not quantized")
         conv, layer = self.convs[node.name], self.layers[node.name]
-        x = source.q if source.q.ndim == 4 else source.q.reshape(*source.q.shape, 1, 1)
-        out = conv(np.ascontiguousarray(x.transpose(1, 2, 3, 0)), threads=self.threads,
-                   path=self.path)
+        x = source.q
+        if x.ndim != 4:  # a Gemm's (N, K) input: a 1x1 conv on (K, 1, 1, N)
+            x = np.ascontiguousarray(x.reshape(x.shape[0], -1).T.reshape(-1, 1, 1, x.shape[0]))
+        elif conv.stride > 1 and not x.flags.c_contiguous:  # the phase split wants it whole
+            x = np.ascontiguousarray(x)
+        out = conv(x, threads=self.threads, path=self.path)
         self.output_sizes[node.name] = out.shape[1:3]
-        out = np.ascontiguousarray(out.transpose(3, 0, 1, 2))
         if node.op_type == "Gemm":
-            out = out.reshape(out.shape[0], -1)
+            out = np.ascontiguousarray(out.reshape(out.shape[0], -1).T)
         if layer.output_scale is None:
             return out
         # the QuantizeLinear after this layer ran in the kernel's epilogue
-        quantize = next(n for n in self.graph.node if node.output[0] in n.input)
+        quantize = self.requantize[node.name]
         fused.add(quantize.output[0])
         result = _Quantized(out, layer.output_scale, layer.output_zero_point)
         values[quantize.output[0]] = result
