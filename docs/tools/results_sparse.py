@@ -177,10 +177,11 @@ def int8_whole_network_section() -> str:
         "### Whole networks: int8 and fp32, sparse and dense", "",
         " ".join(command_of(data, name) for name, data in runs.items()) + " The DNR VGG16 "
         "and ResNet-18 of `benchmarks/dnr_masks.py`, exported float and with `--quantize "
-        "int8`; p50 in ms, the four runtimes in turns. `Int8Graph` runs the int8 sparse "
-        "kernels over the int8 deploy dir's graph in numpy (NCHW between layers, one thread "
-        "outside the kernels), not yet in the engine; its logits are compared with ONNX "
-        "Runtime's int8 session. See [int8.md](int8.md).", "",
+        "int8`; p50 in ms, the four runtimes in turns. `Int8Graph` (what `--runtime "
+        "sparse` runs on an int8 deploy dir) runs the int8 sparse kernels over the int8 deploy "
+        "dir's graph, uint8 CHWN between layers, its steps outside the kernels in numpy on one "
+        "thread; its logits are compared with ONNX Runtime's int8 session. See "
+        "[int8.md](int8.md).", "",
         table(["model", "batch", "threads", "sparse engine fp32", "Int8Graph (int8 sparse)",
                "ORT fp32 dense", "ORT int8 dense", "Int8Graph vs ORT int8, max abs"],
               rows)]) + "\n"
