@@ -18,10 +18,13 @@ KEEP = {
     "dnr_deploy": {"__init__", "files", "resources"},
     "dnr_deploy.compress": {"__init__", "checkpoint"},  # the run dir names the manifest cites
     "dnr_deploy.deploydir": None,
+    "dnr_deploy.export": {"__init__", "sparse_int8"},  # weights.int8.npz's reader (numpy, onnx)
     "dnr_deploy.runtime": {"__init__"},
     "dnr_deploy.runtime.sparse": {"__init__", "model", "plan", "native", "kernels", "onnx_graph",
-                                  "onnx_reader", "onnx_ops", "pooling", "run_cli"},
+                                  "onnx_reader", "onnx_ops", "pooling", "run_cli", "int8",
+                                  "int8_graph"},
 }
+KERNELS = ["_kernels.cpp", "_int8_kernels.cpp"]
 
 
 def stage() -> None:
@@ -34,8 +37,9 @@ def stage() -> None:
             for module in folder.glob("*.py"):
                 if keep is None or module.stem in keep:
                     shutil.copy2(module, target / module.name)
-        shutil.copy2(SOURCE / "runtime" / "sparse" / "_kernels.cpp",
-                     STAGE / "dnr_deploy" / "runtime" / "sparse" / "_kernels.cpp")
+        for kernel in KERNELS:
+            shutil.copy2(SOURCE / "runtime" / "sparse" / kernel,
+                         STAGE / "dnr_deploy" / "runtime" / "sparse" / kernel)
 
 
 stage()
@@ -43,6 +47,7 @@ openmp = [] if sys.platform in ("darwin", "win32") else ["-fopenmp"]
 setup(
     packages=list(KEEP),
     package_dir={"": "_staged"},
+    # the root setup.py's two extensions, with the same flags
     ext_modules=[Extension(
         "dnr_deploy.runtime.sparse._kernels",
         sources=["_staged/dnr_deploy/runtime/sparse/_kernels.cpp"],
@@ -50,5 +55,13 @@ setup(
         extra_compile_args=["-O3", "-std=c++17", *openmp],
         extra_link_args=openmp,
         optional=True,  # no compiler: install anyway; `pip install .[numba]` for the fallback
+    ), Extension(
+        # int8 sparse kernels; exact float epilogue: no fused multiply-adds
+        "dnr_deploy.runtime.sparse._int8_kernels",
+        sources=["_staged/dnr_deploy/runtime/sparse/_int8_kernels.cpp"],
+        language="c++",
+        extra_compile_args=["-O3", "-std=c++17", "-ffp-contract=off", *openmp],
+        extra_link_args=openmp,
+        optional=True,  # no compiler: the int8 layers run their numpy reference
     )],
 )

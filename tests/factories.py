@@ -45,8 +45,8 @@ def write_fake_run(run_dir: Path, granularity: str = "irregular", density: float
               "channel": lambda: ChannelDNR(model, density, generator, example),
               "dense": DensePolicy}[granularity]()
     model.eval()
-    config = {"model": model_name, "dataset": "digits", "data_dir": None, "granularity": granularity,
-              "density": density, "epochs": 1}
+    config = {"model": model_name, "dataset": "digits", "data_dir": None,
+              "granularity": granularity, "density": density, "epochs": 1}
     ckpt.save_checkpoint(run_dir, {
         "epoch": 1, "config": config, "model": model.state_dict(), "optimizer": {},
         "policy": policy.state_dict(), "rng": {}, "history": [],

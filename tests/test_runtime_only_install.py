@@ -1,6 +1,7 @@
 """The runtime-only install (runtime-dist/): a fresh venv gets dnr-deploy-runtime and its two
 dependencies (numpy, onnx) from the configured package sources, has no torch, and its `dnr-run`
-classifies a deploy dir made here as ONNX Runtime does."""
+classifies a deploy dir made here as ONNX Runtime does: a float one, and an int8 one on the
+int8 kernels."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def test_runtime_only_venv_runs_a_deploy_dir_without_torch(tmp_path):
     write_fake_run(run_dir, "irregular")
     export_run(ExportConfig(run_dir=str(run_dir)))
     deploy = run_dir / "deploy"
+    export_run(ExportConfig(run_dir=str(run_dir), out=str(tmp_path / "int8"), quantize="int8",
+                            int8_max_drop=100.0))
     venv = tmp_path / "venv"
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(venv)], check=True, timeout=300)
@@ -44,6 +47,24 @@ def test_runtime_only_venv_runs_a_deploy_dir_without_torch(tmp_path):
     want = session.run(None, {"input": images})[0]
     assert [int(c) for c in done.stdout.split()] == want.argmax(1).tolist()
     assert np.abs(np.load(tmp_path / "logits.npy") - want).max() <= 1e-4
+    int8_run = subprocess.run([str(venv / "bin" / "dnr-run"), str(tmp_path / "int8"), "--images",
+                               str(tmp_path / "x.npy"), "--logits", str(tmp_path / "q.npy")],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert int8_run.returncode == 0, int8_run.stderr
+    reference = onnxruntime.InferenceSession(  # ONNX Runtime's reference int8 math
+        str(tmp_path / "int8" / "model.onnx"), providers=["CPUExecutionProvider"],
+        sess_options=_unoptimized()).run(None, {"input": images})[0]
+    assert np.abs(np.load(tmp_path / "q.npy") - reference).max() <= 0.25  # --int8-atol
+    timing = subprocess.run([str(venv / "bin" / "dnr-run"), str(tmp_path / "int8"), "--batch",
+                             "1", "--runs", "2", "--json"], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path)
+    assert timing.returncode == 0 and '"kernel": "int8 cpp-' in timing.stdout, timing.stderr
     refused = subprocess.run([str(venv / "bin" / "dnr-run"), str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+
+
+def _unoptimized() -> onnxruntime.SessionOptions:
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options

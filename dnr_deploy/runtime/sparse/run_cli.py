@@ -1,5 +1,6 @@
 """`dnr-run`: an irregular deploy dir on the sparse engine, with numpy and onnx only (the
-runtime-only install's command; the full install has it too).
+runtime-only install's command; the full install has it too). An int8 deploy dir (dnr-export
+--quantize int8) runs its int8 CSR on the int8 kernels (`int8_graph.Int8Graph`).
 
     dnr-run DEPLOY_DIR --images x.npy             # float32 NCHW in [0, 1] -> one class a line
     dnr-run DEPLOY_DIR --images x.npy --logits out.npy
@@ -59,14 +60,28 @@ def _timing(model, shape: list[int], batches: list[int], runs: int) -> dict:
     return result
 
 
+def _open(deploy_dir: str, threads: int) -> tuple:
+    """(the deploy dir's model, the kernel that runs it): the int8 kernels for an int8 deploy
+    dir, the float engine otherwise."""
+    from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE
+    from dnr_deploy.runtime.sparse import load_sparse
+    from dnr_deploy.runtime.sparse.int8 import kernel_name as int8_kernel_name
+    from dnr_deploy.runtime.sparse.int8_graph import load_int8_graph
+    from dnr_deploy.runtime.sparse.native import kernel_name
+
+    if (Path(deploy_dir) / INT8_CSR_FILE).exists():
+        return load_int8_graph(deploy_dir, threads), f"int8 {int8_kernel_name()}"
+    return load_sparse(deploy_dir, threads=threads), kernel_name()
+
+
 def run(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # notices (an unsigned deploy dir) as one line each, without the source line
     warnings.showwarning = lambda message, *_, **__: print(f"dnr-run: {message}",
                                                             file=sys.stderr)
     from dnr_deploy.deploydir.manifest import ManifestError
-    from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError, load_sparse
-    from dnr_deploy.runtime.sparse.native import kernel_name
+    from dnr_deploy.runtime.sparse import NotIrregularError, UnsupportedLayerError
+    from dnr_deploy.runtime.sparse.int8_graph import UnsupportedInt8Graph
 
     try:
         batches = [int(b) for b in args.batch.split(",")]
@@ -77,11 +92,12 @@ def run(argv: list[str] | None = None) -> int:
               f"--threads 1..{MAX_THREADS}", file=sys.stderr)
         return 2
     try:
-        model = load_sparse(args.deploy_dir, threads=args.threads)
+        model, kernel = _open(args.deploy_dir, args.threads)
         manifest = json.loads((Path(args.deploy_dir) / "manifest.json").read_text())
         shape = [int(n) for n in manifest["input_shape"]]
         images = _images(args.images, shape) if args.images else None
-    except (ManifestError, NotIrregularError, UnsupportedLayerError, ValueError, OSError) as err:
+    except (ManifestError, NotIrregularError, UnsupportedLayerError, UnsupportedInt8Graph,
+            ValueError, OSError) as err:
         print(f"dnr-run: {err}", file=sys.stderr)
         return 2
     if images is not None:
@@ -91,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
         print("\n".join(str(int(c)) for c in logits.argmax(1)))
         return 0
     timing = _timing(model, shape, batches, args.runs)
-    report = {"kernel": kernel_name(), "threads": args.threads, "latency": timing}
+    report = {"kernel": kernel, "threads": args.threads, "latency": timing}
     if args.json:
         print(json.dumps(report))
     else:
