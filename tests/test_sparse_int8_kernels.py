@@ -137,3 +137,20 @@ def test_two_threads_give_the_same_bytes():
     case = (64, 32, 3, 1, 1, 8, 16, True, True, True)  # enough work to start a second thread
     _, layer, x, residual = _layer(rng, case)
     assert np.array_equal(layer(x, residual, threads=2), layer.reference(x, residual))
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_table_add_reads_strided_layer_outputs_as_numpy_does(batch, monkeypatch):
+    """The residual join's lookup: a layer's output arrives as a view with garbage columns cut
+    off (its last axis contiguous); the library reads it in place, numpy gives the same bytes."""
+    rng = np.random.default_rng(batch)
+    a = rng.integers(0, 256, (8, 5, 7, batch), dtype=np.uint8)[:, :, :6]  # a strided view
+    b = rng.integers(0, 256, (8, 5, 6, batch), dtype=np.uint8)
+    table = rng.integers(0, 256, 65536).astype(np.uint8)
+    want = table[(a.astype(np.int64) << 8) | b]
+    assert np.array_equal(int8.table_add(a, b, table), want)
+    assert np.array_equal(int8.table_add(np.ascontiguousarray(a), b, table), want)
+    monkeypatch.setattr(int8, "_LIB", None)  # the numpy fallback
+    assert np.array_equal(int8.table_add(a, b, table), want)
+    with pytest.raises(ValueError, match="one shape"):
+        int8.table_add(a, b[:, :, :5], table)

@@ -325,4 +325,21 @@ void dnr_int8_split_phases(const uint8_t* x, int64_t chans, int64_t xc, int64_t 
     }
 }
 
+// out[k] = table[a[i] << 8 | b[i]] for the k-th index i of a 4-D index space `shape`, row
+// major, whose last axis is contiguous in a and b (strides in bytes for the first three axes);
+// out is contiguous. An Add of two uint8 tensors and its requantization, as one lookup in a
+// 256 x 256 table that int8_graph.py computes with the graph's own float32 steps.
+void dnr_int8_table_add(const uint8_t* a, const int64_t* a_strides, const uint8_t* b,
+                        const int64_t* b_strides, const int64_t* shape, const uint8_t* table,
+                        uint8_t* out) {
+  for (int64_t i0 = 0; i0 < shape[0]; ++i0)
+    for (int64_t i1 = 0; i1 < shape[1]; ++i1)
+      for (int64_t i2 = 0; i2 < shape[2]; ++i2) {
+        const uint8_t* pa = a + i0 * a_strides[0] + i1 * a_strides[1] + i2 * a_strides[2];
+        const uint8_t* pb = b + i0 * b_strides[0] + i1 * b_strides[1] + i2 * b_strides[2];
+        for (int64_t i3 = 0; i3 < shape[3]; ++i3)
+          *out++ = table[(static_cast<uint32_t>(pa[i3]) << 8) | pb[i3]];
+      }
+}
+
 }  // extern "C"

@@ -47,6 +47,8 @@ def _load() -> ctypes.CDLL | None:
                                                   ctypes.c_void_p, ctypes.c_void_p,
                                                   ctypes.c_int64, ctypes.c_int64]
             lib.dnr_int8_split_phases.restype = None
+            lib.dnr_int8_table_add.argtypes = [ctypes.c_void_p] * 7
+            lib.dnr_int8_table_add.restype = None
             return lib
     return None
 
@@ -320,6 +322,29 @@ class _PhaseWriter:
                 i0, j0 = -(-(p - a) // s), -(-(p - b) // s)
                 rows = x[:, s * i0 + a - p::s, s * j0 + b - p::s]
                 self.wide_planes[a, b, :, i0:i0 + rows.shape[1], j0:j0 + rows.shape[2]] = rows
+
+
+def table_add(a: np.ndarray, b: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """table[a << 8 | b] elementwise, for uint8 a and b of one shape (views with a contiguous
+    last axis, such as a layer's output, are read in place): an Add of two quantized tensors
+    and its requantization as one lookup (int8_graph.Int8Graph). numpy without the library."""
+    if a.shape != b.shape or table.shape != (65536,):
+        raise ValueError(f"table_add takes two uint8 arrays of one shape and a 65536-entry "
+                         f"table; got {a.shape}, {b.shape}, {table.shape}")
+    if _LIB is None or a.ndim > 4 or min(a.strides[-1:] + b.strides[-1:], default=1) != 1:
+        index = a.astype(np.uint16)
+        index <<= 8
+        index |= b
+        return table[index]
+    shape4 = (1,) * (4 - a.ndim) + a.shape
+    strides = [np.array(((0,) * (4 - x.ndim) + x.strides)[:3], np.int64) for x in (a, b)]
+    out = np.empty(a.shape, np.uint8)
+    dims = np.array(shape4, np.int64)
+    table = np.ascontiguousarray(table, np.uint8)
+    _LIB.dnr_int8_table_add(a.ctypes.data, strides[0].ctypes.data, b.ctypes.data,
+                            strides[1].ctypes.data, dims.ctypes.data, table.ctypes.data,
+                            out.ctypes.data)
+    return out
 
 
 def _copy_wide(dst: np.ndarray, src: np.ndarray) -> None:

@@ -25,7 +25,7 @@ from dnr_deploy.deploydir import manifest, signing
 from dnr_deploy.deploydir.manifest import ManifestError
 from dnr_deploy.deploydir.names import INPUT_NAME, MODEL_FILE, OUTPUT_NAME
 from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE, Int8CsrError, read_int8_csr
-from dnr_deploy.runtime.sparse.int8 import Int8SparseConv
+from dnr_deploy.runtime.sparse.int8 import Int8SparseConv, table_add
 
 
 class UnsupportedInt8Graph(ValueError):
@@ -115,6 +115,17 @@ class Int8Graph:
         self.skipped = self._weight_only_outputs()
         self.output_sizes: dict[str, tuple[int, int]] = {}  # node -> its output's H x W
         # each int8 layer's QuantizeLinear, whose requantization its kernel's epilogue does
+        # Adds of two quantized tensors whose one reader is a QuantizeLinear (ResNet's
+        # residual joins): done on the integers through a table, that QuantizeLinear included
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+        self.add_requantize = {
+            node.name: readers[node.output[0]][0] for node in self.graph.node
+            if node.op_type == "Add" and len(readers.get(node.output[0], [])) == 1
+            and readers[node.output[0]][0].op_type == "QuantizeLinear"}
+        self._add_tables: dict[tuple, np.ndarray] = {}
         self.requantize = {layer: next(n for n in self.graph.node
                                        if n.op_type == "QuantizeLinear"
                                        and self._output_of(layer) in n.input)
@@ -206,6 +217,10 @@ class Int8Graph:
                                           _Quantized):
             # dequantizing is monotone: the max of the integers is the integer of the max
             return [_Quantized(_max_pool(source.q, attrs), source.scale, source.zero_point)]
+        if op == "Add" and node.name in self.add_requantize:
+            result = self._quantized_add(node, values, fused)
+            if result is not None:
+                return [result]
         x = [self._float(values, name) if name else None for name in node.input]
         activation_4d = any(name in values and getattr(values[name], "ndim", 0) == 4
                             for name in node.input)
@@ -234,6 +249,32 @@ class Int8Graph:
             raise UnsupportedInt8Graph(f"node {node.name!r} ({op}) has no int8 graph rule")
         out = np.asarray(simple[op](), np.float32)
         return [out if op in _ELEMENTWISE else _to_chwn(out)]
+
+    def _quantized_add(self, node: onnx.NodeProto, values: dict, fused: set):
+        """Add(DequantizeLinear(a), DequantizeLinear(b)) -> QuantizeLinear as one lookup in a
+        256 x 256 table of the same float32 steps (so the same bytes): the float path
+        dequantized both, added and requantized, ten passes over float32 where this reads
+        each byte once (`int8.table_add`). None when the inputs are not two quantized tensors
+        of one shape."""
+        a, b = (self._value(values, name) for name in node.input)
+        if not (isinstance(a, _Quantized) and isinstance(b, _Quantized)) or \
+                a.q.shape != b.q.shape:
+            return None
+        quantize = self.add_requantize[node.name]
+        scale = float(self.consts[quantize.input[1]])
+        zero = int(self.consts[quantize.input[2]])
+        key = (a.scale, a.zero_point, b.scale, b.zero_point, scale, zero)
+        if key not in self._add_tables:
+            levels = np.arange(256, dtype=np.int32)
+            fa = _Quantized(levels, a.scale, a.zero_point).dequantized()
+            fb = _Quantized(levels, b.scale, b.zero_point).dequantized()
+            total = fa[:, None] + fb[None, :]
+            self._add_tables[key] = np.clip(np.rint(total / np.float32(scale)) + zero, 0,
+                                            255).astype(np.uint8).reshape(-1)
+        result = _Quantized(table_add(a.q, b.q, self._add_tables[key]), scale, zero)
+        fused.add(quantize.output[0])
+        values[quantize.output[0]] = result
+        return result
 
     def _int8_layer(self, node: onnx.NodeProto, values: dict, fused: set):
         source = self._value(values, node.input[0])
