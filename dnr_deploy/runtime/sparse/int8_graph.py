@@ -109,35 +109,31 @@ class Int8Graph:
         for layer in self.layers.values():
             self.convs[layer.node] = Int8SparseConv.from_layer(layer, relu=False)
         self.int8_nodes = sorted(self.convs)
-        # the weights' DequantizeLinear nodes (and what only they read) feed nothing the int8
-        # kernels use: each call dequantized every dense weight of the network for nothing
-        # (VGG16 at batch 1: most of 110 ms, where its kernels take under 3)
-        self.skipped = self._weight_only_outputs()
-        self.output_sizes: dict[str, tuple[int, int]] = {}  # node -> its output's H x W
-        # each int8 layer's QuantizeLinear, whose requantization its kernel's epilogue does
-        # Adds of two quantized tensors whose one reader is a QuantizeLinear (ResNet's
-        # residual joins): done on the integers through a table, that QuantizeLinear included
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
-        self.add_requantize = {
-            node.name: readers[node.output[0]][0] for node in self.graph.node
-            if node.op_type == "Add" and len(readers.get(node.output[0], [])) == 1
-            and readers[node.output[0]][0].op_type == "QuantizeLinear"}
-        self._add_tables: dict[tuple, np.ndarray] = {}
-        self.requantize = {layer: next(n for n in self.graph.node
-                                       if n.op_type == "QuantizeLinear"
-                                       and self._output_of(layer) in n.input)
-                           for layer, record in self.layers.items()
-                           if record.output_scale is not None}
-
-    def _weight_only_outputs(self) -> set[str]:
-        """Outputs that only the int8-run nodes' weight and bias inputs read, transitively."""
-        readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}  # value -> (node, slot)
         for node in self.graph.node:
             for slot, name in enumerate(node.input):
                 readers.setdefault(name, []).append((node, slot))
+        # the weights' DequantizeLinear nodes (and what only they read) feed nothing the int8
+        # kernels use: each call dequantized every dense weight of the network for nothing
+        # (VGG16 at batch 1: most of 110 ms, where its kernels take under 3)
+        self.skipped = self._weight_only_outputs(readers)
+        self.output_sizes: dict[str, tuple[int, int]] = {}  # node -> its output's H x W
+        # each int8 layer's QuantizeLinear, whose requantization its kernel's epilogue does
+        output_of = {node.name: node.output[0] for node in self.graph.node}
+        self.requantize = {
+            name: next(n for n, _ in readers[output_of[name]] if n.op_type == "QuantizeLinear")
+            for name, layer in self.layers.items() if layer.output_scale is not None}
+        # Adds of two quantized tensors whose one reader is a QuantizeLinear (ResNet's
+        # residual joins): done on the integers through a table, that QuantizeLinear included
+        self.add_requantize = {}
+        for node in self.graph.node:
+            sole = readers.get(node.output[0], [])
+            if node.op_type == "Add" and len(sole) == 1 and sole[0][0].op_type == "QuantizeLinear":
+                self.add_requantize[node.name] = sole[0][0]
+        self._add_tables: dict[tuple, np.ndarray] = {}
+
+    def _weight_only_outputs(self, readers: dict) -> set[str]:
+        """Outputs that only the int8-run nodes' weight and bias inputs read, transitively."""
         skipped: set[str] = set()
         for node in reversed(self.graph.node):
             used = [(n, slot) for name in node.output for n, slot in readers.get(name, [])]
@@ -145,9 +141,6 @@ class Int8Graph:
                             for n, slot in used):
                 skipped.update(node.output)
         return skipped
-
-    def _output_of(self, layer: str) -> str:
-        return next(n.output[0] for n in self.graph.node if n.name == layer)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         values: dict[str, object] = {INPUT_NAME: _to_chwn(np.asarray(images, np.float32))}
