@@ -30,6 +30,20 @@ def randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
             module.bias.data.copy_(0.2 * torch.randn(n, generator=generator))
 
 
+def int8_irregular_deploy_dir(run_dir: Path, *extra: str, density: float = 0.05,
+                              model_name: str = "small") -> Path:
+    """`write_fake_run` then `dnr-export --quantize int8` (no clean-accuracy gate: the weights
+    are random): an irregular int8 deploy dir with weights.int8.npz. `extra`: more export
+    flags."""
+    from dnr_deploy.cli import export_main
+    from dnr_deploy.deploydir import names
+
+    write_fake_run(run_dir, "irregular", density=density, model_name=model_name)
+    assert export_main([str(run_dir), "--quantize", "int8", "--int8-max-drop", "100",
+                        *extra]) == 0
+    return run_dir / names.DEFAULT_OUT
+
+
 def write_fake_run(run_dir: Path, granularity: str = "irregular", density: float = 0.05,
                    model_name: str = "small") -> dict:
     """A finished run dir as dnr-compress writes it (digits, the `small` net unless

@@ -12,20 +12,16 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from dnr_deploy.cli import export_main
 from dnr_deploy.deploydir import names
 from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE, Int8CsrError, read_int8_csr
-from tests.factories import write_fake_run
+from tests.factories import int8_irregular_deploy_dir
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("sparse-int8") / "run"
-    write_fake_run(run_dir, "irregular", density=0.05)
-    assert export_main([str(run_dir), "--quantize", "int8", "--int8-max-drop", "100"]) == 0
-    return run_dir / names.DEFAULT_OUT
+    return int8_irregular_deploy_dir(tmp_path_factory.mktemp("sparse-int8") / "run")
 
 
 @pytest.mark.ci

@@ -11,24 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dnr_deploy.cli import export_main
 from dnr_deploy.deploydir import names
 from dnr_deploy.deploydir.manifest import ManifestError
 from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE
 from dnr_deploy.runtime import runtimes
 from dnr_deploy.runtime.sparse import int8
 from dnr_deploy.runtime.sparse.int8_graph import Int8Graph
-from tests.factories import write_fake_run
+from tests.factories import int8_irregular_deploy_dir
 
 pytestmark = pytest.mark.skipif(not int8.supported_paths(), reason="_int8_kernels not built")
 
 
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("int8-runtime") / "run"
-    write_fake_run(run_dir, "irregular", density=0.05)
-    assert export_main([str(run_dir), "--quantize", "int8", "--int8-max-drop", "100"]) == 0
-    return run_dir / names.DEFAULT_OUT
+    return int8_irregular_deploy_dir(tmp_path_factory.mktemp("int8-runtime") / "run")
 
 
 def test_open_sparse_gives_the_int8_runner_and_auto_stays_on_onnx_runtime(deploy):
@@ -114,13 +110,10 @@ def test_residual_network_runs_in_chwn_as_the_reference_int8_math(tmp_path):
     on every kernel path this CPU runs."""
     from dnr_deploy.export.quantize import reference_session
 
-    run_dir = tmp_path / "run"
-    # half the weights kept: at 5% the random net's logits are the same for every image
-    write_fake_run(run_dir, "irregular", density=0.5, model_name="resnet18")
+    # half the weights kept: at 5% the random net's logits are the same for every image;
     # 7-bit weights (--reduce-range on), so that the AVX2 path runs it too
-    assert export_main([str(run_dir), "--quantize", "int8", "--int8-max-drop", "100",
-                        "--reduce-range", "on"]) == 0
-    deploy = run_dir / names.DEFAULT_OUT
+    deploy = int8_irregular_deploy_dir(tmp_path / "run", "--reduce-range", "on", density=0.5,
+                                       model_name="resnet18")
     x = np.random.default_rng(1).random((8, 1, 8, 8), dtype=np.float32)
     reference = reference_session(deploy / names.MODEL_FILE).run(
         None, {names.INPUT_NAME: x})[0]

@@ -204,6 +204,32 @@ def check_signature(deploy_dir: str | Path, verify_key: str | Path | None) -> di
     return {"checked": False, "verified": False, "status": text}
 
 
+def checked_manifest(deploy_dir: str | Path, verify_key: str | Path | None, required: str,
+                     not_this_kind) -> dict:
+    """The manifest of a deploy dir a runtime is about to parse, with the checks every runtime
+    makes first: with `verify_key` its signature; `required` listed in its files (else
+    `not_this_kind(manifest)` is raised: the error that names what the dir is instead); every
+    file's sha256; without `verify_key`, one notice that the signature was not checked.
+
+    Raises:
+        ManifestError: not a deploy dir, a file that fails its sha256, or (SignatureError)
+            with `verify_key`, no valid signature.
+    """
+    from dnr_deploy.deploydir.manifest import load_manifest, verify_files
+
+    folder = Path(deploy_dir)
+    if verify_key is not None:
+        check_signature(folder, verify_key)
+    info = load_manifest(folder)
+    files = info.get("files")
+    if not isinstance(files, dict) or required not in files:
+        raise not_this_kind(info)
+    verify_files(folder, info)
+    if verify_key is None:
+        check_signature(folder, None)
+    return info
+
+
 def _notice(text: str) -> None:
     warnings.warn(text, SignatureNotice, stacklevel=4)
 

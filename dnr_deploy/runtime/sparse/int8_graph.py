@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from dnr_deploy.deploydir import manifest, signing
+from dnr_deploy.deploydir import signing
 from dnr_deploy.deploydir.manifest import ManifestError
 from dnr_deploy.deploydir.names import INPUT_NAME, MODEL_FILE, OUTPUT_NAME
 from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE, Int8CsrError, read_int8_csr
@@ -304,16 +304,9 @@ def load_int8_graph(deploy_dir: str | Path, threads: int = 1,
         UnsupportedInt8Graph: a node the runner has no rule for.
     """
     folder = Path(deploy_dir)
-    if verify_key is not None:
-        signing.check_signature(folder, verify_key)
-    info = manifest.load_manifest(folder)
-    files = info.get("files")
-    if not isinstance(files, dict) or INT8_CSR_FILE not in files:
-        raise ManifestError(f"{str(deploy_dir)!r} holds no {INT8_CSR_FILE} in its manifest: "
-                            "not an irregular int8 export")
-    manifest.verify_files(folder, info)
-    if verify_key is None:
-        signing.check_signature(folder, None)
+    signing.checked_manifest(folder, verify_key, INT8_CSR_FILE, lambda _: ManifestError(
+        f"{str(deploy_dir)!r} holds no {INT8_CSR_FILE} in its manifest: not an irregular int8 "
+        "export"))
     try:
         graph = Int8Graph(folder, threads)
     except Int8CsrError as err:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from dnr_deploy.deploydir import manifest, names, signing
+from dnr_deploy.deploydir import names, signing
 from dnr_deploy.deploydir.manifest import ManifestError
 from dnr_deploy.runtime.sparse.model import (
     NotIrregularError,
@@ -118,18 +118,11 @@ def load_sparse(deploy_dir: str | Path, threads: int = 1,
         UnsupportedLayerError: an op the engine has no step for.
     """
     folder = Path(deploy_dir)
-    if verify_key is not None:
-        signing.check_signature(folder, verify_key)
-    info = manifest.load_manifest(folder)
-    files = info.get("files")
-    if not isinstance(files, dict) or names.CSR_FILE not in files:
-        raise NotIrregularError(
+    info = signing.checked_manifest(folder, verify_key, names.CSR_FILE, lambda info: (
+        NotIrregularError(
             f"the sparse runtime runs irregular deploy dirs; {str(deploy_dir)!r} is a "
             f"{info.get('granularity') or 'dense'} export without {names.CSR_FILE}: "
-            "use --runtime ort")
-    manifest.verify_files(folder, info)
-    if verify_key is None:
-        signing.check_signature(folder, None)
+            "use --runtime ort")))
     try:
         model = onnx.load(str(folder / names.MODEL_FILE), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends: a damaged file
