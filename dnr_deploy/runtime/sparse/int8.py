@@ -337,7 +337,11 @@ def table_add(a: np.ndarray, b: np.ndarray, table: np.ndarray) -> np.ndarray:
         index |= b
         return table[index]
     shape4 = (1,) * (4 - a.ndim) + a.shape
-    strides = [np.array(((0,) * (4 - x.ndim) + x.strides)[:3], np.int64) for x in (a, b)]
+    strides4 = [(0,) * (4 - x.ndim) + x.strides for x in (a, b)]
+    if all(st[2] == shape4[3] for st in strides4):  # rows whole (batch 1): one inner loop
+        shape4 = (1, shape4[0], shape4[1], shape4[2] * shape4[3])
+        strides4 = [(0, st[0], st[1], 1) for st in strides4]
+    strides = [np.array(st[:3], np.int64) for st in strides4]
     out = np.empty(a.shape, np.uint8)
     dims = np.array(shape4, np.int64)
     table = np.ascontiguousarray(table, np.uint8)
