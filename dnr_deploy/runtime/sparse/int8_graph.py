@@ -131,6 +131,10 @@ class Int8Graph:
             if node.op_type == "Add" and len(sole) == 1 and sole[0][0].op_type == "QuantizeLinear":
                 self.add_requantize[node.name] = sole[0][0]
         self._add_tables: dict[tuple, np.ndarray] = {}
+        # the nodes each call walks, attributes parsed once (protobuf parsing on every call
+        # was a measurable part of a batch-1 call)
+        self._walk = [(node, _attrs(node)) for node in self.graph.node
+                      if node.output[0] not in self.skipped]
 
     def _weight_only_outputs(self, readers: dict) -> set[str]:
         """Outputs that only the int8-run nodes' weight and bias inputs read, transitively."""
@@ -145,10 +149,10 @@ class Int8Graph:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         values: dict[str, object] = {INPUT_NAME: _to_chwn(np.asarray(images, np.float32))}
         fused: set[str] = set()
-        for node in self.graph.node:
-            if node.output[0] in fused or node.output[0] in self.skipped:
+        for node, attrs in self._walk:
+            if node.output[0] in fused:
                 continue
-            outs = self._run(node, values, fused)
+            outs = self._run(node, attrs, values, fused)
             for name, value in zip(node.output, outs, strict=False):
                 values[name] = value
         out = values[OUTPUT_NAME]
@@ -178,8 +182,8 @@ class Int8Graph:
         value = self._value(values, name)
         return value.dequantized() if isinstance(value, _Quantized) else value
 
-    def _run(self, node: onnx.NodeProto, values: dict, fused: set) -> list:
-        op, attrs = node.op_type, _attrs(node)
+    def _run(self, node: onnx.NodeProto, attrs: dict, values: dict, fused: set) -> list:
+        op = node.op_type
         if op == "Constant":
             return [numpy_helper.to_array(attrs["value"])]
         if op == "DequantizeLinear":
