@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from dnr_deploy import cli
+from dnr_deploy.runtime.sparse import run_cli
 
 # (command, parser builder, what it reads -> what it writes): the pipeline's order
 COMMANDS = (
@@ -17,6 +18,8 @@ COMMANDS = (
     ("dnr-bench", cli.build_bench_parser, "deploy dir -> DEPLOY_DIR/reports/bench.json"),
     ("dnr-verify", cli.build_verify_parser, "deploy dir -> DEPLOY_DIR/reports/verify.json"),
     ("dnr-report", cli.build_report_parser, "run dir or deploy dir -> a table, report.html"),
+    ("dnr-run", run_cli.build_parser,
+     "irregular deploy dir -> classes, logits or latency (also the runtime-only install's)"),
 )
 
 HEADER = """\
@@ -28,7 +31,7 @@ edit by hand (tests/test_docs_generated.py fails when this page is stale). -->
 Every setting of dnr-compress, dnr-export, dnr-bench and dnr-verify is also a key of the YAML
 file given with `--config` (a training recipe in `train/`, a deployment profile in `export/`);
 a flag on the command line wins over the file. Every command takes `--json` (the result as one
-JSON document on stdout, no progress) and all but dnr-report take `--quiet`.
+JSON document on stdout, no progress) and all but dnr-report and dnr-run take `--quiet`.
 """
 
 # (code, meaning, for example): rendered as the page's last table

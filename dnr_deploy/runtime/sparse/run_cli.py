@@ -21,7 +21,7 @@ import numpy as np
 MAX_THREADS = 256
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dnr-run", description=__doc__.splitlines()[0])
     parser.add_argument("deploy_dir", help="an irregular deploy dir (dnr-export's output)")
     parser.add_argument("--images", help=".npy of float32 NCHW images in [0, 1]: prints the "
@@ -75,7 +75,7 @@ def _open(deploy_dir: str, threads: int) -> tuple:
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     # notices (an unsigned deploy dir) as one line each, without the source line
     warnings.showwarning = lambda message, *_, **__: print(f"dnr-run: {message}",
                                                             file=sys.stderr)
