@@ -126,3 +126,28 @@ def test_residual_network_runs_in_chwn_as_the_reference_int8_math(tmp_path):
     assert np.array_equal(graph(x), ours)  # a second call: no buffer of the first leaks in
     for path in int8.supported_paths():
         assert np.array_equal(Int8Graph(deploy, path=path)(x), ours)
+
+
+def test_an_inconsistent_int8_csr_with_a_matching_manifest_is_one_line_and_exit_2(
+        deploy, tmp_path, capsys):
+    """A forger who rewrites the manifest's sha256 gets past the hash table, not the reader:
+    dnr-run (either install) refuses the CSR in one line."""
+    import hashlib
+
+    from dnr_deploy.runtime.sparse import run_cli
+
+    copy = tmp_path / "deploy"
+    shutil.copytree(deploy, copy)
+    path = copy / INT8_CSR_FILE
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = dict(npz)
+    arrays["0/indptr"] = arrays["0/indptr"][::-1].copy()
+    np.savez(path, **arrays)
+    manifest = json.loads((copy / names.MANIFEST_NAME).read_text())
+    data = path.read_bytes()
+    manifest["files"][INT8_CSR_FILE].update(sha256=hashlib.sha256(data).hexdigest(),
+                                            bytes=len(data))
+    (copy / names.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert run_cli.run([str(copy), "--batch", "1", "--runs", "1"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "unsigned" not in line]
+    assert len(errors) == 1 and "not consistent CSR" in errors[0]
