@@ -181,6 +181,8 @@ def plot(table: dict) -> None:
             ax.plot(*zip(*points, strict=True), style, label=f"width {width}, {method}")
     ax.axhline(-1.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
+    ax.set_xticks([2, 5, 10, 20, 50], ["2x", "5x", "10x", "20x", "50x"])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("compression (dense params / deployed params)")
     ax.set_ylabel("AutoAttack-grade accuracy minus dense (points)")
     ax.set_title("robustness lost to compression, by width (digits, eps 0.2)", fontsize=10)
