@@ -279,8 +279,10 @@ def _int8_vs_float(models: dict, runtime: dict, manifest: dict) -> dict:
     int8 model.onnx is a dense QDQ graph, larger than its sparse float original)."""
     model, original = models["model"], models["float"]
     files = manifest["files"]
-    compared = ("weights.int8.npz", "weights.csr.npz") if runtime.get("dtype") == "int8" \
-        else ("model.onnx", "model.fp32.onnx")
+    from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE
+
+    compared = (INT8_CSR_FILE, deploydir.CSR_FILE) if runtime.get("dtype") == "int8" \
+        else (deploydir.MODEL_FILE, deploydir.FP32_MODEL_FILE)
     return {"files": list(compared),
             "file_size_ratio": files[compared[1]]["bytes"] / files[compared[0]]["bytes"],
             "speedup": {batch: original["latency"][batch]["p50_ms"] / stats["p50_ms"]

@@ -331,7 +331,7 @@ def table_add(a: np.ndarray, b: np.ndarray, table: np.ndarray) -> np.ndarray:
     if a.shape != b.shape or table.shape != (65536,):
         raise ValueError(f"table_add takes two uint8 arrays of one shape and a 65536-entry "
                          f"table; got {a.shape}, {b.shape}, {table.shape}")
-    if _LIB is None or a.ndim > 4 or min(a.strides[-1:] + b.strides[-1:], default=1) != 1:
+    if _LIB is None or not 1 <= a.ndim <= 4 or a.strides[-1] != 1 or b.strides[-1] != 1:
         index = a.astype(np.uint16)
         index <<= 8
         index |= b

@@ -63,15 +63,13 @@ def _timing(model, shape: list[int], batches: list[int], runs: int) -> dict:
 def _open(deploy_dir: str, threads: int) -> tuple:
     """(the deploy dir's model, the kernel that runs it): the int8 kernels for an int8 deploy
     dir, the float engine otherwise."""
-    from dnr_deploy.export.sparse_int8 import INT8_CSR_FILE
-    from dnr_deploy.runtime.sparse import load_sparse
+    from dnr_deploy.runtime.sparse import load_deploy_dir
     from dnr_deploy.runtime.sparse.int8 import kernel_name as int8_kernel_name
-    from dnr_deploy.runtime.sparse.int8_graph import load_int8_graph
+    from dnr_deploy.runtime.sparse.int8_graph import Int8Graph
     from dnr_deploy.runtime.sparse.native import kernel_name
 
-    if (Path(deploy_dir) / INT8_CSR_FILE).exists():
-        return load_int8_graph(deploy_dir, threads), f"int8 {int8_kernel_name()}"
-    return load_sparse(deploy_dir, threads=threads), kernel_name()
+    model = load_deploy_dir(deploy_dir, threads)
+    return model, f"int8 {int8_kernel_name()}" if isinstance(model, Int8Graph) else kernel_name()
 
 
 def run(argv: list[str] | None = None) -> int:
