@@ -11,7 +11,8 @@ from setuptools import Extension, setup
 openmp = [] if sys.platform == "darwin" or sys.platform == "win32" else ["-fopenmp"]
 setup(ext_modules=[Extension(
     "dnr_deploy.runtime.sparse._kernels",
-    sources=["dnr_deploy/runtime/sparse/_kernels.cpp"],
+    sources=["dnr_deploy/runtime/sparse/_kernels.cpp",
+             "dnr_deploy/runtime/sparse/_winograd.cpp"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", *openmp],
     extra_link_args=openmp,

@@ -22,9 +22,9 @@ KEEP = {
     "dnr_deploy.runtime": {"__init__"},
     "dnr_deploy.runtime.sparse": {"__init__", "model", "plan", "native", "kernels", "onnx_graph",
                                   "onnx_reader", "onnx_ops", "pooling", "run_cli", "int8",
-                                  "int8_graph"},
+                                  "int8_graph", "winograd"},
 }
-KERNELS = ["_kernels.cpp", "_int8_kernels.cpp"]
+KERNELS = ["_kernels.cpp", "_winograd.cpp", "_int8_kernels.cpp"]
 
 
 def stage() -> None:
@@ -50,7 +50,8 @@ setup(
     # the root setup.py's two extensions, with the same flags
     ext_modules=[Extension(
         "dnr_deploy.runtime.sparse._kernels",
-        sources=["_staged/dnr_deploy/runtime/sparse/_kernels.cpp"],
+        sources=["_staged/dnr_deploy/runtime/sparse/_kernels.cpp",
+                 "_staged/dnr_deploy/runtime/sparse/_winograd.cpp"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", *openmp],
         extra_link_args=openmp,

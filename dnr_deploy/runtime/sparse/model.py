@@ -91,10 +91,10 @@ class SparseModel:
 
     def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
-        # BLAS runs only the dense-fallback layers; finding its libraries takes ~3 ms (more
-        # than a small net's whole call), so it is done once, and only when needed
-        self._blas = _blas_controller() if any(layer.dense for layer, _ in layers) \
-            else None
+        # BLAS runs only the dense-fallback and Winograd layers; finding its libraries takes
+        # ~3 ms (more than a small net's whole call), so it is done once, and only when needed
+        self._blas = _blas_controller() if any(
+            layer.dense or getattr(layer, "winograd", False) for layer, _ in layers) else None
         self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
@@ -112,21 +112,23 @@ class SparseModel:
             import numba
 
             numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        limit = self._blas.limit(limits=1, user_api="blas") if self._blas \
-            else contextlib.nullcontext()
         chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
         if not chunks:  # no images: no logits, of the right width
             return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
-        with limit:
-            split = self._split_for(chunks)
-            logits = self._run(chunks, split)
+        split = self._split_for(chunks)
+        logits = self._run(chunks, split)
         return np.concatenate(logits) if len(logits) > 1 else logits[0]
 
     def _run(self, chunks: list, split: str) -> list:
-        if split == "images":
-            return list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
         threads = self.threads if split == "layers" else 1
-        return [self._forward(chunk, threads) for chunk in chunks]
+        # BLAS gets the threads a layer gets: unlimited, it would also spin a thread per core
+        # beside the images' threads or another job's (5-10% slower Winograd layers here)
+        limit = self._blas.limit(limits=threads, user_api="blas") if self._blas \
+            else contextlib.nullcontext()
+        with limit:
+            if split == "images":
+                return list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
+            return [self._forward(chunk, threads) for chunk in chunks]
 
     def _split_for(self, chunks: list) -> str:
         """How threads share this batch size's work: "layers" (OpenMP inside each layer),

@@ -44,6 +44,13 @@ if _LIB is not None:
     _LIB.dnr_global_avg_pool.restype = None
     _LIB.dnr_sparse_avx2.restype = ctypes.c_int
     _LIB.dnr_sparse_avx512.restype = ctypes.c_int
+    if hasattr(_LIB, "dnr_winograd_input"):  # a library built before it lacks them
+        _LIB.dnr_winograd_input.argtypes = [_PTR]
+        _LIB.dnr_winograd_input.restype = None
+        _LIB.dnr_winograd_output.argtypes = [_PTR]
+        _LIB.dnr_winograd_output.restype = None
+        _LIB.dnr_winograd_has_path.argtypes = [ctypes.c_int64]
+        _LIB.dnr_winograd_has_path.restype = ctypes.c_int
 
 
 def kernel_name() -> str:
@@ -147,6 +154,106 @@ def split_phases(x: np.ndarray, stride: int, pad: int, used: np.ndarray,
 def wide_vectors() -> bool:
     """Whether the kernel can take 16-float vectors (AVX-512) on this CPU."""
     return _LIB is not None and bool(_LIB.dnr_sparse_avx512())
+
+
+class WinoIn(ctypes.Structure):
+    """_winograd.cpp's WinoIn."""
+
+    _fields_ = [("src", ctypes.c_void_p)] + \
+        [(name, ctypes.c_int64) for name in ("chans", "chan_stride", "row_stride", "tiles_w",
+                                              "tile0", "tiles", "batch", "threads")] + \
+        [("v", ctypes.c_void_p), ("v_stride", ctypes.c_int64), ("path", ctypes.c_int64)]
+
+
+class WinoOut(ctypes.Structure):
+    """_winograd.cpp's WinoOut."""
+
+    _fields_ = [("m", ctypes.c_void_p)] + \
+        [(name, ctypes.c_int64) for name in ("chans", "tiles_w", "tile0", "tiles", "batch",
+                                              "threads")] + \
+        [("bias", ctypes.c_void_p), ("relu", ctypes.c_int64), ("out", ctypes.c_void_p),
+         ("chan_stride", ctypes.c_int64), ("row_stride", ctypes.c_int64),
+         ("res", ctypes.c_void_p), ("res_chan_stride", ctypes.c_int64),
+         ("res_row_stride", ctypes.c_int64), ("m_stride", ctypes.c_int64),
+         ("path", ctypes.c_int64)]
+
+
+WINOGRAD_PATHS = {"portable": 1, "avx2": 2, "avx512": 3}  # _winograd.cpp's Path
+
+
+def winograd_available() -> bool:
+    """Whether the compiled Winograd transforms are present."""
+    return _LIB is not None and hasattr(_LIB, "dnr_winograd_input")
+
+
+def winograd_paths() -> list[str]:
+    """The transforms' code paths this CPU runs, slowest first (tests run each)."""
+    if not winograd_available():
+        return []
+    return [name for name, code in WINOGRAD_PATHS.items() if _LIB.dnr_winograd_has_path(code)]
+
+
+def _winograd_path(path: str | None) -> int:
+    """The code of `path`, or of the fastest this CPU runs when None."""
+    paths = winograd_paths()
+    if path is None:
+        return WINOGRAD_PATHS[paths[-1]]
+    if path not in paths:
+        raise ValueError(f"winograd: this CPU does not run the {path!r} path (runs {paths})")
+    return WINOGRAD_PATHS[path]
+
+
+def _slices_contiguous(x: np.ndarray) -> bool:
+    """Whether each x[k] of a 3-D array is C-contiguous (x itself may skip floats between)."""
+    return x.ndim == 3 and x.strides[2] == 4 and x.strides[1] == 4 * x.shape[2] and \
+        x.strides[0] >= 4 * x.shape[1] * x.shape[2] and x.strides[0] % 4 == 0
+
+
+def _bound(function, args: ctypes.Structure) -> Callable[[], None]:
+    call = functools.partial(function, ctypes.addressof(args))
+    call.struct = args  # the struct lives as long as the call
+    return call
+
+
+def winograd_input_call(planes: np.ndarray, tiles_w: int, tiles: range, v: np.ndarray,
+                        threads: int, path: str | None = None) -> Callable[[], None]:
+    """The input transform of `tiles` (row-major, `tiles_w` a row) of `planes` (chans, hq, wq,
+    batch), C-contiguous and zero-bordered, into V (36, chans, len(tiles) * batch), each V[k]
+    C-contiguous. `path`: one of `winograd_paths()`, the fastest when None."""
+    chans, hq, wq, batch = planes.shape
+    last = tiles.stop - 1
+    if planes.dtype != np.float32 or v.dtype != np.float32 or \
+            not planes.flags.c_contiguous or not _slices_contiguous(v) or \
+            v.shape != (36, chans, len(tiles) * batch) or not len(tiles) or tiles.start < 0 or \
+            hq < 4 * (last // tiles_w) + 6 or wq < 4 * tiles_w + 2:
+        raise ValueError("winograd_input: planes and V do not match")
+    return _bound(_LIB.dnr_winograd_input,
+                  WinoIn(planes.ctypes.data, chans, hq * wq * batch, wq * batch, tiles_w,
+                         tiles.start, len(tiles), batch, threads, v.ctypes.data,
+                         v.strides[0] // 4, _winograd_path(path)))
+
+
+def winograd_output_call(m: np.ndarray, tiles_w: int, tiles: range, batch: int,
+                         bias: np.ndarray, relu: bool, out: np.ndarray, out_stride: int,
+                         out_row: int, residual: tuple[int, int, int] | None,
+                         threads: int, path: str | None = None) -> Callable[[], None]:
+    """The output transform of M (36, O, len(tiles) * batch) into `out` (1-D float32; channel
+    o's pixel (i, j) at o * out_stride + i * out_row + j * batch), with bias, the residual
+    (address, channel stride, row stride in floats) or None, and ReLU. `path`: one of
+    `winograd_paths()`, the fastest when None."""
+    chans = m.shape[1]
+    last = tiles.stop - 1
+    end = (chans - 1) * out_stride + (4 * (last // tiles_w) + 3) * out_row + 4 * tiles_w * batch
+    if m.dtype != np.float32 or not _slices_contiguous(m) or out.dtype != np.float32 or \
+            not out.flags.c_contiguous or bias.dtype != np.float32 or \
+            not bias.flags.c_contiguous or bias.shape != (chans,) or not len(tiles) or \
+            tiles.start < 0 or m.shape != (36, chans, len(tiles) * batch) or end > out.size:
+        raise ValueError("winograd_output: M, bias and the output do not match")
+    res, res_chan, res_row = residual or (None, 0, 0)
+    return _bound(_LIB.dnr_winograd_output,
+                  WinoOut(m.ctypes.data, chans, tiles_w, tiles.start, len(tiles), batch, threads,
+                          bias.ctypes.data, int(relu), out.ctypes.data, out_stride, out_row,
+                          res, res_chan, res_row, m.strides[0] // 4, _winograd_path(path)))
 
 
 available = _LIB is not None

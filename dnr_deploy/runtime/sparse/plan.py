@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from dnr_deploy.runtime.sparse import native
+from dnr_deploy.runtime.sparse import native, winograd
 
 # Above this fraction of nonzero weights a layer runs as im2col + BLAS instead of the sparse
 # kernel. Measured with benchmarks/sparse_threshold.py (3x3 convs of VGG16's sizes, batch 4,
@@ -144,6 +145,13 @@ class SparseConv:
         self.drow = (row // stride).astype(np.int64)
         self.dcol = (col // stride).astype(np.int64)
         self.nonzeros = int(np.count_nonzero(matrix))
+        # Winograd F(4x4, 3x3) where it pays (winograd.py): the shape decides here, the density
+        # and output size at the first call of a size (which also makes the transformed
+        # weights, after any normalization is folded in); `winograd_always` is for benchmarks
+        self.winograd = not self.dense and winograd.eligible(self.shape, stride, pads,
+                                                             dilation, groups)
+        self.winograd_always = False
+        self._winograd_weights: np.ndarray | None = None
         self.into: SparseConv | None = None
         self.match: SparseConv | None = None
         self.border: np.ndarray | None = None  # per input channel: what the padding holds
@@ -218,7 +226,7 @@ class SparseConv:
         if key in self._jobs:
             return self._jobs[key]
         chans, height, width, batch = shape
-        out_chans, kw = self.shape[0], (self.shape[3] - 1) * self.dilation + 1
+        kw = (self.shape[3] - 1) * self.dilation + 1
         s, (top, left) = self.stride, self.pads[:2]
         into, wide = self._target(self.geometry(shape), threads) if self.native else (None, 0)
         g = self.geometry(shape, wide)
@@ -236,6 +244,14 @@ class SparseConv:
         self._jobs[key] = job
         if not self.native:
             return job
+        if into is not None:  # straight into the consumer's planes
+            start = (self.into.pads[0] * g.wq + self.into.pads[1]) * batch
+            out, out_stride = into["src"][start:], into["geometry"].plane
+            view = into["interior"]
+        else:
+            out, out_stride, view = None, 0, None
+        if self._runs_winograd(g):
+            return self._winograd_job(job, g, threads, out, out_stride, view)
         # 16-float vectors (AVX-512) on a chunk of 8 images where a row's pixels fill them:
         # measured at batch 16, 5% density, 1 thread, against 8-float vectors on chunks of 4:
         # VGG16 8.5-9.0 ms instead of 11.6-13.6, ResNet-18 16.5-17.4 instead of 20.0-23.3
@@ -252,16 +268,11 @@ class SparseConv:
             positions = width * np.arange(-(-g.length // width))
             out_length = len(positions) * width
         positions = positions.astype(np.int32)
-        if into is not None:  # straight into the consumer's planes
-            start = (self.into.pads[0] * g.wq + self.into.pads[1]) * batch
-            out, out_stride = into["src"][start:], into["geometry"].plane
-            job["view"] = into["interior"]
+        if out is not None:
+            job["view"] = view
         else:
             out_stride = out_length
-            out = np.empty(out_chans * out_length, np.float32)
-            job["view"] = np.ndarray((out_chans, g.ho, g.wq, batch), np.float32, out,  # the
-                                     strides=(out_length * 4, g.wq * batch * 4, batch * 4, 4)
-                                     )[:, :, :g.wo]  # garbage columns skipped, no copy
+            out, job["view"] = self._own_output(g, out_length)
         # blocks of tiles (8 vectors of 8 or 16 floats) sized so that the input a block reads (one
         # stretch per input channel and phase) stays near 256 KiB, a quarter of L2 here
         block = max(1, 65536 // (chans * s * s) // (8 * width))
@@ -279,6 +290,56 @@ class SparseConv:
         job.update(bind=bind, run=bind(self.relu), keep=(offsets, positions, out),
                    residual=None)
         return job
+
+    def _own_output(self, g: Geometry, out_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """A buffer of `out_length` floats per output channel, and its pixels as a CHWN view
+        (rows of `wq` columns; the garbage columns skipped, no copy)."""
+        out = np.empty(self.shape[0] * out_length, np.float32)
+        view = np.ndarray((self.shape[0], g.ho, g.wq, g.batch), np.float32, out,
+                          strides=(out_length * 4, g.wq * g.batch * 4, g.batch * 4, 4))
+        return out, view[:, :, :g.wo]
+
+    def _runs_winograd(self, g: Geometry) -> bool:
+        """Winograd for this call: the layer qualifies, its output is whole 4 x 4 tiles, and
+        the chunk is whole vectors of 4 images or more (chunks of 8 with AVX-512, 4 without;
+        on a batch of 1 the transforms run one float at a time and cost as much as the sparse
+        kernel saves)."""
+        return self.winograd and winograd.fits(g.ho, g.wo) and g.batch % 4 == 0 and (
+            self.winograd_always or winograd.pays(self.density, self.shape[1], g.ho, g.wo))
+
+    def _winograd_job(self, job: dict, g: Geometry, threads: int, out: np.ndarray | None,
+                      out_stride: int, view: np.ndarray | None) -> dict:
+        """`job` completed for the Winograd path: its output (its own buffer, or the
+        consumer's planes) and the bound call, taking `bind(relu, residual)` as the sparse
+        kernel's does."""
+        if self._winograd_weights is None:
+            self._winograd_weights = winograd.transformed_weights(self.dense_weight())
+        row = g.wq * g.batch
+        if out is None:
+            out_stride = g.ho * row
+            out, view = self._own_output(g, out_stride)
+        job["view"] = view
+        team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
+
+        def bind(relu: bool, residual: tuple[int, int] | None = None) -> Callable[[], None]:
+            return winograd.bind(self._winograd_weights, self.bias, job["planes"][0], g.ho,
+                                 g.wo, out, out_stride, row, team, relu,
+                                 None if residual is None else (*residual, row))
+
+        job.update(bind=bind, run=bind(self.relu), keep=(out,), residual=None)
+        return job
+
+    def dense_weight(self) -> np.ndarray:
+        """The layer's (O, C, kh, kw) weights as the kernels run them (normalization folded
+        in), from the CSR or dense matrix; stride 1 only (where Winograd runs)."""
+        out_chans, in_chans, kh, kw = self.shape
+        weight = np.zeros(self.shape, np.float32)
+        if self.dense:
+            return self.matrix.reshape(self.shape).copy()
+        rows = np.repeat(np.arange(out_chans), np.diff(self.indptr))
+        weight[rows, self.phase_chan % in_chans, self.drow // self.dilation,
+               self.dcol // self.dilation] = self.values
+        return weight
 
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None,
                  threads: int = 1) -> np.ndarray:

@@ -1,0 +1,115 @@
+"""Winograd F(4x4, 3x3) in the sparse engine: the transforms against torch on every code path
+this CPU runs, the rule that picks it, and whole networks that use it against ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dnr_deploy.export.onnx import export_onnx
+from dnr_deploy.models import create_model
+from dnr_deploy.runtime.runtimes import PARITY_ATOL
+from dnr_deploy.runtime.session import create_session, run_logits
+from dnr_deploy.runtime.sparse import build_sparse_model, native, winograd
+from dnr_deploy.runtime.sparse.plan import SparseConv
+from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
+from tests.factories import randomize_norms
+
+pytestmark = pytest.mark.skipif(not native.winograd_available(),
+                                reason="the compiled Winograd transforms are not built")
+
+
+def reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, residual, relu: bool):
+    """conv3x3(pad 1) + bias (+ residual), ReLU, in float64, CHWN in and out."""
+    nchw = torch.from_numpy(x.transpose(3, 0, 1, 2).astype(np.float64))
+    y = F.conv2d(nchw, torch.from_numpy(weight.astype(np.float64)),
+                 torch.from_numpy(bias.astype(np.float64)), padding=1).numpy()
+    y = y.transpose(1, 2, 3, 0)
+    if residual is not None:
+        y = y + residual
+    return np.maximum(y, 0.0) if relu else y
+
+
+# (in, out channels, height, width, images): whole 16-, 8- and 4-float lanes, a batch of 3 (one
+# float at a time), a non-square map, more tiles than a GEMM block holds
+CASES = [(16, 24, 8, 12, 16), (32, 16, 16, 16, 8), (8, 8, 4, 8, 3), (16, 8, 8, 8, 4),
+         (64, 32, 32, 32, 8)]
+
+
+@pytest.mark.parametrize("path", native.winograd_paths())
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}x{c[3]}-n{c[4]}"
+                                              for c in CASES])
+@pytest.mark.parametrize("relu,with_residual", [(True, True), (False, False)])
+def test_transforms_match_torch_on_every_path(path, case, relu, with_residual):
+    chans, out_chans, height, width, batch = case
+    rng = np.random.default_rng(sum(case))
+    weight = (rng.standard_normal((out_chans, chans, 3, 3)) * 0.1).astype(np.float32)
+    weight *= rng.random(weight.shape) < 0.4
+    bias = rng.standard_normal(out_chans).astype(np.float32)
+    x = rng.standard_normal((chans, height, width, batch)).astype(np.float32)
+    # input planes with one column of slack, output rows wider than the map (as when a
+    # layer writes into the next one's planes): the strides must be honoured, not assumed
+    planes = np.zeros((chans, height + 2, width + 3, batch), np.float32)
+    planes[:, 1:height + 1, 1:width + 1] = x
+    row = (width + 5) * batch
+    out = np.full(out_chans * height * row, np.nan, np.float32)
+    residual = rng.standard_normal((out_chans, height, width + 5, batch)).astype(np.float32)
+    call = winograd.bind(winograd.transformed_weights(weight), bias, planes, height, width, out,
+                         height * row, row, 1, relu,
+                         (residual.ctypes.data, height * row, row) if with_residual else None,
+                         path=path)
+    call()
+    got = out.reshape(out_chans, height, width + 5, batch)
+    want = reference(x, weight, bias, residual[:, :, :width] if with_residual else None, relu)
+    scale = np.abs(want).max()
+    assert np.abs(got[:, :, :width] - want).max() <= 1e-5 * max(scale, 1.0)
+    assert np.isnan(got[:, :, width:]).all()  # the columns past the map are left alone
+
+
+def test_an_unsupported_path_is_refused():
+    with pytest.raises(ValueError, match="does not run"):
+        native.winograd_input_call(np.zeros((1, 6, 6, 8), np.float32), 1, range(1),
+                                   np.zeros((36, 1, 8), np.float32), 1, path="neon")
+
+
+@pytest.mark.parametrize("density,chans,size,runs", [
+    (0.3, 64, 32, True), (0.2, 64, 32, False),  # 16x16 tiles and more: from 0.28
+    (0.3, 256, 8, False), (0.6, 256, 8, True),  # 8x8: from 0.5
+    (0.9, 512, 4, False),                        # 4x4: never (one tile an image)
+    (0.9, 3, 32, False),                         # a first layer: never
+])
+def test_winograd_runs_where_the_threshold_table_says(density, chans, size, runs):
+    assert winograd.pays(density, chans, size, size) is runs
+
+
+def test_only_stride_one_padding_one_3x3_convs_qualify():
+    weight = np.ones((8, 8, 3, 3), np.float32)
+    assert SparseConv(weight, np.zeros(8, np.float32), 1, 1, True).winograd
+    assert not SparseConv(weight, np.zeros(8, np.float32), 2, 1, True).winograd
+    assert not SparseConv(weight, np.zeros(8, np.float32), 1, 2, True, dilation=2).winograd
+    assert not SparseConv(weight[:, :4], np.zeros(8, np.float32), 1, 1, True, groups=2).winograd
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet18"])
+def test_networks_at_dnr_like_density_match_onnx_runtime(name, tmp_path):
+    """At 40% density (DNR's early layers) the 3x3 layers of 16x16 outputs and more run
+    Winograd on chunks of 8 images; logits stay within the parity limit of ONNX Runtime,
+    with 1 and 2 threads, and on the images of a chunk of 1 (sparse kernel) alike."""
+    torch.manual_seed(0)
+    model = create_model(name, 10, 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+    randomize_norms(model, torch.Generator().manual_seed(0))
+    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
+    apply_masks(model, random_masks(weights, 0.4, torch.Generator().manual_seed(0)))
+    export_onnx(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", opset=18)
+    x = np.random.default_rng(0).random((17, 3, 32, 32), dtype=np.float32)
+    ort = run_logits(create_session(tmp_path / "m.onnx")[0], x)
+    for threads in (1, 2):
+        sparse = build_sparse_model(model, [3, 32, 32], threads=threads)
+        got = sparse(x)
+        assert np.abs(got - ort).max() <= PARITY_ATOL
+        assert (got.argmax(1) == ort.argmax(1)).all()
+    ran = [layer for layer, _ in sparse.layers if isinstance(layer, SparseConv) and
+           any(layer._runs_winograd(job["geometry"]) for job in layer._jobs.values())]
+    assert len(ran) >= 3  # the stride-1 layers of 64 channels or more at 32x32 and 16x16
