@@ -92,9 +92,14 @@ class SparseModel:
     def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
         # BLAS runs only the dense-fallback and Winograd layers; finding its libraries takes
-        # ~3 ms (more than a small net's whole call), so it is done once, and only when needed
-        self._blas = _blas_controller() if any(
-            layer.dense or getattr(layer, "winograd", False) for layer, _ in layers) else None
+        # ~3 ms (more than a small net's whole call), so it is done once, and only when needed;
+        # limiting its threads costs ~15 us a call (a seventh of the default net's batch-1
+        # call), so that too happens only where a layer runs it: any batch with a dense layer,
+        # chunks of 4 images or more with a Winograd one
+        self._blas_always = any(layer.dense for layer, _ in layers)
+        self._blas_chunks = self._blas_always or any(
+            isinstance(layer, SparseConv) and layer.uses_blas(*size) for layer, size in layers)
+        self._blas = _blas_controller() if self._blas_chunks else None
         self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
@@ -123,7 +128,8 @@ class SparseModel:
         threads = self.threads if split == "layers" else 1
         # BLAS gets the threads a layer gets: unlimited, it would also spin a thread per core
         # beside the images' threads or another job's (5-10% slower Winograd layers here)
-        limit = self._blas.limit(limits=threads, user_api="blas") if self._blas \
+        uses_blas = self._blas_always or (self._blas_chunks and chunks[0].shape[0] % 4 == 0)
+        limit = self._blas.limit(limits=threads, user_api="blas") if uses_blas \
             else contextlib.nullcontext()
         with limit:
             if split == "images":
