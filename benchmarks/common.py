@@ -24,6 +24,20 @@ from dnr_deploy.data import load_data, test_subset
 from dnr_deploy.models import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# the CPUs this process may use at start (pin_cpus narrows the set; this keeps the first)
+_START_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def pin_cpus(count: int) -> list[int]:
+    """Pin the calling thread, and the threads and processes it starts from now on (OpenMP's,
+    ONNX Runtime's, a DeepSparse worker), to the first `count` CPUs this process was given, so
+    a timing at N threads stays on N cores instead of migrating among them. Returns the CPUs
+    (empty where the OS has no affinity call)."""
+    if not _START_CPUS:
+        return []
+    cpus = _START_CPUS[:count]
+    os.sched_setaffinity(0, cpus)
+    return cpus
 
 # Each method at a density, as dnr-compress settings.
 METHODS: dict[str, dict] = {

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from common import write_results
+from common import pin_cpus, write_results
 from dnr_masks import dnr_deploy_dir
 from side_by_side import DeepSparse, call_runner, dense_copy, time_in_turns
 
@@ -84,6 +84,7 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
         dense_path = folder / f"{name}.{masks}.{density:g}.dense.onnx"
         onnx.save(dense_copy(model), dense_path)
         for t in threads:
+            cpus = pin_cpus(t)  # before the engine, ORT and DeepSparse start their threads
             engine = build_from_onnx(model, shape, threads=t)
             macs = engine.macs(shape)
             bound = macs["dense"] / macs["nonzero"]
@@ -110,7 +111,7 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
                        "sparse_p50_ms": p50["sparse"], "speedup": speedup,
                        "nonzero_mac_bound": bound, "efficiency": speedup / bound,
                        "sparse_gmacs": macs["nonzero"] * batch / p50["sparse"] / 1e6,
-                       "kernel": kernel_name(), "parity": parity}
+                       "kernel": kernel_name(), "parity": parity, "cpus": cpus}
                 line = ""
                 if side:
                     row.update(deepsparse_version=side.version,

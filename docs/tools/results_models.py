@@ -8,7 +8,7 @@ from sweep_cells import cell_text, trained_on
 
 def sparse_runtime_section() -> str:
     data, small = load("sparse_runtime"), load("sparse_runtime_small_net")
-    threshold = load("sparse_threshold")
+    threshold, winograd = load("sparse_threshold"), load("winograd_threshold")
     rows = []
     for source in (data, small):
         batches = source["args"]["batches"]
@@ -20,8 +20,6 @@ def sparse_runtime_section() -> str:
                     rows.append([model, density, threads, *(
                         f"{cell['speedup']:.2f}x ({cell['efficiency']:.2f})" if cell else "-"
                         for cell in figures)])
-    layers = threshold["layers"]
-    densities = list(next(iter(layers.values())))
     return "\n".join([
         "### Sparse runtime against ONNX Runtime dense", "",
         command_of(data, "sparse_runtime") + " and " + command_of(small,
@@ -34,9 +32,18 @@ def sparse_runtime_section() -> str:
         "Where the dense fallback pays (sparse time / im2col + BLAS time for one 3x3 layer, "
         "batch 4, 1 thread; below 1 the sparse kernel is faster): "
         + command_of(threshold, "sparse_threshold"), "",
-        table(["layer", *densities],
-              [[layer, *(f"{values[d]:.2f}" for d in densities)]
-               for layer, values in layers.items()])]) + "\n"
+        _ratio_table(threshold["layers"]), "",
+        "Where Winograd F(4x4, 3x3) pays (sparse time / Winograd time for one 3x3 stride-1 "
+        f"layer, a chunk of {winograd['args']['batch']} images, 1 thread; above 1 Winograd is "
+        "faster; `winograd.pays` is read off it): " + command_of(winograd, "winograd_threshold"),
+        "", _ratio_table(winograd["layers"])]) + "\n"
+
+
+def _ratio_table(layers: dict) -> str:
+    densities = list(next(iter(layers.values())))
+    return table(["layer", *densities],
+                 [[layer, *(f"{values[d]:.2f}" for d in densities)]
+                  for layer, values in layers.items()])
 
 
 def torchvision_section() -> str:
