@@ -77,10 +77,26 @@ def sparse_side_by_side_section() -> str:
         f"bound; after the slash DeepSparse {version or '(not run)'}'s, timed in turns in the "
         "same run (its own venv: `make deepsparse`). \"dnr\" masks come from short DNR runs "
         "at 32x32 (`benchmarks/dnr_masks.py`), which keep the early, MAC-heavy layers dense, "
-        "so their bound is far below 20x; \"random\" masks are uniform. See "
-        "[sparse-runtime.md](sparse-runtime.md).", "",
+        "so their bound is far below 20x; \"random\" masks are uniform. Threads pinned to "
+        "as many cores. See [sparse-runtime.md](sparse-runtime.md).", "",
         table(["model", "masks", "bound", "threads",
-               *(f"batch {b}" for b in args["batches"])], rows)]) + "\n"
+               *(f"batch {b}" for b in args["batches"])], rows), "",
+        _winograd_ab()]) + "\n"
+
+
+def _winograd_ab() -> str:
+    """Winograd on and off in one run, on the DNR-trained VGG16 and ResNet-18."""
+    data = load("winograd_ab")
+    rows = [[TITLES.get(key.split("-t")[0], key.split("-t")[0]), row["threads"], row["batch"],
+             f"{row['sparse_p50_ms']:.2f}", f"{row['winograd_p50_ms']:.2f}",
+             f"{row['ratio']:.2f}x",
+             f"{max(row['max_abs_vs_ort'].values()):.1e}"] for key, row in data["rows"].items()]
+    return "\n".join([
+        "Winograd F(4x4, 3x3) on the 3x3 layers where it pays, against the sparse kernel alone "
+        "(p50 ms of the whole network, timed in turns; the table above has it on): "
+        + command_of(data, "winograd_ab"), "",
+        table(["model", "threads", "batch", "sparse kernel only", "with Winograd", "speedup",
+               "max logit diff vs ORT"], rows)])
 
 
 def sparse_torchvision_section() -> str:
