@@ -126,10 +126,11 @@ class SparseModel:
 
     def _run(self, chunks: list, split: str) -> list:
         threads = self.threads if split == "layers" else 1
-        # BLAS gets the threads a layer gets: unlimited, it would also spin a thread per core
-        # beside the images' threads or another job's (5-10% slower Winograd layers here)
+        # BLAS on one thread: beside the images' threads a second BLAS thread per core only
+        # competes, and inside a layer split over OpenMP its workers and OpenMP's spinning ones
+        # fought for the two cores (ResNet-18 at batch 16: 236 ms, against 61 on one thread)
         uses_blas = self._blas_always or (self._blas_chunks and chunks[0].shape[0] % 4 == 0)
-        limit = self._blas.limit(limits=threads, user_api="blas") if uses_blas \
+        limit = self._blas.limit(limits=1, user_api="blas") if uses_blas \
             else contextlib.nullcontext()
         with limit:
             if split == "images":
