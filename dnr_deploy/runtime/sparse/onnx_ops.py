@@ -36,9 +36,14 @@ def feature_axis(axis: int, rank: int, what: str) -> int:
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-x)) without overflow: exp of -|x| only."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+    """1 / (1 + exp(-x)) as 0.5 + 0.5 tanh(x / 2): no overflow, and four in-place passes
+    instead of the seven temporaries of exp(-|x|) and a select (efficientnet makes 65 calls a
+    batch-1 image). Absolute error below 1e-7."""
+    out = np.multiply(x, np.float32(0.5), dtype=np.float32)
+    np.tanh(out, out=out)
+    out *= np.float32(0.5)
+    out += np.float32(0.5)
+    return out
 
 
 def hard_sigmoid(alpha: float, beta: float) -> Callable:
