@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from common import write_results
+from common import pin_cpus, write_results
 
 from dnr_deploy.export.onnx import export_onnx, sparsify_initializers
 from dnr_deploy.models import create_model
@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--name", default="sparse_torchvision")
     args = parser.parse_args()
-    data = {"args": vars(args), "machine": machine_info(), "shape": SHAPE, "models": {}}
+    data = {"args": vars(args), "machine": machine_info(), "shape": SHAPE, "models": {},
+            "cpus": pin_cpus(1)}  # 1 thread: both runtimes on one core
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             try:
