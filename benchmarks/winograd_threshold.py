@@ -14,8 +14,7 @@ import argparse
 
 import numpy as np
 from common import write_results
-from sparse_threshold import best_seconds
-from threadpoolctl import threadpool_limits
+from sparse_threshold import ratio_sweep
 
 from dnr_deploy.runtime.bench import machine_info
 from dnr_deploy.runtime.sparse.plan import SparseConv
@@ -25,6 +24,14 @@ from dnr_deploy.runtime.sparse.plan import SparseConv
 LAYERS = ((3, 64, 32), (16, 16, 32), (64, 64, 32), (128, 128, 16), (256, 256, 8), (512, 512, 4))
 
 
+def sparse_and_winograd(weight: np.ndarray, bias: np.ndarray) -> tuple:
+    sparse = SparseConv(weight, bias, 1, 1, True)
+    sparse.winograd = False
+    fast = SparseConv(weight, bias, 1, 1, True)
+    fast.winograd_always = True  # whatever winograd.pays says
+    return sparse, fast
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--densities", type=float, nargs="+",
@@ -32,25 +39,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="images a call (a chunk)")
     parser.add_argument("--name", default="winograd_threshold")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    rows = {}
-    with threadpool_limits(1):
-        for chans, out_chans, size in LAYERS:
-            x = rng.standard_normal((chans, size, size, args.batch)).astype(np.float32)
-            ratios = {}
-            for density in args.densities:
-                weight = rng.standard_normal((out_chans, chans, 3, 3)).astype(np.float32)
-                weight *= rng.random(weight.shape) < density
-                bias = np.zeros(out_chans, np.float32)
-                sparse = SparseConv(weight, bias, 1, 1, True)
-                sparse.winograd = False
-                fast = SparseConv(weight, bias, 1, 1, True)
-                fast.winograd_always = True  # whatever winograd.pays says
-                ratios[f"{density:g}"] = best_seconds(sparse, x) / best_seconds(fast, x)
-            label = f"{chans}->{out_chans} 3x3 at {size}x{size}"
-            rows[label] = ratios
-            print(f"{label:<24} sparse / Winograd time: " +
-                  "  ".join(f"{d}: {r:.2f}" for d, r in ratios.items()), flush=True)
+    rows = ratio_sweep(LAYERS, args.densities, args.batch, sparse_and_winograd,
+                       "sparse / Winograd time")
     write_results(args.name, {"args": vars(args), "machine": machine_info(), "layers": rows})
 
 

@@ -30,6 +30,20 @@ def randomize_norms(model: nn.Module, generator: torch.Generator) -> None:
             module.bias.data.copy_(0.2 * torch.randn(n, generator=generator))
 
 
+def masked_paper_model(name: str, density: float) -> nn.Module:
+    """A seeded registry network (vgg16, resnet18) for 3x32x32 inputs in eval mode, with
+    non-trivial batch norms and random irregular masks at `density` applied."""
+    from dnr_deploy.models import create_model
+    from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
+
+    torch.manual_seed(0)
+    model = create_model(name, 10, 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
+    randomize_norms(model, torch.Generator().manual_seed(0))
+    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
+    apply_masks(model, random_masks(weights, density, torch.Generator().manual_seed(0)))
+    return model
+
+
 def int8_irregular_deploy_dir(run_dir: Path, *extra: str, density: float = 0.05,
                               model_name: str = "small") -> Path:
     """`write_fake_run` then `dnr-export --quantize int8` (no clean-accuracy gate: the weights

@@ -30,7 +30,7 @@ from dnr_deploy.runtime.sparse import (
 from dnr_deploy.runtime.sparse.executor import fold_batch_norm
 from dnr_deploy.runtime.sparse.plan import SparseConv
 from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
-from tests.factories import randomize_norms, write_fake_run
+from tests.factories import masked_paper_model, randomize_norms, write_fake_run
 from tests.helpers import assert_clean_failure
 
 
@@ -120,11 +120,7 @@ def test_paper_architectures_at_5_percent_match_onnx_runtime(name, wide, tmp_pat
     if wide and not native.wide_vectors():
         pytest.skip("this CPU has no AVX-512")
     monkeypatch.setattr(native, "wide_vectors", lambda: wide)
-    torch.manual_seed(0)
-    model = create_model(name, 10, 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
-    randomize_norms(model, torch.Generator().manual_seed(0))
-    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
-    apply_masks(model, random_masks(weights, 0.05, torch.Generator().manual_seed(0)))
+    model = masked_paper_model(name, 0.05)
     export_onnx(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", opset=18)
     # 9 images: a chunk of 8 (16-float vectors with AVX-512) or two of 4, then a single one
     x = np.random.default_rng(0).random((9, 3, 32, 32), dtype=np.float32)

@@ -9,13 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from dnr_deploy.export.onnx import export_onnx
-from dnr_deploy.models import create_model
 from dnr_deploy.runtime.runtimes import PARITY_ATOL
 from dnr_deploy.runtime.session import create_session, run_logits
 from dnr_deploy.runtime.sparse import build_sparse_model, native, winograd
 from dnr_deploy.runtime.sparse.plan import SparseConv
-from dnr_deploy.sparsity.masks import apply_masks, prunable_weights, random_masks
-from tests.factories import randomize_norms
+from tests.factories import masked_paper_model
 
 pytestmark = pytest.mark.skipif(not native.winograd_available(),
                                 reason="the compiled Winograd transforms are not built")
@@ -97,11 +95,7 @@ def test_networks_at_dnr_like_density_match_onnx_runtime(name, tmp_path):
     """At 40% density (DNR's early layers) the 3x3 layers of 16x16 outputs and more run
     Winograd on chunks of 8 images; logits stay within the parity limit of ONNX Runtime,
     with 1 and 2 threads, and on the images of a chunk of 1 (sparse kernel) alike."""
-    torch.manual_seed(0)
-    model = create_model(name, 10, 3, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]).eval()
-    randomize_norms(model, torch.Generator().manual_seed(0))
-    weights = {n: w.detach() for n, w in prunable_weights(model).items()}
-    apply_masks(model, random_masks(weights, 0.4, torch.Generator().manual_seed(0)))
+    model = masked_paper_model(name, 0.4)
     export_onnx(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", opset=18)
     x = np.random.default_rng(0).random((17, 3, 32, 32), dtype=np.float32)
     ort = run_logits(create_session(tmp_path / "m.onnx")[0], x)
