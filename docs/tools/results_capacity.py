@@ -64,6 +64,10 @@ def capacity_section() -> str:
                "clean", "PGD-20", "AutoAttack-grade", "vs dense", "s/epoch"], rows)]) + "\n"
 
 
+def _seeds(count: int) -> str:
+    return "1 seed, so not yet a finding" if count == 1 else f"{count} seeds"
+
+
 def density_guidance() -> str:
     """The README paragraph: what 20x costs at each measured width, from the table."""
     data = load(NAME)
@@ -78,7 +82,7 @@ def density_guidance() -> str:
         text = (f"at width {width} ({dense[0]['params_dense']:,} parameters) DNR at 20x "
                 f"scored {pct(_mean(dnr, 'autoattack'))}% against dense PGD-AT's "
                 f"{pct(_mean(dense, 'autoattack'))}% ({gap:.1f} points lost, "
-                f"{len(dnr)} seeds)")
+                f"{_seeds(len(dnr))})")
         trades = methods.get("dnr-gradual+trades", {}).get("0.05")
         if trades:
             text += (f", {pct(_mean(trades, 'autoattack'))}% with `--loss trades` (clean "
@@ -86,7 +90,7 @@ def density_guidance() -> str:
             dense_trades = methods.get("dense+trades", {}).get("1")
             if dense_trades:
                 text += (f" against dense TRADES's {pct(_mean(dense_trades, 'autoattack'))}% "
-                         f"({len(dense_trades)} seeds)")
+                         f"({_seeds(len(dense_trades))})")
         sentences.append(text)
     dense = data["rows"]["1"]["dense"]["1"]
     sweep = load("sweep")["rows"]["dnr-gradual"]
