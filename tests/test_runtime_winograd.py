@@ -107,3 +107,4 @@ def test_networks_at_dnr_like_density_match_onnx_runtime(name, tmp_path):
     ran = [layer for layer, _ in sparse.layers if isinstance(layer, SparseConv) and
            any(layer._runs_winograd(job["geometry"]) for job in layer._jobs.values())]
     assert len(ran) >= 3  # the stride-1 layers of 64 channels or more at 32x32 and 16x16
+    assert sparse.winograd_layers() == len(ran)  # what dnr-bench reports

@@ -364,8 +364,11 @@ def _runtime_line(report: dict) -> str:
         return ""
     kind, against = ("int8 sparse runtime", "ONNX Runtime's reference int8 math") \
         if runtime.get("dtype") == "int8" else ("sparse runtime", "ONNX Runtime")
-    return (f"model in the {kind} ({runtime['kernel']} kernel, parity with {against} "
-            f"{runtime['parity']['max_abs']:.1e}), baseline in ")
+    winograd = runtime.get("winograd_layers")
+    algorithm = f", Winograd on {winograd} of {runtime['layers']} layers from 4 images" \
+        if winograd else ""
+    return (f"model in the {kind} ({runtime['kernel']} kernel{algorithm}, parity with "
+            f"{against} {runtime['parity']['max_abs']:.1e}), baseline in ")
 
 
 def _count(value: int | None) -> str:

@@ -150,11 +150,14 @@ def sparse_info(model, threads: int) -> dict:
         return {"name": Runtime.SPARSE.value, "dtype": "int8",
                 "engine": "dnr_deploy.runtime.sparse.int8_graph",
                 "kernel": int8.kernel_name(model.path), "threads": threads,
-                "layers": len(model.int8_nodes), "dense_fallback_layers": 0}
+                "layers": len(model.int8_nodes), "dense_fallback_layers": 0,
+                "winograd_layers": 0}
     from dnr_deploy.runtime.sparse.native import kernel_name
 
     dense_layers = sum(1 for layer, _ in model.layers if layer.dense)
     return {"name": Runtime.SPARSE.value, "dtype": "float32",
             "engine": "dnr_deploy.runtime.sparse", "kernel": kernel_name(),
             "threads": threads, "layers": len(model.layers),
-            "dense_fallback_layers": dense_layers}
+            "dense_fallback_layers": dense_layers,
+            # on chunks of 4 images or more (batch 1 keeps the sparse kernel everywhere)
+            "winograd_layers": model.winograd_layers()}

@@ -178,6 +178,12 @@ class SparseModel:
         """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""
         return [self(feed[names.INPUT_NAME])]
 
+    def winograd_layers(self) -> int:
+        """How many layers run as Winograd on chunks of 4 images or more (at the input size
+        the model was built for); the rest run the sparse kernel or the dense fallback."""
+        return sum(1 for layer, size in self.layers if isinstance(layer, SparseConv) and
+                   not layer.dense and layer.uses_blas(*size))
+
     def macs(self, input_shape: list[int]) -> dict:
         """Dense and nonzero multiply-adds per image of the conv and linear layers (at the
         input size the model was built for; `input_shape` is that size, kept for callers)."""
