@@ -166,10 +166,15 @@ def print_table(table: dict, multi_seed: list[float]) -> None:
                       f"{100 * (statistics.mean(aa) - dense_aa):+.1f} |")
 
 
+# marker by pruning method, filled for the hybrid loss and hollow for TRADES; colour by width
+MARKERS = {"dnr-gradual": "o", "static": "s", "magnitude": "^"}
+
+
 def plot(table: dict) -> None:
     """AutoAttack-grade points lost against dense PGD-AT of the same width, by compression."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for width, methods in table.items():
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for index, (width, methods) in enumerate(table.items()):
+        colour = f"C{index}"
         for method, by_density in methods.items():
             if method.startswith("dense"):
                 continue
@@ -177,8 +182,11 @@ def plot(table: dict) -> None:
             points = sorted((mean(rows, "compression"), 100 * (mean(rows, "autoattack")
                                                                 - dense_aa))
                             for rows in by_density.values())
-            style = "o-" if method.startswith("dnr") and len(points) > 1 else "s"
-            ax.plot(*zip(*points, strict=True), style, label=f"width {width}, {method}")
+            trades = method.endswith("+trades")
+            ax.plot(*zip(*points, strict=True), marker=MARKERS[method.split("+")[0]],
+                    ls="-" if len(points) > 1 else "none", color=colour,
+                    markerfacecolor="none" if trades else colour,
+                    label=f"width {width}, {method}")
     ax.axhline(-1.5, color="grey", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xticks([2, 5, 10, 20, 50], ["2x", "5x", "10x", "20x", "50x"])
@@ -187,7 +195,7 @@ def plot(table: dict) -> None:
     ax.set_ylabel("AutoAttack-grade accuracy minus dense (points)")
     ax.set_title("robustness lost to compression, by width (digits, eps 0.2)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, ncol=2, loc="lower left")
     fig.tight_layout()
     out = RESULTS / "capacity.png"
     fig.savefig(out, dpi=110)
