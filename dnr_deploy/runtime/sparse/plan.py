@@ -178,6 +178,7 @@ class SparseConv:
         self.bias = (self.bias - shift).astype(np.float32)
         self.border = mean.astype(np.float32)
         self._jobs.clear()
+        self._winograd_weights = None  # made again from the folded weights
 
     @property
     def native(self) -> bool:
@@ -337,10 +338,10 @@ class SparseConv:
     def dense_weight(self) -> np.ndarray:
         """The layer's (O, C, kh, kw) weights as the kernels run them (normalization folded
         in), from the CSR or dense matrix; stride 1 only (where Winograd runs)."""
-        out_chans, in_chans, kh, kw = self.shape
-        weight = np.zeros(self.shape, np.float32)
         if self.dense:
             return self.matrix.reshape(self.shape).copy()
+        out_chans, in_chans = self.shape[:2]
+        weight = np.zeros(self.shape, np.float32)
         rows = np.repeat(np.arange(out_chans), np.diff(self.indptr))
         weight[rows, self.phase_chan % in_chans, self.drow // self.dilation,
                self.dcol // self.dilation] = self.values
