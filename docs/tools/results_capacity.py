@@ -64,8 +64,12 @@ def capacity_section() -> str:
                "clean", "PGD-20", "AutoAttack-grade", "vs dense", "s/epoch"], rows)]) + "\n"
 
 
-def _seeds(count: int) -> str:
-    return "1 seed, so not yet a finding" if count == 1 else f"{count} seeds"
+def _seeds(count: int, other: int) -> str:
+    """How many seeds stand behind a comparison of two rows (of `count` and `other` seeds)."""
+    if min(count, other) == 1:
+        return "1 seed, so not yet a finding"
+    return f"{count} seeds" if count == other else \
+        f"{count} seeds against {other}, so not yet the 3-seed comparison"
 
 
 def density_guidance() -> str:
@@ -82,7 +86,7 @@ def density_guidance() -> str:
         text = (f"at width {width} ({dense[0]['params_dense']:,} parameters) DNR at 20x "
                 f"scored {pct(_mean(dnr, 'autoattack'))}% against dense PGD-AT's "
                 f"{pct(_mean(dense, 'autoattack'))}% ({gap:.1f} points lost, "
-                f"{_seeds(len(dnr))})")
+                f"{_seeds(len(dnr), len(dense))})")
         trades = methods.get("dnr-gradual+trades", {}).get("0.05")
         if trades:
             text += (f", {pct(_mean(trades, 'autoattack'))}% with `--loss trades` (clean "
@@ -90,7 +94,7 @@ def density_guidance() -> str:
             dense_trades = methods.get("dense+trades", {}).get("1")
             if dense_trades:
                 text += (f" against dense TRADES's {pct(_mean(dense_trades, 'autoattack'))}% "
-                         f"({_seeds(len(dense_trades))})")
+                         f"({_seeds(len(dense_trades), len(trades))})")
         sentences.append(text)
     dense = data["rows"]["1"]["dense"]["1"]
     sweep = load("sweep")["rows"]["dnr-gradual"]
