@@ -97,8 +97,7 @@ class SparseModel:
         # call), so that too happens only where a layer runs it: any batch with a dense layer,
         # chunks of 4 images or more with a Winograd one
         self._blas_always = any(layer.dense for layer, _ in layers)
-        self._blas_chunks = self._blas_always or any(
-            isinstance(layer, SparseConv) and layer.uses_blas(*size) for layer, size in layers)
+        self._blas_chunks = self._blas_always or self.winograd_layers() > 0
         self._blas = _blas_controller() if self._blas_chunks else None
         self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
@@ -182,7 +181,7 @@ class SparseModel:
         """How many layers run as Winograd on chunks of 4 images or more (at the input size
         the model was built for); the rest run the sparse kernel or the dense fallback."""
         return sum(1 for layer, size in self.layers if isinstance(layer, SparseConv) and
-                   not layer.dense and layer.uses_blas(*size))
+                   layer.runs_winograd_at(*size))
 
     def macs(self, input_shape: list[int]) -> dict:
         """Dense and nonzero multiply-adds per image of the conv and linear layers (at the

@@ -300,10 +300,10 @@ class SparseConv:
                           strides=(out_length * 4, g.wq * g.batch * 4, g.batch * 4, 4))
         return out, view[:, :, :g.wo]
 
-    def uses_blas(self, height: int, width: int) -> bool:
-        """Whether a call on inputs of this size, on chunks of 4 images or more, runs BLAS
-        (dense fallback or Winograd); on single images only the dense fallback does."""
-        return self.dense or self._runs_winograd(self.geometry((self.shape[1], height, width, 4)))
+    def runs_winograd_at(self, height: int, width: int) -> bool:
+        """Whether calls on inputs of this size run Winograd, on chunks of 4 images or more
+        (single images keep the sparse kernel)."""
+        return self._runs_winograd(self.geometry((self.shape[1], height, width, 4)))
 
     def _runs_winograd(self, g: Geometry) -> bool:
         """Winograd for this call: the layer qualifies, its output is whole 4 x 4 tiles, and
