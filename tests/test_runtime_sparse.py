@@ -86,6 +86,22 @@ def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size
     assert not small.dense  # a tiny dense layer runs in the sparse kernel, below the minimum
 
 
+@pytest.mark.parametrize("batch", [1, 3, 4, 8])  # 1: single-image paths; 4, 8: vector paths
+def test_pool_kernels_match_numpy_on_views_with_garbage_columns(batch):
+    if not native.available:
+        pytest.skip("the C++ kernel is not built (python setup.py build_ext --inplace)")
+    rng = np.random.default_rng(batch)
+    # a layer's output as the pools get it: rows of 7 columns of which 6 are pixels
+    x = rng.standard_normal((5, 6, 7, batch), dtype=np.float32)[:, :, :6]
+    want_max = x.reshape(5, 3, 2, 3, 2, batch).max(axis=(2, 4))
+    got_max = np.full((5, 3, 3, batch), np.nan, np.float32)
+    native.max_pool_call(x, 2, got_max)()
+    np.testing.assert_array_equal(got_max, want_max)
+    got_mean = np.full((5, batch), np.nan, np.float32)
+    native.global_avg_pool_call(x, got_mean)()
+    np.testing.assert_allclose(got_mean, x.mean(axis=(1, 2)), atol=1e-6)
+
+
 def test_batch_norm_folding_keeps_zeros():
     norm = nn.BatchNorm2d(4).eval()
     randomize_norms(nn.Sequential(norm), torch.Generator().manual_seed(1))

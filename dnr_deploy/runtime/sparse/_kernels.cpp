@@ -314,6 +314,18 @@ void dnr_max_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64
     return;
   }
 #endif
+  if (k == 2 && batch == 1) {  // single images (the default net's batch 1): no window loops
+    for (int64_t c = 0; c < chans; ++c)
+      for (int64_t i = 0; i < ho; ++i) {
+        float* o = out + c * oc + i * orow;
+        const float* top = x + c * xc + 2 * i * xrow;
+        const float* bottom = top + xrow;
+        for (int64_t j = 0; j < wo; ++j)
+          o[j] = std::max(std::max(top[2 * j], top[2 * j + 1]),
+                          std::max(bottom[2 * j], bottom[2 * j + 1]));
+      }
+    return;
+  }
   for (int64_t c = 0; c < chans; ++c)
     for (int64_t i = 0; i < ho; ++i) {
       float* o = out + c * oc + i * orow;
@@ -334,6 +346,24 @@ void dnr_max_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64
 void dnr_global_avg_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow,
                          int64_t height, int64_t width, int64_t batch, float* out) {
   const float scale = 1.0f / static_cast<float>(height * width);
+  if (batch == 1) {  // a sum per channel in registers: through `out` (which may alias x, for
+    // all the compiler knows) each addition waited for the last one's store: 8.6 us for the
+    // default net's 128 x 4 x 4 at batch 1, a tenth of its whole call
+    for (int64_t c = 0; c < chans; ++c) {
+      float even = 0.0f, odd = 0.0f;
+      for (int64_t h = 0; h < height; ++h) {
+        const float* line = x + c * xc + h * xrow;
+        int64_t w = 0;
+        for (; w + 1 < width; w += 2) {
+          even += line[w];
+          odd += line[w + 1];
+        }
+        if (w < width) even += line[w];
+      }
+      out[c] = (even + odd) * scale;
+    }
+    return;
+  }
   for (int64_t c = 0; c < chans; ++c) {
     float* o = out + c * batch;
     for (int64_t n = 0; n < batch; ++n) o[n] = 0.0f;
