@@ -59,6 +59,7 @@ def chw_n(x: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("kernel,stride,padding,density,batch,size", [
     (3, 1, 1, 0.1, 1, 8), (3, 2, 1, 0.1, 3, 9), (1, 2, 0, 0.2, 2, 8), (3, 1, 0, 0.05, 5, 6),
     (3, 1, 1, 0.1, 8, 8), (3, 2, 1, 0.1, 8, 8),  # 8 images: AVX-512's 16-float vectors
+    (3, 2, 1, 0.1, 1, 9), (1, 2, 0, 0.2, 1, 8),  # single images: the split's row copy
     (3, 1, 1, 0.95, 2, 5),  # dense fallback (above DENSE_THRESHOLD)
 ])
 def test_conv_kernel_matches_torch(kernel, stride, padding, density, batch, size,

@@ -396,6 +396,12 @@ void dnr_split_phases(const float* x, int64_t chans, int64_t xc, int64_t xrow, i
           if (h < 0 || h >= height) continue;
           const float* line = x + c * xc + h * xrow + (stride * j0 + b - pad) * batch;
           float* o = planes + ((a * stride + b) * chans + c) * plane + (i * wq + j0) * batch;
+          if (batch == 1) {  // a strided row copy: the loop below spent its time on loop
+            // control for one float a pixel (ResNet-18's six stride-2 layers at batch 1 lost
+            // 0.28 ms of 6 to their splits)
+            for (int64_t j = 0; j < j1 - j0; ++j) o[j] = line[stride * j];
+            continue;
+          }
           for (int64_t j = j0; j < j1; ++j, line += stride * batch, o += batch)
             for (int64_t n = 0; n < batch; ++n) o[n] = line[n];
         }

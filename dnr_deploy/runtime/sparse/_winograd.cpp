@@ -44,7 +44,9 @@ __attribute__((always_inline)) inline void store(float* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-__attribute__((always_inline)) inline float relu(float v) { return v < 0.0f ? 0.0f : v; }
+// branch-free (maxss): as a branch, outputs of random sign mispredicted half the time, a third
+// of a batch-1 output transform
+__attribute__((always_inline)) inline float relu(float v) { return std::max(v, 0.0f); }
 __attribute__((always_inline)) inline Lanes4 relu(Lanes4 v) {
   return (Lanes4)((Mask4)v & (Mask4)(v > Lanes4{}));
 }
