@@ -234,6 +234,17 @@ void run_tiles(const Row& r, const int32_t* pos, int64_t npos, int64_t t0, int64
                  width);
 }
 
+// row(output row, top input row, bottom input row) for each output row of a 2 x 2 pool.
+template <class RowFn>
+void pool2_rows(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64_t ho, float* out,
+                int64_t oc, int64_t orow, RowFn row) {
+  for (int64_t c = 0; c < chans; ++c)
+    for (int64_t i = 0; i < ho; ++i) {
+      const float* top = x + c * xc + 2 * i * xrow;
+      row(out + c * oc + i * orow, top, top + xrow);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -297,33 +308,27 @@ void dnr_max_pool(const float* x, int64_t chans, int64_t xc, int64_t xrow, int64
                   int64_t wo, int64_t batch, int64_t k, float* out, int64_t oc, int64_t orow) {
 #ifdef DNR_X86
   if (k == 2 && batch % 4 == 0) {  // VGG's pools on chunks of 4 images: 4 floats a vector
-    for (int64_t c = 0; c < chans; ++c)
-      for (int64_t i = 0; i < ho; ++i) {
-        float* o = out + c * oc + i * orow;
-        const float* top = x + c * xc + 2 * i * xrow;
-        const float* bottom = top + xrow;
-        for (int64_t j = 0; j < wo; ++j)
-          for (int64_t n = 0; n < batch; n += 4) {
-            const int64_t a = 2 * j * batch + n, b = a + batch;
-            const __m128 m = _mm_max_ps(_mm_max_ps(_mm_loadu_ps(top + a), _mm_loadu_ps(top + b)),
-                                        _mm_max_ps(_mm_loadu_ps(bottom + a),
-                                                   _mm_loadu_ps(bottom + b)));
-            _mm_storeu_ps(o + j * batch + n, m);
-          }
-      }
+    pool2_rows(x, chans, xc, xrow, ho, out, oc, orow,
+               [wo, batch](float* o, const float* top, const float* bottom) {
+                 for (int64_t j = 0; j < wo; ++j)
+                   for (int64_t n = 0; n < batch; n += 4) {
+                     const int64_t a = 2 * j * batch + n, b = a + batch;
+                     const __m128 m =
+                         _mm_max_ps(_mm_max_ps(_mm_loadu_ps(top + a), _mm_loadu_ps(top + b)),
+                                    _mm_max_ps(_mm_loadu_ps(bottom + a), _mm_loadu_ps(bottom + b)));
+                     _mm_storeu_ps(o + j * batch + n, m);
+                   }
+               });
     return;
   }
 #endif
   if (k == 2 && batch == 1) {  // single images (the default net's batch 1): no window loops
-    for (int64_t c = 0; c < chans; ++c)
-      for (int64_t i = 0; i < ho; ++i) {
-        float* o = out + c * oc + i * orow;
-        const float* top = x + c * xc + 2 * i * xrow;
-        const float* bottom = top + xrow;
-        for (int64_t j = 0; j < wo; ++j)
-          o[j] = std::max(std::max(top[2 * j], top[2 * j + 1]),
-                          std::max(bottom[2 * j], bottom[2 * j + 1]));
-      }
+    pool2_rows(x, chans, xc, xrow, ho, out, oc, orow,
+               [wo](float* o, const float* top, const float* bottom) {
+                 for (int64_t j = 0; j < wo; ++j)
+                   o[j] = std::max(std::max(top[2 * j], top[2 * j + 1]),
+                                   std::max(bottom[2 * j], bottom[2 * j + 1]));
+               });
     return;
   }
   for (int64_t c = 0; c < chans; ++c)
