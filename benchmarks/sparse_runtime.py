@@ -86,6 +86,9 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
         for t in threads:
             cpus = pin_cpus(t)  # before the engine, ORT and DeepSparse start their threads
             engine = build_from_onnx(model, shape, threads=t)
+            # with N threads, a 1-thread engine in the same turns: "N threads never slower than
+            # one" is a ratio of one run, not of rows timed minutes apart on a shared machine
+            single = build_from_onnx(model, shape, threads=1) if t > 1 else None
             macs = engine.macs(shape)
             bound = macs["dense"] / macs["nonzero"]
             session = create_session(dense_path, "cpu", t)[0]
@@ -97,11 +100,15 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
                           "same_argmax": bool((got.argmax(1) == ref.argmax(1)).all())}
                 runners = {"ort_dense": call_runner(lambda s=session, f=feed: s.run(None, f)),
                            "sparse": call_runner(lambda e=engine, x=x: e(x))}
+                if single is not None:
+                    runners["sparse_1_thread"] = call_runner(lambda e=single, x=x: e(x))
                 side = DeepSparse(deepsparse, model, x, t) if deepsparse else None
                 if side:
                     runners["deepsparse"] = side.turn
                     parity["deepsparse_max_abs"] = float(np.abs(side.logits() - ref).max())
-                n = runs if batch == 1 else max(runs // 3, 5)
+                # two turns at least, so that no runtime always follows the same one (with one
+                # turn the 2-thread engine always ran right after ONNX Runtime's workers)
+                n = runs if batch == 1 else max(runs // 3, 2 * turn)
                 p50 = time_in_turns(runners, n, turn)
                 if side:
                     side.close()
@@ -113,13 +120,20 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
                        "sparse_gmacs": macs["nonzero"] * batch / p50["sparse"] / 1e6,
                        "kernel": kernel_name(), "parity": parity, "cpus": cpus}
                 line = ""
+                if single is not None:
+                    chunks = -(-batch // engine.chunk)
+                    row.update(sparse_1_thread_p50_ms=p50["sparse_1_thread"],
+                               threads_speedup=p50["sparse_1_thread"] / p50["sparse"],
+                               split=engine._splits.get(
+                                   (chunks, batch - (chunks - 1) * engine.chunk), "none"))
+                    line += f"  x{row['threads_speedup']:.2f} of 1 thread ({row['split']})"
                 if side:
                     row.update(deepsparse_version=side.version,
                                deepsparse_p50_ms=p50["deepsparse"],
                                deepsparse_speedup=p50["ort_dense"] / p50["deepsparse"],
                                deepsparse_efficiency=p50["ort_dense"] / p50["deepsparse"] / bound)
-                    line = (f"  DeepSparse {p50['deepsparse']:8.2f} ms "
-                            f"{row['deepsparse_speedup']:5.2f}x")
+                    line += (f"  DeepSparse {p50['deepsparse']:8.2f} ms "
+                             f"{row['deepsparse_speedup']:5.2f}x")
                 rows[f"{masks}-d{density:g}-t{t}-b{batch}"] = row
                 print(f"{name:<9} {masks:<6} d={density:<5g} t={t} b={batch:<3} ORT "
                       f"{row['ort_dense_p50_ms']:8.2f} ms  sparse {row['sparse_p50_ms']:8.2f} ms  "

@@ -81,7 +81,38 @@ def sparse_side_by_side_section() -> str:
         "as many cores. See [sparse-runtime.md](sparse-runtime.md).", "",
         table(["model", "masks", "bound", "threads",
                *(f"batch {b}" for b in args["batches"])], rows), "",
-        _winograd_ab()]) + "\n"
+        _threads_over_one(data), _winograd_ab()]) + "\n"
+
+
+def _threads_cell(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    split = f" ({cell['split']})" if "split" in cell else ""
+    return f"{cell['threads_speedup']:.2f}x{split}"
+
+
+def _threads_over_one(data: dict) -> str:
+    """The engine at N threads over the engine at 1, timed in the same turns (rows of runs
+    that recorded it), or nothing."""
+    args, rows = data["args"], []
+    for model, cells in data["models"].items():
+        for key in cells:
+            masks, _, threads, batch = key.split("-")
+            if batch != f"b{args['batches'][0]}" or \
+                    "threads_speedup" not in cells[key]:
+                continue
+            prefix = key[:-len(batch)]
+            rows.append([TITLES.get(model, model), masks, threads[1:],
+                         *(_threads_cell(cells.get(f"{prefix}b{b}")) for b in args["batches"])])
+    if not rows:
+        return ""
+    return "\n".join([
+        "The engine at 2 threads over the engine at 1 thread, both timed in the same turns "
+        "(p50 of 1 thread / p50 of 2; below 1.00x, 2 threads were slower), and in brackets "
+        "how the 2-thread engine's trial split the work: `layers` (OpenMP inside each layer), "
+        "`images` (a chunk of images per thread) or `none` (one thread):", "",
+        table(["model", "masks", "threads", *(f"batch {b}" for b in args["batches"])], rows),
+        ""])
 
 
 def _winograd_ab() -> str:
