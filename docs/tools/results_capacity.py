@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from results_page import LABELS, command_of, load, mean_std, pct, table
+from results_page import LABELS, RESULTS, command_of, load, mean_std, pct, table
 
 NAME = "capacity"
 ORDER = ["dense", "dnr-gradual", "static", "magnitude", "dense+trades", "dnr-gradual+trades",
@@ -61,7 +61,32 @@ def capacity_section() -> str:
         "s/epoch is the mean training time of an epoch (two runs shared the two cores, so "
         "it is rough).", "",
         table(["width", "parameters (dense)", "method", "density (compression)", "seeds",
-               "clean", "PGD-20", "AutoAttack-grade", "vs dense", "s/epoch"], rows)]) + "\n"
+               "clean", "PGD-20", "AutoAttack-grade", "vs dense", "s/epoch"], rows),
+        *_epoch_cost()]) + "\n"
+
+
+def _epoch_cost() -> list[str]:
+    """Seconds per epoch by width, timed in turns on a machine doing nothing else
+    (benchmarks/training_cost.py --widths), or nothing if that was not run."""
+    name = "training_cost_widths"
+    if not (RESULTS / f"{name}.json").is_file():
+        return []
+    data = load(name)
+    by_width: dict[int, dict] = {}
+    for key, row in data["rows"].items():
+        by_width.setdefault(row.get("width", 1), {})[key.split("@")[0]] = row
+    first = min(by_width)
+    base = by_width[first].get("dense", {}).get("fastest_epoch_s")
+    rows = [[width, *(f"{methods[m]['fastest_epoch_s']:.1f}" if m in methods else "-"
+                      for m in ("dense", "dnr-gradual")),
+             f"{methods['dense']['fastest_epoch_s'] / base:.1f}x"
+             if base and "dense" in methods else "-"]
+            for width, methods in sorted(by_width.items())]
+    return ["", "Seconds per training epoch by width, the runs taking turns with nothing else "
+            "on the machine, each scored by its fastest epoch (1 thread, embedded digits, "
+            "PGD-7 training): " + command_of(data, name), "",
+            table(["width", "dense PGD-AT s/epoch", "DNR s/epoch", f"dense vs width {first}"],
+                  rows)]
 
 
 def _seeds(count: int, other: int) -> str:
