@@ -58,8 +58,9 @@ def capacity_section() -> str:
         "AutoAttack-grade ensemble on all 360 test images, mean +/- std over seeds, in %; "
         "vs dense is the AutoAttack-grade difference, in points, from dense of the same width "
         "trained with the same loss (TRADES rows against dense TRADES where it was run); "
-        "s/epoch is the mean training time of an epoch (two runs shared the two cores, so "
-        "it is rough).", "",
+        "s/epoch is the mean training time of an epoch of the runs as they were trained, "
+        "beside other jobs (the width-1 runs beside several): only a record of those runs; "
+        "the cost of a width is the table after this one.", "",
         table(["width", "parameters (dense)", "method", "density (compression)", "seeds",
                "clean", "PGD-20", "AutoAttack-grade", "vs dense", "s/epoch"], rows),
         *_epoch_cost()]) + "\n"
