@@ -83,7 +83,12 @@ class SparseModel:
     CHUNK = 4
     WIDE_CHUNK = 8  # with AVX-512: 8 images fill a 16-float vector with two pixels
     TRIALS = 3  # timed calls at least of each way to split threads, on the first batch of a size
-    # ... and more, up to MAX_TRIALS, while the trial has taken less than TRIAL_SECONDS: on the
+    # ... and again on the RETRIAL-th batch of that size: the first trial runs right after
+    # loading, often beside another runtime's workers still spinning on the second core (ONNX
+    # Runtime's, in dnr-bench), which made 2 threads pick one thread at batch 1 and run 1.2x
+    # slower than 1 thread where OpenMP inside the layers was 1.8x faster (ResNet-18, DNR)
+    RETRIAL = 8
+    # More calls, up to MAX_TRIALS, while a trial has taken less than TRIAL_SECONDS: on the
     # default net (0.1-1.3 ms a call) 3 calls each let one slow spell of the shared machine pick
     # "none" at batch 16 where "layers" ran 1.3x faster, and "images" at batch 64 where it ran
     # 1.2x slower than one thread
@@ -94,11 +99,6 @@ class SparseModel:
     # OpenMP in the layers of the default net run 0.5-1.0x one thread's speed at batch 16 in
     # the calls after a trial where it had been 1.1x faster (VGG16's layers split 1.8x faster)
     PARALLEL_MARGIN = 0.9
-    # ... and again on the RETRIAL-th batch of that size: the first trial runs right after
-    # loading, often beside another runtime's workers still spinning on the second core (ONNX
-    # Runtime's, in dnr-bench), which made 2 threads pick one thread at batch 1 and run 1.2x
-    # slower than 1 thread where OpenMP inside the layers was 1.8x faster (ResNet-18, DNR)
-    RETRIAL = 8
 
     def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
