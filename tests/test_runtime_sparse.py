@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -167,7 +168,35 @@ def test_thread_split_is_tried_again_once_the_machine_has_settled(irregular_depl
     for call in range(2, engine.RETRIAL + 1):
         tried.clear()
         engine(x)
-        assert len(tried) == (len(first) if call == engine.RETRIAL else 1)
+        if call == engine.RETRIAL:  # a whole trial again, on every candidate
+            assert set(tried) == {"layers", "none"} and len(tried) >= 2 * (engine.TRIALS + 1) + 1
+        else:
+            assert len(tried) == 1
+
+
+def test_a_split_over_threads_slower_than_one_thread_falls_back(irregular_deploy):
+    """Calls that do not bear the trial out (a busy second core) send the batch size back
+    to one thread after WATCH of them; calls on one thread are not watched."""
+    engine = load_sparse(irregular_deploy, threads=2)
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    engine(x)
+    key = next(iter(engine._splits))
+    engine._splits[key] = "layers"
+    engine._calls[key] = engine.RETRIAL  # no second trial in this test
+    run = engine._run
+
+    def slow_when_split(chunks, split):
+        if split != "none":
+            time.sleep(engine._one_thread_best[key] * 2)
+        return run(chunks, split)
+
+    engine._run = slow_when_split
+    for _ in range(engine.WATCH):
+        assert engine._splits[key] == "layers"
+        engine(x)
+    assert engine._splits[key] == "none"
+    engine(x)
+    assert engine._recent.get(key, []) == []
 
 
 def test_resnet_plan_fuses_additions_and_writes_into_the_next_planes():

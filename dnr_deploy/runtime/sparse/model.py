@@ -99,6 +99,7 @@ class SparseModel:
     # OpenMP in the layers of the default net run 0.5-1.0x one thread's speed at batch 16 in
     # the calls after a trial where it had been 1.1x faster (VGG16's layers split 1.8x faster)
     PARALLEL_MARGIN = 0.9
+    WATCH = 5  # calls split over threads that are checked against one thread (`_watch`)
 
     def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
@@ -114,6 +115,8 @@ class SparseModel:
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
         self._calls: dict[tuple[int, int], int] = {}  # batches of that key run so far
+        self._one_thread_best: dict[tuple[int, int], float] = {}  # its trial's "none" seconds
+        self._recent: dict[tuple[int, int], list[float]] = {}  # its last calls split over threads
         # what _forward walks: the steps, each with whether it takes the thread count
         self._plan = [(node, step, inputs, getattr(step, "takes_threads", False))
                       for node, step, inputs in steps]
@@ -137,8 +140,25 @@ class SparseModel:
         if not chunks:  # no images: no logits, of the right width
             return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
         split = self._split_for(chunks)
-        logits = self._run(chunks, split)
+        if split == "none":
+            logits = self._run(chunks, split)
+        else:
+            start = time.perf_counter()
+            logits = self._run(chunks, split)
+            self._watch((len(chunks), chunks[-1].shape[0]), time.perf_counter() - start)
         return np.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    def _watch(self, key: tuple[int, int], seconds: float) -> None:
+        """Fall back to one thread for this batch size when the median of the last WATCH calls
+        split over threads took longer than one thread's best trial call. A trial can pick a
+        split that the calls after it do not bear out: the default net at batch 64 picked
+        OpenMP in its layers, then ran at 0.81x one thread's speed in dnr-bench's turns."""
+        recent = self._recent.setdefault(key, [])
+        recent.append(seconds)
+        if len(recent) >= self.WATCH:
+            if float(np.median(recent)) > self._one_thread_best[key]:
+                self._splits[key] = "none"
+            recent.clear()
 
     def _run(self, chunks: list, split: str) -> list:
         threads = self.threads if split == "layers" else 1
@@ -183,6 +203,8 @@ class SparseModel:
             best = {c: min(t) * (1.0 if c == "none" else 1 / self.PARALLEL_MARGIN)
                     for c, t in times.items()}
             self._splits[key] = min(candidates, key=best.__getitem__)
+            self._one_thread_best[key] = best["none"]
+            self._recent.pop(key, None)
         return self._splits[key]
 
     def _forward(self, images: np.ndarray, threads: int) -> np.ndarray:
