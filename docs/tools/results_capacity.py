@@ -98,6 +98,23 @@ def _seeds(count: int, other: int) -> str:
         f"{count} seeds against {other}, so not yet the 3-seed comparison"
 
 
+def _closest_baseline(data: dict) -> str:
+    """DNR's lead at 20x over the closer of static and magnitude pruning, width by width."""
+    leads = []
+    for width in sorted(data["rows"], key=int):
+        methods = data["rows"][width]
+        dnr = methods.get("dnr-gradual", {}).get("0.05")
+        baselines = [methods[m]["0.05"] for m in ("static", "magnitude")
+                     if "0.05" in methods.get(m, {})]
+        if dnr and baselines:
+            best = max(_mean(runs, "autoattack") for runs in baselines)
+            leads.append(f"{100 * (_mean(dnr, 'autoattack') - best):+.1f} at width {width}")
+    if not leads:
+        return ""
+    return ("DNR's lead over the closer of the two baselines, in points: "
+            + ", ".join(leads) + " (seeds as above). ")
+
+
 def density_guidance() -> str:
     """The README paragraph: what 20x costs at each measured width, from the table."""
     data = load(NAME)
@@ -113,6 +130,13 @@ def density_guidance() -> str:
                 f"scored {pct(_mean(dnr, 'autoattack'))}% against dense PGD-AT's "
                 f"{pct(_mean(dense, 'autoattack'))}% ({gap:.1f} points lost, "
                 f"{_seeds(len(dnr), len(dense))})")
+        for baseline, label in (("static", "static random masks"),
+                                ("magnitude", "magnitude pruning")):
+            runs = methods.get(baseline, {}).get("0.05")
+            if runs:
+                lead = 100 * (_mean(dnr, "autoattack") - _mean(runs, "autoattack"))
+                text += (f", {abs(lead):.1f} points {'ahead of' if lead >= 0 else 'behind'} "
+                         f"{label} ({_seeds(len(dnr), len(runs))})")
         trades = methods.get("dnr-gradual+trades", {}).get("0.05")
         if trades:
             text += (f", {pct(_mean(trades, 'autoattack'))}% with `--loss trades` (clean "
@@ -135,5 +159,5 @@ def density_guidance() -> str:
             "for every halving of its weights, where the paper's "
             "networks, hundreds of times larger than their tasks need, did not: the smaller "
             "your network is for its task, the lower the compression to start from, and "
-            "`dnr-verify` tells what it cost. Every cell: "
+            "`dnr-verify` tells what it cost. " + _closest_baseline(data) + "Every cell: "
             "[docs/results.md](docs/results.md#capacity-by-compression).\n")
