@@ -121,11 +121,9 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
                        "kernel": kernel_name(), "parity": parity, "cpus": cpus}
                 line = ""
                 if single is not None:
-                    chunks = -(-batch // engine.chunk)
                     row.update(sparse_1_thread_p50_ms=p50["sparse_1_thread"],
                                threads_speedup=p50["sparse_1_thread"] / p50["sparse"],
-                               split=engine._splits.get(
-                                   (chunks, batch - (chunks - 1) * engine.chunk), "none"))
+                               split=engine.split_of(batch))
                     line += f"  x{row['threads_speedup']:.2f} of 1 thread ({row['split']})"
                 if side:
                     row.update(deepsparse_version=side.version,

@@ -9,7 +9,7 @@ the same stretch of load. Accuracy is not this benchmark's question (the final e
 on 64 test images, the ensemble on one).
 
     .venv/bin/python benchmarks/training_cost.py --epochs 3 --rounds 3 --threads 1
-    .venv/bin/python benchmarks/training_cost.py --epochs 1 --rounds 2 --threads 1 \
+    .venv/bin/python benchmarks/training_cost.py --epochs 3 --rounds 1 --threads 1 \
         --methods dense dnr-gradual --widths 1 2 4 --name training_cost_widths
 """
 

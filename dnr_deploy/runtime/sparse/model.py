@@ -139,14 +139,24 @@ class SparseModel:
         chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
         if not chunks:  # no images: no logits, of the right width
             return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
-        split = self._split_for(chunks)
+        key = self._batch_key(len(images))
+        split = self._split_for(chunks, key)
         if split == "none":
             logits = self._run(chunks, split)
         else:
             start = time.perf_counter()
             logits = self._run(chunks, split)
-            self._watch((len(chunks), chunks[-1].shape[0]), time.perf_counter() - start)
+            self._watch(key, time.perf_counter() - start)
         return np.concatenate(logits) if len(logits) > 1 else logits[0]
+
+    def _batch_key(self, batch: int) -> tuple[int, int]:
+        """(chunks, last chunk's size) of a batch: what the thread split is decided for."""
+        chunks = -(-batch // self.chunk)
+        return chunks, batch - (chunks - 1) * self.chunk
+
+    def split_of(self, batch: int) -> str:
+        """How batches of this size are shared among threads now ("none" before the first)."""
+        return self._splits.get(self._batch_key(batch), "none")
 
     def _watch(self, key: tuple[int, int], seconds: float) -> None:
         """Fall back to one thread for this batch size when the median of the last WATCH calls
@@ -173,7 +183,7 @@ class SparseModel:
                 return list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
             return [self._forward(chunk, threads) for chunk in chunks]
 
-    def _split_for(self, chunks: list) -> str:
+    def _split_for(self, chunks: list, key: tuple[int, int]) -> str:
         """How threads share this batch size's work: "layers" (OpenMP inside each layer),
         "images" (a chunk per thread) or "none" (one thread), whichever had the best time in
         a few trial calls on the first batch of this size and again on the RETRIAL-th, so N
@@ -182,7 +192,6 @@ class SparseModel:
         2 threads where 1 thread gave 1.30x (a loaded machine makes each parallel region wait)."""
         if self.threads == 1:
             return "none"
-        key = (len(chunks), chunks[-1].shape[0])
         self._calls[key] = self._calls.get(key, 0) + 1
         if key not in self._splits or self._calls[key] == self.RETRIAL:
             candidates = ["layers", "none"] + (["images"] if len(chunks) > 1 else [])
