@@ -9,7 +9,9 @@ turns in one run while each times its own calls (no pipe in the figures).
 Commands: {"load": ONNX, "batch": N, "threads": T, "input": NPY} compiles an engine (the
 ONNX file with dense initializers, IR 8, opset 13: what DeepSparse 1.8 reads; DeepSparse finds
 the zeros itself) and keeps the input; {"turn": K} makes one untimed and K timed calls and
-answers their milliseconds; {"output": true} answers the logits of the kept input.
+answers their milliseconds; {"layers": K} answers DeepSparse's own per-layer profile over K
+calls (its debug analysis: each fused layer's milliseconds and the ONNX tensors it computes);
+{"output": true} answers the logits of the kept input.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import numpy as np
 def main() -> None:
     import deepsparse
 
-    engine, feed = None, None
+    engine, feed, load = None, None, {}
     for line in sys.stdin:
         command = json.loads(line)
         if "load" in command:
+            load = command
             engine = deepsparse.compile_model(command["load"], batch_size=command["batch"],
                                               num_cores=command["threads"])
             feed = [np.load(command["input"])]
@@ -41,6 +44,14 @@ def main() -> None:
                 engine.run(feed)
                 times.append((time.perf_counter_ns() - begin) / 1e6)
             answer = {"ms": times}
+        elif "layers" in command:
+            analysis = deepsparse.model_debug_analysis(
+                load["load"], feed, batch_size=load["batch"], num_cores=load["threads"],
+                num_iterations=command["layers"], num_warmup_iterations=5)
+            answer = {"layers": [{"name": layer["name"], "tensors": layer["canonical_name"],
+                                  "ms": layer["average_run_time_in_ms"]}
+                                 for layer in analysis["layer_info"]],
+                      "total_ms": analysis["average_total_time"]}
         else:
             answer = {"logits": engine.run(feed)[0].tolist()}
         print(json.dumps(answer), flush=True)

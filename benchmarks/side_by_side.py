@@ -117,6 +117,10 @@ class DeepSparse:
     def turn(self, k: int) -> list[float]:
         return self._ask({"turn": k})["ms"]
 
+    def layers(self, rounds: int) -> dict:
+        """DeepSparse's per-layer profile: {"layers": [{name, tensors, ms}], "total_ms"}."""
+        return self._ask({"layers": rounds})
+
     def logits(self) -> np.ndarray:
         return np.array(self._ask({"output": True})["logits"], np.float32)
 

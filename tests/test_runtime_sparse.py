@@ -200,6 +200,24 @@ def test_a_split_over_threads_slower_than_one_thread_falls_back(irregular_deploy
     assert engine._recent.get(key, []) == []
 
 
+def test_step_times_cover_every_step_and_leave_the_plan_as_it_was(irregular_deploy):
+    """The per-layer profile times each step of the plan once per call, counts the conv
+    layers' MACs for the whole batch, and puts the untimed plan back."""
+    engine = load_sparse(irregular_deploy, threads=1)
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    before = engine(x)
+    plan = list(engine._plan)
+    rows = engine.step_times(x, rounds=3)
+    assert [row["step"] for row in rows] == [str(node) for node, *_ in plan]
+    assert engine._plan == plan
+    assert all(row["ms"] > 0 for row in rows)
+    convs = [row for row in rows if row["kind"] == "SparseConv"]
+    assert convs and sum(row["nonzero_macs"] for row in convs) <= \
+        engine.macs([1, 8, 8])["nonzero"] * len(x)
+    assert all(0 < row["nonzero_macs"] < row["dense_macs"] for row in convs)
+    np.testing.assert_array_equal(engine(x), before)
+
+
 def test_resnet_plan_fuses_additions_and_writes_into_the_next_planes():
     """The plan the batch-16 speed rests on: every residual addition and its ReLU run in a
     conv's epilogue, stride-1 convs read planes the layer before wrote into (no copy), and

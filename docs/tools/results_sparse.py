@@ -81,7 +81,40 @@ def sparse_side_by_side_section() -> str:
         "as many cores. See [sparse-runtime.md](sparse-runtime.md).", "",
         table(["model", "masks", "bound", "threads",
                *(f"batch {b}" for b in args["batches"])], rows), "",
-        _threads_over_one(data), _winograd_ab()]) + "\n"
+        _threads_over_one(data), _winograd_ab(), "", _layer_by_layer()]) + "\n"
+
+
+def _layer_by_layer() -> str:
+    """The engine's steps beside DeepSparse's layers, matched by the convs they compute."""
+    name = "deepsparse_layers"
+    data = load(name)
+    rows = []
+    for model, result in data["models"].items():
+        for row in result["rows"]:
+            method = "-" if row.get("density") is None else \
+                "Winograd" if row["winograd"] else "sparse"
+            rates = "-" if row.get("gmacs") is None else \
+                f"{row['gmacs']:.0f} / {row['deepsparse_gmacs']:.0f}"
+            rows.append([TITLES.get(model, model), row["deepsparse_layer"],
+                         ", ".join(row["steps"]) or "-",
+                         "-" if row.get("density") is None else f"{row['density']:.2f}", method,
+                         f"{row['ms']:.2f}", f"{row['deepsparse_ms']:.2f}",
+                         "-" if row["deepsparse_time_over_ours"] is None
+                         else f"{row['deepsparse_time_over_ours']:.2f}", rates])
+        rows.append([TITLES.get(model, model), "**whole call**", "", "", "",
+                     f"{result['call_ms_p50']:.2f}", f"{result['deepsparse_total_ms']:.2f}",
+                     f"{result['deepsparse_total_ms'] / result['call_ms_p50']:.2f}", ""])
+    batch = next(iter(data["models"].values()))["batch"]
+    return "\n".join([
+        f"Layer by layer at batch {batch}, 1 thread, DNR-trained masks: "
+        + command_of(data, name) + " DeepSparse's side is its own debug analysis, which fuses "
+        "some layers (\"pyramid\"); each row is one of its layers that computes a conv, beside "
+        "the engine's steps that compute the same convs. Density: nonzero over dense MACs. "
+        "GMAC/s counts nonzero multiply-adds, so Winograd (dense weights) shows its effective "
+        "rate. Whole call: the engine's p50, DeepSparse's mean under its analysis.", "",
+        table(["model", "DeepSparse layer", "engine steps", "density", "engine method",
+               "engine ms", "DeepSparse ms", "DeepSparse time / ours", "GMAC/s engine / DS"],
+              rows)])
 
 
 def _threads_cell(cell: dict | None) -> str:

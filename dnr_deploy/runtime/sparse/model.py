@@ -229,6 +229,44 @@ class SparseModel:
         logits = values[self.output]
         return np.array(logits.reshape(logits.shape[0], -1).T, order="C", copy=True)
 
+    def step_times(self, images: np.ndarray, rounds: int = 20) -> list[dict]:
+        """Each step's mean milliseconds a call on `images`, on one thread, in plan order:
+        where a network's time goes, to set beside another runtime's per-layer profile
+        (benchmarks/deepsparse_layers.py). The plan is timed through wrappers swapped in for
+        these calls only, so the calls users make carry no timing code."""
+        images = np.asarray(images, dtype=np.float32)
+        chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
+        self._run(chunks, "none")  # untimed: buffers of this shape
+        seconds = {node: 0.0 for node, *_ in self._plan}
+
+        def timed(node, step):
+            def call(*args, **kwargs):
+                start = time.perf_counter()
+                result = step(*args, **kwargs)
+                seconds[node] += time.perf_counter() - start
+                return result
+            return call
+
+        plan = self._plan
+        self._plan = [(node, timed(node, step), inputs, takes)
+                      for node, step, inputs, takes in plan]
+        try:
+            for _ in range(rounds):
+                self._run(chunks, "none")
+        finally:
+            self._plan = plan
+        sizes = {id(layer): size for layer, size in self.layers}
+        rows = []
+        for node, step, _, _ in plan:
+            row = {"step": str(node), "kind": type(step).__name__,
+                   "ms": seconds[node] / rounds * 1e3}
+            if isinstance(step, SparseConv) and id(step) in sizes:
+                dense, nonzero = step.macs(*sizes[id(step)])
+                row.update(dense_macs=dense * len(images), nonzero_macs=nonzero * len(images),
+                           winograd=bool(step.runs_winograd_at(*sizes[id(step)])))
+            rows.append(row)
+        return rows
+
     def run(self, output_names: list[str], feed: dict) -> list[np.ndarray]:
         """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""
         return [self(feed[names.INPUT_NAME])]
