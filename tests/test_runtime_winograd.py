@@ -31,9 +31,12 @@ def reference(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, residual, rel
 
 
 # (in, out channels, height, width, images): whole 16-, 8- and 4-float lanes, a batch of 3 (one
-# float at a time), a non-square map, more tiles than a GEMM block holds
+# float at a time), a non-square map, more tiles than a GEMM block holds; single images, whose
+# lanes are runs of tiles: 3 a row (one at a time), 5 (4 + 1), 8, and 20 a row over two GEMM
+# blocks (16 + 4 with AVX-512, 8 + 8 + 4 without; runs cut where a block ends)
 CASES = [(16, 24, 8, 12, 16), (32, 16, 16, 16, 8), (8, 8, 4, 8, 3), (16, 8, 8, 8, 4),
-         (64, 32, 32, 32, 8)]
+         (64, 32, 32, 32, 8), (16, 24, 8, 12, 1), (16, 8, 8, 20, 1), (64, 32, 32, 32, 1),
+         (8, 8, 16, 80, 1)]
 
 
 @pytest.mark.parametrize("path", native.winograd_paths())
@@ -82,6 +85,16 @@ def test_winograd_runs_where_the_threshold_table_says(density, chans, size, runs
     assert winograd.pays(density, chans, size, size) is runs
 
 
+@pytest.mark.parametrize("density,chans,size,runs", [
+    (0.2, 64, 32, True), (0.15, 64, 32, False),  # 16 tiles and more: from 0.2
+    (0.2, 128, 16, True), (0.4, 16, 32, False),  # 16 channels: from 0.45
+    (0.3, 256, 8, False), (0.5, 256, 8, True),   # 8x8: from 0.45
+    (0.9, 512, 4, False), (0.9, 3, 32, False),   # one tile an image, a first layer: never
+])
+def test_single_images_have_their_own_threshold(density, chans, size, runs):
+    assert winograd.pays(density, chans, size, size, single=True) is runs
+
+
 def test_only_stride_one_padding_one_3x3_convs_qualify():
     weight = np.ones((8, 8, 3, 3), np.float32)
     assert SparseConv(weight, np.zeros(8, np.float32), 1, 1, True).winograd
@@ -93,8 +106,9 @@ def test_only_stride_one_padding_one_3x3_convs_qualify():
 @pytest.mark.parametrize("name", ["vgg16", "resnet18"])
 def test_networks_at_dnr_like_density_match_onnx_runtime(name, tmp_path):
     """At 40% density (DNR's early layers) the 3x3 layers of 16x16 outputs and more run
-    Winograd on chunks of 8 images; logits stay within the parity limit of ONNX Runtime,
-    with 1 and 2 threads, and on the images of a chunk of 1 (sparse kernel) alike."""
+    Winograd on chunks of 8 images and on a single image (the 17th, a chunk of its own, with
+    runs of tiles as vectors); logits stay within the parity limit of ONNX Runtime, with 1
+    and 2 threads."""
     model = masked_paper_model(name, 0.4)
     export_onnx(model, torch.zeros(1, 3, 32, 32), tmp_path / "m.onnx", opset=18)
     x = np.random.default_rng(0).random((17, 3, 32, 32), dtype=np.float32)
@@ -108,3 +122,8 @@ def test_networks_at_dnr_like_density_match_onnx_runtime(name, tmp_path):
            any(layer._runs_winograd(job["geometry"]) for job in layer._jobs.values())]
     assert len(ran) >= 3  # the stride-1 layers of 64 channels or more at 32x32 and 16x16
     assert sparse.winograd_layers() == len(ran)  # what dnr-bench reports
+    assert sparse.winograd_layers(batch=1) == len(ran)  # at 40%, single images alike
+    single = [layer for layer in ran if any(job["geometry"].batch == 1 and
+                                            layer._runs_winograd(job["geometry"])
+                                            for job in layer._jobs.values())]
+    assert single == ran

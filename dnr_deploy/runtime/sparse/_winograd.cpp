@@ -57,6 +57,11 @@ __attribute__((always_inline)) inline Lanes16 relu(Lanes16 v) {
   return (Lanes16)((Mask16)v & (Mask16)(v > Lanes16{}));
 }
 
+// Lane u of a value of lanes (a plain float is its own single lane).
+__attribute__((always_inline)) inline float lane(float v, int) { return v; }
+template <class V>
+__attribute__((always_inline)) inline float lane(V v, int u) { return v[u]; }
+
 // B^T (6 x 6) applied to six rows of lanes; A^T (4 x 6) likewise. G (6 x 3) of the weights is
 // applied in winograd.py.
 template <class V>
@@ -99,11 +104,9 @@ __attribute__((always_inline)) inline void input_tile(const float* tile, int64_t
 // One tile's 36 rows of M (`ks` floats apart) into its 4 x 4 output pixels (rows `rs` floats
 // apart, pixels `ps`): A^T M A, plus bias and the residual (rows `res_rs` apart), then ReLU.
 template <class V>
-__attribute__((always_inline)) inline void output_tile(const float* m, int64_t ks, float bias,
-                                                       const float* res, int64_t res_rs,
-                                                       bool use_relu, float* dst, int64_t rs,
-                                                       int64_t ps) {
-  V column[6], rows[4][6], line[6], pixels[4];
+__attribute__((always_inline)) inline void output_pixels(const float* m, int64_t ks,
+                                                         V (&pixels)[4][4]) {
+  V column[6], rows[4][6], line[6];
   for (int j = 0; j < 6; ++j) {  // A^T M, column by column
     for (int i = 0; i < 6; ++i) column[i] = load<V>(m + (i * 6 + j) * ks);
     V combined[4];
@@ -112,13 +115,23 @@ __attribute__((always_inline)) inline void output_tile(const float* m, int64_t k
   }
   for (int i = 0; i < 4; ++i) {  // (A^T M) A, row by row
     for (int j = 0; j < 6; ++j) line[j] = rows[i][j];
-    output_rows(line, pixels);
+    output_rows(line, pixels[i]);
+  }
+}
+
+template <class V>
+__attribute__((always_inline)) inline void output_tile(const float* m, int64_t ks, float bias,
+                                                       const float* res, int64_t res_rs,
+                                                       bool use_relu, float* dst, int64_t rs,
+                                                       int64_t ps) {
+  V pixels[4][4];
+  output_pixels(m, ks, pixels);
+  for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) {
-      V value = pixels[j] + bias;
+      V value = pixels[i][j] + bias;
       if (res) value += load<V>(res + i * res_rs + j * ps);
       store(dst + i * rs + j * ps, use_relu ? relu(value) : value);
     }
-  }
 }
 
 enum Path : int64_t { kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
@@ -152,9 +165,72 @@ struct WinoOut {
 };
 
 
+// Single images have no lanes of images: their transforms take L consecutive tiles of a tile
+// row as the lanes instead. At batch 1, V's column t is tile t, so a run's lanes are
+// consecutive columns. The run's 6 x 6 windows (overlapping, 4 pixels apart) are staged
+// lane-major first. One float at a time, the transforms had cost as much as the GEMMs saved
+// over the sparse kernel (decisions/2026-12-06-single-images-and-thread-trial.md).
+template <class V, int L>
+__attribute__((always_inline)) inline void input_run(const WinoIn* a, int64_t c, int64_t t,
+                                                     int64_t ty, int64_t tx) {
+  alignas(64) float staged[36 * L];
+  const float* base = a->src + c * a->chan_stride + 4 * ty * a->row_stride + 4 * tx;
+  for (int i = 0; i < 6; ++i)
+    for (int j = 0; j < 6; ++j)
+      for (int u = 0; u < L; ++u)
+        staged[(i * 6 + j) * L + u] = base[i * a->row_stride + 4 * u + j];
+  input_tile<V>(staged, 6 * L, L, a->v + c * a->tiles + t, a->v_stride);
+}
+
+// L consecutive tiles of a tile row of one single image's M (row k at m + k * ks) into their
+// 4 output rows: the lanes' pixels are put back in order, then bias, residual and ReLU run
+// along each contiguous row.
+template <class V, int L>
+__attribute__((always_inline)) inline void output_run(const WinoOut* a, int64_t o,
+                                                      const float* m, int64_t ks, int64_t ty,
+                                                      int64_t tx) {
+  V pixels[4][4];
+  output_pixels(m, ks, pixels);
+  alignas(64) float rows[4][4 * L];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j)
+      for (int u = 0; u < L; ++u) rows[i][4 * u + j] = lane(pixels[i][j], u);
+  const float bias = a->bias[o];
+  for (int i = 0; i < 4; ++i) {
+    const int64_t at = (4 * ty + i) * a->row_stride + 4 * tx;
+    float* dst = a->out + o * a->chan_stride + at;
+    const float* res = a->res ? a->res + o * a->res_chan_stride + (4 * ty + i) *
+                                    a->res_row_stride + 4 * tx : nullptr;
+    for (int x = 0; x < 4 * L; ++x) {
+      float value = rows[i][x] + bias + (res ? res[x] : 0.0f);
+      dst[x] = a->relu ? relu(value) : value;
+    }
+  }
+}
+
+// How many tiles the next run of a single image takes as lanes: 16, 8 or 4 consecutive tiles
+// of one tile row where that many remain (16 only where the path has 16-float vectors), else 1.
+inline int run_lanes(int64_t tiles_left, int64_t tiles_w, int64_t tx, bool wide) {
+  const int64_t run = std::min(tiles_left, tiles_w - tx);
+  return wide && run >= 16 ? 16 : run >= 8 ? 8 : run >= 4 ? 4 : 1;
+}
+
 // One input channel c of an input-transform call: its tiles into V.
 __attribute__((always_inline)) inline void input_channel(const WinoIn* a, int64_t c) {
   const int64_t ps = a->batch, cols = a->tiles * a->batch;
+  if (ps == 1) {
+    for (int64_t t = 0; t < a->tiles;) {
+      const int64_t ty = (a->tile0 + t) / a->tiles_w, tx = (a->tile0 + t) % a->tiles_w;
+      const int lanes = run_lanes(a->tiles - t, a->tiles_w, tx, a->path == kAvx512);
+      if (lanes == 16) input_run<Lanes16, 16>(a, c, t, ty, tx);
+      else if (lanes == 8) input_run<Lanes8, 8>(a, c, t, ty, tx);
+      else if (lanes == 4) input_run<Lanes4, 4>(a, c, t, ty, tx);
+      else input_tile<float>(a->src + c * a->chan_stride + 4 * ty * a->row_stride + 4 * tx,
+                             a->row_stride, 1, a->v + c * cols + t, a->v_stride);
+      t += lanes;
+    }
+    return;
+  }
   const int lanes = ps % 16 == 0 ? 16 : ps % 8 == 0 ? 8 : ps % 4 == 0 ? 4 : 1;
   for (int64_t t = 0; t < a->tiles; ++t) {
     const int64_t ty = (a->tile0 + t) / a->tiles_w, tx = (a->tile0 + t) % a->tiles_w;
@@ -184,6 +260,19 @@ __attribute__((always_inline)) inline void output_channel(const WinoOut* a, int6
     for (int k = 0; k < 36; ++k) {
       const float* row = a->m + k * a->m_stride + o * cols + t0 * ps;
       std::copy(row, row + count * ps, run[k]);
+    }
+    if (ps == 1) {  // single images: runs of consecutive tiles as lanes
+      for (int64_t t = t0; t < t0 + count;) {
+        const int64_t ty = (a->tile0 + t) / a->tiles_w, tx = (a->tile0 + t) % a->tiles_w;
+        const int lanes = run_lanes(t0 + count - t, a->tiles_w, tx, a->path == kAvx512);
+        const float* m = &run[0][0] + (t - t0);
+        if (lanes == 16) output_run<Lanes16, 16>(a, o, m, kRun * 16, ty, tx);
+        else if (lanes == 8) output_run<Lanes8, 8>(a, o, m, kRun * 16, ty, tx);
+        else if (lanes == 4) output_run<Lanes4, 4>(a, o, m, kRun * 16, ty, tx);
+        else output_run<float, 1>(a, o, m, kRun * 16, ty, tx);
+        t += lanes;
+      }
+      continue;
     }
     for (int64_t t = t0; t < t0 + count; ++t) {
       const int64_t ty = (a->tile0 + t) / a->tiles_w, tx = (a->tile0 + t) % a->tiles_w;

@@ -110,7 +110,8 @@ class SparseModel:
         # chunks of 4 images or more with a Winograd one
         self._blas_always = any(layer.dense for layer, _ in layers)
         self._blas_chunks = self._blas_always or self.winograd_layers() > 0
-        self._blas = _blas_controller() if self._blas_chunks else None
+        self._blas_single = self._blas_always or self.winograd_layers(batch=1) > 0
+        self._blas = _blas_controller() if self._blas_chunks or self._blas_single else None
         self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
@@ -121,7 +122,7 @@ class SparseModel:
         self._plan = [(node, step, inputs, getattr(step, "takes_threads", False))
                       for node, step, inputs in steps]
         self._single_thread_blas_free = threads == 1 and native.available and \
-            not self._blas_chunks
+            self._blas is None
         self._convs_read_input = all(isinstance(step, SparseConv) and step.stride == 1 and
                                      inputs[0] is None and None not in inputs[1:]
                                      for _, step, inputs in steps if None in inputs)
@@ -175,7 +176,9 @@ class SparseModel:
         # BLAS on one thread: beside the images' threads a second BLAS thread per core only
         # competes, and inside a layer split over OpenMP its workers and OpenMP's spinning ones
         # fought for the two cores (ResNet-18 at batch 16: 236 ms, against 61 on one thread)
-        uses_blas = self._blas_always or (self._blas_chunks and chunks[0].shape[0] % 4 == 0)
+        size = chunks[0].shape[0]
+        uses_blas = (self._blas_chunks and size % 4 == 0) or (self._blas_single and size == 1) \
+            or self._blas_always
         limit = self._blas.limit(limits=1, user_api="blas") if uses_blas \
             else contextlib.nullcontext()
         with limit:
@@ -263,7 +266,8 @@ class SparseModel:
             if isinstance(step, SparseConv) and id(step) in sizes:
                 dense, nonzero = step.macs(*sizes[id(step)])
                 row.update(dense_macs=dense * len(images), nonzero_macs=nonzero * len(images),
-                           winograd=bool(step.runs_winograd_at(*sizes[id(step)])))
+                           winograd=bool(step.runs_winograd_at(*sizes[id(step)],
+                                                               batch=len(chunks[0]))))
             rows.append(row)
         return rows
 
@@ -271,11 +275,12 @@ class SparseModel:
         """ONNX Runtime's `InferenceSession.run` shape, so bench times both alike."""
         return [self(feed[names.INPUT_NAME])]
 
-    def winograd_layers(self) -> int:
-        """How many layers run as Winograd on chunks of 4 images or more (at the input size
-        the model was built for); the rest run the sparse kernel or the dense fallback."""
+    def winograd_layers(self, batch: int = 4) -> int:
+        """How many layers run as Winograd on chunks of `batch` images (4 or more, or 1: a
+        single image has its own threshold), at the input size the model was built for; the
+        rest run the sparse kernel or the dense fallback."""
         return sum(1 for layer, size in self.layers if isinstance(layer, SparseConv) and
-                   layer.runs_winograd_at(*size))
+                   layer.runs_winograd_at(*size, batch=batch))
 
     def macs(self, input_shape: list[int]) -> dict:
         """Dense and nonzero multiply-adds per image of the conv and linear layers (at the

@@ -300,18 +300,20 @@ class SparseConv:
                           strides=(out_length * 4, g.wq * g.batch * 4, g.batch * 4, 4))
         return out, view[:, :, :g.wo]
 
-    def runs_winograd_at(self, height: int, width: int) -> bool:
-        """Whether calls on inputs of this size run Winograd, on chunks of 4 images or more
-        (single images keep the sparse kernel)."""
-        return self._runs_winograd(self.geometry((self.shape[1], height, width, 4)))
+    def runs_winograd_at(self, height: int, width: int, batch: int = 4) -> bool:
+        """Whether calls on inputs of this size run Winograd, on chunks of `batch` images (a
+        single image has its own threshold, `winograd.pays`)."""
+        return self._runs_winograd(self.geometry((self.shape[1], height, width, batch)))
 
     def _runs_winograd(self, g: Geometry) -> bool:
         """Winograd for this call: the layer qualifies, its output is whole 4 x 4 tiles, and
-        the chunk is whole vectors of 4 images or more (chunks of 8 with AVX-512, 4 without;
-        on a batch of 1 the transforms run one float at a time and cost as much as the sparse
-        kernel saves)."""
-        return self.winograd and winograd.fits(g.ho, g.wo) and g.batch % 4 == 0 and (
-            self.winograd_always or winograd.pays(self.density, self.shape[1], g.ho, g.wo))
+        the chunk is whole vectors of 4 images or more (chunks of 8 with AVX-512, 4 without)
+        or a single image (whose transforms take runs of tiles as their vectors); other
+        chunks would run the transforms one float at a time."""
+        return self.winograd and winograd.fits(g.ho, g.wo) and \
+            (g.batch % 4 == 0 or g.batch == 1) and \
+            (self.winograd_always or
+             winograd.pays(self.density, self.shape[1], g.ho, g.wo, single=g.batch == 1))
 
     def _winograd_job(self, job: dict, g: Geometry, threads: int, out: np.ndarray | None,
                       out_stride: int, view: np.ndarray | None) -> dict:

@@ -39,17 +39,24 @@ def eligible(shape: tuple[int, int, int, int], stride: int, pads: tuple[int, ...
         tuple(pads) == (1, 1, 1, 1) and dilation == 1 and groups == 1
 
 
-def pays(density: float, in_chans: int, height: int, width: int) -> bool:
+def pays(density: float, in_chans: int, height: int, width: int, single: bool = False) -> bool:
     """Whether Winograd beats the sparse kernel on a layer of this density, input channels
     and output size. Read off benchmarks/winograd_threshold.py (a chunk of 8 images, 1 thread;
     benchmarks/results/winograd_threshold.json, two runs): with 16 tiles an image or more
     (16x16 outputs) and 64-128 channels it was 0.98-1.4x as fast at density 0.25, 1.3-1.6x at
     0.3 and 1.7-2.0x at 0.4; with 16 channels from 0.5; with 4 tiles (8x8) from 0.5; at 4x4
     (one tile an image: the GEMMs stream 36 x O x C weights for 8 columns) and with 3 input
-    channels (a first layer) never, up to density 0.8."""
+    channels (a first layer) never, up to density 0.8.
+    `single`: a call on one image, whose transforms take runs of tiles as vectors
+    (`--batch 1`, benchmarks/results/winograd_threshold_single.json): with 16 tiles or more
+    and 64-128 channels 1.24-1.33x as fast at density 0.2 and 1.8x at 0.3; with 16 channels
+    and at 8x8 from 0.4-0.5. In VGG16 and ResNet-18 (DNR masks) it took the whole call from
+    2.83 to 2.09 ms and from 5.99 to 4.14 ms (decisions/2026-12-06-deepsparse-layer-by-layer.md)."""
     tiles = (height // TILE) * (width // TILE)
     if in_chans < 8 or tiles < 4:
         return False
+    if single:
+        return density >= (0.2 if tiles >= 16 and in_chans >= 32 else 0.45)
     return density >= (0.28 if tiles >= 16 and in_chans >= 32 else 0.5)
 
 
