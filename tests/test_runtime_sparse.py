@@ -200,6 +200,26 @@ def test_a_split_over_threads_slower_than_one_thread_falls_back(irregular_deploy
     assert engine._recent.get(key, []) == []
 
 
+def test_a_batch_size_settled_on_one_thread_skips_the_thread_split(irregular_deploy):
+    """Once the trial and its retrial chose one thread for a one-chunk batch, calls go
+    straight through, as on a 1-thread engine; before that they still count toward the
+    retrial."""
+    engine = load_sparse(irregular_deploy, threads=2)
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    want = engine(x)
+    key = engine._batch_key(1)
+    engine._splits[key] = "none"
+    ran = []
+    run = engine._run
+    engine._run = lambda chunks, split: ran.append(split) or run(chunks, split)
+    engine._calls[key] = engine.RETRIAL - 2
+    engine(x)
+    assert ran == ["none"] and engine._calls[key] == engine.RETRIAL - 1
+    engine._calls[key] = engine.RETRIAL + 1
+    np.testing.assert_array_equal(engine(x), want)
+    assert ran == ["none"]  # no second call through the split
+
+
 def test_step_times_cover_every_step_and_leave_the_plan_as_it_was(irregular_deploy):
     """The per-layer profile times each step of the plan once per call, counts the conv
     layers' MACs for the whole batch, and puts the untimed plan back."""
