@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from dnr_deploy.export.onnx import export_onnx
-from dnr_deploy.runtime.runtimes import PARITY_ATOL
+from dnr_deploy.runtime.bench import _runtime_line
+from dnr_deploy.runtime.runtimes import PARITY_ATOL, Runtime
 from dnr_deploy.runtime.session import create_session, run_logits
 from dnr_deploy.runtime.sparse import build_sparse_model, native, winograd
 from dnr_deploy.runtime.sparse.plan import SparseConv
@@ -123,6 +124,12 @@ def test_networks_at_dnr_like_density_match_onnx_runtime(name, tmp_path):
     assert len(ran) >= 3  # the stride-1 layers of 64 channels or more at 32x32 and 16x16
     assert sparse.winograd_layers() == len(ran)  # what dnr-bench reports
     assert sparse.winograd_layers(batch=1) == len(ran)  # at 40%, single images alike
+    line = _runtime_line({"runtime": {"name": Runtime.SPARSE.value, "kernel": "avx",
+                                      "layers": len(sparse.layers), "winograd_layers": len(ran),
+                                      "winograd_layers_single": len(ran),
+                                      "parity": {"max_abs": 0.0}}})
+    assert f"Winograd on {len(ran)} of {len(sparse.layers)} layers from 4 images and " \
+        f"{len(ran)} on single images" in line
     single = [layer for layer in ran if any(job["geometry"].batch == 1 and
                                             layer._runs_winograd(job["geometry"])
                                             for job in layer._jobs.values())]

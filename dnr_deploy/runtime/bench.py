@@ -364,9 +364,9 @@ def _runtime_line(report: dict) -> str:
         return ""
     kind, against = ("int8 sparse runtime", "ONNX Runtime's reference int8 math") \
         if runtime.get("dtype") == "int8" else ("sparse runtime", "ONNX Runtime")
-    winograd = runtime.get("winograd_layers")
+    winograd, single = runtime.get("winograd_layers"), runtime.get("winograd_layers_single")
     algorithm = f", Winograd on {winograd} of {runtime['layers']} layers from 4 images" \
-        if winograd else ""
+        f" and {single or 0} on single images" if winograd or single else ""
     return (f"model in the {kind} ({runtime['kernel']} kernel{algorithm}, parity with "
             f"{against} {runtime['parity']['max_abs']:.1e}), baseline in ")
 

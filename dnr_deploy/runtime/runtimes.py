@@ -151,7 +151,7 @@ def sparse_info(model, threads: int) -> dict:
                 "engine": "dnr_deploy.runtime.sparse.int8_graph",
                 "kernel": int8.kernel_name(model.path), "threads": threads,
                 "layers": len(model.int8_nodes), "dense_fallback_layers": 0,
-                "winograd_layers": 0}
+                "winograd_layers": 0, "winograd_layers_single": 0}
     from dnr_deploy.runtime.sparse.native import kernel_name
 
     dense_layers = sum(1 for layer, _ in model.layers if layer.dense)
@@ -159,5 +159,6 @@ def sparse_info(model, threads: int) -> dict:
             "engine": "dnr_deploy.runtime.sparse", "kernel": kernel_name(),
             "threads": threads, "layers": len(model.layers),
             "dense_fallback_layers": dense_layers,
-            # on chunks of 4 images or more (batch 1 keeps the sparse kernel everywhere)
-            "winograd_layers": model.winograd_layers()}
+            # on chunks of 4 images or more, and on single images (a threshold of their own)
+            "winograd_layers": model.winograd_layers(),
+            "winograd_layers_single": model.winograd_layers(batch=1)}

@@ -107,7 +107,7 @@ class SparseModel:
         # ~3 ms (more than a small net's whole call), so it is done once, and only when needed;
         # limiting its threads costs ~15 us a call (a seventh of the default net's batch-1
         # call), so that too happens only where a layer runs it: any batch with a dense layer,
-        # chunks of 4 images or more with a Winograd one
+        # chunks of 4 images or more, or of one, with a Winograd one at that size
         self._blas_always = any(layer.dense for layer, _ in layers)
         self._blas_chunks = self._blas_always or self.winograd_layers() > 0
         self._blas_single = self._blas_always or self.winograd_layers(batch=1) > 0
