@@ -60,7 +60,7 @@ def capacity_section() -> str:
         "trained with the same loss (TRADES rows against dense TRADES where it was run); "
         "s/epoch is the mean training time of an epoch of the runs as they were trained, "
         "beside other jobs (the width-1 runs beside several): only a record of those runs; "
-        "the cost of a width is the table after this one.", "",
+        "the cost of a width is the last table of this section.", "",
         table(["width", "parameters (dense)", "method", "density (compression)", "seeds",
                "clean", "PGD-20", "AutoAttack-grade", "vs dense", "s/epoch"], rows),
         *_where_dnr_stops_leading(data), *_epoch_cost()]) + "\n"
