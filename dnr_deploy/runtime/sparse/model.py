@@ -245,7 +245,8 @@ class SparseModel:
         """Each step's mean milliseconds a call on `images`, on one thread, in plan order:
         where a network's time goes, to set beside another runtime's per-layer profile
         (benchmarks/deepsparse_layers.py). The plan is timed through wrappers swapped in for
-        these calls only, so the calls users make carry no timing code."""
+        these calls only, so the calls users make carry no timing code; a call from another
+        thread meanwhile would run (and be timed) through them too."""
         images = np.asarray(images, dtype=np.float32)
         chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
         self._run(chunks, "none")  # untimed: buffers of this shape
