@@ -16,15 +16,13 @@ multiply-adds only, so a dense method on a sparse layer (Winograd) shows as its 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 
 import numpy as np
 import onnx
 from common import pin_cpus, write_results
-from dnr_masks import dnr_deploy_dir
-from side_by_side import DeepSparse
+from dnr_masks import dnr_deploy_dir, input_shape
+from side_by_side import DeepSparse, call_runner
 
 from dnr_deploy.runtime.bench import machine_info
 from dnr_deploy.runtime.sparse import build_from_onnx
@@ -63,16 +61,12 @@ def compare(name: str, density: float, batch: int, rounds: int, deepsparse: str)
     """The per-layer table of one model: our steps and DeepSparse's layers, matched by conv."""
     deploy = dnr_deploy_dir(name, density)
     model = onnx.load(str(deploy / "model.onnx"))
-    shape = json.loads((deploy / "manifest.json").read_text())["input_shape"]
+    shape = input_shape(deploy)
     pin_cpus(1)  # before the engine and the DeepSparse worker start their threads
     x = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
     engine = build_from_onnx(model, shape, threads=1)
     ours = engine.step_times(x, rounds)
-    calls = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        engine(x)
-        calls.append((time.perf_counter() - start) * 1e3)
+    calls = call_runner(lambda: engine(x))(rounds)
     side = DeepSparse(deepsparse, model, x, 1)
     try:
         theirs = side.layers(rounds)

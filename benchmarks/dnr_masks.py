@@ -13,6 +13,7 @@ sparse_runtime.py --masks dnr and sparse_int8.py reuse them:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -62,6 +63,11 @@ def dnr_deploy_dir(model: str, density: float = 0.05, workdir: Path = WORKDIR,
                         "onnx", *data[2:], *(["--quantize", "int8"] if int8 else [])],
                        check=True, env=env)
     return deploy
+
+
+def input_shape(deploy: Path) -> list[int]:
+    """A deploy dir's input shape (C, H, W), as its manifest records it."""
+    return list(json.loads((deploy / "manifest.json").read_text())["input_shape"])
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ difference|, argmax) is recorded with every row.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import onnx
 import torch
 from common import pin_cpus, write_results
-from dnr_masks import dnr_deploy_dir
+from dnr_masks import dnr_deploy_dir, input_shape
 from side_by_side import DeepSparse, call_runner, dense_copy, time_in_turns
 
 from dnr_deploy.deploydir.names import INPUT_NAME
@@ -61,7 +60,7 @@ def sparse_onnx(name: str, density: float, masks: str, folder: Path) -> tuple:
     here as dnr-export does (sparse initializers); or a DNR run's deploy dir (dnr_masks.py)."""
     if masks == "dnr":
         deploy = dnr_deploy_dir(name, density)
-        shape = json.loads((deploy / "manifest.json").read_text())["input_shape"]
+        shape = input_shape(deploy)
         return onnx.load(str(deploy / "model.onnx")), list(shape)
     shape = SHAPES[name]
     model = masked_model(name, density)

@@ -10,11 +10,10 @@ both engines' largest logit difference from ONNX Runtime on the timed batch.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 from common import pin_cpus, write_results
-from dnr_masks import dnr_deploy_dir
+from dnr_masks import dnr_deploy_dir, input_shape
 from side_by_side import call_runner, time_in_turns
 
 from dnr_deploy.deploydir.names import INPUT_NAME
@@ -45,7 +44,7 @@ def main() -> None:
     rows = {}
     for name in args.models:
         deploy = dnr_deploy_dir(name)
-        shape = json.loads((deploy / "manifest.json").read_text())["input_shape"]
+        shape = input_shape(deploy)
         for threads in args.threads:
             pin_cpus(threads)
             engines = {"sparse": engine(deploy, threads, False),

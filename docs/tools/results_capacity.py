@@ -30,6 +30,11 @@ def _mean(rows: list[dict], key: str) -> float:
     return statistics.mean(row[key] for row in rows)
 
 
+def _points(runs: list[dict], other: list[dict]) -> float:
+    """AutoAttack-grade points of `runs` over `other`, seed means."""
+    return 100 * (_mean(runs, "autoattack") - _mean(other, "autoattack"))
+
+
 def _cells(data: dict):
     """(width, method, density, rows) for every measured cell, widest last."""
     for width in sorted(data["rows"], key=int):
@@ -45,7 +50,7 @@ def capacity_section() -> str:
     for width, method, density, runs in _cells(data):
         dense = _same_loss_dense(data["rows"][width], method)
         gap = "-" if dense is None or method.startswith("dense") else \
-            f"{100 * (_mean(runs, 'autoattack') - _mean(dense, 'autoattack')):+.1f}"
+            f"{_points(runs, dense):+.1f}"
         rows.append([width, f"{runs[0]['params_dense']:,}", TITLES.get(method, method),
                      f"{float(density):g} ({_mean(runs, 'compression'):.1f}x)", len(runs),
                      mean_std([r["clean"] for r in runs]), mean_std([r["pgd20"] for r in runs]),
@@ -82,10 +87,10 @@ def _where_dnr_stops_leading(data: dict) -> list[str]:
         for baseline in ("static", "magnitude"):
             runs = methods.get(baseline, {}).get("0.05")
             leads.append("-" if not runs else
-                         f"{100 * (_mean(dnr, 'autoattack') - _mean(runs, 'autoattack')):+.1f} "
+                         f"{_points(dnr, runs):+.1f} "
                          f"({len(runs)})")
         rows.append([width, f"{kept:,.0f}", f"{kept / base:.2f}",
-                     f"{100 * (_mean(dnr, 'autoattack') - _mean(dense, 'autoattack')):+.1f} "
+                     f"{_points(dnr, dense):+.1f} "
                      f"({len(dnr)} / {len(dense)})", *leads])
     return ["", "At 20x, by width: the weights DNR keeps, as a fraction of the dense width-1 "
             "net's parameters; DNR's AutoAttack-grade points against dense of the same width; "
@@ -156,7 +161,7 @@ def density_guidance() -> str:
         dnr = methods.get("dnr-gradual", {}).get("0.05")
         if not dense or not dnr:
             continue
-        gap = 100 * (_mean(dense, "autoattack") - _mean(dnr, "autoattack"))
+        gap = _points(dense, dnr)
         text = (f"at width {width} ({dense[0]['params_dense']:,} parameters) DNR at 20x "
                 f"scored {pct(_mean(dnr, 'autoattack'))}% against dense PGD-AT's "
                 f"{pct(_mean(dense, 'autoattack'))}% ({gap:.1f} points lost, "
@@ -165,7 +170,7 @@ def density_guidance() -> str:
                                 ("magnitude", "magnitude pruning")):
             runs = methods.get(baseline, {}).get("0.05")
             if runs:
-                lead = 100 * (_mean(dnr, "autoattack") - _mean(runs, "autoattack"))
+                lead = _points(dnr, runs)
                 text += (f", {abs(lead):.1f} points {'ahead of' if lead >= 0 else 'behind'} "
                          f"{label} ({_seeds(len(dnr), len(runs))})")
         trades = methods.get("dnr-gradual+trades", {}).get("0.05")
@@ -181,7 +186,7 @@ def density_guidance() -> str:
     sweep = load("sweep")["rows"]["dnr-gradual"]
     steps = ", ".join(
         f"{_mean(runs, 'compression'):.0f}x: "
-        f"{100 * (_mean(dense, 'autoattack') - _mean(runs, 'autoattack')):.1f}"
+        f"{_points(dense, runs):.1f}"
         for _, runs in sorted(sweep.items(), key=lambda item: -float(item[0])))
     return ("On the embedded default (AutoAttack-grade accuracy, eps 0.2), "
             + "; ".join(sentences) + ". In an earlier set of runs at width 1, the points DNR "

@@ -109,9 +109,10 @@ class SparseModel:
         # call), so that too happens only where a layer runs it: any batch with a dense layer,
         # chunks of 4 images or more, or of one, with a Winograd one at that size
         self._blas_always = any(layer.dense for layer, _ in layers)
-        self._blas_chunks = self._blas_always or self.winograd_layers() > 0
-        self._blas_single = self._blas_always or self.winograd_layers(batch=1) > 0
-        self._blas = _blas_controller() if self._blas_chunks or self._blas_single else None
+        self._blas_chunks = self.winograd_layers() > 0
+        self._blas_single = self.winograd_layers(batch=1) > 0
+        self._blas = _blas_controller() \
+            if self._blas_always or self._blas_chunks or self._blas_single else None
         self.chunk = self.WIDE_CHUNK if native.wide_vectors() else self.CHUNK
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._splits: dict[tuple[int, int], str] = {}  # (chunks, last chunk's size) -> split
@@ -137,16 +138,14 @@ class SparseModel:
             import numba
 
             numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
+        chunks = self._chunks(images)
         if not chunks:  # no images: no logits, of the right width
             return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
         key = self._batch_key(len(images))
         split = self._split_for(chunks, key)
-        if split == "none":
-            logits = self._run(chunks, split)
-        else:
-            start = time.perf_counter()
-            logits = self._run(chunks, split)
+        start = time.perf_counter()
+        logits = self._run(chunks, split)
+        if split != "none":  # calls on one thread are not watched
             self._watch(key, time.perf_counter() - start)
         return np.concatenate(logits) if len(logits) > 1 else logits[0]
 
@@ -156,8 +155,12 @@ class SparseModel:
         may fall back to "none"; calls on one thread are not watched). The 2-thread engine's
         way to one thread then costs what the 1-thread engine's does: through the thread
         split it took 2.4 us longer on the default net at batch 1 (5%, probe)."""
-        key = (1, batch)
+        key = self._batch_key(batch)
         return self._splits.get(key) == "none" and self._calls.get(key, 0) > self.RETRIAL
+
+    def _chunks(self, images: np.ndarray) -> list[np.ndarray]:
+        """The batch in chunks of `self.chunk` images, the last one shorter if need be."""
+        return [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
 
     def _batch_key(self, batch: int) -> tuple[int, int]:
         """(chunks, last chunk's size) of a batch: what the thread split is decided for."""
@@ -248,7 +251,7 @@ class SparseModel:
         these calls only, so the calls users make carry no timing code; a call from another
         thread meanwhile would run (and be timed) through them too."""
         images = np.asarray(images, dtype=np.float32)
-        chunks = [images[i:i + self.chunk] for i in range(0, len(images), self.chunk)]
+        chunks = self._chunks(images)
         self._run(chunks, "none")  # untimed: buffers of this shape
         seconds = {node: 0.0 for node, *_ in self._plan}
 
