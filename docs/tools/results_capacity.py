@@ -151,6 +151,24 @@ def _closest_baseline(data: dict) -> str:
             + ", ".join(leads) + " (seeds as above). ")
 
 
+def _loss_by_compression(data: dict) -> str:
+    """The points DNR loses against dense of its width at each measured compression, width by
+    width: how far a network of that size for its task can go."""
+    widths = []
+    for width in sorted(data["rows"], key=int):
+        methods = data["rows"][width]
+        dense = methods.get("dense", {}).get("1")
+        dnr = methods.get("dnr-gradual", {})
+        if dense and len(dnr) > 1:
+            steps = ", ".join(f"{_mean(runs, 'compression'):.0f}x {_points(dense, runs):.1f}"
+                              for _, runs in sorted(dnr.items(), key=lambda i: -float(i[0])))
+            widths.append(f"width {width}: {steps}")
+    if not widths:
+        return ""
+    return ("The points DNR loses against dense of the same width, by compression (1 seed "
+            "where not 3; negative: gained): " + "; ".join(widths) + ". ")
+
+
 def density_guidance() -> str:
     """The README paragraph: what 20x costs at each measured width, from the table."""
     data = load(NAME)
@@ -182,18 +200,11 @@ def density_guidance() -> str:
                 text += (f" against dense TRADES's {pct(_mean(dense_trades, 'autoattack'))}% "
                          f"({_seeds(len(dense_trades), len(trades))})")
         sentences.append(text)
-    dense = data["rows"]["1"]["dense"]["1"]
-    sweep = load("sweep")["rows"]["dnr-gradual"]
-    steps = ", ".join(
-        f"{_mean(runs, 'compression'):.0f}x: "
-        f"{_points(dense, runs):.1f}"
-        for _, runs in sorted(sweep.items(), key=lambda item: -float(item[0])))
     return ("On the embedded default (AutoAttack-grade accuracy, eps 0.2), "
-            + "; ".join(sentences) + ". In an earlier set of runs at width 1, the points DNR "
-            f"loses against dense grow with compression ({steps}; `sweep.json`, one seed "
-            "where not 3, against dense's 3-seed mean). A network near its task's size pays "
-            "for every halving of its weights, where the paper's "
-            "networks, hundreds of times larger than their tasks need, did not: the smaller "
-            "your network is for its task, the lower the compression to start from, and "
+            + "; ".join(sentences) + ". " + _loss_by_compression(data)
+            + "A network near its task's size pays for every halving of its weights, where "
+            "the paper's networks, hundreds of times larger than their tasks need, did not: "
+            "the smaller your network is for its task, the lower the compression to start "
+            "from, and "
             "`dnr-verify` tells what it cost. " + _closest_baseline(data) + "Every cell: "
             "[docs/results.md](docs/results.md#capacity-by-compression).\n")
