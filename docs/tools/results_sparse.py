@@ -81,7 +81,8 @@ def sparse_side_by_side_section() -> str:
         "as many cores. See [sparse-runtime.md](sparse-runtime.md).", "",
         table(["model", "masks", "bound", "threads",
                *(f"batch {b}" for b in args["batches"])], rows), "",
-        _threads_over_one(data), _winograd_ab(), "", _layer_by_layer()]) + "\n"
+        _threads_over_one(data), _winograd_ab(), "", _layer_by_layer(), "",
+        _generated_code()]) + "\n"
 
 
 def _layer_by_layer() -> str:
@@ -115,6 +116,32 @@ def _layer_by_layer() -> str:
         table(["model", "DeepSparse layer", "engine steps", "density", "engine method",
                "engine ms", "DeepSparse ms", "DeepSparse time / ours", "GMAC/s engine / DS"],
               rows)])
+
+
+def _generated_code() -> str:
+    """Per-layer generated code (gcc as a stand-in emitter) against the sparse kernel."""
+    name = "generated_code"
+    data = load(name)
+    rows = []
+    for model, result in data["models"].items():
+        for row in result["rows"]:
+            in_chans, out_chans, in_hw, out_hw = row["shape"]
+            kernel = "x".join(str(k) for k in row["kernel_size"])
+            rows.append([TITLES.get(model, model), row["layer"],
+                         f"{in_chans} -> {out_chans}, {kernel} s{row['stride']}, "
+                         f"{in_hw} -> {out_hw}", f"{row['density']:.2f}", row["block"],
+                         f"{row['generated_gmacs']:.1f}", f"{row['kernel_gmacs']:.1f}",
+                         f"{row['speedup']:.2f}x"])
+    return "\n".join([
+        "What code generated for each layer's nonzeros would buy (issue 26; 16 images, 1 "
+        "thread, the same DNR-trained layers): " + command_of(data, name) + " The C has the "
+        "mask compiled in and a register block of output channels x pixels; gcc compiles it, "
+        "as a stand-in for a run-time emitter (nothing of it ships). Outputs equal the "
+        "kernel's. GMAC/s of nonzero multiply-adds, medians of the calls; the sparse kernel "
+        "alone, whatever method the engine would pick for the layer. See "
+        "[the decision page](decisions/2026-12-06-deepsparse-layer-by-layer.md).", "",
+        table(["model", "layer", "shape", "density", "block", "generated GMAC/s",
+               "kernel GMAC/s", "generated speedup"], rows)])
 
 
 def _threads_cell(cell: dict | None) -> str:
