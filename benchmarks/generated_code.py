@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,8 +30,8 @@ import numpy as np
 import onnx
 from common import pin_cpus, write_results
 from dnr_masks import dnr_deploy_dir, input_shape
-from onnx import numpy_helper, shape_inference
-from side_by_side import call_runner
+from onnx import shape_inference
+from side_by_side import call_runner, dense_copy, time_in_turns
 
 from dnr_deploy.runtime.bench import machine_info
 from dnr_deploy.runtime.sparse.onnx_graph import read_constants
@@ -45,14 +44,9 @@ TURNS = 5
 def conv_layers(model: onnx.ModelProto, min_density: float) -> list[dict]:
     """The model's ungrouped, undilated convs with square strides and equal pads, at least
     `min_density` dense, with their input and output sizes (from ONNX shape inference on a
-    copy whose sparse initializers are made dense, which the inference needs)."""
-    constants = read_constants(model.graph)
-    dense = onnx.ModelProto()
-    dense.CopyFrom(model)
-    for sparse in dense.graph.sparse_initializer:
-        name = sparse.values.name
-        dense.graph.initializer.append(numpy_helper.from_array(constants[name], name))
-    del dense.graph.sparse_initializer[:]
+    dense copy: the inference does not take sparse initializers)."""
+    dense = dense_copy(model)
+    constants = read_constants(dense.graph)
     inferred = shape_inference.infer_shapes(dense)
     sizes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
              for v in [*inferred.graph.value_info, *inferred.graph.input]}
@@ -166,12 +160,9 @@ def measure(layer: dict, rows: int, pixels: int, folder: Path, rounds: int) -> d
     difference = float(np.abs(expected - out).max())
     if difference > 1e-3 * max(1.0, float(np.abs(out).max())):
         sys.exit(f"generated code for {layer['name']} differs from SparseConv by {difference}")
-    times: dict[str, list[float]] = {"generated": [], "kernel": []}
-    runners = {"generated": call_runner(generated), "kernel": call_runner(kernel)}
-    for _ in range(TURNS):  # in turns, so a busy spell on the shared host hits both alike
-        for name, runner in runners.items():
-            times[name] += runner(max(1, rounds // TURNS))
-    ms = {name: statistics.median(values) for name, values in times.items()}
+    # in turns, so a busy spell on the shared host hits both alike
+    ms = time_in_turns({"generated": call_runner(generated), "kernel": call_runner(kernel)},
+                       rounds, max(1, rounds // TURNS))
     macs = int(np.count_nonzero(weight)) * layer["out_hw"] ** 2 * IMAGES
     return {"layer": layer["name"], "shape": [in_chans, out_chans, in_hw, layer["out_hw"]],
             "kernel_size": list(weight.shape[2:]), "stride": layer["stride"],
@@ -202,13 +193,12 @@ def main() -> None:
         for model in args.models:
             deploy = dnr_deploy_dir(model, args.density)
             shape = input_shape(deploy)
-            rows = []
+            rows, own = [], Path(folder) / model  # layer names repeat across models
+            own.mkdir()
             for layer in conv_layers(onnx.load(str(deploy / "model.onnx")), args.min_density):
                 for block_rows, pixels in blocks:
                     if layer["out_hw"] % pixels:
                         continue
-                    own = Path(folder) / model  # layer names repeat across models
-                    own.mkdir(exist_ok=True)
                     row = measure(layer, block_rows, pixels, own, args.rounds)
                     rows.append(row)
                     print(f"{model} {row['layer']:12s} {row['shape']} s{row['stride']} "
