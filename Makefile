@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 # torch and torchvision come in through pyproject.toml's ranges; on machines with a pip
 # constraint file they resolve to the releases that lie on local disk.
 $(VENV)/.installed: pyproject.toml setup.py dnr_deploy/runtime/sparse/_kernels.cpp \
-		dnr_deploy/runtime/sparse/_int8_kernels.cpp
+		dnr_deploy/runtime/sparse/_codegen.cpp dnr_deploy/runtime/sparse/_int8_kernels.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
 	# An independent AutoAttack (torchattacks, a port of the authors' code) for the test that

@@ -12,7 +12,8 @@ openmp = [] if sys.platform == "darwin" or sys.platform == "win32" else ["-fopen
 setup(ext_modules=[Extension(
     "dnr_deploy.runtime.sparse._kernels",
     sources=["dnr_deploy/runtime/sparse/_kernels.cpp",
-             "dnr_deploy/runtime/sparse/_winograd.cpp"],
+             "dnr_deploy/runtime/sparse/_winograd.cpp",
+             "dnr_deploy/runtime/sparse/_codegen.cpp"],
     language="c++",
     extra_compile_args=["-O3", "-std=c++17", *openmp],
     extra_link_args=openmp,

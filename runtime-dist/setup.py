@@ -21,10 +21,10 @@ KEEP = {
     "dnr_deploy.export": {"__init__", "sparse_int8"},  # weights.int8.npz's reader (numpy, onnx)
     "dnr_deploy.runtime": {"__init__"},
     "dnr_deploy.runtime.sparse": {"__init__", "model", "plan", "native", "kernels", "onnx_graph",
-                                  "onnx_reader", "onnx_ops", "pooling", "run_cli", "int8",
-                                  "int8_graph", "winograd"},
+                                  "onnx_reader", "onnx_ops", "codegen", "pooling", "run_cli",
+                                  "int8", "int8_graph", "winograd"},
 }
-KERNELS = ["_kernels.cpp", "_winograd.cpp", "_int8_kernels.cpp"]
+KERNELS = ["_kernels.cpp", "_winograd.cpp", "_codegen.cpp", "_int8_kernels.cpp"]
 
 
 def stage() -> None:
@@ -51,7 +51,8 @@ setup(
     ext_modules=[Extension(
         "dnr_deploy.runtime.sparse._kernels",
         sources=["_staged/dnr_deploy/runtime/sparse/_kernels.cpp",
-                 "_staged/dnr_deploy/runtime/sparse/_winograd.cpp"],
+                 "_staged/dnr_deploy/runtime/sparse/_winograd.cpp",
+                 "_staged/dnr_deploy/runtime/sparse/_codegen.cpp"],
         language="c++",
         extra_compile_args=["-O3", "-std=c++17", *openmp],
         extra_link_args=openmp,

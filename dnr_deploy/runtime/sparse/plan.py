@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from dnr_deploy.runtime.sparse import native, winograd
+from dnr_deploy.runtime.sparse import codegen, native, winograd
 
 # Above this fraction of nonzero weights a layer runs as im2col + BLAS instead of the sparse
 # kernel. Measured with benchmarks/sparse_threshold.py (3x3 convs of VGG16's sizes, batch 4,
@@ -29,12 +30,38 @@ DENSE_MIN_WEIGHTS = 4096
 # 4M to 200k took VGG16 at batch 1 from 1.29 to 0.64 ms and ResNet-18 from 1.44 to 1.04 ms.
 # The published grid ran with 100k; 100k against 200k was not compared.
 PARALLEL_MIN_MACS = 100_000
+# From this density a layer's 16-float calls run generated code (codegen.py) where the CPU has
+# AVX-512: below it, the kernel's index per nonzero costs less than loading inputs that few of
+# a block's 24 channels use.
+CODEGEN_MIN_DENSITY = 0.03
 
 
 def _pixels_fill_vectors(g: Geometry) -> bool:
     """Whether each output row's pixels are whole AVX2 vectors of 8 floats (then the kernel
     computes pixels only, no garbage columns)."""
     return g.wo * g.batch % 8 == 0
+
+
+def _vector_width(g: Geometry) -> int:
+    """Floats a vector of the kernel covers in a call of this geometry: 16 (AVX-512) on a
+    chunk of 8 images where a row's pixels fill them, else 8. Measured at batch 16, 5% density,
+    1 thread, against 8-float vectors on chunks of 4: VGG16 8.5-9.0 ms instead of 11.6-13.6,
+    ResNet-18 16.5-17.4 instead of 20.0-23.3 (benchmarks/sparse_runtime.py --turn 5); on fewer
+    images (batch 1) the wide loads straddle cache lines and gain nothing."""
+    return 16 if native.wide_vectors() and g.batch % 8 == 0 and g.wo * g.batch % 16 == 0 else 8
+
+
+def _faster(first: dict, second: dict, rounds: int = 3) -> dict:
+    """The job whose call took less time, best of `rounds` calls each in turns (a layer's
+    first call of a shape, where Winograd and generated code both pay: which wins depends on
+    the layer's density, size and the CPU, docs/decisions/2026-12-07-generated-code.md)."""
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, job in enumerate((first, second)):
+            start = time.perf_counter()
+            job["run"]()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return first if best[0] <= best[1] else second
 
 
 class UnsupportedLayerError(ValueError):
@@ -151,6 +178,9 @@ class SparseConv:
         self.winograd = not self.dense and winograd.eligible(self.shape, stride, pads,
                                                              dilation, groups)
         self.winograd_always = False
+        # generated code for this layer's 16-float calls (benchmarks set it to compare)
+        self.codegen = not self.dense and codegen.available() and \
+            self.density >= CODEGEN_MIN_DENSITY
         self._winograd_weights: np.ndarray | None = None
         self.into: SparseConv | None = None
         self.match: SparseConv | None = None
@@ -251,15 +281,23 @@ class SparseConv:
             view = into["interior"]
         else:
             out, out_stride, view = None, 0, None
-        if self._runs_winograd(g):
+        if not self._runs_winograd(g):
+            return self._sparse_job(job, g, threads, out, out_stride, view)
+        if not (self.codegen and _vector_width(g) == 16):
             return self._winograd_job(job, g, threads, out, out_stride, view)
-        # 16-float vectors (AVX-512) on a chunk of 8 images where a row's pixels fill them:
-        # measured at batch 16, 5% density, 1 thread, against 8-float vectors on chunks of 4:
-        # VGG16 8.5-9.0 ms instead of 11.6-13.6, ResNet-18 16.5-17.4 instead of 20.0-23.3
-        # (benchmarks/sparse_runtime.py --turn 5); on fewer images (batch 1) the wide loads
-        # straddle cache lines and gain nothing
-        width = 16 if native.wide_vectors() and batch % 8 == 0 and g.wo * batch % 16 == 0 \
-            else 8
+        # both pay: the faster on this machine, timed on the job's own buffers
+        job = _faster(self._winograd_job(dict(job), g, threads, out, out_stride, view),
+                      self._sparse_job(dict(job), g, threads, out, out_stride, view))
+        self._jobs[key] = job
+        return job
+
+    def _sparse_job(self, job: dict, g: Geometry, threads: int, out: np.ndarray | None,
+                    out_stride: int, view: np.ndarray | None) -> dict:
+        """`job` completed for the sparse kernel, or the layer's generated code where it runs:
+        its output (its own buffer, or the consumer's planes) and the bound call, taking
+        `bind(relu, residual)`."""
+        src, (chans, batch, s) = job["src"], (self.shape[1], g.batch, self.stride)
+        width = _vector_width(g)
         if _pixels_fill_vectors(g):  # the pixels' vectors only, row by row
             per_row = g.wo * batch // width
             positions = (np.arange(g.ho)[:, None] * g.wq * batch +
@@ -280,17 +318,47 @@ class SparseConv:
         # int32 offsets: 8 bytes a nonzero with its value instead of 12, which the deep
         # layers stream from L3 for every chunk of images
         if src.size >= 2 ** 31:
-            raise UnsupportedLayerError(f"inputs of shape {shape} are too large for the sparse "
-                                        "kernel's 32-bit offsets; use --runtime ort")
+            raise UnsupportedLayerError(f"inputs of {chans} x {g.hq} x {g.wq} x {batch} are too "
+                                        "large for the sparse kernel's 32-bit offsets; use "
+                                        "--runtime ort")
         offsets = self.offsets(g.plane, g.wq, batch).astype(np.int32)
         # OpenMP inside a layer only when its work pays for waking a thread: on a loaded
         # machine each parallel region can wait a scheduler slice for a late worker
         team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
         bind = functools.partial(native.conv_call, src, offsets, self.indptr, self.values,
                                  self.bias, positions, width, block, team, out, out_stride)
+        generated = self._generated_bind(bind, src, offsets, positions, out, out_stride, team) \
+            if width == 16 and self.codegen else None
+        job["path"] = "generated" if generated else "kernel"
+        bind = generated or bind
         job.update(bind=bind, run=bind(self.relu), keep=(offsets, positions, out),
                    residual=None)
         return job
+
+    def _generated_bind(self, kernel_bind: Callable, src: np.ndarray, offsets: np.ndarray,
+                        positions: np.ndarray, out: np.ndarray, out_stride: int,
+                        team: int) -> Callable | None:
+        """`bind(relu, residual)` running this layer's generated code, made once per ReLU
+        setting (the code has it compiled in), or None where the code cannot be made (a
+        displacement past 32 bits, no executable pages): the kernel runs then."""
+        codes: dict[bool, codegen.LayerCode | None] = {}
+
+        def code_for(relu: bool) -> codegen.LayerCode | None:
+            if relu not in codes:
+                try:
+                    codes[relu] = codegen.LayerCode(self.indptr, offsets, self.values,
+                                                    self.bias, out_stride, relu)
+                except ValueError:
+                    codes[relu] = None
+            return codes[relu]
+
+        def bind(relu: bool, residual: tuple[int, int] | None = None) -> Callable[[], None]:
+            code = code_for(relu)
+            if code is None:
+                return kernel_bind(relu, residual)
+            return code.call(src, positions, out, team, residual)
+
+        return bind if code_for(self.relu) is not None else None
 
     def _own_output(self, g: Geometry, out_length: int) -> tuple[np.ndarray, np.ndarray]:
         """A buffer of `out_length` floats per output channel, and its pixels as a CHWN view
@@ -299,6 +367,11 @@ class SparseConv:
         view = np.ndarray((self.shape[0], g.ho, g.wq, g.batch), np.float32, out,
                           strides=(out_length * 4, g.wq * g.batch * 4, g.batch * 4, 4))
         return out, view[:, :, :g.wo]
+
+    def paths(self) -> set[str]:
+        """What ran the calls made so far: "generated" (this layer's code), "kernel",
+        "winograd", or "numba" (no compiled library, or a dense layer)."""
+        return {job.get("path", "numba") for job in self._jobs.values()}
 
     def runs_winograd_at(self, height: int, width: int, batch: int = 4) -> bool:
         """Whether calls on inputs of this size run Winograd, on chunks of `batch` images (a
@@ -334,7 +407,7 @@ class SparseConv:
                                  g.wo, out, out_stride, row, team, relu,
                                  None if residual is None else (*residual, row))
 
-        job.update(bind=bind, run=bind(self.relu), keep=(out,), residual=None)
+        job.update(bind=bind, run=bind(self.relu), keep=(out,), residual=None, path="winograd")
         return job
 
     def dense_weight(self) -> np.ndarray:

@@ -1,0 +1,307 @@
+// Machine code generated at load time for one sparse conv layer (AVX-512), so that its mask
+// is compiled in: codegen.py, and docs/decisions/2026-12-07-generated-code.md.
+//
+// The ahead-of-time kernel (_kernels.cpp) keeps one output channel's tile in registers and
+// reads an offset and a value per nonzero. The code here keeps R output channels of one
+// vector position in registers (zmm0 .. zmm{R-1}) and walks the input columns (channel, tap)
+// that any of the R channels uses: each column's vector is loaded once and multiply-added into
+// every channel with a weight there, the weight a broadcast memory operand. No index, no
+// branch per nonzero. benchmarks/generated_code.py measured what such code buys with gcc
+// standing in for this emitter (a deployment has no compiler): 1.5-2.5x the kernel on layers
+// at density 0.3-0.6.
+//
+// Weights are data, never code: every value an instruction carries is a register number, a
+// displacement bounded below 2^31 and checked here, or a fixed opcode. Pages are written, then
+// made read + execute (never writable and executable at once). No assembler library exists
+// on the package registries that ships in a wheel for every platform and is maintained
+// (asmjit and xbyak are C++ sources), and six instruction forms are all this needs, each one
+// checked against objdump by tests/test_codegen.py.
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxRows = 28;  // accumulators zmm0 .. zmm27; zmm30 zero, zmm31 the input
+constexpr int kZero = 30, kInput = 31;
+constexpr int64_t kMaxCode = int64_t{1} << 28;  // 256 MiB: a bound, far above any layer
+constexpr int64_t kMaxDisp = (int64_t{1} << 31) - 64;
+
+// General-purpose register numbers (the low 3 bits go in ModRM, bit 3 in REX / EVEX.B).
+enum Gpr { kRax = 0, kRcx = 1, kRdx = 2, kRbx = 3, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9,
+           kR10 = 10, kR11 = 11 };
+
+class Emitter {
+ public:
+  std::vector<uint8_t> code;
+
+  void bytes(std::initializer_list<uint8_t> list) { code.insert(code.end(), list); }
+  void dword(int64_t v) {
+    for (int i = 0; i < 4; ++i) code.push_back(static_cast<uint8_t>((v >> (8 * i)) & 0xff));
+  }
+
+  // A 512-bit EVEX instruction: `reg` in ModRM.reg, `nds` in EVEX.vvvv (0 when unused), and
+  // either a register (`rm_zmm` >= 0) or the memory operand [base + disp32] (`bcast`: a 32-bit
+  // element broadcast to 16). map: 1 = 0F, 2 = 0F38; pp: 0 = none, 1 = 66.
+  void evex(int map, int pp, uint8_t opcode, int reg, int nds, int rm_zmm, int base,
+            int64_t disp, bool bcast = false) {
+    const bool memory = rm_zmm < 0;
+    const int rm = memory ? base : rm_zmm;
+    const uint8_t p0 = static_cast<uint8_t>(((~reg >> 3) & 1) << 7 |
+                                            (memory ? 1 : ((~rm >> 4) & 1)) << 6 |
+                                            ((~rm >> 3) & 1) << 5 | ((~reg >> 4) & 1) << 4 | map);
+    const uint8_t p1 = static_cast<uint8_t>((~nds & 0xf) << 3 | 1 << 2 | pp);
+    const uint8_t p2 = static_cast<uint8_t>(2 << 5 | (bcast ? 1 : 0) << 4 |
+                                            ((~nds >> 4) & 1) << 3);
+    bytes({0x62, p0, p1, p2, opcode});
+    if (memory) {
+      code.push_back(static_cast<uint8_t>(0x80 | (reg & 7) << 3 | (base & 7)));  // mod 10
+      dword(disp);
+    } else {
+      code.push_back(static_cast<uint8_t>(0xc0 | (reg & 7) << 3 | (rm & 7)));
+    }
+  }
+
+  void broadcast(int zmm, int base, int64_t disp) { evex(2, 1, 0x18, zmm, 0, -1, base, disp); }
+  void load(int zmm, int base, int64_t disp) { evex(1, 0, 0x10, zmm, 0, -1, base, disp); }
+  void store(int zmm, int base, int64_t disp) { evex(1, 0, 0x11, zmm, 0, -1, base, disp); }
+  // acc += x * (broadcast float at [base + disp])
+  void fma_broadcast(int acc, int x, int base, int64_t disp) {
+    evex(2, 1, 0xb8, acc, x, -1, base, disp, true);
+  }
+  void add(int zmm, int base, int64_t disp) { evex(1, 0, 0x58, zmm, zmm, -1, base, disp); }
+  void max(int zmm, int other) { evex(1, 0, 0x5f, zmm, zmm, other, 0, 0); }
+  void zero(int zmm) { evex(1, 1, 0xef, zmm, zmm, zmm, 0, 0); }  // vpxord
+
+  // mov dst, [src + disp8]
+  void load_gpr(int dst, int src, int disp8) {
+    bytes({static_cast<uint8_t>(0x48 | ((dst >> 3) & 1) << 2), 0x8b,
+           static_cast<uint8_t>(0x40 | (dst & 7) << 3 | (src & 7)),
+           static_cast<uint8_t>(disp8)});
+  }
+  // lea dst, [base + rax * 4]
+  void lea_index4(int dst, int base) {
+    bytes({static_cast<uint8_t>(0x48 | ((dst >> 3) & 1) << 2 | ((base >> 3) & 1)), 0x8d,
+           static_cast<uint8_t>((dst & 7) << 3 | 4),
+           static_cast<uint8_t>(0x80 | (base & 7))});
+  }
+  int64_t here() const { return static_cast<int64_t>(code.size()); }
+  // a rel32 jump's target, patched once known
+  void patch(int64_t at, int64_t target) {
+    const int64_t rel = target - (at + 4);
+    for (int i = 0; i < 4; ++i) code[at + i] = static_cast<uint8_t>((rel >> (8 * i)) & 0xff);
+  }
+};
+
+// What the generated function reads (its only argument, in rdi).
+struct Frame {
+  const float* src;  // input planes, at the first vector position's base
+  float* out;        // this block's first output channel
+  const float* data; // this block's biases, then its weights in the order the code reads them
+  const int32_t* pos;  // vector positions (floats), `count` of them, count >= 1
+  int64_t count;
+  const float* res;  // this block's first residual channel, or null
+  int64_t res_stride_bytes;
+};
+
+// One output-channel block: the function's code for rows [first, first + rows).
+// Returns false when a displacement would not fit in 32 bits.
+bool emit_block(Emitter& e, const int64_t* indptr, const int32_t* off, int64_t first,
+                int rows, int64_t out_stride, bool relu, std::vector<int32_t>& order) {
+  // (column offset, row) of each nonzero, by column: each column's vector is loaded once
+  struct Use { int32_t offset; int row; int32_t index; };
+  std::vector<Use> uses;
+  for (int r = 0; r < rows; ++r)
+    for (int64_t j = indptr[first + r]; j < indptr[first + r + 1]; ++j)
+      uses.push_back({off[j], r, static_cast<int32_t>(j)});
+  std::stable_sort(uses.begin(), uses.end(),
+                   [](const Use& a, const Use& b) { return a.offset < b.offset; });
+  if ((rows - 1) * out_stride * 4 > kMaxDisp) return false;
+  if ((rows + static_cast<int64_t>(uses.size())) * 4 > kMaxDisp) return false;
+
+  e.bytes({0x53});  // push rbx
+  e.load_gpr(kRsi, kRdi, offsetof(Frame, out));
+  e.load_gpr(kRdx, kRdi, offsetof(Frame, data));
+  e.load_gpr(kRcx, kRdi, offsetof(Frame, pos));
+  e.load_gpr(kR8, kRdi, offsetof(Frame, count));
+  e.load_gpr(kR9, kRdi, offsetof(Frame, res));
+  e.load_gpr(kRbx, kRdi, offsetof(Frame, res_stride_bytes));
+  e.load_gpr(kRdi, kRdi, offsetof(Frame, src));
+  e.zero(kZero);
+  const int64_t loop = e.here();
+  e.bytes({0x48, 0x63, 0x01});  // movsxd rax, dword [rcx]
+  e.lea_index4(kR10, kRdi);     // r10: the input at this position
+  e.lea_index4(kR11, kRsi);     // r11: the output at this position
+  for (int r = 0; r < rows; ++r) e.broadcast(r, kRdx, 4 * r);  // the biases
+  int64_t slot = rows;  // weights follow the biases in `data`
+  for (size_t u = 0; u < uses.size(); ++u) {
+    if (u == 0 || uses[u].offset != uses[u - 1].offset) {
+      if (int64_t{uses[u].offset} * 4 > kMaxDisp || uses[u].offset < 0) return false;
+      e.load(kInput, kR10, int64_t{uses[u].offset} * 4);
+    }
+    e.fma_broadcast(uses[u].row, kInput, kRdx, 4 * slot++);
+    order.push_back(uses[u].index);
+  }
+  e.bytes({0x4d, 0x85, 0xc9, 0x0f, 0x84});  // test r9, r9; jz plain
+  const int64_t to_plain = e.here();
+  e.dword(0);
+  e.lea_index4(kRax, kR9);  // rax: the residual at this position
+  for (int r = 0; r < rows; ++r) {
+    e.add(r, kRax, 0);
+    e.bytes({0x48, 0x01, 0xd8});  // add rax, rbx
+  }
+  e.patch(to_plain, e.here());
+  for (int r = 0; r < rows; ++r) {
+    if (relu) e.max(r, kZero);
+    e.store(r, kR11, r * out_stride * 4);
+  }
+  e.bytes({0x48, 0x83, 0xc1, 0x04,   // add rcx, 4
+           0x49, 0xff, 0xc8,         // dec r8
+           0x0f, 0x85});             // jnz loop
+  const int64_t to_loop = e.here();
+  e.dword(0);
+  e.patch(to_loop, loop);
+  e.bytes({0x5b, 0xc5, 0xf8, 0x77, 0xc3});  // pop rbx; vzeroupper; ret
+  return e.here() <= kMaxCode;
+}
+
+using BlockFn = void (*)(const Frame*);
+
+struct LayerCode {
+  void* pages = nullptr;
+  size_t size = 0;
+  int64_t rows = 0, block_rows = 0, out_stride = 0;
+  std::vector<BlockFn> blocks;
+  std::vector<int64_t> data_start;  // each block's first float in `data`
+  std::vector<float> data;
+};
+
+bool has_avx512() {
+#if defined(__x86_64__)
+  static const bool yes = __builtin_cpu_supports("avx512f");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+extern "C" {
+
+// 1 when this CPU runs generated code (x86-64 with AVX-512).
+int dnr_codegen_available() { return has_avx512() ? 1 : 0; }
+
+struct CodegenSpec {
+  int64_t rows;            // output channels
+  const int64_t* indptr;   // rows + 1 (CSR)
+  const int32_t* offsets;  // per nonzero: its column's offset in the input planes (floats)
+  const float* values;     // per nonzero
+  const float* bias;       // per row
+  int64_t block_rows;      // output channels per block: 1 .. 28
+  int64_t out_stride;      // floats between output channels
+  int64_t relu;
+};
+
+// The layer's code, or null (no AVX-512, a displacement too large, no executable pages).
+void* dnr_codegen_compile(const CodegenSpec* s) {
+  if (!has_avx512() || s->rows < 1 || s->block_rows < 1 || s->block_rows > kMaxRows ||
+      s->out_stride < 0)
+    return nullptr;
+  for (int64_t o = 0; o < s->rows; ++o)
+    if (s->indptr[o + 1] < s->indptr[o]) return nullptr;
+  auto* layer = new LayerCode;
+  layer->rows = s->rows;
+  layer->block_rows = s->block_rows;
+  layer->out_stride = s->out_stride;
+  Emitter e;
+  std::vector<int64_t> starts;
+  std::vector<int32_t> order;
+  for (int64_t first = 0; first < s->rows; first += s->block_rows) {
+    const int rows = static_cast<int>(std::min(s->block_rows, s->rows - first));
+    starts.push_back(e.here());
+    layer->data_start.push_back(static_cast<int64_t>(layer->data.size()));
+    order.clear();
+    if (!emit_block(e, s->indptr, s->offsets, first, rows, s->out_stride, s->relu != 0,
+                    order)) {
+      delete layer;
+      return nullptr;
+    }
+    for (int r = 0; r < rows; ++r) layer->data.push_back(s->bias[first + r]);
+    for (int32_t j : order) layer->data.push_back(s->values[j]);
+    while (e.code.size() % 64) e.code.push_back(0xcc);  // each block on its own cache line
+  }
+  layer->size = e.code.size();
+  void* pages = mmap(nullptr, layer->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+  if (pages == MAP_FAILED) {
+    delete layer;
+    return nullptr;
+  }
+  memcpy(pages, e.code.data(), layer->size);
+  if (mprotect(pages, layer->size, PROT_READ | PROT_EXEC) != 0) {  // W^X: never both
+    munmap(pages, layer->size);
+    delete layer;
+    return nullptr;
+  }
+  layer->pages = pages;
+  for (int64_t start : starts)
+    layer->blocks.push_back(reinterpret_cast<BlockFn>(static_cast<uint8_t*>(pages) + start));
+  return layer;
+}
+
+// Bytes of generated code (for reports and the tests' disassembly).
+int64_t dnr_codegen_size(const void* handle) {
+  return static_cast<int64_t>(static_cast<const LayerCode*>(handle)->size);
+}
+
+// A copy of the generated code (the tests disassemble it).
+void dnr_codegen_copy(const void* handle, uint8_t* out) {
+  const auto* layer = static_cast<const LayerCode*>(handle);
+  memcpy(out, layer->pages, layer->size);
+}
+
+void dnr_codegen_free(void* handle) {
+  auto* layer = static_cast<LayerCode*>(handle);
+  if (layer->pages) munmap(layer->pages, layer->size);
+  delete layer;
+}
+
+struct CodegenCall {
+  const void* handle;
+  const float* src;
+  float* out;  // output channel o's vector at position q: out[o * out_stride + q]
+  const int32_t* pos;
+  int64_t npos;
+  const float* res;  // residual, laid out as the output with its own channel stride, or null
+  int64_t res_stride;
+  int64_t threads;
+  int64_t chunk;  // positions a task
+};
+
+// out[o * out_stride + q + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
+// (+ res[o * res_stride + q + i])), i < 16, for every q in pos: as dnr_sparse_conv with
+// 16-float vectors. Tasks are (chunk of positions, block of channels), chunk-major, so a
+// chunk's input stays in cache across the blocks.
+void dnr_codegen_conv(const CodegenCall* c) {
+  const auto* layer = static_cast<const LayerCode*>(c->handle);
+  const int64_t nblocks = static_cast<int64_t>(layer->blocks.size());
+  const int64_t chunk = std::max<int64_t>(1, c->chunk);
+  const int64_t nchunks = (c->npos + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(c->threads))
+  for (int64_t task = 0; task < nchunks * nblocks; ++task) {
+    const int64_t k = task / nblocks, b = task % nblocks;
+    const int64_t first = b * layer->block_rows, p0 = k * chunk;
+    const Frame frame{c->src, c->out + first * layer->out_stride,
+                      layer->data.data() + layer->data_start[b], c->pos + p0,
+                      std::min(chunk, c->npos - p0),
+                      c->res ? c->res + first * c->res_stride : nullptr, c->res_stride * 4};
+    layer->blocks[b](&frame);
+  }
+}
+
+}  // extern "C"

@@ -1,0 +1,175 @@
+"""Generated code per layer (codegen.py, _codegen.cpp): the instructions it emits, its pages,
+its bounds, and its outputs against torch and the ahead-of-time kernel on every layer shape
+the engine gives it."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dnr_deploy.export import ExportConfig, export_run
+from dnr_deploy.runtime.sparse import codegen, load_sparse
+from dnr_deploy.runtime.sparse.plan import SparseConv, csr_arrays
+from tests.factories import write_fake_run
+
+pytestmark = pytest.mark.skipif(not codegen.available(),
+                                reason="generated code runs on x86-64 with AVX-512 only")
+
+# What the emitter may write: anything else in a disassembly is a bug in its encoder.
+MNEMONICS = {"push", "pop", "mov", "movslq", "lea", "vpxord", "vbroadcastss", "vmovups",
+             "vfmadd231ps", "vaddps", "vmaxps", "test", "je", "add", "dec", "jne",
+             "vzeroupper", "ret", "int3"}
+
+
+def reference(x, weight, bias, stride, pad, dilation, groups, residual, relu):
+    """The conv in float64 with torch, CHWN in and out."""
+    nchw = torch.from_numpy(x.transpose(3, 0, 1, 2).astype(np.float64))
+    y = F.conv2d(nchw, torch.from_numpy(weight.astype(np.float64)),
+                 torch.from_numpy(bias.astype(np.float64)), stride, pad, dilation,
+                 groups).numpy().transpose(1, 2, 3, 0)
+    if residual is not None:
+        y = y + residual
+    return np.maximum(y, 0.0) if relu else y
+
+
+def sparse_weight(rng, shape, density):
+    weight = rng.standard_normal(shape).astype(np.float32) * (rng.random(shape) < density)
+    weight[1] = 0.0  # an output channel without a nonzero: its bias alone
+    return weight
+
+
+# (in, out channels, kernel, stride, pad, dilation, groups, side, images): channels past one
+# block of 24 and a short last block, stride 2 on an odd map, a 1x1 stride-2 shortcut,
+# dilation, groups, a first layer of 3 channels, 16 images a chunk
+CASES = [(16, 50, 3, 1, 1, 1, 1, 8, 8), (8, 30, 3, 2, 1, 1, 1, 11, 8),
+         (16, 32, 1, 2, 0, 1, 1, 8, 16), (12, 24, 3, 1, 2, 2, 1, 8, 8),
+         (16, 32, 3, 1, 1, 1, 4, 8, 8), (3, 64, 3, 1, 1, 1, 1, 16, 8)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_generated_code_matches_torch_and_the_kernel(case, threads):
+    chans, out_chans, k, stride, pad, dilation, groups, side, batch = case
+    rng = np.random.default_rng(sum(case))
+    weight = sparse_weight(rng, (out_chans, chans // groups, k, k), 0.3)
+    bias = rng.standard_normal(out_chans).astype(np.float32)
+    x = rng.standard_normal((chans, side, side, batch)).astype(np.float32)
+    convs = []
+    for generated in (True, False):
+        conv = SparseConv(weight, bias, stride, pad, True, dilation=dilation, groups=groups)
+        conv.winograd, conv.codegen = False, generated
+        convs.append(conv)
+    got, kernel = (conv(x, threads=threads).copy() for conv in convs)
+    assert convs[0].paths() == {"generated"} and convs[1].paths() == {"kernel"}
+    want = reference(x, weight, bias, stride, pad, dilation, groups, None, True)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    assert np.abs(got - kernel).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("in_kernel", [True, False])
+def test_a_residual_is_added_before_relu(in_kernel):
+    """In the code's epilogue where the residual has the output's row pitch, else after the
+    code (which then runs its variant without ReLU)."""
+    rng = np.random.default_rng(3)
+    weight = sparse_weight(rng, (40, 16, 3, 3), 0.2)
+    bias = rng.standard_normal(40).astype(np.float32)
+    x = rng.standard_normal((16, 8, 8, 8)).astype(np.float32)
+    conv = SparseConv(weight, bias, 1, 1, True)
+    conv.winograd = False
+    conv(x)  # makes the job: its planes are 10 columns wide
+    wide = rng.standard_normal((40, 8, 10 if in_kernel else 9, 8)).astype(np.float32)
+    residual = wide[:, :, :8]
+    got = conv(x, residual).copy()
+    assert conv.paths() == {"generated"}
+    assert (conv._jobs[next(iter(conv._jobs))]["residual"] is not None) == in_kernel
+    want = reference(x, weight, bias, 1, 1, 1, 1, residual, True)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_the_disassembly_holds_only_the_emitters_instructions(tmp_path):
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump is not installed")
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((30, 40)) * (rng.random((30, 40)) < 0.3)
+    indptr, columns, values = csr_arrays(matrix)
+    code = codegen.LayerCode(indptr, columns * 16, values, np.zeros(30, np.float32), 160, True)
+    (tmp_path / "code.bin").write_bytes(code.code())
+    text = subprocess.run(["objdump", "-D", "-b", "binary", "-mi386:x86-64",
+                           str(tmp_path / "code.bin")], capture_output=True, check=True,
+                          text=True).stdout
+    lines = [line.split("\t") for line in text.splitlines() if re.match(r"\s+[0-9a-f]+:\t", line)]
+    mnemonics = [parts[2].split()[0] for parts in lines if len(parts) > 2]
+    assert set(mnemonics) <= MNEMONICS
+    # each nonzero is one multiply-add with its weight a broadcast memory operand
+    assert mnemonics.count("vfmadd231ps") == np.count_nonzero(matrix)
+    assert all("{1to16}" in parts[2] for parts in lines
+               if len(parts) > 2 and parts[2].startswith("vfmadd231ps"))
+
+
+def test_no_page_is_writable_and_executable():
+    rng = np.random.default_rng(1)
+    matrix = rng.standard_normal((24, 20)) * (rng.random((24, 20)) < 0.5)
+    indptr, columns, values = csr_arrays(matrix)
+    code = codegen.LayerCode(indptr, columns * 16, values, np.zeros(24, np.float32), 16, False)
+    assert code.size > 0
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    assert not [line for line in maps if line.split()[1].startswith("rwx")]
+
+
+def test_displacements_past_32_bits_fall_back_to_the_kernel():
+    indptr, columns, values = csr_arrays(np.ones((30, 4), np.float32))
+    with pytest.raises(ValueError, match="32-bit"):  # row 24 would sit 2^31 bytes away
+        codegen.LayerCode(indptr, columns, values, np.zeros(30, np.float32), 2 ** 27, True)
+    with pytest.raises(ValueError, match="do not match"):  # a CSR that lies about its size
+        codegen.LayerCode(np.array([0, 5]), columns[:4], values[:4], np.zeros(1, np.float32),
+                          16, True)
+
+
+def test_a_call_past_its_buffers_is_refused():
+    indptr, columns, values = csr_arrays(np.ones((2, 3), np.float32))
+    code = codegen.LayerCode(indptr, columns * 16, values, np.zeros(2, np.float32), 32, True)
+    src, out = np.zeros(64, np.float32), np.zeros(64, np.float32)
+    code.call(src, np.array([0], np.int32), out, 1)()
+    with pytest.raises(ValueError, match="past its buffers"):
+        code.call(src, np.array([32], np.int32), out, 1)
+
+
+def test_a_deploy_dir_runs_the_same_with_and_without_generated_code(tmp_path):
+    run_dir = tmp_path / "run"
+    run = write_fake_run(run_dir, "irregular", density=0.2)
+    export_run(ExportConfig(run_dir=str(run_dir)))
+    images = np.random.default_rng(0).random((16, *run["input_shape"])).astype(np.float32)
+    logits = []
+    for generated in (True, False):
+        model = load_sparse(run_dir / "deploy")
+        for layer, _ in model.layers:
+            if isinstance(layer, SparseConv):
+                layer.codegen = layer.codegen and generated
+        logits.append(model(images))
+        paths = set().union(*(layer.paths() for layer, _ in model.layers
+                              if isinstance(layer, SparseConv)))
+        assert ("generated" in paths) == generated
+    assert np.array_equal(logits[0].argmax(1), logits[1].argmax(1))
+    assert np.abs(logits[0] - logits[1]).max() <= 1e-4
+
+
+def test_where_winograd_also_pays_the_faster_one_runs():
+    """A layer both pay on (3x3, 32 channels, 16x16, density 0.5): one of them is kept for the
+    shape, and its output is the conv's."""
+    rng = np.random.default_rng(5)
+    weight = sparse_weight(rng, (32, 32, 3, 3), 0.5)
+    bias = rng.standard_normal(32).astype(np.float32)
+    x = rng.standard_normal((32, 16, 16, 8)).astype(np.float32)
+    conv = SparseConv(weight, bias, 1, 1, True)
+    assert conv.codegen and conv.runs_winograd_at(16, 16, batch=8)
+    got = conv(x).copy()
+    assert len(conv.paths()) == 1 and conv.paths() <= {"winograd", "generated"}
+    want = reference(x, weight, bias, 1, 1, 1, 1, None, True)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
