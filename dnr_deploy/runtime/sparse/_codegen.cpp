@@ -33,7 +33,7 @@ constexpr int64_t kMaxDisp = (int64_t{1} << 31) - 64;
 
 // General-purpose register numbers (the low 3 bits go in ModRM, bit 3 in REX / EVEX.B).
 enum Gpr { kRax = 0, kRcx = 1, kRdx = 2, kRbx = 3, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9,
-           kR10 = 10, kR11 = 11 };
+           kR10 = 10, kR11 = 11, kR12 = 12, kR13 = 13 };
 
 class Emitter {
  public:
@@ -47,8 +47,10 @@ class Emitter {
   // A 512-bit EVEX instruction: `reg` in ModRM.reg, `nds` in EVEX.vvvv (0 when unused), and
   // either a register (`rm_zmm` >= 0) or the memory operand [base + disp32] (`bcast`: a 32-bit
   // element broadcast to 16). map: 1 = 0F, 2 = 0F38; pp: 0 = none, 1 = 66.
+  // A displacement that is a multiple of the operand's size `n` (64 for a whole vector, 4 for
+  // a broadcast float) within 127 of them takes one byte (EVEX's compressed disp8), else four.
   void evex(int map, int pp, uint8_t opcode, int reg, int nds, int rm_zmm, int base,
-            int64_t disp, bool bcast = false) {
+            int64_t disp, bool bcast = false, int n = 64) {
     const bool memory = rm_zmm < 0;
     const int rm = memory ? base : rm_zmm;
     const uint8_t p0 = static_cast<uint8_t>(((~reg >> 3) & 1) << 7 |
@@ -58,7 +60,10 @@ class Emitter {
     const uint8_t p2 = static_cast<uint8_t>(2 << 5 | (bcast ? 1 : 0) << 4 |
                                             ((~nds >> 4) & 1) << 3);
     bytes({0x62, p0, p1, p2, opcode});
-    if (memory) {
+    if (memory && disp % n == 0 && disp / n >= -128 && disp / n <= 127) {
+      code.push_back(static_cast<uint8_t>(0x40 | (reg & 7) << 3 | (base & 7)));  // mod 01
+      code.push_back(static_cast<uint8_t>(disp / n));
+    } else if (memory) {
       code.push_back(static_cast<uint8_t>(0x80 | (reg & 7) << 3 | (base & 7)));  // mod 10
       dword(disp);
     } else {
@@ -66,12 +71,14 @@ class Emitter {
     }
   }
 
-  void broadcast(int zmm, int base, int64_t disp) { evex(2, 1, 0x18, zmm, 0, -1, base, disp); }
+  void broadcast(int zmm, int base, int64_t disp) {
+    evex(2, 1, 0x18, zmm, 0, -1, base, disp, false, 4);
+  }
   void load(int zmm, int base, int64_t disp) { evex(1, 0, 0x10, zmm, 0, -1, base, disp); }
   void store(int zmm, int base, int64_t disp) { evex(1, 0, 0x11, zmm, 0, -1, base, disp); }
   // acc += x * (broadcast float at [base + disp])
   void fma_broadcast(int acc, int x, int base, int64_t disp) {
-    evex(2, 1, 0xb8, acc, x, -1, base, disp, true);
+    evex(2, 1, 0xb8, acc, x, -1, base, disp, true, 4);
   }
   void add(int zmm, int base, int64_t disp) { evex(1, 0, 0x58, zmm, zmm, -1, base, disp); }
   void max(int zmm, int other) { evex(1, 0, 0x5f, zmm, zmm, other, 0, 0); }
@@ -108,24 +115,25 @@ struct Frame {
   int64_t res_stride_bytes;
 };
 
-// One output-channel block: the function's code for rows [first, first + rows).
+// (column offset, row) of a nonzero of a block, and its index in the CSR.
+struct Use {
+  int32_t offset;
+  int row;
+  int32_t index;
+};
+
+// One segment of a block: the function for rows [0, rows) of the block over the nonzeros
+// uses[u0 .. u1), looping over the call's positions. The first segment starts from the
+// biases, a later one from the partial sums the one before stored; the last adds the residual
+// and applies ReLU. Weights are read from `data` at slot rows + u (the biases at 0 .. rows).
 // Returns false when a displacement would not fit in 32 bits.
-bool emit_block(Emitter& e, const int64_t* indptr, const int32_t* off, int64_t first,
-                int rows, int64_t out_stride, bool relu, std::vector<int32_t>& order) {
-  // (column offset, row) of each nonzero, by column: each column's vector is loaded once
-  struct Use { int32_t offset; int row; int32_t index; };
-  std::vector<Use> uses;
-  for (int r = 0; r < rows; ++r)
-    for (int64_t j = indptr[first + r]; j < indptr[first + r + 1]; ++j)
-      uses.push_back({off[j], r, static_cast<int32_t>(j)});
-  std::stable_sort(uses.begin(), uses.end(),
-                   [](const Use& a, const Use& b) { return a.offset < b.offset; });
+bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1, int rows,
+                  int64_t out_stride, bool first, bool last, bool relu) {
   if ((rows - 1) * out_stride * 4 > kMaxDisp) return false;
   if ((rows + static_cast<int64_t>(uses.size())) * 4 > kMaxDisp) return false;
-
-  e.bytes({0x53});  // push rbx
+  e.bytes({0x53, 0x41, 0x54, 0x41, 0x55});  // push rbx; push r12; push r13
   e.load_gpr(kRsi, kRdi, offsetof(Frame, out));
-  e.load_gpr(kRdx, kRdi, offsetof(Frame, data));
+  e.load_gpr(kR12, kRdi, offsetof(Frame, data));
   e.load_gpr(kRcx, kRdi, offsetof(Frame, pos));
   e.load_gpr(kR8, kRdi, offsetof(Frame, count));
   e.load_gpr(kR9, kRdi, offsetof(Frame, res));
@@ -133,30 +141,59 @@ bool emit_block(Emitter& e, const int64_t* indptr, const int32_t* off, int64_t f
   e.load_gpr(kRdi, kRdi, offsetof(Frame, src));
   e.zero(kZero);
   const int64_t loop = e.here();
-  e.bytes({0x48, 0x63, 0x01});  // movsxd rax, dword [rcx]
+  e.bytes({0x48, 0x63, 0x01,    // movsxd rax, dword [rcx]
+           0x4c, 0x89, 0xe2});  // mov rdx, r12: the block's data
   e.lea_index4(kR10, kRdi);     // r10: the input at this position
   e.lea_index4(kR11, kRsi);     // r11: the output at this position
-  for (int r = 0; r < rows; ++r) e.broadcast(r, kRdx, 4 * r);  // the biases
-  int64_t slot = rows;  // weights follow the biases in `data`
-  for (size_t u = 0; u < uses.size(); ++u) {
-    if (u == 0 || uses[u].offset != uses[u - 1].offset) {
-      if (int64_t{uses[u].offset} * 4 > kMaxDisp || uses[u].offset < 0) return false;
-      e.load(kInput, kR10, int64_t{uses[u].offset} * 4);
+  e.bytes({0x4d, 0x8d, 0x6a, 0x20});  // lea r13, [r10 + 32]
+  for (int r = 0; r < rows; ++r) {
+    if (first)
+      e.broadcast(r, kRdx, 4 * r);  // the bias
+    else
+      e.load(r, kR11, r * out_stride * 4);  // the partial sum
+  }
+  // rdx moves along the weights, 256 at a time, so each multiply-add's weight is a one-byte
+  // displacement: 7 bytes of code a nonzero instead of 10
+  int64_t base = 0;
+  // Likewise r10 and r13 (r10 + 32: a pixel of 8 images is 32 bytes) move along the input, so
+  // that a column's load is a one-byte multiple of 64 from one of them: 8 bytes, not 11
+  int64_t input_base = 0;
+  for (size_t u = u0; u < u1; ++u) {
+    if (u == u0 || uses[u].offset != uses[u - 1].offset) {
+      const int64_t at = int64_t{uses[u].offset} * 4;
+      if (at > kMaxDisp || at < 0) return false;
+      const bool odd = at % 64 != 0;
+      if (at - (odd ? 32 : 0) - input_base > 127 * 64) {
+        const int64_t next = at - at % 64 + 128 * 64;
+        e.bytes({0x49, 0x81, 0xc2});  // add r10, imm32
+        e.dword(next - input_base);
+        e.bytes({0x49, 0x81, 0xc5});  // add r13, imm32
+        e.dword(next - input_base);
+        input_base = next;
+      }
+      e.load(kInput, odd ? kR13 : kR10, at - (odd ? 32 : 0) - input_base);
     }
-    e.fma_broadcast(uses[u].row, kInput, kRdx, 4 * slot++);
-    order.push_back(uses[u].index);
+    const int64_t slot = rows + static_cast<int64_t>(u);
+    if (4 * slot - base > 127 * 4) {
+      e.bytes({0x48, 0x81, 0xc2});  // add rdx, imm32
+      e.dword(4 * slot + 128 * 4 - base);
+      base = 4 * slot + 128 * 4;
+    }
+    e.fma_broadcast(uses[u].row, kInput, kRdx, 4 * slot - base);
   }
-  e.bytes({0x4d, 0x85, 0xc9, 0x0f, 0x84});  // test r9, r9; jz plain
-  const int64_t to_plain = e.here();
-  e.dword(0);
-  e.lea_index4(kRax, kR9);  // rax: the residual at this position
-  for (int r = 0; r < rows; ++r) {
-    e.add(r, kRax, 0);
-    e.bytes({0x48, 0x01, 0xd8});  // add rax, rbx
+  if (last) {
+    e.bytes({0x4d, 0x85, 0xc9, 0x0f, 0x84});  // test r9, r9; jz plain
+    const int64_t to_plain = e.here();
+    e.dword(0);
+    e.lea_index4(kRax, kR9);  // rax: the residual at this position
+    for (int r = 0; r < rows; ++r) {
+      e.add(r, kRax, 0);
+      e.bytes({0x48, 0x01, 0xd8});  // add rax, rbx
+    }
+    e.patch(to_plain, e.here());
   }
-  e.patch(to_plain, e.here());
   for (int r = 0; r < rows; ++r) {
-    if (relu) e.max(r, kZero);
+    if (last && relu) e.max(r, kZero);
     e.store(r, kR11, r * out_stride * 4);
   }
   e.bytes({0x48, 0x83, 0xc1, 0x04,   // add rcx, 4
@@ -165,8 +202,23 @@ bool emit_block(Emitter& e, const int64_t* indptr, const int32_t* off, int64_t f
   const int64_t to_loop = e.here();
   e.dword(0);
   e.patch(to_loop, loop);
-  e.bytes({0x5b, 0xc5, 0xf8, 0x77, 0xc3});  // pop rbx; vzeroupper; ret
+  e.bytes({0x41, 0x5d, 0x41, 0x5c, 0x5b,  // pop r13; pop r12; pop rbx
+           0xc5, 0xf8, 0x77, 0xc3});       // vzeroupper; ret
   return e.here() <= kMaxCode;
+}
+
+// A block's nonzeros by column (each column's vector is loaded once per position), cut into
+// segments of about `segment` multiply-adds at column boundaries (0: one segment). A
+// segment's code then runs over all the call's positions while it is in the instruction cache
+// (a block's whole code at density 0.06 was about 40 KB, more than the 32 KB L1i here).
+std::vector<size_t> segment_bounds(const std::vector<Use>& uses, int64_t segment) {
+  std::vector<size_t> bounds{0};
+  for (size_t u = 1; u < uses.size(); ++u)
+    if (segment > 0 && static_cast<int64_t>(u - bounds.back()) >= segment &&
+        uses[u].offset != uses[u - 1].offset)
+      bounds.push_back(u);
+  bounds.push_back(uses.size());
+  return bounds;
 }
 
 using BlockFn = void (*)(const Frame*);
@@ -175,7 +227,7 @@ struct LayerCode {
   void* pages = nullptr;
   size_t size = 0;
   int64_t rows = 0, block_rows = 0, out_stride = 0;
-  std::vector<BlockFn> blocks;
+  std::vector<std::vector<BlockFn>> blocks;  // each block's segments, in order
   std::vector<int64_t> data_start;  // each block's first float in `data`
   std::vector<float> data;
 };
@@ -205,6 +257,7 @@ struct CodegenSpec {
   int64_t block_rows;      // output channels per block: 1 .. 28
   int64_t out_stride;      // floats between output channels
   int64_t relu;
+  int64_t segment;         // multiply-adds a segment (about; 0: one segment a block)
 };
 
 // The layer's code, or null (no AVX-512, a displacement too large, no executable pages).
@@ -219,21 +272,29 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
   layer->block_rows = s->block_rows;
   layer->out_stride = s->out_stride;
   Emitter e;
-  std::vector<int64_t> starts;
-  std::vector<int32_t> order;
+  std::vector<std::vector<int64_t>> starts;
   for (int64_t first = 0; first < s->rows; first += s->block_rows) {
     const int rows = static_cast<int>(std::min(s->block_rows, s->rows - first));
-    starts.push_back(e.here());
-    layer->data_start.push_back(static_cast<int64_t>(layer->data.size()));
-    order.clear();
-    if (!emit_block(e, s->indptr, s->offsets, first, rows, s->out_stride, s->relu != 0,
-                    order)) {
-      delete layer;
-      return nullptr;
+    std::vector<Use> uses;
+    for (int r = 0; r < rows; ++r)
+      for (int64_t j = s->indptr[first + r]; j < s->indptr[first + r + 1]; ++j)
+        uses.push_back({s->offsets[j], r, static_cast<int32_t>(j)});
+    std::stable_sort(uses.begin(), uses.end(),
+                     [](const Use& a, const Use& b) { return a.offset < b.offset; });
+    const std::vector<size_t> bounds = segment_bounds(uses, s->segment);
+    starts.emplace_back();
+    for (size_t k = 0; k + 1 < bounds.size(); ++k) {
+      starts.back().push_back(e.here());
+      if (!emit_segment(e, uses, bounds[k], bounds[k + 1], rows, s->out_stride, k == 0,
+                        k + 2 == bounds.size(), s->relu != 0)) {
+        delete layer;
+        return nullptr;
+      }
+      while (e.code.size() % 64) e.code.push_back(0xcc);  // each on its own cache line
     }
+    layer->data_start.push_back(static_cast<int64_t>(layer->data.size()));
     for (int r = 0; r < rows; ++r) layer->data.push_back(s->bias[first + r]);
-    for (int32_t j : order) layer->data.push_back(s->values[j]);
-    while (e.code.size() % 64) e.code.push_back(0xcc);  // each block on its own cache line
+    for (const Use& use : uses) layer->data.push_back(s->values[use.index]);
   }
   layer->size = e.code.size();
   void* pages = mmap(nullptr, layer->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
@@ -249,8 +310,12 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
     return nullptr;
   }
   layer->pages = pages;
-  for (int64_t start : starts)
-    layer->blocks.push_back(reinterpret_cast<BlockFn>(static_cast<uint8_t*>(pages) + start));
+  for (const auto& block : starts) {
+    layer->blocks.emplace_back();
+    for (int64_t start : block)
+      layer->blocks.back().push_back(
+          reinterpret_cast<BlockFn>(static_cast<uint8_t*>(pages) + start));
+  }
   return layer;
 }
 
@@ -300,7 +365,7 @@ void dnr_codegen_conv(const CodegenCall* c) {
                       layer->data.data() + layer->data_start[b], c->pos + p0,
                       std::min(chunk, c->npos - p0),
                       c->res ? c->res + first * c->res_stride : nullptr, c->res_stride * 4};
-    layer->blocks[b](&frame);
+    for (BlockFn segment : layer->blocks[b]) segment(&frame);
   }
 }
 

@@ -18,6 +18,9 @@ import numpy as np
 from dnr_deploy.runtime.sparse import native
 
 BLOCK_ROWS = 24  # output channels a block keeps in registers (benchmarks/generated_code.py)
+# multiply-adds of a block's code that run over all of a call's positions before the next
+# ones: about 7 KiB of code, so that it stays in the instruction cache
+SEGMENT = 1024
 
 _LIB = native._LIB if native.available and hasattr(native._LIB, "dnr_codegen_compile") \
     else None
@@ -43,7 +46,7 @@ def available() -> bool:
 class _Spec(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_int64)] + \
         [(name, ctypes.c_void_p) for name in ("indptr", "offsets", "values", "bias")] + \
-        [(name, ctypes.c_int64) for name in ("block_rows", "out_stride", "relu")]
+        [(name, ctypes.c_int64) for name in ("block_rows", "out_stride", "relu", "segment")]
 
 
 class _Call(ctypes.Structure):
@@ -58,7 +61,7 @@ class LayerCode:
 
     def __init__(self, indptr: np.ndarray, offsets: np.ndarray, values: np.ndarray,
                  bias: np.ndarray, out_stride: int, relu: bool,
-                 block_rows: int = BLOCK_ROWS) -> None:
+                 block_rows: int = BLOCK_ROWS, segment: int = SEGMENT) -> None:
         rows = len(indptr) - 1
         arrays = (np.ascontiguousarray(indptr, np.int64), np.ascontiguousarray(offsets, np.int32),
                   np.ascontiguousarray(values, np.float32), np.ascontiguousarray(bias, np.float32))
@@ -66,7 +69,8 @@ class LayerCode:
         if rows < 1 or indptr[0] != 0 or indptr[-1] != len(offsets) or \
                 len(values) != len(offsets) or len(bias) != rows or np.any(np.diff(indptr) < 0):
             raise ValueError("generated code: the CSR arrays do not match")
-        spec = _Spec(rows, *(a.ctypes.data for a in arrays), block_rows, out_stride, int(relu))
+        spec = _Spec(rows, *(a.ctypes.data for a in arrays), block_rows, out_stride, int(relu),
+                     segment)
         self.handle = _LIB.dnr_codegen_compile(ctypes.addressof(spec))
         if not self.handle:
             raise ValueError("generated code: this layer's offsets or strides do not fit 32-bit "

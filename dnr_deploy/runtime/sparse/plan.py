@@ -187,6 +187,7 @@ class SparseConv:
         self.border: np.ndarray | None = None  # per input channel: what the padding holds
         self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
         self._jobs: dict[tuple, dict] = {}
+        self._codes: dict[tuple, codegen.LayerCode | None] = {}  # generated code, by geometry
 
     takes_threads = True  # SparseModel passes `threads` to it
     def fold_input_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
@@ -208,6 +209,7 @@ class SparseConv:
         self.bias = (self.bias - shift).astype(np.float32)
         self.border = mean.astype(np.float32)
         self._jobs.clear()
+        self._codes.clear()
         self._winograd_weights = None  # made again from the folded weights
 
     @property
@@ -327,30 +329,31 @@ class SparseConv:
         team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
         bind = functools.partial(native.conv_call, src, offsets, self.indptr, self.values,
                                  self.bias, positions, width, block, team, out, out_stride)
-        generated = self._generated_bind(bind, src, offsets, positions, out, out_stride, team) \
-            if width == 16 and self.codegen else None
+        generated = self._generated_bind(bind, g, src, offsets, positions, out, out_stride,
+                                         team) if width == 16 and self.codegen else None
         job["path"] = "generated" if generated else "kernel"
         bind = generated or bind
         job.update(bind=bind, run=bind(self.relu), keep=(offsets, positions, out),
                    residual=None)
         return job
 
-    def _generated_bind(self, kernel_bind: Callable, src: np.ndarray, offsets: np.ndarray,
-                        positions: np.ndarray, out: np.ndarray, out_stride: int,
-                        team: int) -> Callable | None:
-        """`bind(relu, residual)` running this layer's generated code, made once per ReLU
-        setting (the code has it compiled in), or None where the code cannot be made (a
-        displacement past 32 bits, no executable pages): the kernel runs then."""
-        codes: dict[bool, codegen.LayerCode | None] = {}
+    def _generated_bind(self, kernel_bind: Callable, g: Geometry, src: np.ndarray,
+                        offsets: np.ndarray, positions: np.ndarray, out: np.ndarray,
+                        out_stride: int, team: int) -> Callable | None:
+        """`bind(relu, residual)` running this layer's generated code, or None where the code
+        cannot be made (a displacement past 32 bits, no executable pages): the kernel runs
+        then. The code depends on the planes' geometry, the output stride and ReLU (compiled
+        in), not on the buffers: jobs of other threads with the same ones share it."""
 
         def code_for(relu: bool) -> codegen.LayerCode | None:
-            if relu not in codes:
+            key = (g.plane, g.wq, g.batch, out_stride, relu)
+            if key not in self._codes:
                 try:
-                    codes[relu] = codegen.LayerCode(self.indptr, offsets, self.values,
-                                                    self.bias, out_stride, relu)
+                    self._codes[key] = codegen.LayerCode(self.indptr, offsets, self.values,
+                                                         self.bias, out_stride, relu)
                 except ValueError:
-                    codes[relu] = None
-            return codes[relu]
+                    self._codes[key] = None
+            return self._codes[key]
 
         def bind(relu: bool, residual: tuple[int, int] | None = None) -> Callable[[], None]:
             code = code_for(relu)
