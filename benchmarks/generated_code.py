@@ -1,11 +1,12 @@
 """What code generated for each layer's nonzeros would buy: the ceiling of a run-time emitter,
-measured before writing one (issue 26).
+measured before writing one (issue 26), and now beside the emitter the engine has (codegen.py).
 
 DeepSparse compiles code for each layer; our sparse kernel is compiled ahead of time for any
 weights. For each conv of a DNR-trained deploy dir (dnr_masks.py), this writes C with the
 layer's mask compiled in, compiles it with the machine's gcc (a stand-in for an emitter: a
 deployment has no compiler, so nothing here ships) and times it beside the engine's
-`SparseConv` on the same weights and input, one pinned thread.
+`SparseConv` on the same weights and input, one pinned thread: its ahead-of-time kernel, and
+the code its own emitter generates at load time (where the CPU has AVX-512).
 
 The generated code keeps R output channels x T pixels of accumulators in registers (one pixel
 of 16 images a 16-float vector, the input zero-padded). For each input column (channel, tap)
@@ -144,7 +145,11 @@ def measure(layer: dict, rows: int, pixels: int, folder: Path, rounds: int) -> d
     padded[:, pad:pad + in_hw, pad:pad + in_hw] = images
     out = np.zeros((out_chans, layer["out_hw"], layer["out_hw"], IMAGES), np.float32)
     conv = SparseConv(weight, np.zeros(out_chans, np.float32), layer["stride"], pad, True)
-    conv.winograd = False  # the sparse kernel itself, whatever the engine would pick
+    # the sparse kernel itself, whatever the engine would pick
+    conv.winograd, conv.codegen = False, False
+    # ... and the engine's own generated code (codegen.py), where this CPU runs it
+    emitted = SparseConv(weight, np.zeros(out_chans, np.float32), layer["stride"], pad, True)
+    emitted.winograd = False
     halves = [np.ascontiguousarray(images[..., :8]), np.ascontiguousarray(images[..., 8:])]
 
     def generated() -> None:
@@ -154,15 +159,27 @@ def measure(layer: dict, rows: int, pixels: int, folder: Path, rounds: int) -> d
         for half in halves:
             conv(half, threads=1)
 
+    def emitter() -> None:
+        for half in halves:
+            emitted(half, threads=1)
+
     generated()
     # the kernel returns a view of its own buffer, which its next call overwrites
     expected = np.concatenate([conv(half, threads=1).copy() for half in halves], axis=-1)
     difference = float(np.abs(expected - out).max())
     if difference > 1e-3 * max(1.0, float(np.abs(out).max())):
         sys.exit(f"generated code for {layer['name']} differs from SparseConv by {difference}")
-    # in turns, so a busy spell on the shared host hits both alike
-    ms = time_in_turns({"generated": call_runner(generated), "kernel": call_runner(kernel)},
-                       rounds, max(1, rounds // TURNS))
+    runners = {"generated": call_runner(generated), "kernel": call_runner(kernel)}
+    if emitted.codegen:
+        emitter()
+        difference = max(difference, float(np.abs(np.concatenate(
+            [emitted(half, threads=1).copy() for half in halves], axis=-1) - out).max()))
+        if difference > 1e-3 * max(1.0, float(np.abs(out).max())) or \
+                emitted.paths() != {"generated"}:
+            sys.exit(f"the emitter's code for {layer['name']} did not run or differs")
+        runners["emitter"] = call_runner(emitter)
+    # in turns, so a busy spell on the shared host hits all alike
+    ms = time_in_turns(runners, rounds, max(1, rounds // TURNS))
     macs = int(np.count_nonzero(weight)) * layer["out_hw"] ** 2 * IMAGES
     return {"layer": layer["name"], "shape": [in_chans, out_chans, in_hw, layer["out_hw"]],
             "kernel_size": list(weight.shape[2:]), "stride": layer["stride"],
@@ -170,7 +187,9 @@ def measure(layer: dict, rows: int, pixels: int, folder: Path, rounds: int) -> d
             "generated_ms": ms["generated"], "kernel_ms": ms["kernel"],
             "generated_gmacs": macs / ms["generated"] / 1e6,
             "kernel_gmacs": macs / ms["kernel"] / 1e6,
-            "speedup": ms["kernel"] / ms["generated"], "max_difference": difference}
+            "speedup": ms["kernel"] / ms["generated"], "max_difference": difference,
+            **({"emitter_ms": ms["emitter"], "emitter_gmacs": macs / ms["emitter"] / 1e6,
+                "emitter_speedup": ms["kernel"] / ms["emitter"]} if "emitter" in ms else {})}
 
 
 def main() -> None:
@@ -204,7 +223,8 @@ def main() -> None:
                     print(f"{model} {row['layer']:12s} {row['shape']} s{row['stride']} "
                           f"d{row['density']:.3f} {row['block']:>5s}: generated "
                           f"{row['generated_gmacs']:.1f} GMAC/s, kernel "
-                          f"{row['kernel_gmacs']:.1f} ({row['speedup']:.2f}x)", flush=True)
+                          f"{row['kernel_gmacs']:.1f} ({row['speedup']:.2f}x), emitter "
+                          f"{row.get('emitter_gmacs', float('nan')):.1f}", flush=True)
             results[model] = {"deploy_dir": str(deploy), "input_shape": shape, "rows": rows}
     write_results(args.name, {"command": "python " + " ".join(sys.argv), "args":
                                      vars(args), "machine": machine_info(), "models": results})

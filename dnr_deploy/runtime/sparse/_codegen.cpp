@@ -1,5 +1,5 @@
 // Machine code generated at load time for one sparse conv layer (AVX-512), so that its mask
-// is compiled in: codegen.py, and docs/decisions/2026-12-07-generated-code.md.
+// is compiled in: codegen.py, and docs/decisions/2026-12-06-generated-code.md.
 //
 // The ahead-of-time kernel (_kernels.cpp) keeps one output channel's tile in registers and
 // reads an offset and a value per nonzero. The code here keeps R output channels of one
@@ -322,6 +322,11 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
 // Bytes of generated code (for reports and the tests' disassembly).
 int64_t dnr_codegen_size(const void* handle) {
   return static_cast<int64_t>(static_cast<const LayerCode*>(handle)->size);
+}
+
+// Where the generated code lies (the tests check its pages' permissions).
+const void* dnr_codegen_pages(const void* handle) {
+  return static_cast<const LayerCode*>(handle)->pages;
 }
 
 // A copy of the generated code (the tests disassemble it).

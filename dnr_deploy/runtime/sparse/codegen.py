@@ -30,6 +30,8 @@ if _LIB is not None:
     _LIB.dnr_codegen_compile.restype = ctypes.c_void_p
     _LIB.dnr_codegen_size.argtypes = [ctypes.c_void_p]
     _LIB.dnr_codegen_size.restype = ctypes.c_int64
+    _LIB.dnr_codegen_pages.argtypes = [ctypes.c_void_p]
+    _LIB.dnr_codegen_pages.restype = ctypes.c_void_p
     _LIB.dnr_codegen_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     _LIB.dnr_codegen_copy.restype = None
     _LIB.dnr_codegen_free.argtypes = [ctypes.c_void_p]
@@ -81,6 +83,11 @@ class LayerCode:
     def size(self) -> int:
         """Bytes of code."""
         return int(_LIB.dnr_codegen_size(self.handle))
+
+    @property
+    def address(self) -> int:
+        """Where the code lies (its pages are read + execute, never writable)."""
+        return int(_LIB.dnr_codegen_pages(self.handle))
 
     def code(self) -> bytes:
         """A copy of the code (the tests disassemble it)."""

@@ -54,7 +54,7 @@ def _vector_width(g: Geometry) -> int:
 def _faster(first: dict, second: dict, rounds: int = 3) -> dict:
     """The job whose call took less time, best of `rounds` calls each in turns (a layer's
     first call of a shape, where Winograd and generated code both pay: which wins depends on
-    the layer's density, size and the CPU, docs/decisions/2026-12-07-generated-code.md)."""
+    the layer's density, size and the CPU, docs/decisions/2026-12-06-generated-code.md)."""
     best = [float("inf"), float("inf")]
     for _ in range(rounds):
         for i, job in enumerate((first, second)):
