@@ -360,7 +360,11 @@ struct CodegenCall {
 void dnr_codegen_conv(const CodegenCall* c) {
   const auto* layer = static_cast<const LayerCode*>(c->handle);
   const int64_t nblocks = static_cast<int64_t>(layer->blocks.size());
-  const int64_t chunk = std::max<int64_t>(1, c->chunk);
+  // smaller chunks of positions where there are too few tasks to share evenly among threads
+  // (a layer of 8 x 8 pixels and 11 blocks made 11 tasks: 6 on one thread, 5 on the other)
+  int64_t chunk = std::max<int64_t>(1, c->chunk);
+  while (c->threads > 1 && chunk > 8 && (c->npos + chunk - 1) / chunk * nblocks < 8 * c->threads)
+    chunk /= 2;
   const int64_t nchunks = (c->npos + chunk - 1) / chunk;
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(c->threads))
   for (int64_t task = 0; task < nchunks * nblocks; ++task) {
