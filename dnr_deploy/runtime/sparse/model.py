@@ -138,7 +138,7 @@ class SparseModel:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images, dtype=np.float32)
-        if self._blas_free and 0 < len(images) <= self._chunk_size(len(images)) and (
+        if self._blas_free and 0 < len(images) <= self.chunk and (
                 self.threads == 1 or self._settled_on_one_thread(len(images))):
             # one chunk on one thread, no BLAS to limit: straight through (the steps below
             # cost ~4 us, a twelfth of the default net's batch-1 call)
@@ -147,13 +147,12 @@ class SparseModel:
             import numba
 
             numba.set_num_threads(min(self.threads, numba.config.NUMBA_NUM_THREADS))
-        chunks = self._chunks(images)
-        if not chunks:  # no images: no logits, of the right width
+        if not len(images):  # no images: no logits, of the right width
             return np.zeros((0, self.layers[-1][0].shape[0]), np.float32)
         key = self._batch_key(len(images))
-        split = self._split_for(chunks, key)
+        split = self._split_for(images, key)
         start = time.perf_counter()
-        logits = self._run(chunks, split)
+        logits = self._run(images, split)
         if split != "none":  # calls on one thread are not watched
             self._watch(key, time.perf_counter() - start)
         return np.concatenate(logits) if len(logits) > 1 else logits[0]
@@ -167,25 +166,20 @@ class SparseModel:
         key = self._batch_key(batch)
         return self._splits.get(key) == "none" and self._calls.get(key, 0) > self.RETRIAL
 
-    def _chunk_size(self, batch: int) -> int:
-        """Images a chunk of a batch of this size: `self.chunk`, but chunks of 16 only where
-        they leave a chunk to every thread, so that the trial can still hand chunks to threads
-        (at batch 16 on 2 threads, one chunk of 16 split its layers over the threads 1.55x as
-        fast as one thread, two chunks of 8 on two threads 1.66-1.94x)."""
-        if self.threads > 1 and self.chunk > self.WIDE_CHUNK and batch < self.chunk * self.threads:
-            return self.WIDE_CHUNK
-        return self.chunk
-
-    def _chunks(self, images: np.ndarray) -> list[np.ndarray]:
-        """The batch in chunks of `_chunk_size` images, the last one shorter if need be."""
-        size = self._chunk_size(len(images))
+    def _chunks(self, images: np.ndarray, split: str = "none") -> list[np.ndarray]:
+        """The batch in chunks of `self.chunk` images, the last one shorter if need be; for
+        the "images" split, chunks of 16 only where every thread gets one (at batch 16 on 2
+        threads, one chunk of 16 split its layers over the threads 1.55x as fast as one
+        thread, two chunks of 8 on two threads 1.66-1.94x)."""
+        size = self.chunk
+        if split == "images" and size > self.WIDE_CHUNK and len(images) < size * self.threads:
+            size = self.WIDE_CHUNK
         return [images[i:i + size] for i in range(0, len(images), size)]
 
     def _batch_key(self, batch: int) -> tuple[int, int]:
         """(chunks, last chunk's size) of a batch: what the thread split is decided for."""
-        size = self._chunk_size(batch)
-        chunks = -(-batch // size)
-        return chunks, batch - (chunks - 1) * size
+        chunks = -(-batch // self.chunk)
+        return chunks, batch - (chunks - 1) * self.chunk
 
     def split_of(self, batch: int) -> str:
         """How batches of this size are shared among threads now ("none" before the first)."""
@@ -203,7 +197,8 @@ class SparseModel:
                 self._splits[key] = "none"
             recent.clear()
 
-    def _run(self, chunks: list, split: str) -> list:
+    def _run(self, images: np.ndarray, split: str) -> list:
+        chunks = self._chunks(images, split)
         threads = self.threads if split == "layers" else 1
         # BLAS on one thread: beside the images' threads a second BLAS thread per core only
         # competes, and inside a layer split over OpenMP its workers and OpenMP's spinning ones
@@ -218,7 +213,7 @@ class SparseModel:
                 return list(self._pool.map(self._forward, chunks, [1] * len(chunks)))
             return [self._forward(chunk, threads) for chunk in chunks]
 
-    def _split_for(self, chunks: list, key: tuple[int, int]) -> str:
+    def _split_for(self, images: np.ndarray, key: tuple[int, int]) -> str:
         """How threads share this batch size's work: "layers" (OpenMP inside each layer),
         "images" (a chunk per thread) or "none" (one thread), whichever had the best time in
         a few trial calls on the first batch of this size and again on the RETRIAL-th, so N
@@ -229,17 +224,18 @@ class SparseModel:
             return "none"
         self._calls[key] = self._calls.get(key, 0) + 1
         if key not in self._splits or self._calls[key] == self.RETRIAL:
-            candidates = ["layers", "none"] + (["images"] if len(chunks) > 1 else [])
+            candidates = ["layers", "none"] + \
+                (["images"] if len(self._chunks(images, "images")) > 1 else [])
             times: dict[str, list[float]] = {c: [] for c in candidates}
             for split in candidates:  # untimed: buffers of this shape and split
-                self._run(chunks, split)
+                self._run(images, split)
             began = time.perf_counter()
             for trial in range(self.MAX_TRIALS):
                 if trial >= self.TRIALS and time.perf_counter() - began > self.TRIAL_SECONDS:
                     break
                 for split in candidates:
                     start = time.perf_counter()
-                    self._run(chunks, split)
+                    self._run(images, split)
                     times[split].append(time.perf_counter() - start)
             # each at its best: another process's work only ever slows a call down, and a
             # median taken right after another runtime's call (dnr-bench's parity check) kept
@@ -272,7 +268,7 @@ class SparseModel:
         thread meanwhile would run (and be timed) through them too."""
         images = np.asarray(images, dtype=np.float32)
         chunks = self._chunks(images)
-        self._run(chunks, "none")  # untimed: buffers of this shape
+        self._run(images, "none")  # untimed: buffers of this shape
         seconds = {node: 0.0 for node, *_ in self._plan}
 
         def timed(node, step):
@@ -288,7 +284,7 @@ class SparseModel:
                       for node, step, inputs, takes in plan]
         try:
             for _ in range(rounds):
-                self._run(chunks, "none")
+                self._run(images, "none")
         finally:
             self._plan = plan
         sizes = {id(layer): size for layer, size in self.layers}
