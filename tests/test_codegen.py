@@ -131,6 +131,9 @@ def test_displacements_past_32_bits_fall_back_to_the_kernel():
     indptr, columns, values = csr_arrays(np.ones((30, 4), np.float32))
     with pytest.raises(ValueError, match="32-bit"):  # row 24 would sit 2^31 bytes away
         codegen.LayerCode(indptr, columns, values, np.zeros(30, np.float32), 2 ** 27, True)
+    far = np.full(len(columns), 2 ** 29 - 1024, np.int64)  # input 2 GiB - 4 KiB away
+    with pytest.raises(ValueError, match="32-bit"):
+        codegen.LayerCode(indptr, far, values, np.zeros(30, np.float32), 16, True)
     with pytest.raises(ValueError, match="do not match"):  # a CSR that lies about its size
         codegen.LayerCode(np.array([0, 5]), columns[:4], values[:4], np.zeros(1, np.float32),
                           16, True)

@@ -14,8 +14,9 @@
 // displacement bounded below 2^31 and checked here, or a fixed opcode. Pages are written, then
 // made read + execute (never writable and executable at once). No assembler library exists
 // on the package registries that ships in a wheel for every platform and is maintained
-// (asmjit and xbyak are C++ sources), and six instruction forms are all this needs, each one
-// checked against objdump by tests/test_codegen.py.
+// (asmjit and xbyak are C++ sources), and seven vector instruction forms and a few fixed
+// general-purpose ones are all this needs; tests/test_codegen.py disassembles the code with
+// objdump and refuses any other mnemonic.
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -29,7 +30,10 @@ namespace {
 constexpr int kMaxRows = 28;  // accumulators zmm0 .. zmm27; zmm30 zero, zmm31 the input
 constexpr int kZero = 30, kInput = 31;
 constexpr int64_t kMaxCode = int64_t{1} << 28;  // 256 MiB: a bound, far above any layer
-constexpr int64_t kMaxDisp = (int64_t{1} << 31) - 64;
+// Offsets, strides and weight slots are refused from here up: below 2^31 with room for the
+// moving pointers' steps (each at most 8 KiB + 64 past an offset), so that no displacement or
+// immediate can overflow its 32 bits
+constexpr int64_t kMaxDisp = (int64_t{1} << 31) - (int64_t{1} << 16);
 
 // General-purpose register numbers (the low 3 bits go in ModRM, bit 3 in REX / EVEX.B).
 enum Gpr { kRax = 0, kRcx = 1, kRdx = 2, kRbx = 3, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9,
