@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from dnr_deploy.export import ExportConfig, export_run
+from dnr_deploy.runtime.bench import _runtime_line
+from dnr_deploy.runtime.runtimes import sparse_info
 from dnr_deploy.runtime.sparse import codegen, load_sparse
 from dnr_deploy.runtime.sparse.plan import SparseConv, csr_arrays
 from tests.factories import write_fake_run
@@ -165,6 +167,11 @@ def test_a_deploy_dir_runs_the_same_with_and_without_generated_code(tmp_path):
         assert ("generated" in paths) == generated
     assert np.array_equal(logits[0].argmax(1), logits[1].argmax(1))
     assert np.abs(logits[0] - logits[1]).max() <= 1e-4
+    info = sparse_info(model, 1)  # what dnr-bench records and prints
+    assert info["generated_code_layers"] == 0  # the last model had it switched off
+    line = _runtime_line({"runtime": {**info, "generated_code_layers": 3,
+                                      "parity": {"max_abs": 0.0}}})
+    assert f"generated code on 3 of {info['layers']} layers" in line
 
 
 def test_where_winograd_also_pays_the_faster_one_runs():

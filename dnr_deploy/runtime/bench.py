@@ -367,6 +367,9 @@ def _runtime_line(report: dict) -> str:
     winograd, single = runtime.get("winograd_layers"), runtime.get("winograd_layers_single")
     algorithm = f", Winograd on {winograd} of {runtime['layers']} layers from 4 images" \
         f" and {single or 0} on single images" if winograd or single else ""
+    generated = runtime.get("generated_code_layers")
+    if generated:  # its own code on 16-float calls; where Winograd also pays, the faster one
+        algorithm += f", generated code on {generated} of {runtime['layers']} layers"
     return (f"model in the {kind} ({runtime['kernel']} kernel{algorithm}, parity with "
             f"{against} {runtime['parity']['max_abs']:.1e}), baseline in ")
 

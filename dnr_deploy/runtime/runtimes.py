@@ -159,6 +159,10 @@ def sparse_info(model, threads: int) -> dict:
             "engine": "dnr_deploy.runtime.sparse", "kernel": kernel_name(),
             "threads": threads, "layers": len(model.layers),
             "dense_fallback_layers": dense_layers,
-            # on chunks of 4 images or more, and on single images (a threshold of their own)
+            # convs with machine code of their own where calls take 16-float vectors (AVX-512)
+            "generated_code_layers": sum(1 for layer, _ in model.layers
+                                         if getattr(layer, "codegen", False)),
+            # on chunks of 4 images or more, and on single images (a threshold of their own);
+            # where generated code also runs, a timed first call picks one of the two
             "winograd_layers": model.winograd_layers(),
             "winograd_layers_single": model.winograd_layers(batch=1)}

@@ -44,10 +44,10 @@ def _pixels_fill_vectors(g: Geometry) -> bool:
 
 def _vector_width(g: Geometry) -> int:
     """Floats a vector of the kernel covers in a call of this geometry: 16 (AVX-512) on a
-    chunk of 8 images where a row's pixels fill them, else 8. Measured at batch 16, 5% density,
-    1 thread, against 8-float vectors on chunks of 4: VGG16 8.5-9.0 ms instead of 11.6-13.6,
-    ResNet-18 16.5-17.4 instead of 20.0-23.3 (benchmarks/sparse_runtime.py --turn 5); on fewer
-    images (batch 1) the wide loads straddle cache lines and gain nothing."""
+    chunk of 8 or 16 images where a row's pixels fill them, else 8. Measured at batch 16, 5%
+    density, 1 thread, against 8-float vectors on chunks of 4: VGG16 8.5-9.0 ms instead of
+    11.6-13.6, ResNet-18 16.5-17.4 instead of 20.0-23.3 (benchmarks/sparse_runtime.py --turn
+    5); on fewer images (batch 1) the wide loads straddle cache lines and gain nothing."""
     return 16 if native.wide_vectors() and g.batch % 8 == 0 and g.wo * g.batch % 16 == 0 else 8
 
 
