@@ -200,6 +200,17 @@ def test_a_split_over_threads_slower_than_one_thread_falls_back(irregular_deploy
     assert engine._recent.get(key, []) == []
 
 
+def test_a_batch_size_under_the_split_threshold_stays_on_one_thread(irregular_deploy):
+    """Calls whose one-thread trial took under MIN_SPLIT_SECONDS are not split over threads,
+    whatever the trial measured for the splits."""
+    engine = load_sparse(irregular_deploy, threads=2)
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    engine(x)
+    key = engine._batch_key(16)
+    assert engine._one_thread_best[key] < engine.MIN_SPLIT_SECONDS  # the fake net: ~0.1 ms
+    assert engine._splits[key] == "none"
+
+
 def test_a_batch_size_settled_on_one_thread_skips_the_thread_split(irregular_deploy):
     """Once the trial and its retrial chose one thread for a one-chunk batch, calls go
     straight through, as on a 1-thread engine; before that they still count toward the

@@ -108,6 +108,10 @@ class SparseModel:
     # the calls after a trial where it had been 1.1x faster (VGG16's layers split 1.8x faster)
     PARALLEL_MARGIN = 0.9
     WATCH = 5  # calls split over threads that are checked against one thread (`_watch`)
+    # A batch size whose one-thread trial call took less than this stays on one thread: with
+    # generated code the default net's batch 16 takes 0.2 ms, and its splits won trials, then
+    # ran 0.76x one thread's speed in the side-by-side run (random masks), 0.89-1.13x in others
+    MIN_SPLIT_SECONDS = 0.0005
 
     def __init__(self, steps: list, output: object, layers: list, threads: int = 1) -> None:
         self.steps, self.output, self.layers, self.threads = steps, output, layers, threads
@@ -242,7 +246,8 @@ class SparseModel:
             # VGG16 at batch 1 on one thread where OpenMP in its layers runs 1.5-1.8x faster
             best = {c: min(t) * (1.0 if c == "none" else 1 / self.PARALLEL_MARGIN)
                     for c, t in times.items()}
-            self._splits[key] = min(candidates, key=best.__getitem__)
+            self._splits[key] = "none" if best["none"] < self.MIN_SPLIT_SECONDS else \
+                min(candidates, key=best.__getitem__)
             self._one_thread_best[key] = best["none"]
             self._recent.pop(key, None)
         return self._splits[key]
