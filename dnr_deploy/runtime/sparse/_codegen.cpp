@@ -133,8 +133,6 @@ struct Use {
 // Returns false when a displacement would not fit in 32 bits.
 bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1, int rows,
                   int64_t out_stride, bool first, bool last, bool relu) {
-  if ((rows - 1) * out_stride * 4 > kMaxDisp) return false;
-  if ((rows + static_cast<int64_t>(uses.size())) * 4 > kMaxDisp) return false;
   e.bytes({0x53, 0x41, 0x54, 0x41, 0x55});  // push rbx; push r12; push r13
   e.load_gpr(kRsi, kRdi, offsetof(Frame, out));
   e.load_gpr(kR12, kRdi, offsetof(Frame, data));
@@ -230,7 +228,7 @@ using BlockFn = void (*)(const Frame*);
 struct LayerCode {
   void* pages = nullptr;
   size_t size = 0;
-  int64_t rows = 0, block_rows = 0, out_stride = 0;
+  int64_t block_rows = 0, out_stride = 0;
   std::vector<std::vector<BlockFn>> blocks;  // each block's segments, in order
   std::vector<int64_t> data_start;  // each block's first float in `data`
   std::vector<float> data;
@@ -272,7 +270,6 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
   for (int64_t o = 0; o < s->rows; ++o)
     if (s->indptr[o + 1] < s->indptr[o]) return nullptr;
   auto* layer = new LayerCode;
-  layer->rows = s->rows;
   layer->block_rows = s->block_rows;
   layer->out_stride = s->out_stride;
   Emitter e;
@@ -285,6 +282,13 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
         uses.push_back({s->offsets[j], r, static_cast<int32_t>(j)});
     std::stable_sort(uses.begin(), uses.end(),
                      [](const Use& a, const Use& b) { return a.offset < b.offset; });
+    // the output rows' and the weight slots' displacements (the input's are checked per
+    // column as the code is written)
+    if ((rows - 1) * s->out_stride * 4 > kMaxDisp ||
+        (rows + static_cast<int64_t>(uses.size())) * 4 > kMaxDisp) {
+      delete layer;
+      return nullptr;
+    }
     const std::vector<size_t> bounds = segment_bounds(uses, s->segment);
     starts.emplace_back();
     for (size_t k = 0; k + 1 < bounds.size(); ++k) {

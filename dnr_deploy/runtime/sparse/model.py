@@ -87,8 +87,7 @@ class SparseModel:
     # layer's code and weights, fetched from L3 at each chunk, serve twice the images, and no
     # input load straddles a cache line. Measured against chunks of 8 in turns (probe, DNR masks,
     # 1 thread): VGG16 21.4 against 22.7 ms at batch 16, the default net 0.18 against 0.22 ms
-    # at batch 16 and 0.76 against 0.88 at 64; at 2 threads (the batch-16 chunk then splits its
-    # layers over threads, not chunks over threads) within the host's noise
+    # at batch 16 and 0.76 against 0.88 at 64 (chunks handed to threads may be 8: `_chunks`)
     CODEGEN_CHUNK = 16
     TRIALS = 3  # timed calls at least of each way to split threads, on the first batch of a size
     # ... and again on the RETRIAL-th batch of that size: the first trial runs right after
