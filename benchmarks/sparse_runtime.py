@@ -88,6 +88,10 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
             # with N threads, a 1-thread engine in the same turns: "N threads never slower than
             # one" is a ratio of one run, not of rows timed minutes apart on a shared machine
             single = build_from_onnx(model, shape, threads=1) if t > 1 else None
+            # and a second one, the control: how far two identical engines' p50s part in the
+            # same turns (buffers at other addresses, the host's noise), beside which the 2-thread
+            # engine's ratio to the first is read
+            control = build_from_onnx(model, shape, threads=1) if t > 1 else None
             macs = engine.macs(shape)
             bound = macs["dense"] / macs["nonzero"]
             session = create_session(dense_path, "cpu", t)[0]
@@ -101,6 +105,7 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
                            "sparse": call_runner(lambda e=engine, x=x: e(x))}
                 if single is not None:
                     runners["sparse_1_thread"] = call_runner(lambda e=single, x=x: e(x))
+                    runners["sparse_1_thread_control"] = call_runner(lambda e=control, x=x: e(x))
                 side = DeepSparse(deepsparse, model, x, t) if deepsparse else None
                 if side:
                     runners["deepsparse"] = side.turn
@@ -122,8 +127,11 @@ def bench_model(name: str, densities: list[float], batches: list[int], threads: 
                 if single is not None:
                     row.update(sparse_1_thread_p50_ms=p50["sparse_1_thread"],
                                threads_speedup=p50["sparse_1_thread"] / p50["sparse"],
-                               split=engine.split_of(batch))
-                    line += f"  x{row['threads_speedup']:.2f} of 1 thread ({row['split']})"
+                               split=engine.split_of(batch),
+                               control_speedup=p50["sparse_1_thread"] /
+                               p50["sparse_1_thread_control"])
+                    line += (f"  x{row['threads_speedup']:.2f} of 1 thread ({row['split']}; "
+                             f"control x{row['control_speedup']:.2f})")
                 if side:
                     row.update(deepsparse_version=side.version,
                                deepsparse_p50_ms=p50["deepsparse"],

@@ -153,7 +153,8 @@ def _threads_cell(cell: dict | None) -> str:
     if cell is None:
         return "-"
     split = f" ({cell['split']})" if "split" in cell else ""
-    return f"{cell['threads_speedup']:.2f}x{split}"
+    control = f" [{cell['control_speedup']:.2f}x]" if "control_speedup" in cell else ""
+    return f"{cell['threads_speedup']:.2f}x{split}{control}"
 
 
 def _threads_over_one(data: dict) -> str:
@@ -175,7 +176,9 @@ def _threads_over_one(data: dict) -> str:
         "The engine at 2 threads over the engine at 1 thread, both timed in the same turns "
         "(p50 of 1 thread / p50 of 2; below 1.00x, 2 threads were slower), and in brackets "
         "how the 2-thread engine's trial split the work: `layers` (OpenMP inside each layer), "
-        "`images` (a chunk of images per thread) or `none` (one thread):", "",
+        "`images` (a chunk of images per thread) or `none` (one thread); in square brackets, "
+        "where recorded, the control: a second 1-thread engine over the first, in the same "
+        "turns (two identical engines part by this much here):", "",
         table(["model", "masks", "threads", *(f"batch {b}" for b in args["batches"])], rows),
         ""])
 
