@@ -15,6 +15,7 @@ import numpy as np
 
 from dnr_deploy.deploydir import names
 from dnr_deploy.runtime.sparse import codegen, native
+from dnr_deploy.runtime.sparse.arena import BufferArena, lifetimes
 from dnr_deploy.runtime.sparse.plan import SparseConv
 from dnr_deploy.runtime.sparse.pooling import MaxPool
 
@@ -134,6 +135,12 @@ class SparseModel:
         # what _forward walks: the steps, each with whether it takes the thread count
         self._plan = [(node, step, inputs, getattr(step, "takes_threads", False))
                       for node, step, inputs in steps]
+        # layers never live at once share activation buffers (arena.py)
+        arena = BufferArena()
+        lives = lifetimes(steps, output, lambda step: isinstance(step, SparseConv))
+        for _, step, _ in steps:
+            if id(step) in lives:
+                step.arena, step.lives = arena, lives[id(step)]
         self._blas_free = native.available and self._blas is None
         self._convs_read_input = all(isinstance(step, SparseConv) and step.stride == 1 and
                                      inputs[0] is None and None not in inputs[1:]

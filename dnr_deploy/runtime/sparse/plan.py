@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dnr_deploy.runtime.sparse import codegen, native, winograd
+from dnr_deploy.runtime.sparse.arena import BufferArena, Life
 
 # Above this fraction of nonzero weights a layer runs as im2col + BLAS instead of the sparse
 # kernel. Measured with benchmarks/sparse_threshold.py (3x3 convs of VGG16's sizes, batch 4,
@@ -185,6 +186,10 @@ class SparseConv:
         self.into: SparseConv | None = None
         self.match: SparseConv | None = None
         self.border: np.ndarray | None = None  # per input channel: what the padding holds
+        # set by the model (arena.py): buffers shared with layers never live at the same time,
+        # and this layer's (input planes, own output) lives in a call's steps
+        self.arena: BufferArena | None = None
+        self.lives: tuple[Life, Life] | None = None
         self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
         self._jobs: dict[tuple, dict] = {}
         self._codes: dict[tuple, codegen.LayerCode | None] = {}  # generated code, by geometry
@@ -266,9 +271,12 @@ class SparseConv:
         # slack: the garbage columns of the last row of the last plane, and a last vector of
         # 8 floats (or the padding of the stretch to whole vectors) read past its end
         size = s * s * chans * g.plane + (kw + 1) * batch + 64
-        raw = np.zeros(size + 16, np.float32)  # aligned to 64 bytes: with 8 images a pixel is
-        shift = (-(raw.ctypes.data // 4)) % 16  # 32 bytes, so no 16-float load of a pixel pair
-        src = raw[shift:shift + size]  # straddles more than one cache line boundary
+        # zeroed, and shared only with planes of the same geometry, whose borders stay zero
+        raw = self._buffer(0, ("planes", shape, s, self.pads, g), size + 16, (batch, threads),
+                           np.zeros) if self.border is None else np.zeros(size + 16, np.float32)
+        shift = (-(raw.ctypes.data // 4)) % 16  # aligned to 64 bytes: with 8 images a pixel is
+        src = raw[shift:shift + size]  # 32 bytes, so no 16-float load of a pixel pair straddles
+        # more than one cache line boundary
         planes = src[:s * s * chans * g.plane].reshape(s * s, chans, g.hq, g.wq, batch)
         if self.border is not None:
             planes[:] = self.border[None, :, None, None, None]
@@ -287,17 +295,34 @@ class SparseConv:
             return self._sparse_job(job, g, threads, out, out_stride, view)
         if not (self.codegen and _vector_width(g) == 16):
             return self._winograd_job(job, g, threads, out, out_stride, view)
-        # both pay: the faster on this machine, timed on the job's own buffers
-        job = _faster(self._winograd_job(dict(job), g, threads, out, out_stride, view),
-                      self._sparse_job(dict(job), g, threads, out, out_stride, view))
+        # both pay: the faster on this machine, timed on the job's input and writing to
+        # scratch laid out as the output (the output may be a buffer that another layer's
+        # values live in now: its life starts at this layer's step, not at this first call)
+        scratch = None if out is None else np.empty_like(out)
+        trial = _faster(self._winograd_job(dict(job), g, threads, scratch, out_stride, view,
+                                           trial=True),
+                        self._sparse_job(dict(job), g, threads, scratch, out_stride, view,
+                                         trial=True))
+        make = self._winograd_job if trial["path"] == "winograd" else self._sparse_job
+        job = make(job, g, threads, out, out_stride, view)
         self._jobs[key] = job
         return job
 
+    def _buffer(self, which: int, key: tuple, size: int, signature: tuple,
+                make: Callable[..., np.ndarray]) -> np.ndarray:
+        """A float32 buffer of `size` floats for this layer's input planes (`which` 0) or own
+        output (1): from the model's arena, if it set one, for calls of `signature` (chunk
+        size, threads), else new."""
+        if self.arena is None or self.lives is None:
+            return make(size, np.float32)
+        return self.arena.take(signature, key, size, self.lives[which],
+                               lambda n: make(n, np.float32))
+
     def _sparse_job(self, job: dict, g: Geometry, threads: int, out: np.ndarray | None,
-                    out_stride: int, view: np.ndarray | None) -> dict:
+                    out_stride: int, view: np.ndarray | None, trial: bool = False) -> dict:
         """`job` completed for the sparse kernel, or the layer's generated code where it runs:
         its output (its own buffer, or the consumer's planes) and the bound call, taking
-        `bind(relu, residual)`."""
+        `bind(relu, residual)`. A `trial` job's own output is a new buffer, not the arena's."""
         src, (chans, batch, s) = job["src"], (self.shape[1], g.batch, self.stride)
         width = _vector_width(g)
         if _pixels_fill_vectors(g):  # the pixels' vectors only, row by row
@@ -313,7 +338,7 @@ class SparseConv:
             job["view"] = view
         else:
             out_stride = out_length
-            out, job["view"] = self._own_output(g, out_length)
+            out, job["view"] = self._own_output(g, out_length, threads, trial)
         # blocks of tiles (8 vectors of 8 or 16 floats) sized so that the input a block reads (one
         # stretch per input channel and phase) stays near 256 KiB, a quarter of L2 here
         block = max(1, 65536 // (chans * s * s) // (8 * width))
@@ -363,10 +388,13 @@ class SparseConv:
 
         return bind if code_for(self.relu) is not None else None
 
-    def _own_output(self, g: Geometry, out_length: int) -> tuple[np.ndarray, np.ndarray]:
-        """A buffer of `out_length` floats per output channel, and its pixels as a CHWN view
-        (rows of `wq` columns; the garbage columns skipped, no copy)."""
-        out = np.empty(self.shape[0] * out_length, np.float32)
+    def _own_output(self, g: Geometry, out_length: int, threads: int,
+                    trial: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A buffer of `out_length` floats per output channel (the arena's, but for a trial),
+        and its pixels as a CHWN view (rows of `wq` columns; the garbage columns skipped)."""
+        size = self.shape[0] * out_length
+        out = np.empty(size, np.float32) if trial else \
+            self._buffer(1, ("output",), size, (g.batch, threads), np.empty)
         view = np.ndarray((self.shape[0], g.ho, g.wq, g.batch), np.float32, out,
                           strides=(out_length * 4, g.wq * g.batch * 4, g.batch * 4, 4))
         return out, view[:, :, :g.wo]
@@ -392,16 +420,16 @@ class SparseConv:
              winograd.pays(self.density, self.shape[1], g.ho, g.wo, single=g.batch == 1))
 
     def _winograd_job(self, job: dict, g: Geometry, threads: int, out: np.ndarray | None,
-                      out_stride: int, view: np.ndarray | None) -> dict:
+                      out_stride: int, view: np.ndarray | None, trial: bool = False) -> dict:
         """`job` completed for the Winograd path: its output (its own buffer, or the
         consumer's planes) and the bound call, taking `bind(relu, residual)` as the sparse
-        kernel's does."""
+        kernel's does (`trial`: as `_sparse_job`)."""
         if self._winograd_weights is None:
             self._winograd_weights = winograd.transformed_weights(self.dense_weight())
         row = g.wq * g.batch
         if out is None:
             out_stride = g.ho * row
-            out, view = self._own_output(g, out_stride)
+            out, view = self._own_output(g, out_stride, threads, trial)
         job["view"] = view
         team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
 
