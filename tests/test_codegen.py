@@ -141,6 +141,39 @@ def test_displacements_past_32_bits_fall_back_to_the_kernel():
                           16, True)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_segments_over_fixed_channels_compute_what_the_others_do(threads):
+    """Segments cut at whole input planes (`span`; one thread runs segment k of every block
+    before segment k + 1 of any) give the other cut's outputs exactly, empty segments (a
+    plane no channel of a block uses) and a residual in the epilogue included."""
+    rng = np.random.default_rng(7)
+    plane, planes, rows = 64, 12, 50
+    weight = rng.standard_normal((rows, planes, 9)).astype(np.float32)
+    weight *= rng.random(weight.shape) < 0.3
+    weight[:, 4:6] = 0.0  # two planes no row uses: empty segments in every block
+    indptr, columns, values = csr_arrays(weight.reshape(rows, -1))
+    offsets = columns // 9 * plane + columns % 9 * 16  # plane, then a tap 16 floats apart
+    bias = rng.standard_normal(rows).astype(np.float32)
+    src = rng.standard_normal(planes * plane + 256).astype(np.float32)
+    residual = rng.standard_normal(rows * 64).astype(np.float32)
+    positions = np.array([0, 16], np.int32)
+    outs = []
+    for span in (0, plane, 3 * plane):
+        code = codegen.LayerCode(indptr, offsets, values, bias, 64, True, segment=40, span=span)
+        out = np.zeros(rows * 64, np.float32)
+        code.call(src, positions, out, threads, (residual.ctypes.data, 64))()
+        outs.append(out)
+    assert np.abs(outs[0]).max() > 0
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+def test_too_many_fixed_segments_fall_back_to_the_kernel():
+    indptr, columns, values = csr_arrays(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="32-bit"):  # offsets to 2^20 cut every float: refused
+        codegen.LayerCode(indptr, columns * 2 ** 19, values, np.zeros(2, np.float32), 32, True,
+                          span=1)
+
+
 def test_a_call_past_its_buffers_is_refused():
     indptr, columns, values = csr_arrays(np.ones((2, 3), np.float32))
     code = codegen.LayerCode(indptr, columns * 16, values, np.zeros(2, np.float32), 32, True)

@@ -30,6 +30,7 @@ namespace {
 constexpr int kMaxRows = 28;  // accumulators zmm0 .. zmm27; zmm30 zero, zmm31 the input
 constexpr int kZero = 30, kInput = 31;
 constexpr int64_t kMaxCode = int64_t{1} << 28;  // 256 MiB: a bound, far above any layer
+constexpr int64_t kMaxSpans = 4096;  // segments a block when cut at fixed offsets
 // Offsets, strides and weight slots are refused from here up: below 2^31 with room for the
 // moving pointers' steps (each at most 8 KiB + 64 past an offset), so that no displacement or
 // immediate can overflow its 32 bits
@@ -223,12 +224,29 @@ std::vector<size_t> segment_bounds(const std::vector<Use>& uses, int64_t segment
   return bounds;
 }
 
+// The same cut at fixed input offsets: segment k holds the nonzeros whose column offset lies in
+// [k * span, (k + 1) * span), `count` segments, some of them empty. Every block of a layer then
+// has its k-th segment over the same input channels, and a call can run segment k of every
+// block before segment k + 1 of any: those channels' input is read from L2 by each block,
+// where a block-by-block order read the whole input from L3 once per block.
+std::vector<size_t> span_bounds(const std::vector<Use>& uses, int64_t span, int64_t count) {
+  std::vector<size_t> bounds{0};
+  size_t u = 0;
+  for (int64_t k = 1; k < count; ++k) {
+    while (u < uses.size() && uses[u].offset < k * span) ++u;
+    bounds.push_back(u);
+  }
+  bounds.push_back(uses.size());
+  return bounds;
+}
+
 using BlockFn = void (*)(const Frame*);
 
 struct LayerCode {
   void* pages = nullptr;
   size_t size = 0;
   int64_t block_rows = 0, out_stride = 0;
+  int64_t spans = 0;  // > 0: every block has this many segments over the same input offsets
   std::vector<std::vector<BlockFn>> blocks;  // each block's segments, in order
   std::vector<int64_t> data_start;  // each block's first float in `data`
   std::vector<float> data;
@@ -260,6 +278,7 @@ struct CodegenSpec {
   int64_t out_stride;      // floats between output channels
   int64_t relu;
   int64_t segment;         // multiply-adds a segment (about; 0: one segment a block)
+  int64_t span;            // if > 0: segments cut at multiples of this many input floats instead
 };
 
 // The layer's code, or null (no AVX-512, a displacement too large, no executable pages).
@@ -269,7 +288,16 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
     return nullptr;
   for (int64_t o = 0; o < s->rows; ++o)
     if (s->indptr[o + 1] < s->indptr[o]) return nullptr;
+  int64_t spans = 0;  // segments a block when cut at fixed offsets (bounded: each costs code)
+  if (s->span > 0) {
+    int64_t reach = 0;
+    for (int64_t j = 0; j < s->indptr[s->rows]; ++j)
+      reach = std::max<int64_t>(reach, s->offsets[j]);
+    spans = reach / s->span + 1;
+    if (spans > kMaxSpans) return nullptr;
+  }
   auto* layer = new LayerCode;
+  layer->spans = spans;
   layer->block_rows = s->block_rows;
   layer->out_stride = s->out_stride;
   Emitter e;
@@ -289,7 +317,8 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
       delete layer;
       return nullptr;
     }
-    const std::vector<size_t> bounds = segment_bounds(uses, s->segment);
+    const std::vector<size_t> bounds = s->span > 0 ? span_bounds(uses, s->span, spans)
+                                                   : segment_bounds(uses, s->segment);
     starts.emplace_back();
     for (size_t k = 0; k + 1 < bounds.size(); ++k) {
       starts.back().push_back(e.here());
@@ -374,15 +403,27 @@ void dnr_codegen_conv(const CodegenCall* c) {
   while (c->threads > 1 && chunk > 8 && (c->npos + chunk - 1) / chunk * nblocks < 8 * c->threads)
     chunk /= 2;
   const int64_t nchunks = (c->npos + chunk - 1) / chunk;
+  auto frame = [&](int64_t k, int64_t b) {
+    const int64_t first = b * layer->block_rows, p0 = k * chunk;
+    return Frame{c->src, c->out + first * layer->out_stride,
+                 layer->data.data() + layer->data_start[b], c->pos + p0,
+                 std::min(chunk, c->npos - p0),
+                 c->res ? c->res + first * c->res_stride : nullptr, c->res_stride * 4};
+  };
+  if (layer->spans > 0 && c->threads == 1) {
+    // segment-major: a segment's input channels serve every block while in L2
+    for (int64_t k = 0; k < nchunks; ++k)
+      for (int64_t g = 0; g < layer->spans; ++g)
+        for (int64_t b = 0; b < nblocks; ++b) {
+          const Frame f = frame(k, b);
+          layer->blocks[b][g](&f);
+        }
+    return;
+  }
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(c->threads))
   for (int64_t task = 0; task < nchunks * nblocks; ++task) {
-    const int64_t k = task / nblocks, b = task % nblocks;
-    const int64_t first = b * layer->block_rows, p0 = k * chunk;
-    const Frame frame{c->src, c->out + first * layer->out_stride,
-                      layer->data.data() + layer->data_start[b], c->pos + p0,
-                      std::min(chunk, c->npos - p0),
-                      c->res ? c->res + first * c->res_stride : nullptr, c->res_stride * 4};
-    for (BlockFn segment : layer->blocks[b]) segment(&frame);
+    const Frame f = frame(task / nblocks, task % nblocks);
+    for (BlockFn segment : layer->blocks[task % nblocks]) segment(&f);
   }
 }
 

@@ -48,7 +48,8 @@ def available() -> bool:
 class _Spec(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_int64)] + \
         [(name, ctypes.c_void_p) for name in ("indptr", "offsets", "values", "bias")] + \
-        [(name, ctypes.c_int64) for name in ("block_rows", "out_stride", "relu", "segment")]
+        [(name, ctypes.c_int64) for name in ("block_rows", "out_stride", "relu", "segment",
+                                             "span")]
 
 
 class _Call(ctypes.Structure):
@@ -63,7 +64,10 @@ class LayerCode:
 
     def __init__(self, indptr: np.ndarray, offsets: np.ndarray, values: np.ndarray,
                  bias: np.ndarray, out_stride: int, relu: bool,
-                 block_rows: int = BLOCK_ROWS, segment: int = SEGMENT) -> None:
+                 block_rows: int = BLOCK_ROWS, segment: int = SEGMENT, span: int = 0) -> None:
+        """`span` > 0: segments cut at input offsets that are multiples of it (whole input
+        channels, when it is a multiple of their plane) instead of every `segment`
+        multiply-adds, so that one-thread calls run each segment of every block in turn."""
         rows = len(indptr) - 1
         arrays = (np.ascontiguousarray(indptr, np.int64), np.ascontiguousarray(offsets, np.int32),
                   np.ascontiguousarray(values, np.float32), np.ascontiguousarray(bias, np.float32))
@@ -72,11 +76,12 @@ class LayerCode:
                 len(values) != len(offsets) or len(bias) != rows or np.any(np.diff(indptr) < 0):
             raise ValueError("generated code: the CSR arrays do not match")
         spec = _Spec(rows, *(a.ctypes.data for a in arrays), block_rows, out_stride, int(relu),
-                     segment)
+                     segment, span)
         self.handle = _LIB.dnr_codegen_compile(ctypes.addressof(spec))
         if not self.handle:
             raise ValueError("generated code: this layer's offsets or strides do not fit 32-bit "
-                             "displacements, or no executable pages")
+                             "displacements, its span cuts more than 4096 segments, or no "
+                             "executable pages")
         self.rows, self.out_stride, self.reach = rows, out_stride, int(offsets.max(initial=0))
 
     @property

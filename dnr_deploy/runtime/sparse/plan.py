@@ -375,7 +375,8 @@ class SparseConv:
             if key not in self._codes:
                 try:
                     self._codes[key] = codegen.LayerCode(self.indptr, offsets, self.values,
-                                                         self.bias, out_stride, relu)
+                                                         self.bias, out_stride, relu,
+                                                         span=self._span(g))
                 except ValueError:
                     self._codes[key] = None
             return self._codes[key]
@@ -387,6 +388,14 @@ class SparseConv:
             return code.call(src, positions, out, team, residual)
 
         return bind if code_for(self.relu) is not None else None
+
+    def _span(self, g: Geometry) -> int:
+        """Input floats a segment of generated code covers: whole input planes (channels, or
+        channels of a polyphase plane), as many as make about `codegen.SEGMENT` multiply-adds
+        of a block of `codegen.BLOCK_ROWS` channels."""
+        taps = self.shape[2] * self.shape[3]
+        per_plane = codegen.BLOCK_ROWS * taps * max(self.density, 1e-3)
+        return max(1, round(codegen.SEGMENT / per_plane)) * g.plane
 
     def _own_output(self, g: Geometry, out_length: int, threads: int,
                     trial: bool) -> tuple[np.ndarray, np.ndarray]:
