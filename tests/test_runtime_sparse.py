@@ -200,6 +200,25 @@ def test_a_split_over_threads_slower_than_one_thread_falls_back(irregular_deploy
     assert engine._recent.get(key, []) == []
 
 
+@pytest.mark.parametrize("images_ms,want", [(20.6, "images"), (24.0, "layers")])
+def test_chunks_per_thread_are_kept_unless_the_layers_split_clearly_wins(irregular_deploy,
+                                                                         images_ms, want):
+    """A trial whose layers split beats chunks per thread by less than 5% keeps the chunks;
+    by more, the layers split (times faked: one thread 40 ms, layers 20)."""
+    engine = load_sparse(irregular_deploy, threads=2)
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)  # two chunks
+    run = engine._run
+    delay = {"none": 0.040, "layers": 0.020, "images": images_ms / 1e3}
+
+    def timed(chunks, split):
+        time.sleep(delay[split])
+        return run(chunks, split)
+
+    engine._run = timed
+    engine(x)
+    assert engine.split_of(32) == want
+
+
 def test_a_batch_size_under_the_split_threshold_stays_on_one_thread(irregular_deploy):
     """Calls whose one-thread trial took under MIN_SPLIT_SECONDS are not split over threads,
     whatever the trial measured for the splits."""

@@ -107,6 +107,12 @@ class SparseModel:
     # OpenMP in the layers of the default net run 0.5-1.0x one thread's speed at batch 16 in
     # the calls after a trial where it had been 1.1x faster (VGG16's layers split 1.8x faster)
     PARALLEL_MARGIN = 0.9
+    # Chunks of images per thread are kept over OpenMP in the layers unless the layers split
+    # beats them by 5%: it waits at a barrier in every layer, each a chance for a busy core to
+    # stall it, and it has run slower after its trial than the trial said (VGG16 DNR at batch 16:
+    # 1.51x one thread in a side-by-side run, where chunks per thread, 7% slower in the trial
+    # before, ran 1.77x in a probe)
+    IMAGES_OVER_LAYERS = 0.95
     WATCH = 5  # calls split over threads that are checked against one thread (`_watch`)
     # A batch size whose one-thread trial call took less than this stays on one thread: with
     # generated code the default net's batch 16 takes 0.2 ms, and its splits won trials, then
@@ -252,8 +258,11 @@ class SparseModel:
             # VGG16 at batch 1 on one thread where OpenMP in its layers runs 1.5-1.8x faster
             best = {c: min(t) * (1.0 if c == "none" else 1 / self.PARALLEL_MARGIN)
                     for c, t in times.items()}
-            self._splits[key] = "none" if best["none"] < self.MIN_SPLIT_SECONDS else \
-                min(candidates, key=best.__getitem__)
+            split = min(candidates, key=best.__getitem__)
+            if split == "layers" and "images" in best and \
+                    best["images"] * self.IMAGES_OVER_LAYERS <= best["layers"]:
+                split = "images"
+            self._splits[key] = "none" if best["none"] < self.MIN_SPLIT_SECONDS else split
             self._one_thread_best[key] = best["none"]
             self._recent.pop(key, None)
         return self._splits[key]
