@@ -174,6 +174,24 @@ def test_too_many_fixed_segments_fall_back_to_the_kernel():
                           span=1)
 
 
+def test_segments_take_enough_planes_to_stay_within_the_emitters_bound(monkeypatch):
+    """A layer with more input planes than MAX_SPANS segments' worth gets segments of several
+    planes each, and still runs generated code (the bound lowered to 4 for a small layer)."""
+    monkeypatch.setattr(codegen, "MAX_SPANS", 4)
+    rng = np.random.default_rng(3)
+    weight = sparse_weight(rng, (24, 200, 3, 3), 0.4)  # uncapped: 12 planes a segment
+    bias = rng.standard_normal(24).astype(np.float32)
+    x = rng.standard_normal((200, 4, 4, 16)).astype(np.float32)
+    conv = SparseConv(weight, bias, 1, 1, False)
+    conv.winograd = False
+    got = conv(x).copy()
+    g = next(iter(conv._jobs.values()))["geometry"]
+    assert conv._span(g) == 50 * g.plane  # 200 planes in 4 segments
+    assert conv.paths() == {"generated"}
+    want = reference(x, weight, bias, 1, 1, 1, 1, None, False)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
 def test_a_call_past_its_buffers_is_refused():
     indptr, columns, values = csr_arrays(np.ones((2, 3), np.float32))
     code = codegen.LayerCode(indptr, columns * 16, values, np.zeros(2, np.float32), 32, True)

@@ -21,6 +21,7 @@ BLOCK_ROWS = 24  # output channels a block keeps in registers (benchmarks/genera
 # multiply-adds of a block's code that run over all of a call's positions before the next
 # ones: about 7 KiB of code, so that it stays in the instruction cache
 SEGMENT = 1024
+MAX_SPANS = 4096  # segments a block at most when cut at whole input planes (_codegen.cpp)
 
 _LIB = native._LIB if native.available and hasattr(native._LIB, "dnr_codegen_compile") \
     else None

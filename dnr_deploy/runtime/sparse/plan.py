@@ -395,7 +395,9 @@ class SparseConv:
         of a block of `codegen.BLOCK_ROWS` channels."""
         taps = self.shape[2] * self.shape[3]
         per_plane = codegen.BLOCK_ROWS * taps * max(self.density, 1e-3)
-        return max(1, round(codegen.SEGMENT / per_plane)) * g.plane
+        planes = self.stride ** 2 * self.shape[1]  # within the emitter's bound on segments
+        return max(1, round(codegen.SEGMENT / per_plane), -(-planes // codegen.MAX_SPANS)) * \
+            g.plane
 
     def _own_output(self, g: Geometry, out_length: int, threads: int,
                     trial: bool) -> tuple[np.ndarray, np.ndarray]:
