@@ -109,9 +109,9 @@ class SparseModel:
     PARALLEL_MARGIN = 0.9
     # Chunks of images per thread are kept over OpenMP in the layers unless the layers split
     # beats them by 5%: it waits at a barrier in every layer, each a chance for a busy core to
-    # stall it, and it has run slower after its trial than the trial said (VGG16 DNR at batch 16:
-    # 1.51x one thread in a side-by-side run, where chunks per thread, 7% slower in the trial
-    # before, ran 1.77x in a probe)
+    # stall it, and it has run slower after its trial than the trial said (VGG16 DNR at batch
+    # 16: it won a side-by-side run's trial, then ran 1.51x one thread; chunks per thread won
+    # both trials of a probe, by 14% and 7%, and ran 1.77x)
     IMAGES_OVER_LAYERS = 0.95
     WATCH = 5  # calls split over threads that are checked against one thread (`_watch`)
     # A batch size whose one-thread trial call took less than this stays on one thread: with
