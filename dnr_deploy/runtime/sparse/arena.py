@@ -16,6 +16,7 @@ other needs) and their lives are disjoint.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Hashable
 
 import numpy as np
@@ -71,9 +72,7 @@ def lifetimes(steps: list, output: object, is_conv: Callable[[object], bool]
         last[node] = len(steps) if node == output else i
         for j in readers.get(node, []):
             last[node] = max(last[node], j if is_conv(steps[j][1]) else last[steps[j][0]])
-    seen: dict[int, int] = {}
-    for _, step, _ in steps:
-        seen[id(step)] = seen.get(id(step), 0) + 1
+    seen = Counter(id(step) for _, step, _ in steps)
     writers = {id(step.into): i for i, (_, step, _) in enumerate(steps)
                if getattr(step, "into", None) is not None}
     lives = {}

@@ -273,7 +273,7 @@ class SparseConv:
         size = s * s * chans * g.plane + (kw + 1) * batch + 64
         # zeroed, and shared only with planes of the same geometry, whose borders stay zero
         raw = self._buffer(0, ("planes", shape, s, self.pads, g), size + 16, (batch, threads),
-                           np.zeros) if self.border is None else np.zeros(size + 16, np.float32)
+                           zeroed=True) if self.border is None else np.zeros(size + 16, np.float32)
         shift = (-(raw.ctypes.data // 4)) % 16  # aligned to 64 bytes: with 8 images a pixel is
         src = raw[shift:shift + size]  # 32 bytes, so no 16-float load of a pixel pair straddles
         # more than one cache line boundary
@@ -309,14 +309,14 @@ class SparseConv:
         return job
 
     def _buffer(self, which: int, key: tuple, size: int, signature: tuple,
-                make: Callable[..., np.ndarray]) -> np.ndarray:
+                zeroed: bool) -> np.ndarray:
         """A float32 buffer of `size` floats for this layer's input planes (`which` 0) or own
         output (1): from the model's arena, if it set one, for calls of `signature` (chunk
-        size, threads), else new."""
+        size, threads), else new (zeroed if asked)."""
+        make = functools.partial(np.zeros if zeroed else np.empty, dtype=np.float32)
         if self.arena is None or self.lives is None:
-            return make(size, np.float32)
-        return self.arena.take(signature, key, size, self.lives[which],
-                               lambda n: make(n, np.float32))
+            return make(size)
+        return self.arena.take(signature, key, size, self.lives[which], make)
 
     def _sparse_job(self, job: dict, g: Geometry, threads: int, out: np.ndarray | None,
                     out_stride: int, view: np.ndarray | None, trial: bool = False) -> dict:
@@ -405,7 +405,7 @@ class SparseConv:
         and its pixels as a CHWN view (rows of `wq` columns; the garbage columns skipped)."""
         size = self.shape[0] * out_length
         out = np.empty(size, np.float32) if trial else \
-            self._buffer(1, ("output",), size, (g.batch, threads), np.empty)
+            self._buffer(1, ("output",), size, (g.batch, threads), zeroed=False)
         view = np.ndarray((self.shape[0], g.ho, g.wq, g.batch), np.float32, out,
                           strides=(out_length * 4, g.wq * g.batch * 4, g.batch * 4, 4))
         return out, view[:, :, :g.wo]
