@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from dnr_deploy.export import ExportConfig, export_run
 from dnr_deploy.runtime.bench import _runtime_line
 from dnr_deploy.runtime.runtimes import sparse_info
-from dnr_deploy.runtime.sparse import codegen, load_sparse
+from dnr_deploy.runtime.sparse import build_from_onnx, codegen, load_sparse
 from dnr_deploy.runtime.sparse.plan import SparseConv, csr_arrays
 from tests.factories import write_fake_run
+from tests.test_sparse_onnx_ops import CHANS, SIZE, Graph, assert_matches_ort
 
 pytestmark = pytest.mark.skipif(not codegen.available(),
                                 reason="generated code runs on x86-64 with AVX-512 only")
@@ -49,10 +50,13 @@ def sparse_weight(rng, shape, density):
 
 # (in, out channels, kernel, stride, pad, dilation, groups, side, images): channels past one
 # block of 24 and a short last block, stride 2 on an odd map, a 1x1 stride-2 shortcut,
-# dilation, groups, a first layer of 3 channels, 16 images a chunk
+# dilation, groups, a first layer of 3 channels, 16 images a chunk; strided convs on 16 or 32
+# images read their input in place (odd map, 5x5, depthwise), on 8 from polyphase planes
 CASES = [(16, 50, 3, 1, 1, 1, 1, 8, 8), (8, 30, 3, 2, 1, 1, 1, 11, 8),
          (16, 32, 1, 2, 0, 1, 1, 8, 16), (12, 24, 3, 1, 2, 2, 1, 8, 8),
-         (16, 32, 3, 1, 1, 1, 4, 8, 8), (3, 64, 3, 1, 1, 1, 1, 16, 8)]
+         (16, 32, 3, 1, 1, 1, 4, 8, 8), (3, 64, 3, 1, 1, 1, 1, 16, 8),
+         (8, 30, 3, 2, 1, 1, 1, 11, 16), (8, 30, 5, 2, 2, 1, 1, 11, 32),
+         (16, 16, 3, 2, 1, 1, 16, 8, 16)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(map(str, c)) for c in CASES])
@@ -70,6 +74,9 @@ def test_generated_code_matches_torch_and_the_kernel(case, threads):
         convs.append(conv)
     got, kernel = (conv(x, threads=threads).copy() for conv in convs)
     assert convs[0].paths() == {"generated"} and convs[1].paths() == {"kernel"}
+    # in place on vectors of a pixel, where no split would copy less (a 1x1 reads 1 phase of 4)
+    in_place = [job["geometry"].stride > 1 for job in convs[0]._jobs.values()]
+    assert in_place == [stride > 1 and batch % 16 == 0 and k > 1]
     want = reference(x, weight, bias, stride, pad, dilation, groups, None, True)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     assert np.abs(got - kernel).max() <= 1e-5 * max(1.0, np.abs(want).max())
@@ -238,3 +245,38 @@ def test_where_winograd_also_pays_the_faster_one_runs():
     assert len(conv.paths()) == 1 and conv.paths() <= {"winograd", "generated"}
     want = reference(x, weight, bias, 1, 1, 1, 1, None, True)
     assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+
+
+def downsampling_block() -> Graph:
+    """A ResNet downsampling block: a conv, then a 3x3 stride-2 conv and a 1x1 stride-2
+    projection both reading its output, added."""
+    g = Graph(seed=4)
+    first = g.op("Relu", [g.conv("input", CHANS, CHANS, pads=[1] * 4)])[0]
+    main = g.op("Relu", [g.conv(first, 2 * CHANS, CHANS, pads=[1] * 4, strides=[2, 2])])[0]
+    main = g.conv(main, 2 * CHANS, 2 * CHANS, pads=[1] * 4)
+    shortcut = g.conv(first, 2 * CHANS, CHANS, kernel=1, density=0.6, strides=[2, 2])
+    return g.model(g.op("Relu", [g.op("Add", [main, shortcut])[0]])[0], chans=CHANS)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_strided_conv_reads_the_planes_the_conv_before_wrote(threads):
+    """On chunks of 16 images the 3x3 stride-2 conv reads its padded input in place, which
+    the conv before writes straight into (nothing split); the projection, its second
+    reader, splits the one phase it reads. The logits are ONNX Runtime's at batch 16 and 32."""
+    model = downsampling_block()
+    for batch in (16, 32):
+        assert_matches_ort(model, batch=batch)
+    engine = build_from_onnx(model, [CHANS, SIZE, SIZE], threads=threads)
+    x = np.random.default_rng(5).random((32, CHANS, SIZE, SIZE), dtype=np.float32)
+    want = build_from_onnx(model, [CHANS, SIZE, SIZE], threads=1)(x[:16])
+    for _ in range(4):  # through the thread-split trial and past it
+        np.testing.assert_allclose(engine(x)[:16], want, rtol=1e-5, atol=1e-5)
+    convs = [step for _, step, _ in engine.steps if isinstance(step, SparseConv)]
+    strided = [conv for conv in convs if conv.stride == 2]
+    assert convs[0].into is strided[0] and strided[0].shape[2] == 3
+    for conv, in_place in zip(strided, (True, False), strict=True):
+        job = next(job for key, job in conv._jobs.items() if key[0][3] == 16)
+        assert (job["geometry"].stride == 2) == in_place and job["path"] == "generated"
+    job = next(job for key, job in strided[0]._jobs.items() if key[0][3] == 16)
+    before = next(job for key, job in convs[0]._jobs.items() if key[0][3] == 16)
+    assert before["view"] is job["interior"]  # written there: nothing to split or copy

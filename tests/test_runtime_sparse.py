@@ -25,6 +25,7 @@ from dnr_deploy.runtime.sparse import (
     DENSE_THRESHOLD,
     UnsupportedLayerError,
     build_sparse_model,
+    codegen,
     load_sparse,
     native,
 )
@@ -271,8 +272,9 @@ def test_step_times_cover_every_step_and_leave_the_plan_as_it_was(irregular_depl
 
 def test_resnet_plan_fuses_additions_and_writes_into_the_next_planes():
     """The plan the batch-16 speed rests on: every residual addition and its ReLU run in a
-    conv's epilogue, stride-1 convs read planes the layer before wrote into (no copy), and
-    each projection shortcut is laid out like the conv that adds it."""
+    conv's epilogue, stride-1 convs read planes the layer before wrote into (no copy), so do
+    stride-2 convs whose generated code reads them in place (chunks of 16 images), and each
+    projection shortcut is laid out like the conv that adds it."""
     model = create_model("resnet18", 10, 3, [0.5] * 3, [0.25] * 3).eval()
     weights = {n: w.detach() for n, w in prunable_weights(model).items()}
     apply_masks(model, random_masks(weights, 0.05, torch.Generator().manual_seed(0)))
@@ -284,16 +286,24 @@ def test_resnet_plan_fuses_additions_and_writes_into_the_next_planes():
                      if isinstance(step, SparseConv) and len(inputs) == 2]
     assert len(with_residual) == 8  # every block's conv2
     # the stem and every conv1 into the next conv; a block's conv2 into the next block's
-    # conv1 where that has stride 1 (4 of 7)
-    assert sum(conv.into is not None for conv in convs) == 1 + 8 + 4
+    # conv1 where that has stride 1 (4 of 7), or stride 2 and code that may read in place
+    strided = sum(conv.into is not None and conv.into.stride == 2 for conv in convs)
+    assert strided == (3 if codegen.available() else 0)
+    assert sum(conv.into is not None for conv in convs) == 1 + 8 + 4 + strided
     assert sum(conv.match is not None for conv in convs) == 3
-    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
-    sparse(x)
+    for batch in (4, 16):  # one chunk of 4 images, one of 16
+        sparse(np.random.default_rng(0).random((batch, 3, 32, 32), dtype=np.float32))
+    written = {4: 0, 16: 0}
     for conv in (c for c in convs if c.into is not None):
-        (job,) = conv._jobs.values()
-        (consumer,) = conv.into._jobs.values()
-        assert job["view"] is consumer["interior"]  # written in place: the consumer copies not
-    bound = [job for conv in convs for job in conv._jobs.values() if job["residual"]]
+        for key, job in conv._jobs.items():
+            chunk = key[0][3]
+            consumer = next(j for k, j in conv.into._jobs.items() if k[0][3] == chunk)
+            if consumer["interior"] is not None:  # stride 1, or read in place (not 4 images)
+                assert job["view"] is consumer["interior"]  # written there: no copy
+                written[chunk] += 1
+    assert written == {4: 1 + 8 + 4, 16: 1 + 8 + 4 + strided}
+    bound = [job for conv in convs for key, job in conv._jobs.items()
+             if job["residual"] and key[0][3] == 4]
     assert len(bound) == 8  # the kernel adds each residual itself (same layout)
 
 

@@ -38,7 +38,7 @@ constexpr int64_t kMaxDisp = (int64_t{1} << 31) - (int64_t{1} << 16);
 
 // General-purpose register numbers (the low 3 bits go in ModRM, bit 3 in REX / EVEX.B).
 enum Gpr { kRax = 0, kRcx = 1, kRdx = 2, kRbx = 3, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9,
-           kR10 = 10, kR11 = 11, kR12 = 12, kR13 = 13 };
+           kR10 = 10, kR11 = 11, kR12 = 12, kR13 = 13, kR14 = 14 };
 
 class Emitter {
  public:
@@ -118,6 +118,9 @@ struct Frame {
   int64_t count;
   const float* res;  // this block's first residual channel, or null
   int64_t res_stride_bytes;
+  // output vector positions, `count` of them: `pos` read at a stride (a strided conv reading
+  // its input planes in place) or the same array
+  const int32_t* out_pos;
 };
 
 // (column offset, row) of a nonzero of a block, and its index in the CSR.
@@ -134,8 +137,9 @@ struct Use {
 // Returns false when a displacement would not fit in 32 bits.
 bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1, int rows,
                   int64_t out_stride, bool first, bool last, bool relu) {
-  e.bytes({0x53, 0x41, 0x54, 0x41, 0x55});  // push rbx; push r12; push r13
+  e.bytes({0x53, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56});  // push rbx; push r12; push r13; push r14
   e.load_gpr(kRsi, kRdi, offsetof(Frame, out));
+  e.load_gpr(kR14, kRdi, offsetof(Frame, out_pos));
   e.load_gpr(kR12, kRdi, offsetof(Frame, data));
   e.load_gpr(kRcx, kRdi, offsetof(Frame, pos));
   e.load_gpr(kR8, kRdi, offsetof(Frame, count));
@@ -147,7 +151,8 @@ bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1
   e.bytes({0x48, 0x63, 0x01,    // movsxd rax, dword [rcx]
            0x4c, 0x89, 0xe2});  // mov rdx, r12: the block's data
   e.lea_index4(kR10, kRdi);     // r10: the input at this position
-  e.lea_index4(kR11, kRsi);     // r11: the output at this position
+  e.bytes({0x49, 0x63, 0x06});  // movsxd rax, dword [r14]
+  e.lea_index4(kR11, kRsi);     // r11: the output at this position (and rax its offset)
   e.bytes({0x4d, 0x8d, 0x6a, 0x20});  // lea r13, [r10 + 32]
   for (int r = 0; r < rows; ++r) {
     if (first)
@@ -200,12 +205,13 @@ bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1
     e.store(r, kR11, r * out_stride * 4);
   }
   e.bytes({0x48, 0x83, 0xc1, 0x04,   // add rcx, 4
+           0x49, 0x83, 0xc6, 0x04,   // add r14, 4
            0x49, 0xff, 0xc8,         // dec r8
            0x0f, 0x85});             // jnz loop
   const int64_t to_loop = e.here();
   e.dword(0);
   e.patch(to_loop, loop);
-  e.bytes({0x41, 0x5d, 0x41, 0x5c, 0x5b,  // pop r13; pop r12; pop rbx
+  e.bytes({0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5b,  // pop r14; pop r13; pop r12; pop rbx
            0xc5, 0xf8, 0x77, 0xc3});       // vzeroupper; ret
   return e.here() <= kMaxCode;
 }
@@ -388,11 +394,12 @@ struct CodegenCall {
   int64_t res_stride;
   int64_t threads;
   int64_t chunk;  // positions a task
+  const int32_t* out_pos;  // where each position's output goes, or null: at `pos`
 };
 
-// out[o * out_stride + q + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
-// (+ res[o * res_stride + q + i])), i < 16, for every q in pos: as dnr_sparse_conv with
-// 16-float vectors. Tasks are (chunk of positions, block of channels), chunk-major, so a
+// out[o * out_stride + t + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
+// (+ res[o * res_stride + t + i])), i < 16, for every q in pos and t the out_pos beside it (q
+// itself without out_pos): as dnr_sparse_conv with 16-float vectors. Tasks are (chunk of positions, block of channels), chunk-major, so a
 // chunk's input stays in cache across the blocks.
 void dnr_codegen_conv(const CodegenCall* c) {
   const auto* layer = static_cast<const LayerCode*>(c->handle);
@@ -408,7 +415,8 @@ void dnr_codegen_conv(const CodegenCall* c) {
     return Frame{c->src, c->out + first * layer->out_stride,
                  layer->data.data() + layer->data_start[b], c->pos + p0,
                  std::min(chunk, c->npos - p0),
-                 c->res ? c->res + first * c->res_stride : nullptr, c->res_stride * 4};
+                 c->res ? c->res + first * c->res_stride : nullptr, c->res_stride * 4,
+                 (c->out_pos ? c->out_pos : c->pos) + p0};
   };
   if (layer->spans > 0 && c->threads == 1) {
     // segment-major: a segment's input channels serve every block while in L2

@@ -56,7 +56,8 @@ class _Spec(ctypes.Structure):
 class _Call(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("handle", "src", "out", "pos")] + \
         [("npos", ctypes.c_int64), ("res", ctypes.c_void_p)] + \
-        [(name, ctypes.c_int64) for name in ("res_stride", "threads", "chunk")]
+        [(name, ctypes.c_int64) for name in ("res_stride", "threads", "chunk")] + \
+        [("out_pos", ctypes.c_void_p)]
 
 
 class LayerCode:
@@ -107,20 +108,26 @@ class LayerCode:
             self.handle = None
 
     def call(self, src: np.ndarray, positions: np.ndarray, out: np.ndarray, threads: int,
-             residual: tuple[int, int] | None = None, chunk: int = 64) -> Callable[[], None]:
+             residual: tuple[int, int] | None = None, chunk: int = 64,
+             out_positions: np.ndarray | None = None) -> Callable[[], None]:
         """The code bound to these arrays, as `native.conv_call` with 16-float vectors: output
         channel o's vector at position q is out[o * out_stride + q], `residual` given as
-        (address, channel stride in floats) or None. The caller keeps the arrays alive."""
-        if src.dtype != np.float32 or out.dtype != np.float32 or positions.dtype != np.int32 \
-                or not all(a.flags.c_contiguous for a in (src, out, positions)):
+        (address, channel stride in floats) or None. `out_positions`, one per position, puts
+        them elsewhere (a strided conv reads its input at positions s pixels apart and writes
+        its output's pixels side by side). The caller keeps the arrays alive."""
+        out_positions = positions if out_positions is None else out_positions
+        if src.dtype != np.float32 or out.dtype != np.float32 or \
+                positions.dtype != np.int32 or out_positions.dtype != np.int32 or \
+                not all(a.flags.c_contiguous for a in (src, out, positions, out_positions)):
             raise TypeError("generated code takes C-contiguous float32 arrays, int32 positions")
-        if len(positions) == 0 or positions.min() < 0 or \
-                (self.rows - 1) * self.out_stride + positions.max() + 16 > out.size or \
+        if len(positions) == 0 or len(out_positions) != len(positions) or \
+                min(positions.min(), out_positions.min()) < 0 or \
+                (self.rows - 1) * self.out_stride + out_positions.max() + 16 > out.size or \
                 self.reach + positions.max() + 16 > src.size:
             raise ValueError("generated code would read or write past its buffers")
         res, res_stride = residual or (None, 0)
         args = _Call(self.handle, src.ctypes.data, out.ctypes.data, positions.ctypes.data,
-                     len(positions), res, res_stride, threads, chunk)
+                     len(positions), res, res_stride, threads, chunk, out_positions.ctypes.data)
         run = functools.partial(_LIB.dnr_codegen_conv, ctypes.addressof(args))
-        run.keep = (args, self, src, positions, out)  # alive as long as the call
+        run.keep = (args, self, src, positions, out_positions, out)  # alive with the call
         return run

@@ -52,16 +52,17 @@ def fold_normalization(steps: list) -> list:
 
 
 def link_convs(steps: list) -> None:
-    """Let a conv or pool write straight into the planes of a stride-1 conv that reads its
-    output, and widen a conv whose output another conv adds as its residual (SparseConv's
-    `into` and `match`)."""
+    """Let a conv or pool write straight into the planes of a conv that reads its output
+    (stride 1, or strided with code that may read its input in place), and widen a conv whose
+    output another conv adds as its residual (SparseConv's `into` and `match`)."""
     producers = {node: step for node, step, _ in steps if isinstance(step, (SparseConv, MaxPool))}
     for _, step, inputs in steps:
         if not isinstance(step, SparseConv):
             continue
         source = producers.get(inputs[0])
-        if source is not None and source.into is None and step.stride == 1:
-            source.into = step
+        if source is not None and source.into is None and \
+                (step.stride == 1 or (step.codegen and step.in_place)):
+            source.into, step.written_by = step, source
         shortcut = producers.get(inputs[1]) if len(inputs) > 1 else None
         if isinstance(shortcut, SparseConv) and shortcut.into is None:
             shortcut.match = step

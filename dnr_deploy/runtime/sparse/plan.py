@@ -69,6 +69,12 @@ class UnsupportedLayerError(ValueError):
     """A layer or setting the sparse runtime has no kernel for (named, with the fix)."""
 
 
+def _no_code(layer: SparseConv, relu: bool, residual: tuple[int, int] | None = None) -> None:
+    """The kernel's bind for a conv that reads its input in place: the kernel cannot (it reads
+    where it writes), and its generated code, made once already, could not be made again."""
+    raise MemoryError(f"no executable pages for the generated code of a {layer.shape} conv")
+
+
 def csr_arrays(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(indptr, column indices, values) of a 2-D matrix's nonzeros, row-major (sorted)."""
     rows, columns = np.nonzero(matrix)
@@ -98,23 +104,33 @@ def _kernels():
 class Geometry:
     """Where one call of a conv reads and writes: its input padded (and, for stride > 1,
     split into polyphase planes) to `hq` x `wq`, and its output as a stretch of `ho` rows of
-    `wq` columns of `batch` floats, of which the first `wo` columns are pixels and the rest
-    garbage (never computed where a row's pixels fill whole vectors, else computed and
-    dropped)."""
+    `out_width` columns of `batch` floats, of which the first `wo` columns are pixels and the
+    rest garbage (never computed where a row's pixels fill whole vectors, else computed and
+    dropped).
+
+    A strided conv whose generated code reads its padded input in place, `stride` pixels
+    apart, instead of from polyphase planes has `stride` > 1 (`SparseConv.reads_in_place`);
+    its output rows are `pitch` pixels apart. Otherwise the output rows are the planes' rows."""
 
     ho: int
     wo: int
     hq: int
     wq: int
     batch: int
+    stride: int = 1
+    pitch: int = 0
 
     @property
     def plane(self) -> int:
         return self.hq * self.wq * self.batch
 
     @property
+    def out_width(self) -> int:
+        return self.pitch or self.wq
+
+    @property
     def length(self) -> int:
-        return self.ho * self.wq * self.batch
+        return self.ho * self.out_width * self.batch
 
 
 class SparseConv:
@@ -182,6 +198,9 @@ class SparseConv:
         # generated code for this layer's 16-float calls (benchmarks set it to compare)
         self.codegen = not self.dense and codegen.available() and \
             self.density >= CODEGEN_MIN_DENSITY
+        self.in_place = True  # a strided conv's code may read its input unsplit (benchmarks
+        # set it to compare)
+        self.written_by: object | None = None  # the step that writes into this one's planes
         self._winograd_weights: np.ndarray | None = None
         self.into: SparseConv | None = None
         self.match: SparseConv | None = None
@@ -223,20 +242,45 @@ class SparseConv:
         return native.available and not self.dense
 
     def geometry(self, shape: tuple, width: int = 0) -> Geometry:
-        """The planes and stretch of a call on CHWN inputs of `shape`, at least `width` wide."""
+        """The planes and stretch of a call on CHWN inputs of `shape`, its output rows at least
+        `width` wide."""
         _, height, width_in, batch = shape
         kh, kw = ((k - 1) * self.dilation + 1 for k in self.shape[2:])
         s, (top, left, bottom, right) = self.stride, self.pads
         hp, wp = height + top + bottom, width_in + left + right
-        return Geometry(ho=(hp - kh) // s + 1, wo=(wp - kw) // s + 1, hq=-(-hp // s),
-                        wq=max(-(-wp // s), width), batch=batch)
+        ho, wo = (hp - kh) // s + 1, (wp - kw) // s + 1
+        if self.reads_in_place(batch):
+            return Geometry(ho=ho, wo=wo, hq=hp, wq=wp, batch=batch, stride=s,
+                            pitch=max(wo, width))
+        return Geometry(ho=ho, wo=wo, hq=-(-hp // s), wq=max(-(-wp // s), width), batch=batch)
 
-    def offsets(self, plane: int, wq: int, batch: int) -> np.ndarray:
+    def reads_in_place(self, batch: int) -> bool:
+        """Whether calls on chunks of `batch` images read a strided conv's padded input in
+        place, not split into polyphase planes: where generated code runs on vectors of one
+        pixel (16 images), it can read each output pixel's input `stride` pixels from the last,
+        so the layer before writes straight into the planes and nothing is split. The split
+        cost ResNet-18 at batch 16 about 1.3 ms of 45 (its input, just written, came from L3)."""
+        # copying the input in costs as much as a split of every phase, more than a split of
+        # some (a 1x1 stride-2 conv reads 1 of 4): so in place where nothing copies, or no less
+        return self.stride > 1 and self.codegen and self.in_place and native.wide_vectors() \
+            and batch % 16 == 0 and (self.written_by is not None or bool(self.used_phases.all()))
+
+    def _planes_count(self, g: Geometry) -> int:
+        """Planes per input channel: one, or one per polyphase phase."""
+        return 1 if g.stride > 1 else self.stride ** 2
+
+    def offsets(self, g: Geometry) -> np.ndarray:
         """Start of each nonzero's shifted stretch in the plane buffer (cached per shape)."""
-        key = (plane, wq, batch)
+        key = (g.plane, g.wq, g.batch, g.stride)
         if key not in self._offsets:
-            self._offsets[key] = np.ascontiguousarray(
-                self.phase_chan * plane + (self.drow * wq + self.dcol) * batch, dtype=np.int64)
+            if g.stride > 1:  # (channel, dilated tap) in the one padded plane of each channel
+                s, chans = self.stride, self.shape[1]
+                phase, chan = np.divmod(self.phase_chan, chans)
+                row, col = self.drow * s + phase // s, self.dcol * s + phase % s
+                offsets = chan * g.plane + (row * g.wq + col) * g.batch
+            else:
+                offsets = self.phase_chan * g.plane + (self.drow * g.wq + self.dcol) * g.batch
+            self._offsets[key] = np.ascontiguousarray(offsets, dtype=np.int64)
         return self._offsets[key]
 
     def _target(self, natural: Geometry, threads: int) -> tuple[dict | None, int]:
@@ -244,10 +288,11 @@ class SparseConv:
         to use). Builds the linked conv's job (for its actual geometry) if it has none yet."""
         out_shape = (self.shape[0], natural.ho, natural.wo, natural.batch)
         # only a layer that computes no garbage columns may write into another's planes:
-        # they would land on its zero borders
-        if self.into is not None and self.into.stride == 1 and _pixels_fill_vectors(natural):
+        # they would land on its zero borders; and only planes that are the padded input
+        # (stride 1, or read in place), not polyphase planes
+        if self.into is not None and _pixels_fill_vectors(natural):
             into = self.into._job(out_shape, threads)
-            if natural.wq <= into["geometry"].wq:
+            if into["interior"] is not None and natural.out_width <= into["geometry"].wq:
                 return into, into["geometry"].wq
         if self.match is not None and self.match.stride == 1:
             # the consumer's input has our output's size if it keeps the size (3x3 pad 1,
@@ -270,29 +315,36 @@ class SparseConv:
         g = self.geometry(shape, wide)
         # slack: the garbage columns of the last row of the last plane, and a last vector of
         # 8 floats (or the padding of the stretch to whole vectors) read past its end
-        size = s * s * chans * g.plane + (kw + 1) * batch + 64
+        count = self._planes_count(g)
+        size = count * chans * g.plane + (kw + 1) * batch + 64
         # zeroed, and shared only with planes of the same geometry, whose borders stay zero
         raw = self._buffer(0, ("planes", shape, s, self.pads, g), size + 16, (batch, threads),
                            zeroed=True) if self.border is None else np.zeros(size + 16, np.float32)
         shift = (-(raw.ctypes.data // 4)) % 16  # aligned to 64 bytes: with 8 images a pixel is
         src = raw[shift:shift + size]  # 32 bytes, so no 16-float load of a pixel pair straddles
         # more than one cache line boundary
-        planes = src[:s * s * chans * g.plane].reshape(s * s, chans, g.hq, g.wq, batch)
+        planes = src[:count * chans * g.plane].reshape(count, chans, g.hq, g.wq, batch)
         if self.border is not None:
             planes[:] = self.border[None, :, None, None, None]
         job = {"src": src, "planes": planes, "geometry": g,
-               "interior": planes[0, :, top:top + height, left:left + width] if s == 1 else None}
+               "interior": planes[0, :, top:top + height, left:left + width] if count == 1
+               else None}
         self._jobs[key] = job
         if not self.native:
             return job
         if into is not None:  # straight into the consumer's planes
-            start = (self.into.pads[0] * g.wq + self.into.pads[1]) * batch
+            start = (self.into.pads[0] * into["geometry"].wq + self.into.pads[1]) * batch
             out, out_stride = into["src"][start:], into["geometry"].plane
             view = into["interior"]
         else:
             out, out_stride, view = None, 0, None
         if not self._runs_winograd(g):
-            return self._sparse_job(job, g, threads, out, out_stride, view)
+            job = self._sparse_job(job, g, threads, out, out_stride, view)
+            if g.stride > 1 and job["path"] != "generated":  # no code (no executable pages)
+                self.in_place = False  # split into polyphase planes for the kernel, then
+                del self._jobs[key]
+                return self._job(shape, threads)
+            return job
         if not (self.codegen and _vector_width(g) == 16):
             return self._winograd_job(job, g, threads, out, out_stride, view)
         # both pay: the faster on this machine, timed on the job's input and writing to
@@ -326,14 +378,19 @@ class SparseConv:
         src, (chans, batch, s) = job["src"], (self.shape[1], g.batch, self.stride)
         width = _vector_width(g)
         if _pixels_fill_vectors(g):  # the pixels' vectors only, row by row
-            per_row = g.wo * batch // width
-            positions = (np.arange(g.ho)[:, None] * g.wq * batch +
-                         width * np.arange(per_row)[None, :]).reshape(-1)
+            vectors = width * np.arange(g.wo * batch // width)
+            positions = (np.arange(g.ho)[:, None] * g.out_width * batch +
+                         vectors[None, :]).reshape(-1)
             out_length = g.length
         else:  # the whole stretch, garbage columns and the padding to whole vectors included
             positions = width * np.arange(-(-g.length // width))
             out_length = len(positions) * width
         positions = positions.astype(np.int32)
+        reads = positions
+        if g.stride > 1:  # each output pixel's input, `stride` pixels (rows) from the last
+            pixel, within = np.divmod(vectors, batch)
+            reads = (np.arange(g.ho)[:, None] * g.stride * g.wq * batch +
+                     (pixel * g.stride * batch + within)[None, :]).reshape(-1).astype(np.int32)
         if out is not None:
             job["view"] = view
         else:
@@ -348,30 +405,33 @@ class SparseConv:
             raise UnsupportedLayerError(f"inputs of {chans} x {g.hq} x {g.wq} x {batch} are too "
                                         "large for the sparse kernel's 32-bit offsets; use "
                                         "--runtime ort")
-        offsets = self.offsets(g.plane, g.wq, batch).astype(np.int32)
+        offsets = self.offsets(g).astype(np.int32)
         # OpenMP inside a layer only when its work pays for waking a thread: on a loaded
         # machine each parallel region can wait a scheduler slice for a late worker
         team = threads if self.nonzeros * g.length >= PARALLEL_MIN_MACS else 1
         bind = functools.partial(native.conv_call, src, offsets, self.indptr, self.values,
                                  self.bias, positions, width, block, team, out, out_stride)
-        generated = self._generated_bind(bind, g, src, offsets, positions, out, out_stride,
-                                         team) if width == 16 and self.codegen else None
+        if g.stride > 1:  # the kernel reads where it writes: only generated code reads apart
+            bind = functools.partial(_no_code, self)
+        generated = self._generated_bind(bind, g, src, offsets, reads, positions, out,
+                                         out_stride, team) \
+            if width == 16 and self.codegen else None
         job["path"] = "generated" if generated else "kernel"
         bind = generated or bind
-        job.update(bind=bind, run=bind(self.relu), keep=(offsets, positions, out),
+        job.update(bind=bind, run=bind(self.relu), keep=(offsets, reads, positions, out),
                    residual=None)
         return job
 
     def _generated_bind(self, kernel_bind: Callable, g: Geometry, src: np.ndarray,
-                        offsets: np.ndarray, positions: np.ndarray, out: np.ndarray,
-                        out_stride: int, team: int) -> Callable | None:
+                        offsets: np.ndarray, reads: np.ndarray, positions: np.ndarray,
+                        out: np.ndarray, out_stride: int, team: int) -> Callable | None:
         """`bind(relu, residual)` running this layer's generated code, or None where the code
         cannot be made (a displacement past 32 bits, no executable pages): the kernel runs
         then. The code depends on the planes' geometry, the output stride and ReLU (compiled
         in), not on the buffers: jobs of other threads with the same ones share it."""
 
         def code_for(relu: bool) -> codegen.LayerCode | None:
-            key = (g.plane, g.wq, g.batch, out_stride, relu)
+            key = (g.plane, g.wq, g.batch, g.stride, out_stride, relu)
             if key not in self._codes:
                 try:
                     self._codes[key] = codegen.LayerCode(self.indptr, offsets, self.values,
@@ -385,7 +445,7 @@ class SparseConv:
             code = code_for(relu)
             if code is None:
                 return kernel_bind(relu, residual)
-            return code.call(src, positions, out, team, residual)
+            return code.call(src, reads, out, team, residual, out_positions=positions)
 
         return bind if code_for(self.relu) is not None else None
 
@@ -395,7 +455,7 @@ class SparseConv:
         of a block of `codegen.BLOCK_ROWS` channels."""
         taps = self.shape[2] * self.shape[3]
         per_plane = codegen.BLOCK_ROWS * taps * max(self.density, 1e-3)
-        planes = self.stride ** 2 * self.shape[1]  # within the emitter's bound on segments
+        planes = self._planes_count(g) * self.shape[1]  # within the emitter's bound on segments
         return max(1, round(codegen.SEGMENT / per_plane), -(-planes // codegen.MAX_SPANS)) * \
             g.plane
 
@@ -406,8 +466,8 @@ class SparseConv:
         size = self.shape[0] * out_length
         out = np.empty(size, np.float32) if trial else \
             self._buffer(1, ("output",), size, (g.batch, threads), zeroed=False)
-        view = np.ndarray((self.shape[0], g.ho, g.wq, g.batch), np.float32, out,
-                          strides=(out_length * 4, g.wq * g.batch * 4, g.batch * 4, 4))
+        view = np.ndarray((self.shape[0], g.ho, g.out_width, g.batch), np.float32, out,
+                          strides=(out_length * 4, g.out_width * g.batch * 4, g.batch * 4, 4))
         return out, view[:, :, :g.wo]
 
     def paths(self) -> set[str]:
@@ -467,12 +527,11 @@ class SparseConv:
     def __call__(self, x: np.ndarray, residual: np.ndarray | None = None,
                  threads: int = 1) -> np.ndarray:
         """relu(conv(x) + residual) (relu if this layer has one), CHWN in and out."""
-        chans, height, width, batch = x.shape
         job = self._job(x.shape, threads)
-        s, (p, left), planes = self.stride, self.pads[:2], job["planes"]
+        s, p, planes = self.stride, self.pads[0], job["planes"]
         if x is not job["interior"]:  # not already written there by the layer before
-            if s == 1:
-                planes[0, :, p:p + height, left:left + width] = x
+            if job["interior"] is not None:  # the padded input (stride 1, or read in place)
+                job["interior"][...] = x
             elif self.native:  # only the phases some tap reads (a 1x1 stride-2 conv: 1 of 4)
                 native.split_phases(chwn_view(x), s, p, self.used_phases, planes)
             else:
@@ -497,7 +556,7 @@ class SparseConv:
         if job["residual"] is not None and job["residual"][0] is residual:
             return True
         g, view = job["geometry"], job["view"]
-        pitch = (g.wq * g.batch * 4, g.batch * 4, 4)
+        pitch = (g.out_width * g.batch * 4, g.batch * 4, 4)
         if residual.shape != view.shape or residual.dtype != np.float32 or \
                 residual.strides[1:] != pitch or residual.strides[0] % 4:
             return False

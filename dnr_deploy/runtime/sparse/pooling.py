@@ -50,8 +50,10 @@ class MaxPool(_Pool):
         self.into: SparseConv | None = None
 
     def _output(self, shape: tuple, threads: int) -> np.ndarray:
-        if self.into is not None and self.into.stride == 1 and native.available:
-            return self.into._job(shape, threads)["interior"]
+        if self.into is not None and native.available:
+            interior = self.into._job(shape, threads)["interior"]
+            if interior is not None:  # its padded input, not polyphase planes
+                return interior
         return super()._output(shape, threads)
 
     def _bind(self, x: np.ndarray, out: np.ndarray) -> Callable[[], None]:
