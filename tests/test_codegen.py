@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not codegen.available(),
 # What the emitter may write: anything else in a disassembly is a bug in its encoder.
 MNEMONICS = {"push", "pop", "mov", "movslq", "lea", "vpxord", "vbroadcastss", "vmovups",
              "vfmadd231ps", "vaddps", "vmaxps", "test", "je", "add", "dec", "jne",
-             "vzeroupper", "ret", "int3"}
+             "vzeroupper", "ret", "int3", "prefetcht1"}
 
 
 def reference(x, weight, bias, stride, pad, dilation, groups, residual, relu):
@@ -120,6 +120,9 @@ def test_the_disassembly_holds_only_the_emitters_instructions(tmp_path):
     assert mnemonics.count("vfmadd231ps") == np.count_nonzero(matrix)
     assert all("{1to16}" in parts[2] for parts in lines
                if len(parts) > 2 and parts[2].startswith("vfmadd231ps"))
+    # and every PREFETCH multiply-adds of a segment (here a block), a line of the next one
+    blocks = (np.count_nonzero(matrix[:24]), np.count_nonzero(matrix[24:]))
+    assert mnemonics.count("prefetcht1") == sum(n // codegen.PREFETCH for n in blocks) > 0
 
 
 def test_the_code_pages_are_executable_and_not_writable():

@@ -14,8 +14,8 @@
 // displacement bounded below 2^31 and checked here, or a fixed opcode. Pages are written, then
 // made read + execute (never writable and executable at once). No assembler library exists
 // on the package registries that ships in a wheel for every platform and is maintained
-// (asmjit and xbyak are C++ sources), and seven vector instruction forms and a few fixed
-// general-purpose ones are all this needs; tests/test_codegen.py disassembles the code with
+// (asmjit and xbyak are C++ sources), and seven vector instruction forms, a prefetch and a few
+// fixed general-purpose ones are all this needs; tests/test_codegen.py disassembles the code with
 // objdump and refuses any other mnemonic.
 #include <stdint.h>
 #include <stddef.h>
@@ -30,7 +30,8 @@ namespace {
 constexpr int kMaxRows = 28;  // accumulators zmm0 .. zmm27; zmm30 zero, zmm31 the input
 constexpr int kZero = 30, kInput = 31;
 constexpr int64_t kMaxCode = int64_t{1} << 28;  // 256 MiB: a bound, far above any layer
-constexpr int64_t kMaxSpans = 4096;  // segments a block when cut at fixed offsets
+constexpr int64_t kMaxSpans = 4096;
+  // segments a block when cut at fixed offsets
 // Offsets, strides and weight slots are refused from here up: below 2^31 with room for the
 // moving pointers' steps (each at most 8 KiB + 64 past an offset), so that no displacement or
 // immediate can overflow its 32 bits
@@ -38,7 +39,7 @@ constexpr int64_t kMaxDisp = (int64_t{1} << 31) - (int64_t{1} << 16);
 
 // General-purpose register numbers (the low 3 bits go in ModRM, bit 3 in REX / EVEX.B).
 enum Gpr { kRax = 0, kRcx = 1, kRdx = 2, kRbx = 3, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9,
-           kR10 = 10, kR11 = 11, kR12 = 12, kR13 = 13, kR14 = 14 };
+           kR10 = 10, kR11 = 11, kR12 = 12, kR13 = 13, kR14 = 14, kR15 = 15 };
 
 class Emitter {
  public:
@@ -121,6 +122,7 @@ struct Frame {
   // output vector positions, `count` of them: `pos` read at a stride (a strided conv reading
   // its input planes in place) or the same array
   const int32_t* out_pos;
+  const uint8_t* next_code;  // the code of the segment that runs next, prefetched meanwhile
 };
 
 // (column offset, row) of a nonzero of a block, and its index in the CSR.
@@ -136,9 +138,10 @@ struct Use {
 // and applies ReLU. Weights are read from `data` at slot rows + u (the biases at 0 .. rows).
 // Returns false when a displacement would not fit in 32 bits.
 bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1, int rows,
-                  int64_t out_stride, bool first, bool last, bool relu) {
-  e.bytes({0x53, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56});  // push rbx; push r12; push r13; push r14
+                  int64_t out_stride, bool first, bool last, bool relu, size_t prefetch) {
+  e.bytes({0x53, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57});  // push rbx, r12 .. r15
   e.load_gpr(kRsi, kRdi, offsetof(Frame, out));
+  e.load_gpr(kR15, kRdi, offsetof(Frame, next_code));
   e.load_gpr(kR14, kRdi, offsetof(Frame, out_pos));
   e.load_gpr(kR12, kRdi, offsetof(Frame, data));
   e.load_gpr(kRcx, kRdi, offsetof(Frame, pos));
@@ -188,6 +191,16 @@ bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1
       base = 4 * slot + 128 * 4;
     }
     e.fma_broadcast(uses[u].row, kInput, kRdx, 4 * slot - base);
+    // every `prefetch` multiply-adds, a line of the next segment's code towards L2: a layer's
+    // code (1.6 MB on VGG16's first 4x4 layer) is not in cache at its call, and fetching code
+    // has far fewer misses in flight than loading data; asked for all at once before a segment
+    // ran, the lines gained nothing (probe)
+    if (prefetch > 0 && (u - u0) % prefetch == prefetch - 1) {
+      const int64_t line = 64 * static_cast<int64_t>((u - u0) / prefetch);
+      if (line > kMaxDisp) return false;
+      e.bytes({0x41, 0x0f, 0x18, 0x97});  // prefetcht1 [r15 + disp32]
+      e.dword(line);
+    }
   }
   if (last) {
     e.bytes({0x4d, 0x85, 0xc9, 0x0f, 0x84});  // test r9, r9; jz plain
@@ -211,7 +224,7 @@ bool emit_segment(Emitter& e, const std::vector<Use>& uses, size_t u0, size_t u1
   const int64_t to_loop = e.here();
   e.dword(0);
   e.patch(to_loop, loop);
-  e.bytes({0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5b,  // pop r14; pop r13; pop r12; pop rbx
+  e.bytes({0x41, 0x5f, 0x41, 0x5e, 0x41, 0x5d, 0x41, 0x5c, 0x5b,  // pop r15 .. r12, rbx
            0xc5, 0xf8, 0x77, 0xc3});       // vzeroupper; ret
   return e.here() <= kMaxCode;
 }
@@ -285,6 +298,7 @@ struct CodegenSpec {
   int64_t relu;
   int64_t segment;         // multiply-adds a segment (about; 0: one segment a block)
   int64_t span;            // if > 0: segments cut at multiples of this many input floats instead
+  int64_t prefetch;        // multiply-adds between prefetches of the next segment's code (0: none)
 };
 
 // The layer's code, or null (no AVX-512, a displacement too large, no executable pages).
@@ -329,7 +343,8 @@ void* dnr_codegen_compile(const CodegenSpec* s) {
     for (size_t k = 0; k + 1 < bounds.size(); ++k) {
       starts.back().push_back(e.here());
       if (!emit_segment(e, uses, bounds[k], bounds[k + 1], rows, s->out_stride, k == 0,
-                        k + 2 == bounds.size(), s->relu != 0)) {
+                        k + 2 == bounds.size(), s->relu != 0,
+                        static_cast<size_t>(std::clamp<int64_t>(s->prefetch, 0, 1 << 20)))) {
         delete layer;
         return nullptr;
       }
@@ -416,22 +431,32 @@ void dnr_codegen_conv(const CodegenCall* c) {
                  layer->data.data() + layer->data_start[b], c->pos + p0,
                  std::min(chunk, c->npos - p0),
                  c->res ? c->res + first * c->res_stride : nullptr, c->res_stride * 4,
-                 (c->out_pos ? c->out_pos : c->pos) + p0};
+                 (c->out_pos ? c->out_pos : c->pos) + p0, nullptr};
+  };
+  auto code = [&](int64_t b, int64_t g) {  // where a segment's code starts
+    return reinterpret_cast<const uint8_t*>(layer->blocks[b][g]);
   };
   if (layer->spans > 0 && c->threads == 1) {
     // segment-major: a segment's input channels serve every block while in L2
     for (int64_t k = 0; k < nchunks; ++k)
       for (int64_t g = 0; g < layer->spans; ++g)
         for (int64_t b = 0; b < nblocks; ++b) {
-          const Frame f = frame(k, b);
+          Frame f = frame(k, b);
+          f.next_code = b + 1 < nblocks ? code(b + 1, g)
+                        : g + 1 < layer->spans ? code(0, g + 1) : code(b, g);
           layer->blocks[b][g](&f);
         }
     return;
   }
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(c->threads))
   for (int64_t task = 0; task < nchunks * nblocks; ++task) {
-    const Frame f = frame(task / nblocks, task % nblocks);
-    for (BlockFn segment : layer->blocks[task % nblocks]) segment(&f);
+    const int64_t b = task % nblocks;
+    Frame f = frame(task / nblocks, b);
+    const auto& segments = layer->blocks[b];
+    for (size_t g = 0; g < segments.size(); ++g) {
+      f.next_code = code(b, g + 1 < segments.size() ? g + 1 : g);
+      segments[g](&f);
+    }
   }
 }
 

@@ -22,6 +22,10 @@ BLOCK_ROWS = 24  # output channels a block keeps in registers (benchmarks/genera
 # ones: about 7 KiB of code, so that it stays in the instruction cache
 SEGMENT = 1024
 MAX_SPANS = 4096  # segments a block at most when cut at whole input planes (_codegen.cpp)
+# multiply-adds between prefetches of a line of the next segment's code (0: none). Against none,
+# in turns (benchmarks/codegen_ab.py, DNR masks, batch 16, 1 thread): every 4, 8 and 12 all
+# ran 1-5% faster on VGG16 and ResNet-18; 8 covers about the next segment's code
+PREFETCH = 8
 
 _LIB = native._LIB if native.available and hasattr(native._LIB, "dnr_codegen_compile") \
     else None
@@ -50,7 +54,7 @@ class _Spec(ctypes.Structure):
     _fields_ = [("rows", ctypes.c_int64)] + \
         [(name, ctypes.c_void_p) for name in ("indptr", "offsets", "values", "bias")] + \
         [(name, ctypes.c_int64) for name in ("block_rows", "out_stride", "relu", "segment",
-                                             "span")]
+                                             "span", "prefetch")]
 
 
 class _Call(ctypes.Structure):
@@ -66,7 +70,8 @@ class LayerCode:
 
     def __init__(self, indptr: np.ndarray, offsets: np.ndarray, values: np.ndarray,
                  bias: np.ndarray, out_stride: int, relu: bool,
-                 block_rows: int = BLOCK_ROWS, segment: int = SEGMENT, span: int = 0) -> None:
+                 block_rows: int = BLOCK_ROWS, segment: int = SEGMENT, span: int = 0,
+                 prefetch: int | None = None) -> None:
         """`span` > 0: segments cut at input offsets that are multiples of it (whole input
         channels, when it is a multiple of their plane) instead of every `segment`
         multiply-adds, so that one-thread calls run each segment of every block in turn."""
@@ -78,7 +83,7 @@ class LayerCode:
                 len(values) != len(offsets) or len(bias) != rows or np.any(np.diff(indptr) < 0):
             raise ValueError("generated code: the CSR arrays do not match")
         spec = _Spec(rows, *(a.ctypes.data for a in arrays), block_rows, out_stride, int(relu),
-                     segment, span)
+                     segment, span, PREFETCH if prefetch is None else prefetch)
         self.handle = _LIB.dnr_codegen_compile(ctypes.addressof(spec))
         if not self.handle:
             raise ValueError("generated code: this layer's offsets or strides do not fit 32-bit "

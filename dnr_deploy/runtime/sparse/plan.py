@@ -198,8 +198,9 @@ class SparseConv:
         # generated code for this layer's 16-float calls (benchmarks set it to compare)
         self.codegen = not self.dense and codegen.available() and \
             self.density >= CODEGEN_MIN_DENSITY
-        self.in_place = True  # a strided conv's code may read its input unsplit (benchmarks
-        # set it to compare)
+        # a strided conv's code may read its input unsplit, and code prefetches the code that
+        # runs next (benchmarks set them to compare: benchmarks/codegen_ab.py)
+        self.in_place, self.code_prefetch = True, codegen.PREFETCH
         self.written_by: object | None = None  # the step that writes into this one's planes
         self._winograd_weights: np.ndarray | None = None
         self.into: SparseConv | None = None
@@ -436,7 +437,8 @@ class SparseConv:
                 try:
                     self._codes[key] = codegen.LayerCode(self.indptr, offsets, self.values,
                                                          self.bias, out_stride, relu,
-                                                         span=self._span(g))
+                                                         span=self._span(g),
+                                                         prefetch=self.code_prefetch)
                 except ValueError:
                     self._codes[key] = None
             return self._codes[key]

@@ -1,0 +1,77 @@
+"""Generated code with and without two of its choices, whole networks on DNR-trained masks (the
+DNR runs of VGG16 and ResNet-18 at 32x32, dnr_masks.py), timed in turns in one run:
+
+- `no_prefetch`: the code does not prefetch the next segment's code (codegen.PREFETCH = 0);
+- `split`: strided convs read polyphase planes split from their input, not the input in place
+  (SparseConv.in_place off).
+
+Prints and records each engine's p50 ms, each variant's ratio to the final engine (above 1 the
+final engine is faster), and every engine's largest logit difference from ONNX Runtime.
+
+    cd benchmarks; python codegen_ab.py --batches 16 64
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from common import pin_cpus, write_results
+from dnr_masks import dnr_deploy_dir, input_shape
+from side_by_side import call_runner, time_in_turns
+
+from dnr_deploy.deploydir.names import INPUT_NAME
+from dnr_deploy.runtime.bench import machine_info
+from dnr_deploy.runtime.session import create_session
+from dnr_deploy.runtime.sparse import load_sparse
+from dnr_deploy.runtime.sparse.plan import SparseConv
+
+VARIANTS = ("final", "no_prefetch", "split")
+
+
+def engine(deploy, threads: int, variant: str):
+    model = load_sparse(deploy, threads=threads)
+    for layer, _ in model.layers:
+        if isinstance(layer, SparseConv):
+            layer.code_prefetch = 0 if variant == "no_prefetch" else layer.code_prefetch
+            layer.in_place = variant != "split"
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--turn", type=int, default=5)
+    parser.add_argument("--name", default="codegen_ab")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name in args.models:
+        deploy = dnr_deploy_dir(name)
+        shape = input_shape(deploy)
+        for threads in args.threads:
+            pin_cpus(threads)
+            engines = {variant: engine(deploy, threads, variant) for variant in VARIANTS}
+            session = create_session(deploy / "model.onnx", "cpu", threads)[0]
+            for batch in args.batches:
+                x = rng.random((batch, *shape), dtype=np.float32)
+                ref = session.run(None, {INPUT_NAME: x})[0]
+                parity = {k: float(np.abs(e(x) - ref).max()) for k, e in engines.items()}
+                p50 = time_in_turns({k: call_runner(lambda e=e, x=x: e(x))
+                                     for k, e in engines.items()}, args.runs, args.turn)
+                row = {"threads": threads, "batch": batch, "p50_ms": p50,
+                       "over_final": {k: p50[k] / p50["final"] for k in VARIANTS[1:]},
+                       "max_abs_vs_ort": parity}
+                rows[f"{name}-t{threads}-b{batch}"] = row
+                print(f"{name:<9} t={threads} b={batch:<3} " + "  ".join(
+                    f"{k} {p50[k]:7.2f} ms" + (f" ({row['over_final'][k]:.3f}x)"
+                                               if k != "final" else "")
+                    for k in VARIANTS) + f"  vs ORT {max(parity.values()):.1e}", flush=True)
+    write_results(args.name, {"args": vars(args), "machine": machine_info(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
