@@ -6,7 +6,11 @@ DNR runs of VGG16 and ResNet-18 at 32x32, dnr_masks.py), timed in turns in one r
   (SparseConv.in_place off).
 
 Prints and records each engine's p50 ms, each variant's ratio to the final engine (above 1 the
-final engine is faster), and every engine's largest logit difference from ONNX Runtime.
+final engine is faster), the same from the sum of each step's best time over rounds taken in
+turns (`step_times`: a slow spell of the shared machine then costs a round of one step, not a
+whole call), every engine's largest logit difference from ONNX Runtime, and how
+many strided convs read in place in the final engine (none: its `split` variant is the same
+engine, a control for the noise).
 
     cd benchmarks; python codegen_ab.py --batches 16 64
 """
@@ -38,6 +42,23 @@ def engine(deploy, threads: int, variant: str):
     return model
 
 
+def step_minima(engines: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
+    """Each engine's sum over its steps of the step's least mean ms over `rounds` rounds of 3
+    calls, the engines taking turns."""
+    best: dict[str, np.ndarray] = {}
+    for index in range(rounds):
+        for name in list(engines) if index % 2 == 0 else list(engines)[::-1]:
+            ms = np.array([row["ms"] for row in engines[name].step_times(x, rounds=3)])
+            best[name] = np.minimum(best[name], ms) if name in best else ms
+    return {name: float(ms.sum()) for name, ms in best.items()}
+
+
+def in_place(model) -> int:
+    """Strided convs of `model` that read their input in place in some call made so far."""
+    return sum(any(job["geometry"].stride > 1 for job in layer._jobs.values())
+               for layer, _ in model.layers if isinstance(layer, SparseConv))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18"])
@@ -45,6 +66,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--turn", type=int, default=5)
+    parser.add_argument("--step-rounds", type=int, default=8)
     parser.add_argument("--name", default="codegen_ab")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -62,14 +84,23 @@ def main() -> None:
                 parity = {k: float(np.abs(e(x) - ref).max()) for k, e in engines.items()}
                 p50 = time_in_turns({k: call_runner(lambda e=e, x=x: e(x))
                                      for k, e in engines.items()}, args.runs, args.turn)
+                steps = step_minima(engines, x, args.step_rounds) if threads == 1 else None
                 row = {"threads": threads, "batch": batch, "p50_ms": p50,
                        "over_final": {k: p50[k] / p50["final"] for k in VARIANTS[1:]},
-                       "max_abs_vs_ort": parity}
+                       "steps_min_ms": steps,
+                       "steps_over_final": steps and {k: steps[k] / steps["final"]
+                                                      for k in VARIANTS[1:]},
+                       "max_abs_vs_ort": parity, "in_place_convs": in_place(engines["final"])}
                 rows[f"{name}-t{threads}-b{batch}"] = row
                 print(f"{name:<9} t={threads} b={batch:<3} " + "  ".join(
                     f"{k} {p50[k]:7.2f} ms" + (f" ({row['over_final'][k]:.3f}x)"
                                                if k != "final" else "")
                     for k in VARIANTS) + f"  vs ORT {max(parity.values()):.1e}", flush=True)
+                if steps:
+                    print(" " * 20 + "step minima: " + "  ".join(
+                        f"{k} {steps[k]:7.2f} ms" + (f" ({row['steps_over_final'][k]:.3f}x)"
+                                                     if k != "final" else "")
+                        for k in VARIANTS), flush=True)
     write_results(args.name, {"args": vars(args), "machine": machine_info(), "rows": rows})
 
 

@@ -44,7 +44,8 @@ CASES = [(16, 24, 8, 12, 16), (32, 16, 16, 16, 8), (8, 8, 4, 8, 3), (16, 8, 8, 8
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}x{c[3]}-n{c[4]}"
                                               for c in CASES])
 @pytest.mark.parametrize("relu,with_residual", [(True, True), (False, False)])
-def test_transforms_match_torch_on_every_path(path, case, relu, with_residual):
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the GEMMs shared among threads too
+def test_transforms_match_torch_on_every_path(path, case, relu, with_residual, threads):
     chans, out_chans, height, width, batch = case
     rng = np.random.default_rng(sum(case))
     weight = (rng.standard_normal((out_chans, chans, 3, 3)) * 0.1).astype(np.float32)
@@ -59,7 +60,7 @@ def test_transforms_match_torch_on_every_path(path, case, relu, with_residual):
     out = np.full(out_chans * height * row, np.nan, np.float32)
     residual = rng.standard_normal((out_chans, height, width + 5, batch)).astype(np.float32)
     call = winograd.bind(winograd.transformed_weights(weight), bias, planes, height, width, out,
-                         height * row, row, 1, relu,
+                         height * row, row, threads, relu,
                          (residual.ctypes.data, height * row, row) if with_residual else None,
                          path=path)
     call()
@@ -68,6 +69,24 @@ def test_transforms_match_torch_on_every_path(path, case, relu, with_residual):
     scale = np.abs(want).max()
     assert np.abs(got[:, :, :width] - want).max() <= 1e-5 * max(scale, 1.0)
     assert np.isnan(got[:, :, width:]).all()  # the columns past the map are left alone
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemms_shared_among_threads_equal_numpys(threads):
+    """The 36 GEMMs on threads by rows of M (37 rows: parts of 13, 13 and 11 on 3 threads),
+    each a call of the BLAS numpy loaded, on slices 64 bytes past a multiple of 4 KiB apart as
+    the scratch buffers are: exactly numpy's batched matmul."""
+    if native.blas_sgemm() is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS with 64-bit integers")
+    rng = np.random.default_rng(threads)
+    w = rng.standard_normal((36, 37, 20)).astype(np.float32)
+    v = winograd._stack("v", 20, 48)
+    v[:] = rng.standard_normal(v.shape)
+    m = winograd._stack("m", 37, 48)
+    native.winograd_gemms_call(w, v, m, threads)()
+    np.testing.assert_allclose(m, np.matmul(w, v), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="do not match"):
+        native.winograd_gemms_call(w, v[:, :19], m, threads)
 
 
 def test_an_unsupported_path_is_refused():

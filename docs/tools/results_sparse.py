@@ -81,7 +81,7 @@ def sparse_side_by_side_section() -> str:
         "as many cores. See [sparse-runtime.md](sparse-runtime.md).", "",
         table(["model", "masks", "bound", "threads",
                *(f"batch {b}" for b in args["batches"])], rows), "",
-        _threads_over_one(data), _winograd_ab(), "", _layer_by_layer(), "",
+        _threads_over_one(data), _winograd_ab(), "", _codegen_ab(), "", _layer_by_layer(), "",
         _generated_code()]) + "\n"
 
 
@@ -196,6 +196,28 @@ def _winograd_ab() -> str:
         + command_of(data, "winograd_ab"), "",
         table(["model", "threads", "batch", "sparse kernel only", "with Winograd", "speedup",
                "max logit diff vs ORT"], rows)])
+
+
+def _codegen_ab() -> str:
+    """Generated code without its prefetches, and strided convs on polyphase planes, against
+    the final engine, in one run."""
+    data = load("codegen_ab")
+    rows = [[TITLES.get(key.split("-t")[0], key.split("-t")[0]), row["threads"], row["batch"],
+             f"{row['p50_ms']['final']:.2f}",
+             f"{row['p50_ms']['no_prefetch']:.2f} ({row['over_final']['no_prefetch']:.3f}x)",
+             f"{row['p50_ms']['split']:.2f} ({row['over_final']['split']:.3f}x)"
+             + ("" if row["in_place_convs"] else ", control"),
+             row["in_place_convs"], f"{max(row['max_abs_vs_ort'].values()):.1e}"]
+            for key, row in data["rows"].items()]
+    return "\n".join([
+        "Two choices of the generated code against the final engine (p50 ms of the whole "
+        "network, timed in turns, DNR-trained masks; in brackets the variant's time over the "
+        "final engine's): without the prefetch of the next segment's code, and with strided "
+        "convs reading polyphase planes split from their input instead of the input in place. "
+        "A network without strided convs read in place runs the same engine twice there: a "
+        "control for the noise (\"control\"). " + command_of(data, "codegen_ab"), "",
+        table(["model", "threads", "batch", "final", "no prefetch", "split strided inputs",
+               "strided convs in place", "max logit diff vs ORT"], rows)])
 
 
 def sparse_torchvision_section() -> str:

@@ -344,6 +344,39 @@ void dnr_winograd_input(const WinoIn* a) {
   }
 }
 
+// cblas_sgemm with 64-bit integers, as numpy's bundled OpenBLAS exports it
+typedef void (*Sgemm64)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                        const float*, int64_t, float, float*, int64_t);
+
+struct WinoGemms {
+  void* sgemm;       // the BLAS's cblas_sgemm (native.blas_sgemm: from the loaded library)
+  const float* w;    // (36, rows, inner), C-contiguous
+  const float* v;    // 36 slices of (inner, cols), `v_stride` floats apart
+  float* m;          // 36 slices of (rows, cols), `m_stride` floats apart
+  int64_t rows, inner, cols, v_stride, m_stride, threads;
+};
+
+// M[k] = W[k] V[k] for the 36 k, shared among threads by rows of M, each part one BLAS call
+// on the calling thread (the BLAS kept to one thread of its own): numpy's batched matmul ran
+// them on one thread inside a layer split over OpenMP, since BLAS threads and OpenMP's
+// spinning workers fought for the cores, so Winograd layers did not speed up at 2 threads.
+// Rows, not slices k, so that a thread writes the rows of M that the output transform (a
+// static schedule over output channels, the same cut) reads on that thread, from its own L2.
+void dnr_winograd_gemms(const WinoGemms* a) {
+  const auto sgemm = reinterpret_cast<Sgemm64>(a->sgemm);
+  const int64_t threads = std::max<int64_t>(1, a->threads);
+  const int64_t part = (a->rows + threads - 1) / threads;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(threads))
+  for (int64_t t = 0; t < threads; ++t) {
+    const int64_t r0 = t * part, rows = std::min(a->rows, r0 + part) - r0;
+    if (rows <= 0) continue;
+    for (int64_t k = 0; k < 36; ++k)
+      sgemm(101, 111, 111, rows, a->cols, a->inner, 1.0f,
+            a->w + (k * a->rows + r0) * a->inner, a->inner, a->v + k * a->v_stride, a->cols,
+            0.0f, a->m + k * a->m_stride + r0 * a->cols, a->cols);
+  }
+}
+
 void dnr_winograd_output(const WinoOut* a) {
 #pragma omp parallel for schedule(static) num_threads(static_cast<int>(a->threads))
   for (int64_t o = 0; o < a->chans; ++o) {

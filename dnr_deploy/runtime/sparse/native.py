@@ -50,6 +50,8 @@ if _LIB is not None:
         _LIB.dnr_winograd_output.argtypes = [_PTR]
         _LIB.dnr_winograd_output.restype = None
         _LIB.dnr_winograd_has_path.argtypes = [ctypes.c_int64]
+        _LIB.dnr_winograd_gemms.argtypes = [_PTR]
+        _LIB.dnr_winograd_gemms.restype = None
         _LIB.dnr_winograd_has_path.restype = ctypes.c_int
 
 
@@ -254,6 +256,55 @@ def winograd_output_call(m: np.ndarray, tiles_w: int, tiles: range, batch: int,
                   WinoOut(m.ctypes.data, chans, tiles_w, tiles.start, len(tiles), batch, threads,
                           bias.ctypes.data, int(relu), out.ctypes.data, out_stride, out_row,
                           res, res_chan, res_row, m.strides[0] // 4, _winograd_path(path)))
+
+
+class WinoGemms(ctypes.Structure):
+    """_winograd.cpp's WinoGemms."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("sgemm", "w", "v", "m")] + \
+        [(name, ctypes.c_int64) for name in ("rows", "inner", "cols", "v_stride", "m_stride",
+                                              "threads")]
+
+
+@functools.cache
+def blas_sgemm() -> int | None:
+    """The address of cblas_sgemm with 64-bit integers in the OpenBLAS numpy loaded (pip's
+    numpy bundles one), or None: another BLAS, or one with 32-bit integers, is left to
+    numpy's matmul."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    for info in threadpool_info():
+        if info.get("internal_api") != "openblas":
+            continue
+        try:
+            lib = ctypes.CDLL(info["filepath"])
+        except OSError:
+            continue
+        for name in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):
+            if hasattr(lib, name):
+                return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+    return None
+
+
+def winograd_gemms_call(w: np.ndarray, v: np.ndarray, m: np.ndarray,
+                        threads: int) -> Callable[[], None] | None:
+    """M[k] = W[k] @ V[k] for the 36 slices, shared among `threads` threads, each slice a call
+    of the loaded BLAS; None where there is no such BLAS (numpy's matmul then)."""
+    sgemm = blas_sgemm() if _LIB is not None and hasattr(_LIB, "dnr_winograd_gemms") else None
+    if sgemm is None:
+        return None
+    _, rows, inner = w.shape
+    cols = v.shape[2]
+    if w.dtype != np.float32 or not w.flags.c_contiguous or v.dtype != np.float32 or \
+            m.dtype != np.float32 or not _slices_contiguous(v) or \
+            not _slices_contiguous(m) or w.shape[0] != 36 or v.shape != (36, inner, cols) or \
+            m.shape != (36, rows, cols):
+        raise ValueError("winograd_gemms: W, V and M do not match")
+    return _bound(_LIB.dnr_winograd_gemms,
+                  WinoGemms(sgemm, w.ctypes.data, v.ctypes.data, m.ctypes.data, rows, inner,
+                            cols, v.strides[0] // 4, m.strides[0] // 4, threads))
 
 
 available = _LIB is not None

@@ -14,6 +14,7 @@ sparse runtime's 1e-4 parity limit against ONNX Runtime (tests/test_runtime_wino
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 
@@ -118,15 +119,18 @@ def bind(weights: np.ndarray, bias: np.ndarray, planes: np.ndarray, height: int,
     for tiles in blocks:  # the last block may be shorter: its own (36, rows, columns) views
         v = _stack("v", chans, len(tiles) * batch)
         m = _stack("m", out_chans, len(tiles) * batch)
-        steps.append((native.winograd_input_call(planes, tiles_w, tiles, v, threads, path), v, m,
+        # on threads, the GEMMs shared among them as the transforms are (one BLAS thread each)
+        gemms = native.winograd_gemms_call(weights, v, m, threads) if threads > 1 else None
+        steps.append((native.winograd_input_call(planes, tiles_w, tiles, v, threads, path),
+                      gemms or functools.partial(np.matmul, weights, v, out=m),
                       native.winograd_output_call(m, tiles_w, tiles, batch, bias, relu, out,
                                                   out_stride, out_row, residual, threads,
                                                   path)))
 
     def run() -> None:
-        for transform_in, v, m, transform_out in steps:
+        for transform_in, gemms, transform_out in steps:
             transform_in()
-            np.matmul(weights, v, out=m)
+            gemms()
             transform_out()
 
     run.keep = (steps, weights, bias, planes, out)  # alive as long as the call
