@@ -66,6 +66,16 @@ def link_convs(steps: list) -> None:
         shortcut = producers.get(inputs[1]) if len(inputs) > 1 else None
         if isinstance(shortcut, SparseConv) and shortcut.into is None:
             shortcut.match = step
+    # a strided conv whose input another conv's planes hold, with no less padding (and zeros
+    # there), reads it from them: a ResNet projection beside its block's first conv
+    for _, step, inputs in steps:
+        source = producers.get(inputs[0])
+        planes = source.into if source is not None else None
+        if isinstance(step, SparseConv) and planes is not None and planes is not step and \
+                step.stride > 1 and step.codegen and step.in_place and \
+                step.border is None and planes.border is None and \
+                all(mine <= theirs for mine, theirs in zip(step.pads, planes.pads, strict=True)):
+            step.shares = planes
 
 
 class SparseModel:

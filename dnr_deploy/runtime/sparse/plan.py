@@ -8,7 +8,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -110,7 +110,9 @@ class Geometry:
 
     A strided conv whose generated code reads its padded input in place, `stride` pixels
     apart, instead of from polyphase planes has `stride` > 1 (`SparseConv.reads_in_place`);
-    its output rows are `pitch` pixels apart. Otherwise the output rows are the planes' rows."""
+    its output rows are `pitch` pixels apart, and where it reads the planes of another conv
+    of the same input (`SparseConv.shares`), its own padded input starts `origin` floats into
+    them. Otherwise the output rows are the planes' rows."""
 
     ho: int
     wo: int
@@ -119,6 +121,7 @@ class Geometry:
     batch: int
     stride: int = 1
     pitch: int = 0
+    origin: int = 0
 
     @property
     def plane(self) -> int:
@@ -202,6 +205,10 @@ class SparseConv:
         # runs next (benchmarks set them to compare: benchmarks/codegen_ab.py)
         self.in_place, self.code_prefetch = True, codegen.PREFETCH
         self.written_by: object | None = None  # the step that writes into this one's planes
+        # a conv reading the same input in place, with no less padding, whose planes this
+        # strided one reads too (model.link_convs): a ResNet projection beside its block's
+        # first conv, which then copies nothing
+        self.shares: SparseConv | None = None
         self._winograd_weights: np.ndarray | None = None
         self.into: SparseConv | None = None
         self.match: SparseConv | None = None
@@ -264,7 +271,8 @@ class SparseConv:
         # copying the input in costs as much as a split of every phase, more than a split of
         # some (a 1x1 stride-2 conv reads 1 of 4): so in place where nothing copies, or no less
         return self.stride > 1 and self.codegen and self.in_place and native.wide_vectors() \
-            and batch % 16 == 0 and (self.written_by is not None or bool(self.used_phases.all()))
+            and batch % 16 == 0 and (self.written_by is not None or self.shares is not None or
+                                     bool(self.used_phases.all()))
 
     def _planes_count(self, g: Geometry) -> int:
         """Planes per input channel: one, or one per polyphase phase."""
@@ -278,7 +286,7 @@ class SparseConv:
                 s, chans = self.stride, self.shape[1]
                 phase, chan = np.divmod(self.phase_chan, chans)
                 row, col = self.drow * s + phase // s, self.dcol * s + phase % s
-                offsets = chan * g.plane + (row * g.wq + col) * g.batch
+                offsets = g.origin + chan * g.plane + (row * g.wq + col) * g.batch
             else:
                 offsets = self.phase_chan * g.plane + (self.drow * g.wq + self.dcol) * g.batch
             self._offsets[key] = np.ascontiguousarray(offsets, dtype=np.int64)
@@ -314,22 +322,27 @@ class SparseConv:
         s, (top, left) = self.stride, self.pads[:2]
         into, wide = self._target(self.geometry(shape), threads) if self.native else (None, 0)
         g = self.geometry(shape, wide)
-        # slack: the garbage columns of the last row of the last plane, and a last vector of
-        # 8 floats (or the padding of the stretch to whole vectors) read past its end
-        count = self._planes_count(g)
-        size = count * chans * g.plane + (kw + 1) * batch + 64
-        # zeroed, and shared only with planes of the same geometry, whose borders stay zero
-        raw = self._buffer(0, ("planes", shape, s, self.pads, g), size + 16, (batch, threads),
-                           zeroed=True) if self.border is None else np.zeros(size + 16, np.float32)
-        shift = (-(raw.ctypes.data // 4)) % 16  # aligned to 64 bytes: with 8 images a pixel is
-        src = raw[shift:shift + size]  # 32 bytes, so no 16-float load of a pixel pair straddles
-        # more than one cache line boundary
-        planes = src[:count * chans * g.plane].reshape(count, chans, g.hq, g.wq, batch)
-        if self.border is not None:
-            planes[:] = self.border[None, :, None, None, None]
-        job = {"src": src, "planes": planes, "geometry": g,
-               "interior": planes[0, :, top:top + height, left:left + width] if count == 1
-               else None}
+        shared = self._shared_planes(shape, g, threads)
+        if shared is not None:
+            job, g = shared
+        else:
+            # slack: the garbage columns of the last row of the last plane, and a last vector
+            # of 8 floats (or the padding of the stretch to whole vectors) read past its end
+            count = self._planes_count(g)
+            size = count * chans * g.plane + (kw + 1) * batch + 64
+            # zeroed, and shared only with planes of the same geometry: borders stay zero
+            raw = self._buffer(0, ("planes", shape, s, self.pads, g), size + 16,
+                               (batch, threads), zeroed=True) \
+                if self.border is None else np.zeros(size + 16, np.float32)
+            shift = (-(raw.ctypes.data // 4)) % 16  # aligned to 64 bytes: with 8 images a
+            src = raw[shift:shift + size]  # pixel is 32 bytes, so no 16-float load of a pixel
+            # pair straddles more than one cache line boundary
+            planes = src[:count * chans * g.plane].reshape(count, chans, g.hq, g.wq, batch)
+            if self.border is not None:
+                planes[:] = self.border[None, :, None, None, None]
+            job = {"src": src, "planes": planes, "geometry": g,
+                   "interior": planes[0, :, top:top + height, left:left + width] if count == 1
+                   else None}
         self._jobs[key] = job
         if not self.native:
             return job
@@ -360,6 +373,21 @@ class SparseConv:
         job = make(job, g, threads, out, out_stride, view)
         self._jobs[key] = job
         return job
+
+    def _shared_planes(self, shape: tuple, g: Geometry, threads: int
+                       ) -> tuple[dict, Geometry] | None:
+        """(a job holding the planes of `shares`, this call's geometry in them), where this
+        strided conv reads its input in place from them; else None."""
+        if self.shares is None or g.stride == 1:
+            return None
+        other = self.shares._job(shape, threads)
+        if other["interior"] is None or other["src"].size >= 2 ** 31:
+            return None
+        theirs, batch = other["geometry"], g.batch
+        origin = ((self.shares.pads[0] - self.pads[0]) * theirs.wq +
+                  self.shares.pads[1] - self.pads[1]) * batch
+        g = replace(g, hq=theirs.hq, wq=theirs.wq, origin=origin)
+        return {key: other[key] for key in ("src", "planes", "interior")} | {"geometry": g}, g
 
     def _buffer(self, which: int, key: tuple, size: int, signature: tuple,
                 zeroed: bool) -> np.ndarray:
