@@ -20,13 +20,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from common import pin_cpus, write_results
-from dnr_masks import dnr_deploy_dir, input_shape
-from side_by_side import call_runner, time_in_turns
+from ab_turns import cells_in_turns
+from common import write_results
 
-from dnr_deploy.deploydir.names import INPUT_NAME
 from dnr_deploy.runtime.bench import machine_info
-from dnr_deploy.runtime.session import create_session
 from dnr_deploy.runtime.sparse import load_sparse
 from dnr_deploy.runtime.sparse.plan import SparseConv
 
@@ -53,6 +50,10 @@ def step_minima(engines: dict, x: np.ndarray, rounds: int) -> dict[str, float]:
     return {name: float(ms.sum()) for name, ms in best.items()}
 
 
+def engines(deploy, threads: int) -> dict:
+    return {variant: engine(deploy, threads, variant) for variant in VARIANTS}
+
+
 def in_place(model) -> int:
     """Strided convs of `model` that read their input in place in some call made so far."""
     return sum(any(job["geometry"].stride > 1 for job in layer._jobs.values())
@@ -69,38 +70,23 @@ def main() -> None:
     parser.add_argument("--step-rounds", type=int, default=8)
     parser.add_argument("--name", default="codegen_ab")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
     rows = {}
-    for name in args.models:
-        deploy = dnr_deploy_dir(name)
-        shape = input_shape(deploy)
-        for threads in args.threads:
-            pin_cpus(threads)
-            engines = {variant: engine(deploy, threads, variant) for variant in VARIANTS}
-            session = create_session(deploy / "model.onnx", "cpu", threads)[0]
-            for batch in args.batches:
-                x = rng.random((batch, *shape), dtype=np.float32)
-                ref = session.run(None, {INPUT_NAME: x})[0]
-                parity = {k: float(np.abs(e(x) - ref).max()) for k, e in engines.items()}
-                p50 = time_in_turns({k: call_runner(lambda e=e, x=x: e(x))
-                                     for k, e in engines.items()}, args.runs, args.turn)
-                steps = step_minima(engines, x, args.step_rounds) if threads == 1 else None
-                row = {"threads": threads, "batch": batch, "p50_ms": p50,
-                       "over_final": {k: p50[k] / p50["final"] for k in VARIANTS[1:]},
-                       "steps_min_ms": steps,
-                       "steps_over_final": steps and {k: steps[k] / steps["final"]
-                                                      for k in VARIANTS[1:]},
-                       "max_abs_vs_ort": parity, "in_place_convs": in_place(engines["final"])}
-                rows[f"{name}-t{threads}-b{batch}"] = row
-                print(f"{name:<9} t={threads} b={batch:<3} " + "  ".join(
-                    f"{k} {p50[k]:7.2f} ms" + (f" ({row['over_final'][k]:.3f}x)"
-                                               if k != "final" else "")
-                    for k in VARIANTS) + f"  vs ORT {max(parity.values()):.1e}", flush=True)
-                if steps:
-                    print(" " * 20 + "step minima: " + "  ".join(
-                        f"{k} {steps[k]:7.2f} ms" + (f" ({row['steps_over_final'][k]:.3f}x)"
-                                                     if k != "final" else "")
-                        for k in VARIANTS), flush=True)
+    for name, threads, batch, made, x, parity, p50 in cells_in_turns(args, engines):
+        steps = step_minima(made, x, args.step_rounds) if threads == 1 else None
+        row = {"threads": threads, "batch": batch, "p50_ms": p50,
+               "over_final": {k: p50[k] / p50["final"] for k in VARIANTS[1:]},
+               "steps_min_ms": steps,
+               "steps_over_final": steps and {k: steps[k] / steps["final"] for k in VARIANTS[1:]},
+               "max_abs_vs_ort": parity, "in_place_convs": in_place(made["final"])}
+        rows[f"{name}-t{threads}-b{batch}"] = row
+        print(f"{name:<9} t={threads} b={batch:<3} " + "  ".join(
+            f"{k} {p50[k]:7.2f} ms" + (f" ({row['over_final'][k]:.3f}x)" if k != "final" else "")
+            for k in VARIANTS) + f"  vs ORT {max(parity.values()):.1e}", flush=True)
+        if steps:
+            print(" " * 20 + "step minima: " + "  ".join(
+                f"{k} {steps[k]:7.2f} ms" + (f" ({row['steps_over_final'][k]:.3f}x)"
+                                             if k != "final" else "")
+                for k in VARIANTS), flush=True)
     write_results(args.name, {"args": vars(args), "machine": machine_info(), "rows": rows})
 
 

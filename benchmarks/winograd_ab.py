@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
-from common import pin_cpus, write_results
-from dnr_masks import dnr_deploy_dir, input_shape
-from side_by_side import call_runner, time_in_turns
+from ab_turns import cells_in_turns
+from common import write_results
 
-from dnr_deploy.deploydir.names import INPUT_NAME
 from dnr_deploy.runtime.bench import machine_info
-from dnr_deploy.runtime.session import create_session
 from dnr_deploy.runtime.sparse import load_sparse
 from dnr_deploy.runtime.sparse.plan import SparseConv
 
@@ -31,6 +27,10 @@ def engine(deploy, threads: int, winograd: bool):
     return model
 
 
+def variants(deploy, threads: int) -> dict:
+    return {"sparse": engine(deploy, threads, False), "winograd": engine(deploy, threads, True)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["vgg16", "resnet18"])
@@ -40,30 +40,15 @@ def main() -> None:
     parser.add_argument("--turn", type=int, default=3)
     parser.add_argument("--name", default="winograd_ab")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
     rows = {}
-    for name in args.models:
-        deploy = dnr_deploy_dir(name)
-        shape = input_shape(deploy)
-        for threads in args.threads:
-            pin_cpus(threads)
-            engines = {"sparse": engine(deploy, threads, False),
-                       "winograd": engine(deploy, threads, True)}
-            session = create_session(deploy / "model.onnx", "cpu", threads)[0]
-            for batch in args.batches:
-                x = rng.random((batch, *shape), dtype=np.float32)
-                ref = session.run(None, {INPUT_NAME: x})[0]
-                parity = {k: float(np.abs(e(x) - ref).max()) for k, e in engines.items()}
-                p50 = time_in_turns({k: call_runner(lambda e=e, x=x: e(x))
-                                     for k, e in engines.items()}, args.runs, args.turn)
-                row = {"threads": threads, "batch": batch, "sparse_p50_ms": p50["sparse"],
-                       "winograd_p50_ms": p50["winograd"],
-                       "ratio": p50["sparse"] / p50["winograd"],
-                       "max_abs_vs_ort": parity}
-                rows[f"{name}-t{threads}-b{batch}"] = row
-                print(f"{name:<9} t={threads} b={batch:<3} sparse kernel {p50['sparse']:8.2f} ms"
-                      f"  with Winograd {p50['winograd']:8.2f} ms  {row['ratio']:.2f}x  "
-                      f"vs ORT {parity['sparse']:.1e} / {parity['winograd']:.1e}", flush=True)
+    for name, threads, batch, _, _, parity, p50 in cells_in_turns(args, variants):
+        row = {"threads": threads, "batch": batch, "sparse_p50_ms": p50["sparse"],
+               "winograd_p50_ms": p50["winograd"], "ratio": p50["sparse"] / p50["winograd"],
+               "max_abs_vs_ort": parity}
+        rows[f"{name}-t{threads}-b{batch}"] = row
+        print(f"{name:<9} t={threads} b={batch:<3} sparse kernel {p50['sparse']:8.2f} ms"
+              f"  with Winograd {p50['winograd']:8.2f} ms  {row['ratio']:.2f}x  "
+              f"vs ORT {parity['sparse']:.1e} / {parity['winograd']:.1e}", flush=True)
     write_results(args.name, {"args": vars(args), "machine": machine_info(), "rows": rows})
 
 
