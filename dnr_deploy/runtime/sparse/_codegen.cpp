@@ -14,9 +14,9 @@
 // displacement bounded below 2^31 and checked here, or a fixed opcode. Pages are written, then
 // made read + execute (never writable and executable at once). No assembler library exists
 // on the package registries that ships in a wheel for every platform and is maintained
-// (asmjit and xbyak are C++ sources), and seven vector instruction forms, a prefetch and a few
-// fixed general-purpose ones are all this needs; tests/test_codegen.py disassembles the code with
-// objdump and refuses any other mnemonic.
+// (asmjit and xbyak are C++ sources), and seven vector instruction forms, a prefetch and a
+// few fixed general-purpose ones are all this needs; tests/test_codegen.py disassembles the
+// code with objdump and refuses any other mnemonic.
 #include <stdint.h>
 #include <stddef.h>
 #include <string.h>
@@ -30,8 +30,7 @@ namespace {
 constexpr int kMaxRows = 28;  // accumulators zmm0 .. zmm27; zmm30 zero, zmm31 the input
 constexpr int kZero = 30, kInput = 31;
 constexpr int64_t kMaxCode = int64_t{1} << 28;  // 256 MiB: a bound, far above any layer
-constexpr int64_t kMaxSpans = 4096;
-  // segments a block when cut at fixed offsets
+constexpr int64_t kMaxSpans = 4096;  // segments a block when cut at fixed offsets
 // Offsets, strides and weight slots are refused from here up: below 2^31 with room for the
 // moving pointers' steps (each at most 8 KiB + 64 past an offset), so that no displacement or
 // immediate can overflow its 32 bits
@@ -414,8 +413,9 @@ struct CodegenCall {
 
 // out[o * out_stride + t + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
 // (+ res[o * res_stride + t + i])), i < 16, for every q in pos and t the out_pos beside it (q
-// itself without out_pos): as dnr_sparse_conv with 16-float vectors. Tasks are (chunk of positions, block of channels), chunk-major, so a
-// chunk's input stays in cache across the blocks.
+// itself without out_pos): as dnr_sparse_conv with 16-float vectors. Tasks are (chunk of
+// positions, block of channels), chunk-major, so a chunk's input stays in cache across the
+// blocks.
 void dnr_codegen_conv(const CodegenCall* c) {
   const auto* layer = static_cast<const LayerCode*>(c->handle);
   const int64_t nblocks = static_cast<int64_t>(layer->blocks.size());

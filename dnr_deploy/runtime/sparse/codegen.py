@@ -23,8 +23,10 @@ BLOCK_ROWS = 24  # output channels a block keeps in registers (benchmarks/genera
 SEGMENT = 1024
 MAX_SPANS = 4096  # segments a block at most when cut at whole input planes (_codegen.cpp)
 # multiply-adds between prefetches of a line of the next segment's code (0: none). Against none,
-# in turns (benchmarks/codegen_ab.py, DNR masks, batch 16, 1 thread): every 4, 8 and 12 all
-# ran 1-5% faster on VGG16 and ResNet-18; 8 covers about the next segment's code
+# in turns (probes, DNR masks, batch 16, 1 thread): every 4, 8 and 12 all ran 1-5% faster on
+# VGG16 and ResNet-18, near the noise (benchmarks/codegen_ab.py keeps the comparison); 8
+# covers about the next segment's code
+# (docs/decisions/2026-12-06-strided-reads-in-place.md)
 PREFETCH = 8
 
 _LIB = native._LIB if native.available and hasattr(native._LIB, "dnr_codegen_compile") \

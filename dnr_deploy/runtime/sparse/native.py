@@ -50,9 +50,9 @@ if _LIB is not None:
         _LIB.dnr_winograd_output.argtypes = [_PTR]
         _LIB.dnr_winograd_output.restype = None
         _LIB.dnr_winograd_has_path.argtypes = [ctypes.c_int64]
+        _LIB.dnr_winograd_has_path.restype = ctypes.c_int
         _LIB.dnr_winograd_gemms.argtypes = [_PTR]
         _LIB.dnr_winograd_gemms.restype = None
-        _LIB.dnr_winograd_has_path.restype = ctypes.c_int
 
 
 def kernel_name() -> str:
@@ -290,8 +290,9 @@ def blas_sgemm() -> int | None:
 
 def winograd_gemms_call(w: np.ndarray, v: np.ndarray, m: np.ndarray,
                         threads: int) -> Callable[[], None] | None:
-    """M[k] = W[k] @ V[k] for the 36 slices, shared among `threads` threads, each slice a call
-    of the loaded BLAS; None where there is no such BLAS (numpy's matmul then)."""
+    """M[k] = W[k] @ V[k] for the 36 slices, M's rows shared among `threads` threads, each
+    thread's rows of a slice one call of the loaded BLAS; None where there is no such BLAS
+    (numpy's matmul then)."""
     sgemm = blas_sgemm() if _LIB is not None and hasattr(_LIB, "dnr_winograd_gemms") else None
     if sgemm is None:
         return None

@@ -217,7 +217,7 @@ class SparseConv:
         # and this layer's (input planes, own output) lives in a call's steps
         self.arena: BufferArena | None = None
         self.lives: tuple[Life, Life] | None = None
-        self._offsets: dict[tuple[int, int, int], np.ndarray] = {}
+        self._offsets: dict[tuple[int, ...], np.ndarray] = {}
         self._jobs: dict[tuple, dict] = {}
         self._codes: dict[tuple, codegen.LayerCode | None] = {}  # generated code, by geometry
 
@@ -280,7 +280,7 @@ class SparseConv:
 
     def offsets(self, g: Geometry) -> np.ndarray:
         """Start of each nonzero's shifted stretch in the plane buffer (cached per shape)."""
-        key = (g.plane, g.wq, g.batch, g.stride)
+        key = (g.plane, g.wq, g.batch, g.stride, g.origin)
         if key not in self._offsets:
             if g.stride > 1:  # (channel, dilated tap) in the one padded plane of each channel
                 s, chans = self.stride, self.shape[1]
@@ -460,7 +460,7 @@ class SparseConv:
         in), not on the buffers: jobs of other threads with the same ones share it."""
 
         def code_for(relu: bool) -> codegen.LayerCode | None:
-            key = (g.plane, g.wq, g.batch, g.stride, out_stride, relu)
+            key = (g.plane, g.wq, g.batch, g.stride, g.origin, out_stride, relu)
             if key not in self._codes:
                 try:
                     self._codes[key] = codegen.LayerCode(self.indptr, offsets, self.values,
