@@ -34,7 +34,8 @@ def engine(deploy, threads: int, variant: str):
     model = load_sparse(deploy, threads=threads)
     for layer, _ in model.layers:
         if isinstance(layer, SparseConv):
-            layer.code_prefetch = 0 if variant == "no_prefetch" else layer.code_prefetch
+            if variant == "no_prefetch":
+                layer.code_prefetch = 0
             layer.in_place = variant != "split"
     return model
 

@@ -73,7 +73,7 @@ class LayerCode:
     def __init__(self, indptr: np.ndarray, offsets: np.ndarray, values: np.ndarray,
                  bias: np.ndarray, out_stride: int, relu: bool,
                  block_rows: int = BLOCK_ROWS, segment: int = SEGMENT, span: int = 0,
-                 prefetch: int | None = None) -> None:
+                 prefetch: int = PREFETCH) -> None:
         """`span` > 0: segments cut at input offsets that are multiples of it (whole input
         channels, when it is a multiple of their plane) instead of every `segment`
         multiply-adds, so that one-thread calls run each segment of every block in turn."""
@@ -85,7 +85,7 @@ class LayerCode:
                 len(values) != len(offsets) or len(bias) != rows or np.any(np.diff(indptr) < 0):
             raise ValueError("generated code: the CSR arrays do not match")
         spec = _Spec(rows, *(a.ctypes.data for a in arrays), block_rows, out_stride, int(relu),
-                     segment, span, PREFETCH if prefetch is None else prefetch)
+                     segment, span, prefetch)
         self.handle = _LIB.dnr_codegen_compile(ctypes.addressof(spec))
         if not self.handle:
             raise ValueError("generated code: this layer's offsets or strides do not fit 32-bit "

@@ -70,12 +70,12 @@ def link_convs(steps: list) -> None:
     # there), reads it from them: a ResNet projection beside its block's first conv
     for _, step, inputs in steps:
         source = producers.get(inputs[0])
-        planes = source.into if source is not None else None
-        if isinstance(step, SparseConv) and planes is not None and planes is not step and \
+        other = source.into if source is not None else None  # the reader written into
+        if isinstance(step, SparseConv) and other is not None and other is not step and \
                 step.stride > 1 and step.codegen and step.in_place and \
-                step.border is None and planes.border is None and \
-                all(mine <= theirs for mine, theirs in zip(step.pads, planes.pads, strict=True)):
-            step.shares = planes
+                step.border is None and other.border is None and \
+                all(mine <= theirs for mine, theirs in zip(step.pads, other.pads, strict=True)):
+            step.shares = other
 
 
 class SparseModel:

@@ -51,6 +51,7 @@ if _LIB is not None:
         _LIB.dnr_winograd_output.restype = None
         _LIB.dnr_winograd_has_path.argtypes = [ctypes.c_int64]
         _LIB.dnr_winograd_has_path.restype = ctypes.c_int
+    if hasattr(_LIB, "dnr_winograd_gemms"):  # nor this one
         _LIB.dnr_winograd_gemms.argtypes = [_PTR]
         _LIB.dnr_winograd_gemms.restype = None
 

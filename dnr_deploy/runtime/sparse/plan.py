@@ -322,9 +322,9 @@ class SparseConv:
         s, (top, left) = self.stride, self.pads[:2]
         into, wide = self._target(self.geometry(shape), threads) if self.native else (None, 0)
         g = self.geometry(shape, wide)
-        shared = self._shared_planes(shape, g, threads)
-        if shared is not None:
-            job, g = shared
+        job = self._shared_planes(shape, g, threads)
+        if job is not None:
+            g = job["geometry"]
         else:
             # slack: the garbage columns of the last row of the last plane, and a last vector
             # of 8 floats (or the padding of the stretch to whole vectors) read past its end
@@ -374,9 +374,8 @@ class SparseConv:
         self._jobs[key] = job
         return job
 
-    def _shared_planes(self, shape: tuple, g: Geometry, threads: int
-                       ) -> tuple[dict, Geometry] | None:
-        """(a job holding the planes of `shares`, this call's geometry in them), where this
+    def _shared_planes(self, shape: tuple, g: Geometry, threads: int) -> dict | None:
+        """A job holding the planes of `shares` and this call's geometry in them, where this
         strided conv reads its input in place from them; else None."""
         if self.shares is None or g.stride == 1:
             return None
@@ -386,8 +385,8 @@ class SparseConv:
         theirs, batch = other["geometry"], g.batch
         origin = ((self.shares.pads[0] - self.pads[0]) * theirs.wq +
                   self.shares.pads[1] - self.pads[1]) * batch
-        g = replace(g, hq=theirs.hq, wq=theirs.wq, origin=origin)
-        return {key: other[key] for key in ("src", "planes", "interior")} | {"geometry": g}, g
+        return {key: other[key] for key in ("src", "planes", "interior")} | \
+            {"geometry": replace(g, hq=theirs.hq, wq=theirs.wq, origin=origin)}
 
     def _buffer(self, which: int, key: tuple, size: int, signature: tuple,
                 zeroed: bool) -> np.ndarray:
@@ -406,20 +405,21 @@ class SparseConv:
         `bind(relu, residual)`. A `trial` job's own output is a new buffer, not the arena's."""
         src, (chans, batch, s) = job["src"], (self.shape[1], g.batch, self.stride)
         width = _vector_width(g)
+        reads = None  # where the code reads each position's input, if not at the position
         if _pixels_fill_vectors(g):  # the pixels' vectors only, row by row
             vectors = width * np.arange(g.wo * batch // width)
             positions = (np.arange(g.ho)[:, None] * g.out_width * batch +
                          vectors[None, :]).reshape(-1)
             out_length = g.length
+            if g.stride > 1:  # each output pixel's input, `stride` pixels (rows) from the last
+                pixel, within = np.divmod(vectors, batch)
+                reads = (np.arange(g.ho)[:, None] * g.stride * g.wq * batch +
+                         (pixel * g.stride * batch + within)[None, :]).reshape(-1).astype(np.int32)
         else:  # the whole stretch, garbage columns and the padding to whole vectors included
             positions = width * np.arange(-(-g.length // width))
             out_length = len(positions) * width
         positions = positions.astype(np.int32)
-        reads = positions
-        if g.stride > 1:  # each output pixel's input, `stride` pixels (rows) from the last
-            pixel, within = np.divmod(vectors, batch)
-            reads = (np.arange(g.ho)[:, None] * g.stride * g.wq * batch +
-                     (pixel * g.stride * batch + within)[None, :]).reshape(-1).astype(np.int32)
+        reads = positions if reads is None else reads
         if out is not None:
             job["view"] = view
         else:
