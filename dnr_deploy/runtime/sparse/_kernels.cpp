@@ -36,22 +36,34 @@ struct Row {
   const float* res;  // residual row (same positions as the output), or null
   int relu;
   float* out;
+  // a segment of the channel's nonzeros (dnr_sparse_conv with segments): start from the
+  // partial sums in `out` instead of the bias, and leave out the residual and ReLU unless it
+  // is the last segment
+  bool from_partial = false, finish = true;
 };
 
 #ifdef DNR_X86
-// One tile: NV vectors of 8 output floats, at pos[0 .. NV).
-template <int NV>
-__attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(const Row& r,
+// One tile: NV vectors of 8 output floats, at pos[0 .. NV). kRun: the vectors lie side by side
+// (pos[v] = pos[0] + 8 v), so each load is a constant displacement from one pointer a nonzero;
+// with eight positions in registers the compiler spilled, and spent an address sum per FMA
+// (docs/decisions/2026-12-07-avx2-segments.md).
+template <int NV, bool kRun = false>
+__attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(Row r,
                                                                          const int32_t* pos) {
   // an FMA takes 4 cycles and two issue a cycle, so 8 independent chains keep the units
   // busy: a tile of fewer than 8 vectors takes even and odd nonzeros in two sets of chains
   constexpr bool kTwoSets = NV <= 4;
   constexpr int kSets = kTwoSets ? 2 : 1;
   int32_t q[NV];
-  for (int v = 0; v < NV; ++v) q[v] = pos[v];
+  for (int v = 0; v < NV; ++v) q[v] = kRun ? 8 * v : pos[v];
+  if (kRun) {  // everything relative to the run's first vector
+    r.src += pos[0];
+    r.out += pos[0];
+    if (r.res) r.res += pos[0];
+  }
   __m256 acc[kSets][NV];
   for (int v = 0; v < NV; ++v) {
-    acc[0][v] = _mm256_set1_ps(r.bias);
+    acc[0][v] = r.from_partial ? _mm256_loadu_ps(r.out + q[v]) : _mm256_set1_ps(r.bias);
     if (kTwoSets) acc[kSets - 1][v] = _mm256_setzero_ps();
   }
   const float* src = r.src;
@@ -76,8 +88,8 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(const R
   }
   for (int v = 0; v < NV; ++v) {
     __m256 a = kTwoSets ? _mm256_add_ps(acc[0][v], acc[kSets - 1][v]) : acc[0][v];
-    if (r.res) a = _mm256_add_ps(a, _mm256_loadu_ps(r.res + q[v]));
-    if (r.relu) a = _mm256_max_ps(a, _mm256_setzero_ps());
+    if (r.finish && r.res) a = _mm256_add_ps(a, _mm256_loadu_ps(r.res + q[v]));
+    if (r.finish && r.relu) a = _mm256_max_ps(a, _mm256_setzero_ps());
     _mm256_storeu_ps(r.out + q[v], a);
   }
 }
@@ -86,7 +98,14 @@ __attribute__((target("avx2,fma"), always_inline)) inline void tile_avx2(const R
 template <int NV>
 __attribute__((target("avx2,fma"))) void tiles_avx2(const Row& r, const int32_t* pos,
                                                     int64_t tiles) {
-  for (int64_t t = 0; t < tiles; ++t, pos += NV) tile_avx2<NV>(r, pos);
+  for (int64_t t = 0; t < tiles; ++t, pos += NV) {
+    bool run = true;
+    for (int v = 1; v < NV; ++v) run = run && pos[v] == pos[0] + 8 * v;
+    if (run)
+      tile_avx2<NV, true>(r, pos);
+    else
+      tile_avx2<NV>(r, pos);
+  }
 }
 
 // The same tile in AVX-512 (16 floats a vector), for chunks of 8 images, whose pixels pair up
@@ -101,7 +120,7 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_avx512(const 
   for (int v = 0; v < NV; ++v) q[v] = pos[v];
   __m512 acc[kSets][NV];
   for (int v = 0; v < NV; ++v) {
-    acc[0][v] = _mm512_set1_ps(r.bias);
+    acc[0][v] = r.from_partial ? _mm512_loadu_ps(r.out + q[v]) : _mm512_set1_ps(r.bias);
     if (kTwoSets) acc[kSets - 1][v] = _mm512_setzero_ps();
   }
   const float* src = r.src;
@@ -126,8 +145,8 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_avx512(const 
   }
   for (int v = 0; v < NV; ++v) {
     __m512 a = kTwoSets ? _mm512_add_ps(acc[0][v], acc[kSets - 1][v]) : acc[0][v];
-    if (r.res) a = _mm512_add_ps(a, _mm512_loadu_ps(r.res + q[v]));
-    if (r.relu) a = _mm512_max_ps(a, _mm512_setzero_ps());
+    if (r.finish && r.res) a = _mm512_add_ps(a, _mm512_loadu_ps(r.res + q[v]));
+    if (r.finish && r.relu) a = _mm512_max_ps(a, _mm512_setzero_ps());
     _mm512_storeu_ps(r.out + q[v], a);
   }
 }
@@ -145,15 +164,15 @@ void tile_generic(const Row& r, const int32_t* pos, int nv, int width) {
     for (int h = 0; h < width; h += 8) {
       const int64_t q = pos[v] + h;
       float acc[8];
-      for (int i = 0; i < 8; ++i) acc[i] = r.bias;
+      for (int i = 0; i < 8; ++i) acc[i] = r.from_partial ? r.out[q + i] : r.bias;
       for (int64_t j = 0; j < r.count; ++j) {
         const float w = r.val[j];
         const float* p = r.src + r.off[j] + q;
         for (int i = 0; i < 8; ++i) acc[i] += w * p[i];
       }
       for (int i = 0; i < 8; ++i) {
-        float a = r.res ? acc[i] + r.res[q + i] : acc[i];
-        r.out[q + i] = (r.relu && a < 0.0f) ? 0.0f : a;
+        float a = r.finish && r.res ? acc[i] + r.res[q + i] : acc[i];
+        r.out[q + i] = (r.finish && r.relu && a < 0.0f) ? 0.0f : a;
       }
     }
   }
@@ -274,7 +293,15 @@ struct ConvArgs {
   const float* res;
   int64_t res_stride;
   int64_t width;  // floats a listed vector position covers: 8 (AVX2) or 16 (AVX-512)
+  // > 0: the nonzeros come in `segments` segments of input channels, segment-major:
+  // seg[s * rows + o] .. seg[s * rows + o + 1] are row o's in segment s (`indptr` unused), and
+  // a task runs every segment over `group` tiles before the next tiles (dnr_sparse_conv)
+  int64_t segments;
+  const int64_t* seg;
+  int64_t group;
 };
+
+static void conv_segments(const ConvArgs* a);
 
 // For each output channel o and each listed vector position q (pos[0 .. npos), in floats):
 //   out[o * out_stride + q + i] = relu(bias[o] + sum_j val[j] * src[off[j] + q + i]
@@ -284,6 +311,7 @@ struct ConvArgs {
 // so the input a block reads stays in cache across the output channels. `src` must hold
 // off[j] + q + width floats for every j and q.
 void dnr_sparse_conv(const ConvArgs* a) {
+  if (a->segments > 0) return conv_segments(a);
   const int64_t tiles = (a->npos + kTile - 1) / kTile;
   const int64_t nblocks = (tiles + a->block - 1) / a->block;
   const Isa isa = pick_isa(a->width);
@@ -297,6 +325,44 @@ void dnr_sparse_conv(const ConvArgs* a) {
                 a->out + o * a->out_stride};
     run_tiles(r, a->pos, a->npos, blk * a->block, std::min(tiles, (blk + 1) * a->block), isa,
               width);
+  }
+}
+
+// dnr_sparse_conv over segments of input channels: a task takes `group` tiles of positions
+// and runs segment 0 of every output channel of its rows, then segment 1, ..., keeping the
+// partial sums in `out`. The input a segment reads for those tiles stays in L1 while every
+// channel uses it; block-major over whole channels, each of a tile's loads came from L2, and
+// the AVX2 kernel ran at half its speed on inputs that fit L1 (docs/decisions/
+// 2026-12-07-avx2-segments.md). Tasks are (tile group, block of rows) so that small layers still
+// share among threads.
+static void conv_segments(const ConvArgs* a) {
+  const int64_t tiles = (a->npos + kTile - 1) / kTile;
+  const int64_t group = std::max<int64_t>(1, a->group);
+  const int64_t ngroups = (tiles + group - 1) / group;
+  // rows in blocks only where tile groups are too few to share among threads
+  int64_t row_blocks = 1;
+  while (a->threads > 1 && ngroups * row_blocks < 4 * a->threads && row_blocks * 2 <= a->rows)
+    row_blocks *= 2;
+  const int64_t rows_per_block = (a->rows + row_blocks - 1) / row_blocks;
+  const Isa isa = pick_isa(a->width);
+  const int width = static_cast<int>(a->width);
+  const int64_t last = a->segments - 1;
+#pragma omp parallel for schedule(static) num_threads(static_cast<int>(a->threads))
+  for (int64_t task = 0; task < ngroups * row_blocks; ++task) {
+    const int64_t t0 = task / row_blocks * group, t1 = std::min(tiles, t0 + group);
+    const int64_t o0 = task % row_blocks * rows_per_block;
+    const int64_t o1 = std::min(a->rows, o0 + rows_per_block);
+    for (int64_t s = 0; s <= last; ++s)
+      for (int64_t o = o0; o < o1; ++o) {
+        const int64_t j0 = a->seg[s * a->rows + o], j1 = a->seg[s * a->rows + o + 1];
+        if (j0 == j1 && s > 0 && s < last) continue;  // nothing to add, nothing to finish
+        Row r{a->src, a->off + j0, a->val + j0, j1 - j0, a->bias[o],
+              a->res ? a->res + o * a->res_stride : nullptr, static_cast<int>(a->relu),
+              a->out + o * a->out_stride};
+        r.from_partial = s > 0;
+        r.finish = s == last;
+        run_tiles(r, a->pos, a->npos, t0, t1, isa, width);
+      }
   }
 }
 

@@ -93,7 +93,10 @@ class SparseModel:
     machine, so no one rule wins everywhere.
     """
 
-    CHUNK = 4
+    # without AVX-512: 8 images, a pixel a vector. Measured against chunks of 4 (probe, random
+    # masks at 5%, 1 thread, in turns, with the kernel's segments): VGG16 1.09-1.12x at batch 16
+    # and 64, ResNet-18 1.08-1.10x (docs/decisions/2026-12-07-avx2-segments.md)
+    CHUNK = 8
     WIDE_CHUNK = 8  # with AVX-512: 8 images fill a 16-float vector with two pixels
     # with generated code (AVX-512 and the emitter): 16 images, a pixel a vector, so that a
     # layer's code and weights, fetched from L3 at each chunk, serve twice the images, and no

@@ -11,6 +11,7 @@ import ctypes
 import functools
 import importlib.machinery
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,18 +74,39 @@ class ConvArgs(ctypes.Structure):
                                                       "pos")] + \
         [(name, ctypes.c_int64) for name in ("npos", "block", "rows", "threads", "relu")] + \
         [("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64), ("res", ctypes.c_void_p),
-         ("res_stride", ctypes.c_int64), ("width", ctypes.c_int64)]
+         ("res_stride", ctypes.c_int64), ("width", ctypes.c_int64), ("segments", ctypes.c_int64),
+         ("seg", ctypes.c_void_p), ("group", ctypes.c_int64)]
+
+
+@dataclass(frozen=True)
+class Segments:
+    """A layer's nonzeros cut into segments of input channels, segment-major (the kernel then
+    runs each segment over a few tiles of positions while their input stays in L1): row o's
+    nonzeros of segment s are offsets[j], values[j] for indptr[s * rows + o] <= j <
+    indptr[s * rows + o + 1]; `group`: tiles of 8 vectors a task runs every segment over."""
+
+    indptr: np.ndarray
+    offsets: np.ndarray
+    values: np.ndarray
+    count: int
+    group: int
 
 
 def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: np.ndarray,
               bias: np.ndarray, positions: np.ndarray, width: int, block: int, threads: int,
-              out: np.ndarray, out_stride: int, relu: bool, residual: tuple[int, int] | None = None
-              ) -> Callable[[], None]:
+              out: np.ndarray, out_stride: int, relu: bool, residual: tuple[int, int] | None = None,
+              segments: Segments | None = None) -> Callable[[], None]:
     """The kernel of _kernels.cpp bound to these arrays, `residual` given as (address, row
     stride in floats) or None. Output row o's vectors of `width` (8 or 16) floats start at
     out[o * out_stride + q] for q in `positions` (out is 1-D: a layer's own buffer, or the next
     layer's input planes from their first interior pixel on). The caller keeps the arrays
-    alive."""
+    alive. `segments`, if given, stands in for (`offsets`, `indptr`, `values`)."""
+    if segments is not None:
+        offsets, values = segments.offsets, segments.values
+        if segments.indptr.dtype != np.int64 or not segments.indptr.flags.c_contiguous or \
+                len(segments.indptr) != segments.count * (len(indptr) - 1) + 1 or \
+                segments.indptr[-1] != len(offsets) or len(values) != len(offsets):
+            raise ValueError("the sparse kernel's segments do not match the layer")
     arrays = (src, offsets, indptr, values, bias, positions, out)
     if any(not a.flags.c_contiguous for a in arrays) or out.dtype != np.float32 or \
             src.dtype != np.float32 or offsets.dtype != np.int32 or indptr.dtype != np.int64 \
@@ -97,9 +119,11 @@ def conv_call(src: np.ndarray, offsets: np.ndarray, indptr: np.ndarray, values: 
         raise ValueError("the sparse kernel would read or write past its buffers")
     res, res_stride = residual or (None, 0)
     args = ConvArgs(*(a.ctypes.data for a in arrays[:6]), len(positions), block, rows, threads,
-                    int(relu), out.ctypes.data, out_stride, res, res_stride, width)
+                    int(relu), out.ctypes.data, out_stride, res, res_stride, width,
+                    *((segments.count, segments.indptr.ctypes.data, segments.group)
+                      if segments is not None else (0, None, 0)))
     call = functools.partial(_LIB.dnr_sparse_conv, ctypes.addressof(args))
-    call.struct = args  # the struct lives as long as the call
+    call.struct = (args, segments)  # the struct (and the segments) live as long as the call
     return call
 
 
