@@ -294,16 +294,22 @@ def machine_info() -> dict:
     import onnx
     import onnxruntime
 
-    cpu = platform.processor() or platform.machine()
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
+        lines = []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines
+                if line.startswith("model name")), cpu)
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines
+                  if line.startswith("flags")), flags)
+    # the vector extensions the kernels pick from: one "AMD EPYC" was a Zen 4 with AVX-512 and
+    # a Zen 3 with AVX2 only, and figures of one do not hold for the other
+    vectors = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else \
+        "unknown" if not flags else "none"
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {"cpu": cpu, "machine": platform.machine(), "cpu_count": os.cpu_count(),
+    return {"cpu": cpu, "vectors": vectors, "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
             "usable_cpus": affinity, "os": platform.platform(),
             "python": sys.version.split()[0],
             "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,

@@ -55,8 +55,15 @@ def command_of(data: dict, name: str) -> str:
         note = f" (seeds {' '.join(map(str, seeds))})"
     else:
         note = ""
+    machine = data.get("machine", {})
+    # recorded from 2026-12-07: the host's CPU changes between AVX-512 and AVX2-only machines
+    where = f" Measured on {machine['cpu']} with {VECTORS.get(machine['vectors'], 'no')} " \
+        "vectors." if machine.get("vectors") else ""
     return (f"`cd benchmarks; {data['command']}`{note}; raw rows in "
-            f"`benchmarks/results/{name}.json`.")
+            f"`benchmarks/results/{name}.json`.{where}")
+
+
+VECTORS = {"avx512": "AVX-512", "avx2": "AVX2", "unknown": "unrecorded"}
 
 
 def method_row(method: str, rows: list[dict], label: str | None = None) -> list[str]:
