@@ -22,7 +22,7 @@ KEEP = {
     "dnr_deploy.runtime": {"__init__"},
     "dnr_deploy.runtime.sparse": {"__init__", "model", "plan", "native", "kernels", "onnx_graph",
                                   "onnx_reader", "onnx_ops", "codegen", "pooling", "run_cli",
-                                  "int8", "int8_graph", "winograd"},
+                                  "int8", "int8_graph", "winograd", "arena"},
 }
 KERNELS = ["_kernels.cpp", "_winograd.cpp", "_codegen.cpp", "_int8_kernels.cpp"]
 

@@ -5,6 +5,7 @@ int8 kernels."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,42 @@ from dnr_deploy.export import ExportConfig, export_run
 from tests.factories import write_fake_run
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def kept_modules() -> set[str]:
+    """The modules runtime-dist/setup.py ships (its KEEP, read without running the file)."""
+    tree = ast.parse((REPO / "runtime-dist" / "setup.py").read_text())
+    keep = next(ast.literal_eval(node.value) for node in tree.body
+                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "KEEP")
+    modules = set(keep)
+    for package, names in keep.items():
+        folder = REPO.joinpath(*package.split("."))
+        stems = names if names is not None else {p.stem for p in folder.glob("*.py")}
+        modules |= {f"{package}.{stem}" for stem in stems if stem != "__init__"}
+    return modules
+
+
+def test_every_module_a_shipped_module_imports_is_shipped():
+    """Fast, beside the slow install test: stop 39's arena.py was imported by plan.py but not
+    shipped, which only a fresh runtime-only venv would have shown."""
+    kept = kept_modules()
+    missing = set()
+    for module in kept:
+        path = REPO.joinpath(*module.split("."))
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        # module-level imports only: one inside a function runs only where it is called (the
+        # package's lazy entry points to training, which the runtime never calls)
+        body = ast.parse(path.read_text()).body
+        for node in body + [n for t in body if isinstance(t, ast.Try) for n in t.body]:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                    node.module.startswith("dnr_deploy"):
+                targets = {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+                if not targets & kept:
+                    missing.add(f"{module} imports {node.module}")
+            elif isinstance(node, ast.Import):
+                missing |= {f"{module} imports {alias.name}" for alias in node.names
+                            if alias.name.startswith("dnr_deploy") and alias.name not in kept}
+    assert not missing, sorted(missing)
 
 
 @pytest.mark.slow

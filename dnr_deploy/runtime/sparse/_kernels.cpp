@@ -330,7 +330,7 @@ void dnr_sparse_conv(const ConvArgs* a) {
 
 // dnr_sparse_conv over segments of input channels: a task takes `group` tiles of positions
 // and runs segment 0 of every output channel of its rows, then segment 1, ..., keeping the
-// partial sums in `out`. The input a segment reads for those tiles stays in L1 while every
+// partial sums in `out`. The input a segment reads for those tiles stays in cache while every
 // channel uses it; block-major over whole channels, each of a tile's loads came from L2, and
 // the AVX2 kernel ran at half its speed on inputs that fit L1 (docs/decisions/
 // 2026-12-07-avx2-segments.md). Tasks are (tile group, block of rows) so that small layers still
