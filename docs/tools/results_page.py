@@ -105,7 +105,8 @@ def quality_section(title: str, name: str, text: str = "", labels: dict | None =
 def sparse_speed() -> str:
     """The sparse engine against ONNX Runtime dense on DNR-trained masks, 1 thread, batch 1 and
     16, with DeepSparse's figure beside it (for the README's results block)."""
-    models = load("sparse_engine_side_by_side")["models"]
+    data = load("sparse_engine_side_by_side")
+    models, machine = data["models"], data.get("machine", {})
     parts = []
     for model, title in (("vgg16", "VGG16"), ("resnet18", "ResNet-18")):
         one, sixteen = models[model]["dnr-d0.05-t1-b1"], models[model]["dnr-d0.05-t1-b16"]
@@ -113,8 +114,10 @@ def sparse_speed() -> str:
                      f"at batch 16, of a possible {one['nonzero_mac_bound']:.1f}x (DeepSparse "
                      f"1.8: {one['deepsparse_speedup']:.1f}x and "
                      f"{sixteen['deepsparse_speedup']:.1f}x)")
+    where = f", on {machine['cpu']} with {VECTORS[machine['vectors']]} vectors" \
+        if machine.get("vectors") in VECTORS else ""
     return ("on DNR-trained masks at 20x, whose dense early layers keep many multiply-adds, "
-            "1 thread, against ONNX Runtime dense: " + "; ".join(parts))
+            f"1 thread{where}, against ONNX Runtime dense: " + "; ".join(parts))
 
 
 def readme_block() -> str:

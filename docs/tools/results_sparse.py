@@ -217,7 +217,8 @@ def _codegen_ab() -> str:
         "convs reading polyphase planes split from their input instead of the input in place. "
         "A network without strided convs read in place runs the same engine twice there: a "
         "control for the noise (\"control\"). Step minima: each step's best time over rounds "
-        "taken in turns, summed; the variants' sums over the final engine's. "
+        "taken in turns, summed; the variants' sums over the final engine's. Generated code "
+        "runs only with AVX-512, so this table comes from such a machine. "
         + command_of(data, "codegen_ab"), "",
         table(["model", "threads", "batch", "final", "no prefetch", "split strided inputs",
                "step minima: no prefetch, split", "strided convs in place",
