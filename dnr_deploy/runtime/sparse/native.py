@@ -81,7 +81,7 @@ class ConvArgs(ctypes.Structure):
 @dataclass(frozen=True)
 class Segments:
     """A layer's nonzeros cut into segments of input channels, segment-major (the kernel then
-    runs each segment over a few tiles of positions while their input stays in L1): row o's
+    runs each segment over a few tiles of positions while their input stays in cache): row o's
     nonzeros of segment s are offsets[j], values[j] for indptr[s * rows + o] <= j <
     indptr[s * rows + o + 1]; `group`: tiles of 8 vectors a task runs every segment over."""
 

@@ -138,6 +138,12 @@ class Geometry:
         return self.hq * self.wq * self.batch
 
     @property
+    def offsets_key(self) -> tuple[int, ...]:
+        """What a nonzero's offset in the planes depends on: the key of everything made from
+        the offsets (the offsets, generated code, the kernel's segments)."""
+        return self.plane, self.wq, self.batch, self.stride, self.origin
+
+    @property
     def out_width(self) -> int:
         return self.pitch or self.wq
 
@@ -294,7 +300,7 @@ class SparseConv:
 
     def offsets(self, g: Geometry) -> np.ndarray:
         """Start of each nonzero's shifted stretch in the plane buffer (cached per shape)."""
-        key = (g.plane, g.wq, g.batch, g.stride, g.origin)
+        key = g.offsets_key
         if key not in self._offsets:
             if g.stride > 1:  # (channel, dilated tap) in the one padded plane of each channel
                 s, chans = self.stride, self.shape[1]
@@ -475,7 +481,7 @@ class SparseConv:
         in), not on the buffers: jobs of other threads with the same ones share it."""
 
         def code_for(relu: bool) -> codegen.LayerCode | None:
-            key = (g.plane, g.wq, g.batch, g.stride, g.origin, out_stride, relu)
+            key = (*g.offsets_key, out_stride, relu)
             if key not in self._codes:
                 try:
                     self._codes[key] = codegen.LayerCode(self.indptr, offsets, self.values,
@@ -514,7 +520,7 @@ class SparseConv:
         count = -(-in_chans // chans)
         if not self.segmented or count < 2:
             return None
-        key = (chans, g.plane, g.wq, g.batch, g.stride, g.origin)
+        key = (chans, *g.offsets_key)
         if key not in self._segment_cache:
             rows = np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
             segment = self.phase_chan % in_chans // chans
